@@ -1,0 +1,1 @@
+"""The ``edge`` command line (operator-facing). Entry point: :func:`edge.cli.main.main`."""

@@ -1,0 +1,524 @@
+"""``edge``: set up the directory, manage hosts/tenants/accounts/sites/certificates, serve.
+
+Every command has ``--help``, prints one line ``edge: error: ...`` and exits non-zero on bad
+input (nothing half-written: each write is one transaction in
+:class:`~edge.directory.service.DirectoryService`), and takes ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge.cli.output import emit_json, table
+from edge.config import EdgeConfig, load_config
+from edge.directory.model import HOST_STATES, TENANT_STATES
+from edge.directory.secrets import KeyBox, generate_key
+from edge.directory.service import DirectoryService, iso
+from edge.directory.store import SQLStore
+from edge.directory.stores import store_for_url
+from edge.errors import EdgeError, SecretsError, ValidationError
+
+
+@dataclass
+class Context:
+    """What a command gets: parsed args, configuration and (lazily) the store."""
+
+    args: argparse.Namespace
+    config: EdgeConfig
+    store: SQLStore | None = None
+
+    @property
+    def json(self) -> bool:
+        return bool(getattr(self.args, "json", False))
+
+    def keybox(self, required: bool) -> KeyBox | None:
+        try:
+            return KeyBox.from_config(self.config.secrets)
+        except SecretsError:
+            if required:
+                raise
+            return None
+
+    def service(self, *, keys: bool = False) -> DirectoryService:
+        assert self.store is not None
+        return DirectoryService(self.store, self.keybox(required=keys))
+
+
+Handler = Callable[[Context], Awaitable[Any]]
+_COMMON = argparse.ArgumentParser(add_help=False)
+_COMMON.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                     help="machine-readable output")
+_COMMON.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                     help="TOML configuration (default: $EDGE_CONFIG, else built-in defaults)")
+_COMMON.add_argument("--database", metavar="URL", default=argparse.SUPPRESS,
+                     help="sqlite:///PATH or mysql://user:pass@host:port/db "
+                          "(default: $EDGE_DATABASE_URL, else [database] url)")
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValidationError(f"{what} {path}: {exc.strerror}") from None
+
+
+def _json_arg(text: str | None) -> str | None:
+    """``--filters`` values: inline JSON, or ``@file.json``."""
+    if text is not None and text.startswith("@"):
+        return _read_file(text[1:], "rules file").decode()
+    return text
+
+
+# -- commands -------------------------------------------------------------------------------
+
+async def cmd_init(ctx: Context) -> Any:
+    assert ctx.store is not None
+    applied = await ctx.store.migrate()
+    version = await ctx.store.schema_version()
+    if ctx.json:
+        return {"applied": applied, "schema_version": version, "database": ctx.store.url}
+    done = f"applied migrations {applied}" if applied else "already up to date"
+    return f"directory {_safe_url(ctx.store.url)}: {done} (schema version {version})"
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+async def cmd_host_add(ctx: Context) -> Any:
+    a = ctx.args
+    host = await ctx.service().add_host(
+        a.name, a.address, ssh_port=a.ssh_port, ftp_port=a.ftp_port, http_port=a.http_port,
+        https_port=a.https_port, send_proxy_protocol=a.send_proxy_protocol,
+        backend_tls=bool(a.backend_tls), ssh_insecure=bool(a.ssh_insecure))
+    return host if ctx.json else f"host {host.name} added ({host.address})"
+
+
+async def cmd_host_list(ctx: Context) -> Any:
+    assert ctx.store is not None
+    hosts = await ctx.store.list_hosts()
+    if ctx.json:
+        return hosts
+    return table([(h.name, h.address, h.ssh_port, h.ftp_port, h.http_port, h.https_port, h.state,
+                   h.send_proxy_protocol) for h in hosts],
+                 ("NAME", "ADDRESS", "SSH", "FTP", "HTTP", "HTTPS", "STATE", "PROXY-PROTO"))
+
+
+async def cmd_host_show(ctx: Context) -> Any:
+    host = await ctx.service().get_host(ctx.args.name)
+    if ctx.json:
+        return host
+    return "\n".join(f"{k}: {v}" for k, v in _fields(host).items())
+
+
+async def cmd_host_set_state(ctx: Context) -> Any:
+    host = await ctx.service().set_host_state(ctx.args.name, ctx.args.state, ctx.args.notice)
+    return host if ctx.json else f"host {host.name} is now {host.state}"
+
+
+async def cmd_tenant_add(ctx: Context) -> Any:
+    tenant = await ctx.service().add_tenant(ctx.args.name, ctx.args.host)
+    return tenant if ctx.json else f"tenant {tenant.name} added on host {tenant.host}"
+
+
+async def cmd_tenant_list(ctx: Context) -> Any:
+    assert ctx.store is not None
+    tenants = await ctx.store.list_tenants(host=ctx.args.host, after=ctx.args.after,
+                                           limit=ctx.args.limit)
+    if ctx.json:
+        return tenants
+    return table([(t.name, t.host, t.state) for t in tenants], ("NAME", "HOST", "STATE"))
+
+
+async def cmd_tenant_show(ctx: Context) -> Any:
+    assert ctx.store is not None
+    tenant = await ctx.service().get_tenant(ctx.args.name)
+    accounts = await ctx.store.list_accounts(tenant=tenant.name, limit=1000)
+    sites = await ctx.store.list_sites(tenant=tenant.name, limit=1000)
+    if ctx.json:
+        return {"tenant": tenant, "accounts": [a.username for a in accounts],
+                "sites": [s.hostname for s in sites]}
+    lines = [f"tenant: {tenant.name}", f"host: {tenant.host}", f"state: {tenant.state}"]
+    if tenant.previous_host:
+        lines.append(f"moved from: {tenant.previous_host} (drain until "
+                     f"{iso(tenant.drain_deadline or 0)})")
+    lines.append("accounts: " + (", ".join(a.username for a in accounts) or "-"))
+    lines.append("sites: " + (", ".join(s.hostname for s in sites) or "-"))
+    return "\n".join(lines)
+
+
+async def cmd_tenant_move(ctx: Context) -> Any:
+    tenant = await ctx.service().move_tenant(ctx.args.name, ctx.args.to, drain=ctx.args.drain)
+    if ctx.json:
+        return tenant
+    return (f"tenant {tenant.name} moved {tenant.previous_host} -> {tenant.host}; new sessions go "
+            f"to {tenant.host} within ~{ctx.config.cache.change_poll_interval:g} s, sessions on "
+            f"{tenant.previous_host} are closed after {ctx.args.drain:g} s")
+
+
+async def cmd_tenant_set_state(ctx: Context) -> Any:
+    tenant = await ctx.service().set_tenant_state(ctx.args.name, ctx.args.state)
+    return tenant if ctx.json else f"tenant {tenant.name} is now {tenant.state}"
+
+
+async def cmd_account_add(ctx: Context) -> Any:
+    a = ctx.args
+    keys = _read_file(a.authorized_keys, "authorized keys file").decode() \
+        if a.authorized_keys else ""
+    protocols = [p.strip() for p in a.protocols.split(",") if p.strip()]
+    await ctx.service().add_account(a.username, a.tenant, protocols=protocols,
+                                    upstream_username=a.upstream_username or "",
+                                    authorized_keys=keys)
+    if ctx.json:
+        return {"username": a.username, "tenant": a.tenant, "protocols": sorted(protocols)}
+    return f"account {a.username} added to tenant {a.tenant} ({','.join(sorted(protocols))})"
+
+
+async def cmd_account_list(ctx: Context) -> Any:
+    assert ctx.store is not None
+    accounts = await ctx.store.list_accounts(tenant=ctx.args.tenant, after=ctx.args.after,
+                                             limit=ctx.args.limit)
+    if ctx.json:
+        return accounts
+    return table([(a.username, a.tenant, ",".join(sorted(a.protocols)), a.backend_username,
+                   len(a.authorized_keys.splitlines())) for a in accounts],
+                 ("USERNAME", "TENANT", "PROTOCOLS", "UPSTREAM-USER", "KEYS"))
+
+
+async def cmd_account_remove(ctx: Context) -> Any:
+    await ctx.service().remove_account(ctx.args.username)
+    return {"removed": ctx.args.username} if ctx.json else f"account {ctx.args.username} removed"
+
+
+async def cmd_site_add(ctx: Context) -> Any:
+    a = ctx.args
+    name = await ctx.service().add_site(
+        a.hostname, a.tenant, certificate_id=a.certificate, https_redirect=bool(a.https_redirect),
+        hsts=bool(a.hsts), cache_policy=_json_arg(a.cache_policy), filters=_json_arg(a.filters))
+    return {"hostname": name, "tenant": a.tenant} if ctx.json else \
+        f"site {name} added to tenant {a.tenant}"
+
+
+async def cmd_site_set(ctx: Context) -> Any:
+    a = ctx.args
+    fields: dict[str, Any] = {}
+    if a.certificate is not None:
+        fields["certificate_id"] = None if a.certificate == "none" else _int(a.certificate,
+                                                                            "--certificate")
+    for flag in ("https_redirect", "hsts"):
+        if getattr(a, flag) is not None:
+            fields[flag] = getattr(a, flag)
+    if a.cache_policy is not None:
+        fields["cache_policy"] = _json_arg(a.cache_policy)
+    if a.filters is not None:
+        fields["filters"] = _json_arg(a.filters)
+    if a.tenant is not None:
+        fields["tenant"] = a.tenant
+    if not fields:
+        raise ValidationError("nothing to change: give at least one option (see --help)")
+    name = await ctx.service().update_site(a.hostname, **fields)
+    return {"hostname": name, "changed": sorted(fields)} if ctx.json else \
+        f"site {name} updated ({', '.join(sorted(fields))})"
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValidationError(f"{flag} {text!r} is not a number") from None
+
+
+async def cmd_site_list(ctx: Context) -> Any:
+    assert ctx.store is not None
+    sites = await ctx.store.list_sites(tenant=ctx.args.tenant, after=ctx.args.after,
+                                       limit=ctx.args.limit)
+    if ctx.json:
+        return sites
+    return table([(s.hostname, s.tenant, s.certificate_id or "-", "yes" if s.https_redirect
+                   else "no", "yes" if s.hsts else "no", s.cache_policy.get("mode", "off"),
+                   ",".join(sorted(s.filters)) or "-") for s in sites],
+                 ("HOSTNAME", "TENANT", "CERT", "REDIRECT", "HSTS", "CACHE", "FILTERS"))
+
+
+async def cmd_site_remove(ctx: Context) -> Any:
+    await ctx.service().remove_site(ctx.args.hostname)
+    return {"removed": ctx.args.hostname} if ctx.json else f"site {ctx.args.hostname} removed"
+
+
+async def cmd_cert_import(ctx: Context) -> Any:
+    chain = _read_file(ctx.args.cert, "certificate file")
+    key = _read_file(ctx.args.key, "key file")
+    certificate_id = await ctx.service(keys=True).import_certificate(chain, key)
+    if ctx.json:
+        return {"id": certificate_id}
+    return str(certificate_id)
+
+
+async def cmd_cert_list(ctx: Context) -> Any:
+    assert ctx.store is not None
+    certs = await ctx.store.list_certificates(after=ctx.args.after, limit=ctx.args.limit)
+    now = time.time()
+    if ctx.json:
+        return [{"id": c.id, "fingerprint": c.fingerprint, "names": list(c.names),
+                 "not_before": iso(c.not_before), "not_after": iso(c.not_after),
+                 "expired": c.not_after <= now} for c in certs]
+    return table([(c.id, ",".join(c.names), iso(c.not_after),
+                   "EXPIRED" if c.not_after <= now else f"{(c.not_after - now) / 86400:.0f} days",
+                   c.fingerprint[:16]) for c in certs],
+                 ("ID", "NAMES", "NOT-AFTER", "LEFT", "SHA256"))
+
+
+async def cmd_cache_purge(ctx: Context) -> Any:
+    await ctx.service().purge_cache(ctx.args.hostname, ctx.args.path or "")
+    target = ctx.args.hostname + (ctx.args.path or "")
+    return {"purged": target} if ctx.json else f"purge of {target} sent to every worker"
+
+
+async def cmd_bulk_load(ctx: Context) -> Any:
+    from edge.directory.bulk import bulk_load
+
+    assert ctx.store is not None
+    started = time.perf_counter()
+    counts = await bulk_load(ctx.store, ctx.args.file, keybox=ctx.keybox(required=False))
+    elapsed = time.perf_counter() - started
+    if ctx.json:
+        return {"counts": counts, "seconds": round(elapsed, 3)}
+    summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    return f"loaded {summary} in {elapsed:.1f} s"
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from edge.directory.schema import render_all
+
+    sys.stdout.write(render_all(args.dialect))
+    return 0
+
+
+def cmd_secret_generate(args: argparse.Namespace) -> int:
+    print(generate_key())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, config: EdgeConfig) -> int:
+    from edge.serve.supervisor import serve
+
+    only = {p.strip() for p in args.only.split(",") if p.strip()} if args.only else None
+    return serve(config, workers=args.workers, only=only)
+
+
+def cmd_demo(args: argparse.Namespace, config: EdgeConfig) -> int:
+    from edge.demo import run_demo
+
+    return run_demo(args)
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+def _leaf(sub: Any, name: str, handler: Handler | Callable[..., int], help: str,
+          **kwargs: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help,
+                                                     parents=[_COMMON], **kwargs)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _paging(parser: argparse.ArgumentParser, after: str = "") -> None:
+    parser.add_argument("--limit", type=int, default=1000, help="at most this many rows (1000)")
+    parser.add_argument("--after", default=after, help="start after this name (paging)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge", parents=[_COMMON],
+        description="hosting edge: SSH, FTP and HTTP(S) proxies routed by a tenant directory.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _leaf(sub, "init", cmd_init, "create or migrate the directory schema (idempotent)")
+    p = _leaf(sub, "schema", cmd_schema, "print the schema as SQL")
+    p.add_argument("--dialect", choices=("sqlite", "mysql"), default="mysql")
+
+    secret = sub.add_parser("secret", help="the at-rest key for TLS private keys")
+    secret_sub = secret.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _leaf(secret_sub, "generate", cmd_secret_generate,
+          "print a new random key for $EDGE_SECRET_KEY / [secrets] key_file")
+
+    host = sub.add_parser("host", help="backend hosts")
+    hs = host.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _leaf(hs, "add", cmd_host_add, "add a backend host")
+    p.add_argument("name")
+    p.add_argument("--address", required=True, help="IP address or hostname of the backend")
+    for proto, port in (("ssh", 22), ("ftp", 21), ("http", 80), ("https", 443)):
+        p.add_argument(f"--{proto}-port", type=int, default=port, help=f"default {port}")
+    p.add_argument("--send-proxy-protocol", choices=("off", "v1", "v2"), default="off",
+                   help="send a PROXY header to this host's backends")
+    _bool_flag(p, "--backend-tls", "speak TLS to this host's FTP/HTTP backends")
+    _bool_flag(p, "--ssh-insecure", "do not verify this host's SSH host key (not recommended)")
+    _leaf(hs, "list", cmd_host_list, "list hosts")
+    p = _leaf(hs, "show", cmd_host_show, "show one host")
+    p.add_argument("name")
+    p = _leaf(hs, "set-state", cmd_host_set_state, "set a host active, in maintenance or down")
+    p.add_argument("name")
+    p.add_argument("state", choices=HOST_STATES)
+    p.add_argument("--notice", help="text users see while the host is in maintenance")
+
+    tenant = sub.add_parser("tenant", help="tenants (customers)")
+    ts = tenant.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _leaf(ts, "add", cmd_tenant_add, "add a tenant on a host")
+    p.add_argument("name")
+    p.add_argument("--host", required=True)
+    p = _leaf(ts, "list", cmd_tenant_list, "list tenants")
+    p.add_argument("--host", help="only tenants on this host")
+    _paging(p)
+    p = _leaf(ts, "show", cmd_tenant_show, "show a tenant with its accounts and sites")
+    p.add_argument("name")
+    p = _leaf(ts, "move", cmd_tenant_move,
+              "move a tenant to another host; every proxy routes there within ~1 s")
+    p.add_argument("name")
+    p.add_argument("--to", required=True, metavar="HOST")
+    p.add_argument("--drain", type=float, default=0.0, metavar="SECONDS",
+                   help="close sessions still open on the old host after this long (0)")
+    p = _leaf(ts, "set-state", cmd_tenant_set_state, "suspend or re-activate a tenant")
+    p.add_argument("name")
+    p.add_argument("state", choices=TENANT_STATES)
+
+    account = sub.add_parser("account", help="SSH/FTP logins")
+    acs = account.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _leaf(acs, "add", cmd_account_add, "add a login to a tenant")
+    p.add_argument("username")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--protocols", default="ssh,ftp", help="comma list of ssh, ftp (both)")
+    p.add_argument("--upstream-username", help="name on the backend (default: the same)")
+    p.add_argument("--authorized-keys", metavar="FILE",
+                   help="OpenSSH authorized_keys file for public-key login")
+    p = _leaf(acs, "list", cmd_account_list, "list accounts")
+    p.add_argument("--tenant")
+    _paging(p)
+    p = _leaf(acs, "remove", cmd_account_remove, "remove an account")
+    p.add_argument("username")
+
+    site = sub.add_parser("site", help="websites (hostnames)")
+    ss = site.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, handler, help_text in (("add", cmd_site_add, "add a site (hostname or *.domain)"),
+                                     ("set", cmd_site_set, "change a site's settings")):
+        p = _leaf(ss, name, handler, help_text)
+        p.add_argument("hostname")
+        if name == "add":
+            p.add_argument("--tenant", required=True)
+            p.add_argument("--certificate", type=int, metavar="ID")
+        else:
+            p.add_argument("--tenant", help="give the site to another tenant")
+            p.add_argument("--certificate", metavar="ID|none")
+        _bool_flag(p, "--https-redirect", "redirect http:// to https://")
+        _bool_flag(p, "--hsts", "send Strict-Transport-Security")
+        p.add_argument("--cache-policy", metavar="JSON|@FILE", help="cache policy rules")
+        p.add_argument("--filters", metavar="JSON|@FILE", help="filter rules")
+    p = _leaf(ss, "list", cmd_site_list, "list sites")
+    p.add_argument("--tenant")
+    _paging(p)
+    p = _leaf(ss, "remove", cmd_site_remove, "remove a site")
+    p.add_argument("hostname")
+
+    cert = sub.add_parser("cert", help="TLS certificates")
+    cs = cert.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _leaf(cs, "import", cmd_cert_import,
+              "validate and store a certificate chain and key (key encrypted); prints the id")
+    p.add_argument("--cert", required=True, metavar="FILE", help="PEM chain, leaf first")
+    p.add_argument("--key", required=True, metavar="FILE", help="PEM private key")
+    p = _leaf(cs, "list", cmd_cert_list, "list certificates")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--after", type=int, default=0, metavar="ID")
+
+    cache = sub.add_parser("cache", help="the HTTP content cache")
+    cas = cache.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _leaf(cas, "purge", cmd_cache_purge, "drop a site's cached objects on every worker")
+    p.add_argument("hostname")
+    p.add_argument("--path", help="only objects under this path prefix")
+
+    p = _leaf(sub, "bulk-load", cmd_bulk_load,
+              "load hosts/tenants/accounts/sites/certificates from a JSON Lines file, fast")
+    p.add_argument("file")
+
+    p = _leaf(sub, "serve", cmd_serve, "run the proxies and the admin listener")
+    p.add_argument("--workers", type=int, help="worker processes (default [serve] workers)")
+    p.add_argument("--only", metavar="LIST", help="comma list of proxies to run: ssh,ftp,http,https")
+
+    p = _leaf(sub, "demo", cmd_demo,
+              "set up a demo directory with local backends and run the proxies")
+    p.add_argument("--dir", default=".edge-demo", help="where the demo keeps its files")
+    p.add_argument("--duration", type=float, default=0,
+                   help="stop after this many seconds (0: until Ctrl-C)")
+    return parser
+
+
+_NEEDS_STORE = {cmd_init, cmd_host_add, cmd_host_list, cmd_host_show, cmd_host_set_state,
+                cmd_tenant_add, cmd_tenant_list, cmd_tenant_show, cmd_tenant_move,
+                cmd_tenant_set_state, cmd_account_add, cmd_account_list, cmd_account_remove,
+                cmd_site_add, cmd_site_set, cmd_site_list, cmd_site_remove, cmd_cert_import,
+                cmd_cert_list, cmd_cache_purge, cmd_bulk_load}
+
+
+async def _run_async(handler: Handler, ctx: Context) -> Any:
+    store = store_for_url(ctx.config.database.url, ctx.config.database)
+    await store.open()
+    ctx.store = store
+    try:
+        if handler is not cmd_init and await store.schema_version() == 0:
+            raise EdgeError(f"the directory {_safe_url(store.url)} has no schema yet: "
+                            "run `edge init` first")
+        return await handler(ctx)
+    finally:
+        await store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(getattr(args, "config", None),
+                             database_url=getattr(args, "database", None))
+        handler = args.handler
+        if handler in (cmd_schema, cmd_secret_generate):
+            return int(handler(args))
+        if handler in (cmd_serve, cmd_demo):
+            return int(handler(args, config))
+        ctx = Context(args, config)
+        result = asyncio.run(_run_async(handler, ctx))
+    except EdgeError as exc:
+        print(f"edge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    if ctx.json:
+        emit_json(result)
+    elif result is not None:
+        print(result)
+    return 0
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    from edge.cli.output import to_jsonable
+
+    data: dict[str, Any] = to_jsonable(obj)
+    return {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in data.items()}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

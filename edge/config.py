@@ -1,0 +1,287 @@
+"""Edge configuration: one TOML file, strictly validated.
+
+Every setting has a safe default (so an empty file is a valid configuration that serves
+nothing but the loopback admin listener), every key is typed, and an unknown key or a bad
+value is a :class:`~edge.errors.ConfigError` naming ``[section] key``. Proxy packages read
+their own section from :class:`EdgeConfig`; adding a setting means adding a field here and a
+line in ``config/edge.example.toml``.
+
+Precedence: command-line flags > environment (``EDGE_CONFIG``, ``EDGE_DATABASE_URL``,
+``EDGE_SECRET_KEY``) > file > defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "sqlite:///edge.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """One ``HOST:PORT`` a listener binds; port 0 picks a free port (tests)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        """Parse ``"127.0.0.1:8080"``, ``"[::1]:8080"`` or ``":8080"`` (all addresses)."""
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} in {text!r} is out of range 0-65535")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            ipaddress.IPv6Address(host)
+        host = host or "0.0.0.0"
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    url: str = DEFAULT_DATABASE_URL
+    """``sqlite:///path`` (embedded default) or ``mysql://user:pass@host:port/db``."""
+    replica_url: str = ""
+    """Optional read replica used for hot-path lookups; writes and the change feed use ``url``."""
+    pool_size: int = 10
+    connect_timeout: float = 3.0
+    query_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class SecretsConfig:
+    key: str = ""
+    """Base64 (url-safe) 256-bit AES-GCM key for private keys at rest. Prefer key_file or env."""
+    key_file: str = ""
+    key_env: str = "EDGE_SECRET_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 9900),)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    workers: int = 1
+    grace_period: float = 30.0
+    """Seconds SIGTERM waits for open sessions before closing them."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    max_entries: int = 200_000
+    """Per kind (accounts, tenants, hosts, sites, certificates)."""
+    ttl: float = 300.0
+    """Seconds a positive answer is trusted without the change feed (a safety net)."""
+    negative_ttl: float = 30.0
+    stale_if_error: float = 86_400.0
+    """Seconds past expiry an answer is still served while the directory is unreachable."""
+    change_poll_interval: float = 1.0
+    max_certificates: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_failures_per_ip: int = 10
+    max_failures_per_user: int = 5
+    failure_window: float = 300.0
+    ban_seconds: float = 600.0
+    max_unauthenticated_per_ip: int = 20
+    max_connections_per_ip: int = 200
+    login_grace_time: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyListenerConfig:
+    listen: tuple[ListenAddress, ...] = ()
+    """Empty means this proxy is off."""
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs of load balancers allowed to send a PROXY protocol header."""
+    idle_timeout: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig(ProxyListenerConfig):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class HttpsConfig(ProxyListenerConfig):
+    handshake_timeout: float = 10.0
+    context_cache_size: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SshConfig(ProxyListenerConfig):
+    host_key_dir: str = "ssh_host_keys"
+
+
+@dataclass(frozen=True, slots=True)
+class FtpConfig(ProxyListenerConfig):
+    passive_ports: tuple[int, int] = (50000, 50999)
+    masquerade_address: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    """The whole configuration; sections mirror the TOML tables."""
+
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    https: HttpsConfig = field(default_factory=HttpsConfig)
+    ssh: SshConfig = field(default_factory=SshConfig)
+    ftp: FtpConfig = field(default_factory=FtpConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = ""
+    """Where this configuration came from (file path or "defaults"); not a TOML key."""
+
+    def replace(self, **changes: Any) -> EdgeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("log", "level"): ("debug", "info", "warning", "error"),
+    ("log", "format"): ("json", "text"),
+}
+_SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(EdgeConfig) if f.name != "source"}  # type: ignore[misc]
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(EdgeConfig)
+    return {name: hints[name] for name in _SECTIONS}
+
+
+def _coerce(where: str, hint: Any, value: Any) -> Any:
+    """Convert a TOML value to the field's type or raise ValueError saying what was expected."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(where, args[0], item) for item in value)
+        if len(value) != len(args):
+            raise ValueError(f"expected a list of {len(args)} items, got {value!r}")
+        return tuple(_coerce(where, a, v) for a, v in zip(args, value, strict=True))
+    if hint is ListenAddress:
+        if not isinstance(value, str):
+            raise ValueError(f"expected \"HOST:PORT\", got {value!r}")
+        return ListenAddress.parse(value)
+    if origin in (types.UnionType, typing.Union):
+        raise ValueError("union types are not supported in config")
+    raise ValueError(f"unsupported type {hint!r}")
+
+
+def _check(section: str, key: str, value: Any) -> None:
+    choices = _CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        raise ValueError(f"must not be negative; got {value!r}")
+    if (section, key) == ("serve", "workers") and value < 1:
+        raise ValueError("must be at least 1")
+    if key == "trusted_proxies":
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+    if (section, key) == ("ftp", "passive_ports") and not 1024 <= value[0] <= value[1] <= 65535:
+        raise ValueError("must be [LOW, HIGH] with 1024 <= LOW <= HIGH <= 65535")
+
+
+def config_from_mapping(data: dict[str, Any], source: str = "<mapping>") -> EdgeConfig:
+    """Build a validated :class:`EdgeConfig` from parsed TOML.
+
+    Raises :class:`ConfigError` naming ``[section] key`` for an unknown key or a bad value.
+    """
+    section_types = _section_types()
+    sections: dict[str, Any] = {}
+    for section, table in data.items():
+        if section not in section_types:
+            known = ", ".join(sorted(section_types))
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {known})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        cls = section_types[section]
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for key, raw in table.items():
+            if key not in hints:
+                known = ", ".join(sorted(hints))
+                raise ConfigError(f"{source}: unknown key [{section}] {key} (known: {known})")
+            try:
+                value = _coerce(f"[{section}] {key}", hints[key], raw)
+                _check(section, key, value)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: [{section}] {key}: {exc}") from None
+            values[key] = value
+        sections[section] = cls(**values)
+    return EdgeConfig(**sections, source=source)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, database_url: str | None = None,
+                env: typing.Mapping[str, str] | None = None) -> EdgeConfig:
+    """Load the configuration the way every ``edge`` command does.
+
+    ``path`` falls back to ``$EDGE_CONFIG``; with neither, defaults are used. ``database_url``
+    (the ``--database`` flag) beats ``$EDGE_DATABASE_URL`` which beats ``[database] url``.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get("EDGE_CONFIG") or None
+    if path is not None:
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        config = config_from_mapping(data, str(file))
+    else:
+        config = EdgeConfig(source="defaults")
+    url = database_url or env.get("EDGE_DATABASE_URL")
+    if url:
+        config = config.replace(database=dataclasses.replace(config.database, url=url))
+    return config

@@ -1,0 +1,168 @@
+"""The lookup cache in front of the store: what makes request-time lookups affordable.
+
+One :class:`LookupCache` per kind of object. Each is
+
+* a bounded LRU (``max_entries``) with a TTL for answers and a shorter one for *negative*
+  answers (unknown names are the common case under scanning);
+* **single-flight**: however many connections ask for a missing key at once, one store query
+  runs; it runs in its own task, so a waiter that is cancelled (client gone) does not cancel
+  the query the others are waiting for;
+* **stale-if-error**: when the store raises :class:`DirectoryUnavailable`, an expired answer
+  is served (counted in ``stats.stale``) for up to ``stale_if_error`` seconds past expiry; a
+  key never seen raises, and the proxy turns that into its "temporarily unavailable" error.
+
+Eviction is exact: :meth:`LookupCache.evict` is what the change feed calls. A load that was
+already running when its key was evicted still answers its waiters but is not stored, so an
+answer read just before a change can never outlive the change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from edge.errors import DirectoryUnavailable
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class CacheStats:
+    """Plain counters (read by the metrics collector; no locks on the hot path)."""
+
+    __slots__ = ("errors", "evictions", "hits", "loads", "misses", "negative_hits", "stale")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.negative_hits = 0
+        self.misses = 0
+        self.loads = 0
+        self.stale = 0
+        self.errors = 0
+        self.evictions = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class _Entry(Generic[V]):
+    __slots__ = ("expires", "value")
+
+    def __init__(self, value: V | None, expires: float) -> None:
+        self.value = value
+        self.expires = expires
+
+
+class Miss:
+    """Marker returned by :meth:`LookupCache.peek` when the key has no fresh entry."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+MISS = Miss()
+
+
+def _retrieve_exception(task: asyncio.Task[object]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class LookupCache(Generic[K, V]):
+    """A bounded, TTL'd, single-flight, stale-if-error cache for one kind of lookup.
+
+    ``loader(key)`` must return the object or ``None`` (unknown: cached negatively) and raise
+    :class:`DirectoryUnavailable` when the store cannot answer.
+    """
+
+    def __init__(self, name: str, loader: Callable[[K], Awaitable[V | None]], *,
+                 max_entries: int, ttl: float, negative_ttl: float, stale_if_error: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self._loader = loader
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.stale_if_error = stale_if_error
+        self._clock = clock
+        self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()
+        self._inflight: dict[K, asyncio.Task[V | None]] = {}
+        self._evicted_in_flight: set[K] = set()
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, key: K) -> V | None | Miss:
+        """The fresh cached answer (possibly ``None``) or :data:`MISS`; never touches the store.
+
+        Protocol-level code calls this first so a hit costs no coroutine.
+        """
+        entry = self._entries.get(key)
+        if entry is None or entry.expires <= self._clock():
+            return MISS
+        self._entries.move_to_end(key)
+        if entry.value is None:
+            self.stats.negative_hits += 1
+        else:
+            self.stats.hits += 1
+        return entry.value
+
+    async def get(self, key: K) -> V | None:
+        """The answer for ``key``: cached if fresh, else loaded once for all concurrent callers."""
+        value = self.peek(key)
+        if not isinstance(value, Miss):
+            return value
+        self.stats.misses += 1
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._load(key))
+            # Every waiter may be gone (clients disconnected) before a failure arrives.
+            task.add_done_callback(_retrieve_exception)
+            self._inflight[key] = task
+        return await asyncio.shield(task)
+
+    async def _load(self, key: K) -> V | None:
+        try:
+            self.stats.loads += 1
+            try:
+                value = await self._loader(key)
+            except DirectoryUnavailable:
+                self.stats.errors += 1
+                entry = self._entries.get(key)
+                if entry is not None and self._clock() < entry.expires + self.stale_if_error:
+                    self.stats.stale += 1
+                    return entry.value
+                raise
+            if key in self._evicted_in_flight:
+                return value
+            self.put(key, value)
+            return value
+        finally:
+            self._inflight.pop(key, None)
+            self._evicted_in_flight.discard(key)
+
+    def put(self, key: K, value: V | None) -> None:
+        """Store an answer (used by loaders that learn about several keys in one query)."""
+        ttl = self.ttl if value is not None else self.negative_ttl
+        self._entries[key] = _Entry(value, self._clock() + ttl)
+        self._entries.move_to_end(key)
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def evict(self, key: K) -> None:
+        """Forget ``key`` (change feed); a load already running for it will not be stored."""
+        if self._entries.pop(key, None) is not None:
+            self.stats.evictions += 1
+        if key in self._inflight:
+            self._evicted_in_flight.add(key)
+
+    def clear(self) -> None:
+        self.stats.evictions += len(self._entries)
+        self._entries.clear()
+        self._evicted_in_flight.update(self._inflight)

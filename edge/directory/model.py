@@ -1,0 +1,123 @@
+"""What the tenant directory returns: frozen, slotted dataclasses, safe to share and cache.
+
+Relations are by *name* (a tenant's ``host`` is the host's name), so a hot-path route is a
+chain of cached point lookups: ``account(username) -> tenant(account.tenant) -> host(tenant.host)``
+for SSH/FTP and ``site(hostname) -> tenant -> host`` for HTTP. Moving a tenant is therefore one
+row change and one change-feed entry, however many sites and accounts it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+HostState = Literal["active", "maintenance", "down"]
+TenantState = Literal["active", "suspended"]
+ProxyProtocolMode = Literal["off", "v1", "v2"]
+Protocol = Literal["ssh", "ftp"]
+
+HOST_STATES: tuple[HostState, ...] = ("active", "maintenance", "down")
+TENANT_STATES: tuple[TenantState, ...] = ("active", "suspended")
+PROXY_PROTOCOL_MODES: tuple[ProxyProtocolMode, ...] = ("off", "v1", "v2")
+PROTOCOLS: tuple[Protocol, ...] = ("ssh", "ftp")
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A backend machine that serves tenants."""
+
+    name: str
+    address: str
+    ssh_port: int = 22
+    ftp_port: int = 21
+    http_port: int = 80
+    https_port: int = 443
+    state: HostState = "active"
+    notice: str = ""
+    """Text shown to users while the host is in maintenance (FTP 421 text, SSH banner)."""
+    ssh_known_hosts: str = ""
+    """Pinned upstream SSH host keys, OpenSSH known_hosts public-key lines."""
+    ssh_insecure: bool = False
+    """Skip upstream host-key verification; only for hosts an operator explicitly marks."""
+    send_proxy_protocol: ProxyProtocolMode = "off"
+    backend_tls: bool = False
+    """Speak TLS to this host's FTP/HTTP backends (certificates verified)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """A customer; every account and site of the tenant lives on ``host``."""
+
+    name: str
+    host: str
+    state: TenantState = "active"
+    previous_host: str | None = None
+    """Set by ``tenant move``: sessions still open there are drained."""
+    drain_deadline: float | None = None
+    """Unix time after which sessions on ``previous_host`` are closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """A login (SSH and/or FTP) that belongs to a tenant."""
+
+    username: str
+    tenant: str
+    protocols: frozenset[str] = frozenset({"ssh", "ftp"})
+    upstream_username: str = ""
+    """The name used on the backend; defaults to ``username`` when empty."""
+    authorized_keys: str = ""
+    """OpenSSH authorized_keys text the proxy checks client keys against."""
+
+    @property
+    def backend_username(self) -> str:
+        return self.upstream_username or self.username
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """A hostname (or ``*.example.com`` wildcard) served for a tenant."""
+
+    hostname: str
+    tenant: str
+    certificate_id: int | None = None
+    https_redirect: bool = False
+    hsts: bool = False
+    cache_policy: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+    filters: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """A certificate chain with its private key (decrypted only in memory)."""
+
+    id: int
+    fingerprint: str
+    """SHA-256 of the leaf certificate's DER, lowercase hex."""
+    names: tuple[str, ...]
+    not_before: float
+    not_after: float
+    chain_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCertificate:
+    """A certificate row as stored: the private key still encrypted."""
+
+    id: int
+    fingerprint: str
+    names: tuple[str, ...]
+    not_before: float
+    not_after: float
+    chain_pem: bytes
+    key_encrypted: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the change feed: ``entity`` is account/tenant/host/site/certificate/purge/all."""
+
+    id: int
+    entity: str
+    name: str

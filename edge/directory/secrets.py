@@ -1,0 +1,92 @@
+"""Private keys at rest: AES-256-GCM under an operator key.
+
+The key comes from ``[secrets] key`` / ``key_file`` or the environment variable named by
+``[secrets] key_env`` (default ``EDGE_SECRET_KEY``): 32 random bytes, url-safe base64
+(``edge secret generate`` prints one). There is no plaintext fallback: a missing or wrong key
+is a :class:`SecretsError` at start-up or at import time.
+
+Stored format: ``b"EK1" + key_id(8) + nonce(12) + ciphertext+tag``. ``key_id`` is a hash of the
+key so a wrong key is reported as "wrong key" rather than as corrupt data.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from edge.config import SecretsConfig
+from edge.errors import SecretsError
+
+_MAGIC = b"EK1"
+_AAD = b"hosting-edge private key v1"
+
+
+def generate_key() -> str:
+    """A new random key in the form the configuration expects."""
+    return base64.urlsafe_b64encode(os.urandom(32)).decode("ascii")
+
+
+class KeyBox:
+    """Encrypts and decrypts private keys with one AES-256-GCM key."""
+
+    __slots__ = ("_aead", "key_id")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != 32:
+            raise SecretsError(f"the secret key must be 32 bytes (got {len(key)}); "
+                               "create one with `edge secret generate`")
+        self._aead = AESGCM(key)
+        self.key_id = hashlib.sha256(b"edge key id" + key).digest()[:8]
+
+    @classmethod
+    def from_text(cls, text: str) -> KeyBox:
+        try:
+            raw = base64.urlsafe_b64decode(text.strip().encode("ascii") + b"==")
+        except (ValueError, UnicodeError):
+            raise SecretsError("the secret key is not valid base64; "
+                               "create one with `edge secret generate`") from None
+        return cls(raw)
+
+    @classmethod
+    def from_config(cls, config: SecretsConfig, env: Mapping[str, str] | None = None) -> KeyBox:
+        """The key from (in order) the environment variable, ``key_file``, ``key``.
+
+        Raises :class:`SecretsError` if none is set: storing or serving TLS keys without
+        the at-rest key is refused, never silently done in plaintext.
+        """
+        env = os.environ if env is None else env
+        if config.key_env and env.get(config.key_env):
+            return cls.from_text(env[config.key_env])
+        if config.key_file:
+            try:
+                return cls.from_text(Path(config.key_file).read_text())
+            except OSError as exc:
+                raise SecretsError(f"[secrets] key_file {config.key_file}: {exc.strerror}") from None
+        if config.key:
+            return cls.from_text(config.key)
+        raise SecretsError(
+            f"no secret key for private keys at rest: set ${config.key_env or 'EDGE_SECRET_KEY'} "
+            "or [secrets] key_file (create one with `edge secret generate`)")
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return _MAGIC + self.key_id + nonce + self._aead.encrypt(nonce, plaintext, _AAD)
+
+    def decrypt(self, blob: bytes) -> bytes:
+        """Raises :class:`SecretsError` for a wrong key or damaged data (never returns garbage)."""
+        if blob[:3] != _MAGIC or len(blob) < 3 + 8 + 12 + 16:
+            raise SecretsError("stored private key is not in the encrypted format")
+        if blob[3:11] != self.key_id:
+            raise SecretsError("stored private key was encrypted with a different secret key "
+                               "(check [secrets] / $EDGE_SECRET_KEY)")
+        nonce, ciphertext = blob[11:23], blob[23:]
+        try:
+            return self._aead.decrypt(nonce, ciphertext, _AAD)
+        except InvalidTag:
+            raise SecretsError("stored private key failed authentication (damaged data)") from None

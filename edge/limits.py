@@ -1,0 +1,390 @@
+"""Per-key rate limits, brute-force bans and connection caps; sans-IO, bounded memory.
+
+Everything here is plain bookkeeping driven by an injectable clock (``time.monotonic`` by
+default), so it is tested with a fake clock and costs no timers or tasks at run time.
+Keys are whatever the caller chooses: an IP string, a username, ``(site, ip)``.
+
+Memory is bounded because edges are scanned: a sweep of millions of source addresses must
+not grow a table without limit. Idle state that no longer matters (a refilled bucket, an
+expired failure window or ban) is dropped as it ages, and each table holds at most
+``max_keys`` entries, forgetting the least recently touched first. Forgetting is always the
+lenient direction (a forgotten key starts afresh), which is the price of the bound.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+__all__ = [
+    "ConnectionCap",
+    "ConnectionCapExceeded",
+    "FailureBan",
+    "LoginLimitSettings",
+    "LoginLimits",
+    "LoginVerdict",
+    "RateLimiter",
+]
+
+Clock = Callable[[], float]
+
+DEFAULT_MAX_KEYS = 100_000
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be greater than 0, got {value!r}")
+
+
+class RateLimiter:
+    """A token bucket per key: ``rate_per_second`` tokens refill up to ``burst``.
+
+    A key never seen has a full bucket, so the first ``burst`` calls pass at once.
+    """
+
+    __slots__ = ("_buckets", "_burst", "_clock", "_full_after", "_max_keys", "_rate")
+
+    def __init__(
+        self,
+        rate_per_second: float,
+        burst: float,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        _check_positive("rate_per_second", rate_per_second)
+        if not burst >= 1:
+            raise ValueError(f"burst must be at least 1 (one request), got {burst!r}")
+        _check_positive("max_keys", max_keys)
+        self._rate = float(rate_per_second)
+        self._burst = float(burst)
+        self._max_keys = max_keys
+        self._clock = clock
+        # Seconds after which even an empty bucket is full again: such entries carry no
+        # information and are dropped.
+        self._full_after = self._burst / self._rate
+        # key -> [tokens, last update]; ordered by last update (oldest first).
+        self._buckets: OrderedDict[Hashable, list[float]] = OrderedDict()
+
+    def allow(self, key: Hashable) -> bool:
+        """Take one token for ``key``: True if the request may proceed, False to refuse it."""
+        now = self._clock()
+        self._expire(now)
+        tokens = self._tokens(key, now)
+        if tokens >= 1.0:
+            self._store(key, tokens - 1.0, now)
+            return True
+        self._store(key, tokens, now)
+        return False
+
+    def retry_after(self, key: Hashable) -> float:
+        """Seconds until ``key`` has a token again (0.0 if it has one now); takes no token.
+
+        Suitable for an HTTP ``Retry-After`` header after rounding up.
+        """
+        now = self._clock()
+        tokens = self._tokens(key, now)
+        if tokens >= 1.0:
+            return 0.0
+        return (1.0 - tokens) / self._rate
+
+    def __len__(self) -> int:
+        """Keys currently tracked (for metrics; bounded by ``max_keys``)."""
+        return len(self._buckets)
+
+    def _tokens(self, key: Hashable, now: float) -> float:
+        entry = self._buckets.get(key)
+        if entry is None:
+            return self._burst
+        tokens, last = entry
+        # max(): a clock that steps backwards must not drain the bucket.
+        return min(self._burst, tokens + max(0.0, now - last) * self._rate)
+
+    def _store(self, key: Hashable, tokens: float, now: float) -> None:
+        buckets = self._buckets
+        if key in buckets:
+            buckets.move_to_end(key)
+        elif len(buckets) >= self._max_keys:
+            buckets.popitem(last=False)
+        buckets[key] = [tokens, now]
+
+    def _expire(self, now: float) -> None:
+        buckets = self._buckets
+        horizon = now - self._full_after
+        while buckets:
+            _, last = next(iter(buckets.values()))
+            if last > horizon:
+                break
+            buckets.popitem(last=False)
+
+
+class FailureBan:
+    """fail2ban-style: ``max_failures`` within ``window_seconds`` bans a key for
+    ``ban_seconds``.
+
+    The window slides (the last ``max_failures`` failure times are kept). A success clears
+    the failures but not an active ban: a banned client should not be able to find out
+    whether a guess was right.
+    """
+
+    __slots__ = ("_ban", "_bans", "_clock", "_failures", "_max_failures", "_max_keys", "_window")
+
+    def __init__(
+        self,
+        max_failures: int,
+        window_seconds: float,
+        ban_seconds: float,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if max_failures < 1:
+            raise ValueError(f"max_failures must be at least 1, got {max_failures!r}")
+        _check_positive("window_seconds", window_seconds)
+        _check_positive("ban_seconds", ban_seconds)
+        _check_positive("max_keys", max_keys)
+        self._max_failures = max_failures
+        self._window = float(window_seconds)
+        self._ban = float(ban_seconds)
+        self._max_keys = max_keys
+        self._clock = clock
+        # key -> recent failure times; ordered by latest failure (oldest first).
+        self._failures: OrderedDict[Hashable, deque[float]] = OrderedDict()
+        # key -> ban end; every ban lasts ban_seconds, so insertion order is expiry order and
+        # the table is cleaned from the front. Kept apart from _failures so that a flood of
+        # fresh keys evicts half-counted keys long before it can evict a ban.
+        self._bans: OrderedDict[Hashable, float] = OrderedDict()
+
+    def record_failure(self, key: Hashable) -> float:
+        """Count a failure; returns the ban now in force for ``key`` in seconds (0.0: none)."""
+        now = self._clock()
+        self._expire(now)
+        until = self._bans.get(key)
+        if until is not None:
+            return until - now  # already banned: failures while banned do not extend it
+        failures = self._failures.pop(key, None)
+        if failures is None:
+            if len(self._failures) >= self._max_keys:
+                self._failures.popitem(last=False)
+            failures = deque(maxlen=self._max_failures)
+        failures.append(now)
+        horizon = now - self._window
+        while failures[0] <= horizon:
+            failures.popleft()
+        if len(failures) >= self._max_failures:
+            if len(self._bans) >= self._max_keys:
+                self._bans.popitem(last=False)  # the ban closest to its end anyway
+            self._bans[key] = now + self._ban
+            return self._ban
+        self._failures[key] = failures
+        return 0.0
+
+    def record_success(self, key: Hashable) -> None:
+        """Forget ``key``'s failures (an active ban stays until it expires)."""
+        self._failures.pop(key, None)
+
+    def banned_for(self, key: Hashable) -> float:
+        """Seconds left on ``key``'s ban; 0.0 when it is not banned."""
+        now = self._clock()
+        self._expire(now)
+        until = self._bans.get(key)
+        return 0.0 if until is None else until - now
+
+    def __len__(self) -> int:
+        """Keys currently tracked, failing or banned (for metrics)."""
+        return len(self._failures) + len(self._bans)
+
+    def _expire(self, now: float) -> None:
+        bans = self._bans
+        while bans:
+            until = next(iter(bans.values()))
+            if until > now:
+                break
+            bans.popitem(last=False)
+        failures = self._failures
+        horizon = now - self._window
+        while failures:
+            latest = next(iter(failures.values()))[-1]
+            if latest > horizon:
+                break
+            failures.popitem(last=False)
+
+
+class ConnectionCapExceeded(Exception):
+    """Raised by :meth:`ConnectionCap.hold` when ``key`` already has its maximum."""
+
+    def __init__(self, key: Hashable, limit: int) -> None:
+        super().__init__(f"too many connections from {key} (limit {limit})")
+        self.key = key
+        self.limit = limit
+
+
+class ConnectionCap:
+    """At most ``max_per_key`` concurrent holders per key.
+
+    Only keys with at least one holder are stored, so memory follows the number of open
+    connections, which the listener bounds anyway.
+    """
+
+    __slots__ = ("_counts", "_max")
+
+    def __init__(self, max_per_key: int) -> None:
+        if max_per_key < 1:
+            raise ValueError(f"max_per_key must be at least 1, got {max_per_key!r}")
+        self._max = max_per_key
+        self._counts: dict[Hashable, int] = {}
+
+    @property
+    def max_per_key(self) -> int:
+        return self._max
+
+    def try_acquire(self, key: Hashable) -> bool:
+        """Take a slot: True if taken (call :meth:`release` later), False if at the cap."""
+        count = self._counts.get(key, 0)
+        if count >= self._max:
+            return False
+        self._counts[key] = count + 1
+        return True
+
+    def release(self, key: Hashable) -> None:
+        """Give a slot back. Releasing a key with no slots does nothing (never negative)."""
+        count = self._counts.get(key, 0)
+        if count <= 1:
+            self._counts.pop(key, None)
+        else:
+            self._counts[key] = count - 1
+
+    def count(self, key: Hashable) -> int:
+        """Slots currently held by ``key``."""
+        return self._counts.get(key, 0)
+
+    def __len__(self) -> int:
+        """Keys holding at least one slot."""
+        return len(self._counts)
+
+    @contextmanager
+    def hold(self, key: Hashable) -> Iterator[None]:
+        """``with cap.hold(ip):`` holds a slot for the block; raises
+        :class:`ConnectionCapExceeded` (before the block runs) when at the cap."""
+        if not self.try_acquire(key):
+            raise ConnectionCapExceeded(key, self._max)
+        try:
+            yield
+        finally:
+            self.release(key)
+
+
+class _LimitsConfigLike(Protocol):
+    # Structural view of edge.config.LimitsConfig, so this module does not import the config.
+    @property
+    def max_failures_per_ip(self) -> int: ...
+    @property
+    def max_failures_per_user(self) -> int: ...
+    @property
+    def failure_window(self) -> float: ...
+    @property
+    def ban_seconds(self) -> float: ...
+    @property
+    def max_unauthenticated_per_ip(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LoginLimitSettings:
+    """Brute-force limits for one login-speaking proxy; the defaults are safe to run with.
+
+    Field names match ``[limits]`` in the configuration file.
+    """
+
+    max_failures_per_ip: int = 10
+    """Failed logins from one IP (any usernames) within ``failure_window`` before a ban."""
+    max_failures_per_user: int = 5
+    """Failed logins for one username (from any IPs) within ``failure_window``."""
+    failure_window: float = 300.0
+    ban_seconds: float = 600.0
+    max_unauthenticated_per_ip: int = 20
+    """Connections from one IP that have not logged in yet (password spraying in parallel)."""
+    max_keys: int = DEFAULT_MAX_KEYS
+    """Per table; bounds memory under address scans."""
+
+    @classmethod
+    def from_config(cls, limits: _LimitsConfigLike) -> LoginLimitSettings:
+        """Settings from the ``[limits]`` section (``edge.config.LimitsConfig``)."""
+        names = [f.name for f in fields(cls) if f.name != "max_keys"]
+        return cls(**{name: getattr(limits, name) for name in names})
+
+
+@dataclass(frozen=True, slots=True)
+class LoginVerdict:
+    """Whether a login attempt may proceed.
+
+    When ``allowed`` is False, ``reason`` is a sentence for the log (not for the client:
+    tell the client the same thing as for a wrong password) and ``retry_after`` the seconds
+    until the ban ends.
+    """
+
+    allowed: bool
+    reason: str = ""
+    retry_after: float = 0.0
+
+
+_ALLOWED = LoginVerdict(True)
+
+
+class LoginLimits:
+    """Brute-force protection for a login-speaking proxy (SSH, FTP).
+
+    Per connection::
+
+        if not limits.unauthenticated.try_acquire(ip): refuse the connection
+        ... on USER / begin_auth:  verdict = limits.check_login(ip, username)
+        ... on the answer:         limits.login_failed(ip, username) / login_succeeded(...)
+        release the unauthenticated slot on login success or on disconnect (once).
+
+    Bans are both per IP (one address guessing many accounts) and per username (many
+    addresses guessing one account). A per-user ban also locks the real user out for
+    ``ban_seconds``; that is the usual trade for stopping distributed guessing.
+    Usernames are used as given; normalise them first if the directory does.
+    """
+
+    __slots__ = ("by_ip", "by_user", "settings", "unauthenticated")
+
+    def __init__(
+        self, settings: LoginLimitSettings | None = None, *, clock: Clock = time.monotonic
+    ) -> None:
+        s = settings or LoginLimitSettings()
+        self.settings = s
+        self.by_ip = FailureBan(
+            s.max_failures_per_ip, s.failure_window, s.ban_seconds, s.max_keys, clock=clock
+        )
+        self.by_user = FailureBan(
+            s.max_failures_per_user, s.failure_window, s.ban_seconds, s.max_keys, clock=clock
+        )
+        self.unauthenticated = ConnectionCap(s.max_unauthenticated_per_ip)
+
+    def check_login(self, ip: str, username: str | None = None) -> LoginVerdict:
+        """May ``ip`` try to log in as ``username`` now? (``None``: username not known yet.)"""
+        seconds = self.by_ip.banned_for(ip)
+        if seconds > 0:
+            return LoginVerdict(False, f"too many failed logins from {ip}", seconds)
+        if username is not None:
+            seconds = self.by_user.banned_for(username)
+            if seconds > 0:
+                return LoginVerdict(False, f"too many failed logins for user {username!r}", seconds)
+        return _ALLOWED
+
+    def login_failed(self, ip: str, username: str | None = None) -> LoginVerdict:
+        """Record a failed login; returns the verdict for the next attempt (disconnect now
+        if it is not allowed)."""
+        self.by_ip.record_failure(ip)
+        if username is not None:
+            self.by_user.record_failure(username)
+        return self.check_login(ip, username)
+
+    def login_succeeded(self, ip: str, username: str) -> None:
+        """Record a successful login: clears the failure counts of the IP and the user."""
+        self.by_ip.record_success(ip)
+        self.by_user.record_success(username)

@@ -1,0 +1,1 @@
+"""sshproxy: not built yet — see the issue tracker. The core (edge/) runs without it."""

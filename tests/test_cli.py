@@ -1,0 +1,227 @@
+"""The `edge` CLI as an operator uses it: real processes, real SQLite and MariaDB."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edge.cli.main import build_parser
+from edge.config import EdgeConfig
+from edge.demo import self_signed
+from edge.directory.schema import render_all
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("hosts", "tenants", "accounts", "sites", "certificates", "changes")
+
+
+class Edge:
+    """Runs `python -m edge.cli.main` against one database."""
+
+    def __init__(self, database_url: str, tmp_path: Path, secret: str | None) -> None:
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("EDGE_")}
+        self.env["EDGE_DATABASE_URL"] = database_url
+        if secret:
+            self.env["EDGE_SECRET_KEY"] = secret
+        self.tmp = tmp_path
+
+    def run(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "edge.cli.main", *args], env=self.env,
+                              capture_output=True, text=True, timeout=60, cwd=self.tmp)
+        if ok:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def counts(self) -> dict[str, int]:
+        # Read through the product itself: list commands page through everything.
+        import asyncio
+
+        from edge.directory.stores import store_for_url
+
+        async def count() -> dict[str, int]:
+            store = store_for_url(self.env["EDGE_DATABASE_URL"])
+            await store.open()
+            try:
+                return {t: await store.count(t) for t in TABLES}
+            finally:
+                await store.close()
+
+        return asyncio.run(count())
+
+    def fails(self, *args: str, code: int, says: str) -> None:
+        """The command fails with one line naming the problem, and changes nothing."""
+        before = self.counts()
+        proc = self.run(*args, ok=False)
+        assert proc.returncode == code, (proc.returncode, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith("edge: error: ")
+        assert says in lines[0], lines[0]
+        assert proc.stdout == ""
+        assert self.counts() == before
+
+
+@pytest.fixture
+def edge(database_url: str, tmp_path: Path, secret_key: str) -> Edge:
+    e = Edge(database_url, tmp_path, secret_key)
+    e.run("init")
+    return e
+
+
+def test_init_is_idempotent_and_commands_need_it(database_url: str, tmp_path: Path) -> None:
+    e = Edge(database_url, tmp_path, None)
+    proc = e.run("host", "list", ok=False)
+    assert proc.returncode != 0 and "run `edge init` first" in proc.stderr
+    assert e.json("init")["applied"] == [1]  # type: ignore[index]
+    assert e.json("init")["applied"] == []  # type: ignore[index]
+    assert e.json("host", "list") == []
+
+
+def test_hosts_tenants_accounts_sites_round_trip(edge: Edge, tmp_path: Path) -> None:
+    edge.run("host", "add", "web1", "--address", "127.0.0.1", "--http-port", "8080")
+    edge.run("host", "add", "web2", "--address", "::1", "--send-proxy-protocol", "v2")
+    edge.run("tenant", "add", "acme", "--host", "web1")
+    keys = tmp_path / "keys.pub"
+    keys.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+                    " alice@laptop\n")
+    edge.run("account", "add", "alice", "--tenant", "acme", "--protocols", "ssh",
+             "--authorized-keys", str(keys))
+    edge.run("site", "add", "WWW.Acme.Example.", "--tenant", "acme", "--hsts",
+             "--filters", '{"methods": ["get", "head"]}')
+    hosts = edge.json("host", "list")
+    assert [h["name"] for h in hosts] == ["web1", "web2"]  # type: ignore[index,union-attr]
+    assert hosts[1]["address"] == "::1" and hosts[1]["send_proxy_protocol"] == "v2"  # type: ignore[index]
+    [account] = edge.json("account", "list")  # type: ignore[misc]
+    assert account["protocols"] == ["ssh"] and "alice@laptop" in account["authorized_keys"]
+    [site] = edge.json("site", "list")  # type: ignore[misc]
+    assert site["hostname"] == "www.acme.example"  # normalised
+    assert site["filters"] == {"methods": ["GET", "HEAD"]} and site["hsts"] is True
+    shown = edge.json("tenant", "show", "acme")
+    assert shown == {"tenant": {"name": "acme", "host": "web1", "state": "active",
+                                "previous_host": None, "drain_deadline": None},
+                     "accounts": ["alice"], "sites": ["www.acme.example"]}
+    # Human output is a table with the names in it.
+    assert "www.acme.example" in edge.run("site", "list").stdout
+
+    moved = edge.json("tenant", "move", "acme", "--to", "web2", "--drain", "30")
+    assert moved["host"] == "web2" and moved["previous_host"] == "web1"  # type: ignore[index]
+    edge.run("host", "set-state", "web1", "maintenance", "--notice", "disk swap")
+    assert edge.json("host", "show", "web1")["state"] == "maintenance"  # type: ignore[index]
+    edge.run("site", "remove", "www.acme.example")
+    edge.run("account", "remove", "alice")
+    assert edge.json("site", "list") == [] and edge.json("account", "list") == []
+
+
+def test_bad_input_is_one_line_and_writes_nothing(edge: Edge, tmp_path: Path) -> None:
+    edge.run("host", "add", "web1", "--address", "127.0.0.1")
+    edge.run("tenant", "add", "acme", "--host", "web1")
+    edge.fails("tenant", "add", "beta", "--host", "nope", code=3, says="host 'nope' does not exist")
+    edge.fails("host", "add", "web1", "--address", "10.0.0.1", code=4, says="already exists")
+    edge.fails("host", "add", "Bad Name", "--address", "10.0.0.1", code=2, says="host name")
+    edge.fails("host", "add", "web9", "--address", "not an address!", code=2, says="--address")
+    edge.fails("host", "add", "web9", "--address", "10.0.0.9", "--ssh-port", "70000", code=2,
+               says="--ssh-port 70000")
+    edge.fails("site", "add", "a.example", "--tenant", "acme", "--filters", "{not json",
+               code=2, says="filters: not valid JSON")
+    edge.fails("site", "add", "a.example", "--tenant", "acme", "--filters",
+               '{"ip_allow": ["300.1.1.1"]}', code=2, says="filters.ip_allow[0]")
+    edge.fails("site", "add", "a.example", "--tenant", "acme", "--cache-policy",
+               '{"mode": "everything"}', code=2, says="cache_policy.mode")
+    edge.fails("site", "add", "a..example", "--tenant", "acme", code=2, says="not a valid hostname")
+    edge.fails("site", "add", "a.example", "--tenant", "ghost", code=3, says="tenant 'ghost'")
+    edge.fails("tenant", "move", "acme", "--to", "web1", code=2, says="already on host")
+    edge.fails("account", "remove", "nobody", code=3, says="account 'nobody' does not exist")
+    bad_keys = tmp_path / "bad.pub"
+    bad_keys.write_text("ssh-ed25519 not-base64!!\n")
+    edge.fails("account", "add", "bob", "--tenant", "acme", "--authorized-keys", str(bad_keys),
+               code=2, says="authorized keys")
+
+
+def test_certificates(edge: Edge, tmp_path: Path) -> None:
+    edge.run("host", "add", "web1", "--address", "127.0.0.1")
+    edge.run("tenant", "add", "acme", "--host", "web1")
+    chain, key = self_signed(["www.acme.example", "*.acme.example"])
+    _, other_key = self_signed(["www.acme.example"])
+    (tmp_path / "c.pem").write_bytes(chain)
+    (tmp_path / "k.pem").write_bytes(key)
+    (tmp_path / "other.pem").write_bytes(other_key)
+    c, k, other = (str(tmp_path / n) for n in ("c.pem", "k.pem", "other.pem"))
+    edge.fails("cert", "import", "--cert", c, "--key", other, code=2,
+               says="private key does not match the certificate")
+    no_secret = Edge(edge.env["EDGE_DATABASE_URL"], tmp_path, None)
+    no_secret.fails("cert", "import", "--cert", c, "--key", k, code=6, says="EDGE_SECRET_KEY")
+    cert_id = edge.run("cert", "import", "--cert", c, "--key", k).stdout.strip()
+    assert cert_id.isdigit()
+    edge.fails("cert", "import", "--cert", c, "--key", k, code=4,
+               says=f"already imported as id {cert_id}")
+    [listed] = edge.json("cert", "list")  # type: ignore[misc]
+    assert listed["names"] == ["www.acme.example", "*.acme.example"] and not listed["expired"]
+    edge.run("site", "add", "shop.acme.example", "--tenant", "acme", "--certificate", cert_id)
+    edge.fails("site", "add", "acme.example", "--tenant", "acme", "--certificate", cert_id,
+               code=2, says="does not cover acme.example")
+    edge.run("site", "set", "shop.acme.example", "--certificate", "none", "--https-redirect")
+    [site] = edge.json("site", "list")  # type: ignore[misc]
+    assert site["certificate_id"] is None and site["https_redirect"] is True
+    # The key is stored encrypted: its PEM body never appears in the database.
+    if edge.env["EDGE_DATABASE_URL"].startswith("sqlite:///"):
+        raw = Path(edge.env["EDGE_DATABASE_URL"][len("sqlite:///"):]).read_bytes()
+        body = key.splitlines()[1]
+        assert body not in raw
+
+
+def test_every_command_has_help() -> None:
+    parser = build_parser()
+
+    def leaves(p: argparse.ArgumentParser, path: list[str]) -> list[list[str]]:
+        found = []
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    found += leaves(child, [*path, name])
+        return found or [path]
+
+    commands = leaves(parser, [])
+    assert len(commands) >= 20
+    for command in commands:
+        proc = subprocess.run([sys.executable, "-m", "edge.cli.main", *command, "--help"],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0 and "usage: edge" in proc.stdout, command
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text('[cache]\nttl = "soon"\n')
+    proc = subprocess.run([sys.executable, "-m", "edge.cli.main", "--config", str(config),
+                           "host", "list"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"edge: error: {config}: [cache] ttl: expected a number, got 'soon'"
+
+
+def test_example_config_documents_every_setting_with_its_default() -> None:
+    data = tomllib.loads((ROOT / "config" / "edge.example.toml").read_text())
+    defaults = EdgeConfig()
+    for section in dataclasses.fields(EdgeConfig):
+        if section.name == "source":
+            continue
+        value = getattr(defaults, section.name)
+        documented = set(data.get(section.name, {}))
+        assert documented == {f.name for f in dataclasses.fields(value)}, section.name
+    from edge.config import load_config
+
+    assert load_config(ROOT / "config" / "edge.example.toml").replace(source="x") == \
+        defaults.replace(source="x")
+
+
+def test_shipped_mysql_schema_is_current() -> None:
+    assert (ROOT / "config" / "mysql-schema.sql").read_text() == render_all("mysql")
