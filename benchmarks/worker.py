@@ -56,11 +56,13 @@ async def rss(args: argparse.Namespace) -> None:
     tenants = max(1, args.sites // 10)
     rng = random.Random(7)
     found = 0
+    lookups_start = time.perf_counter()
     for _ in range(args.lookups):
         s = rng.randrange(args.sites)
         name = synthetic_site_name(s % tenants, s // tenants).replace("*", "x")
         found += (await directory.route_for_site(name)) is not None
     emit(event="done", open_seconds=opened, lookups=args.lookups, found=found,
+         lookup_seconds=time.perf_counter() - lookups_start,
          ready_seconds=time.perf_counter() - start, rss_kib=rss_kib())
     await feed.stop()
     await store.close()

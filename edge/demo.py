@@ -103,8 +103,10 @@ hosting edge demo — directory {db_url}
            {edge} tenant show demo
            {edge} site list
            {edge} cert list
+  route:   {edge} route shop.demo.test          (matched by *.demo.test -> demo-a)
+           {edge} route --account demo
   move:    {edge} tenant move demo --to demo-b --drain 10
-           (every worker routes the tenant to demo-b within ~1 s)
+           {edge} route shop.demo.test          (now -> demo-b)
 The SSH, FTP and HTTP proxies are not built yet (see the issue tracker); when they are, this
 demo starts local backends for them and prints the ssh/ftp/curl commands here.
 Ctrl-C stops the demo.
@@ -115,7 +117,7 @@ Ctrl-C stops the demo.
 
         threading.Timer(args.duration, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
     try:
-        return serve(config)
+        return int(serve(config))
     except KeyboardInterrupt:
         return 0
     finally:

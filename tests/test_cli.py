@@ -114,7 +114,12 @@ def test_hosts_tenants_accounts_sites_round_trip(edge: Edge, tmp_path: Path) -> 
     # Human output is a table with the names in it.
     assert "www.acme.example" in edge.run("site", "list").stdout
 
+    assert edge.run("route", "shop.ACME.example.", ok=False).returncode == 3  # no wildcard
+    route = edge.json("route", "www.acme.example")
+    assert route["host"]["name"] == "web1" and route["tenant"]["name"] == "acme"  # type: ignore[index]
+    assert "-> host web1" in edge.run("route", "--account", "alice").stdout
     moved = edge.json("tenant", "move", "acme", "--to", "web2", "--drain", "30")
+    assert edge.json("route", "www.acme.example")["host"]["name"] == "web2"  # type: ignore[index]
     assert moved["host"] == "web2" and moved["previous_host"] == "web1"  # type: ignore[index]
     edge.run("host", "set-state", "web1", "maintenance", "--notice", "disk swap")
     assert edge.json("host", "show", "web1")["state"] == "maintenance"  # type: ignore[index]

@@ -25,7 +25,7 @@ from edge.directory.secrets import KeyBox, generate_key
 from edge.directory.service import DirectoryService, iso
 from edge.directory.store import SQLStore
 from edge.directory.stores import store_for_url
-from edge.errors import EdgeError, SecretsError, ValidationError
+from edge.errors import EdgeError, NotFoundError, SecretsError, ValidationError
 
 
 @dataclass
@@ -291,6 +291,39 @@ async def cmd_cache_purge(ctx: Context) -> Any:
     return {"purged": target} if ctx.json else f"purge of {target} sent to every worker"
 
 
+async def cmd_route(ctx: Context) -> Any:
+    """Resolve a login or hostname exactly as a proxy would (cached read path, no cache here)."""
+    from edge.directory.directory import Directory
+
+    assert ctx.store is not None
+    directory = Directory(ctx.store, ctx.config.cache)
+    target = ctx.args.target
+    route: Any
+    if ctx.args.account:
+        route = await directory.route_for_account(target)
+        what = f"account {target}"
+    else:
+        route = await directory.route_for_site(target)
+        what = f"site {target}"
+    if route is None:
+        if ctx.json:
+            return {"target": target, "found": False}
+        raise NotFoundError(f"{what} is not in the directory (a proxy would refuse it)")
+    host = route.host
+    if ctx.json:
+        return {"target": target, "found": True, "tenant": route.tenant, "host": host,
+                "matched": getattr(getattr(route, "site", None), "hostname", None)}
+    lines = [f"{what} -> tenant {route.tenant.name} ({route.tenant.state}) -> host {host.name} "
+             f"{host.address} ({host.state})"]
+    site = getattr(route, "site", None)
+    if site is not None and site.hostname != target.lower().rstrip("."):
+        lines.append(f"matched by {site.hostname}")
+    if route.tenant.previous_host:
+        lines.append(f"moved from {route.tenant.previous_host}; sessions there drain until "
+                     f"{iso(route.tenant.drain_deadline or 0)}")
+    return "\n".join(lines)
+
+
 async def cmd_bulk_load(ctx: Context) -> Any:
     from edge.directory.bulk import bulk_load
 
@@ -320,7 +353,7 @@ def cmd_serve(args: argparse.Namespace, config: EdgeConfig) -> int:
     from edge.serve.supervisor import serve
 
     only = {p.strip() for p in args.only.split(",") if p.strip()} if args.only else None
-    return serve(config, workers=args.workers, only=only)
+    return int(serve(config, workers=args.workers, only=only))
 
 
 def cmd_demo(args: argparse.Namespace, config: EdgeConfig) -> int:
@@ -451,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hostname")
     p.add_argument("--path", help="only objects under this path prefix")
 
+    p = _leaf(sub, "route", cmd_route,
+              "show where a hostname (or, with --account, a login) is routed right now")
+    p.add_argument("target", metavar="HOSTNAME|USERNAME")
+    p.add_argument("--account", action="store_true", help="TARGET is an SSH/FTP login")
+
     p = _leaf(sub, "bulk-load", cmd_bulk_load,
               "load hosts/tenants/accounts/sites/certificates from a JSON Lines file, fast")
     p.add_argument("file")
@@ -471,7 +509,7 @@ _NEEDS_STORE = {cmd_init, cmd_host_add, cmd_host_list, cmd_host_show, cmd_host_s
                 cmd_tenant_add, cmd_tenant_list, cmd_tenant_show, cmd_tenant_move,
                 cmd_tenant_set_state, cmd_account_add, cmd_account_list, cmd_account_remove,
                 cmd_site_add, cmd_site_set, cmd_site_list, cmd_site_remove, cmd_cert_import,
-                cmd_cert_list, cmd_cache_purge, cmd_bulk_load}
+                cmd_cert_list, cmd_cache_purge, cmd_bulk_load, cmd_route}
 
 
 async def _run_async(handler: Handler, ctx: Context) -> Any:
@@ -505,10 +543,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    if ctx.json:
-        emit_json(result)
-    elif result is not None:
-        print(result)
+    try:
+        if ctx.json:
+            emit_json(result)
+        elif result is not None:
+            print(result)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `edge site list | head`: the reader left; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -127,6 +127,7 @@ class _Loader:
         self.next_id: dict[str, int] = {}
         self.preexisting: dict[str, bool] = {}
         self.pending = {kind: _Pending() for kind in KINDS}
+        self.full = False  # some batch reached batch_size: flush after this record
         self.counts = dict.fromkeys(KINDS, 0)
         # Objects of this file: key -> (id, line); for duplicates "first defined on line N".
         self.host_ids: dict[str, tuple[int, int]] = {}
@@ -165,9 +166,11 @@ class _Loader:
         pending.rows.append(row)
         pending.lines.append(line)
         pending.keys.append(key)
+        if len(pending.rows) >= self.batch_size:
+            self.full = True
 
     def due(self) -> bool:
-        return any(len(p.rows) >= self.batch_size for p in self.pending.values())
+        return self.full
 
     async def flush(self) -> None:
         """Write every pending batch, parents first, so foreign keys always resolve."""
@@ -186,6 +189,7 @@ class _Loader:
             self.pending[kind] = _Pending()
             if self.progress is not None:
                 self.progress(kind, self.counts[kind])
+        self.full = False
 
     async def _check_absent(self, kind: str, pending: _Pending) -> None:
         table, column = _TABLES[kind]
@@ -397,6 +401,12 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
 def _memo(memo: dict[str, str], raw: Any,
           validate: Callable[[Any], dict[str, Any]]) -> str:
     """Canonical JSON of validated rules, validating each distinct input only once."""
+    if raw is None:  # the common case: skip even the json.dumps of the key
+        key = "\0none"
+        if key in memo:
+            return memo[key]
+        memo[key] = json.dumps(validate(None), sort_keys=True)
+        return memo[key]
     key = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True)
     cached = memo.get(key)
     if cached is None:

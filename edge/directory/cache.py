@@ -93,12 +93,15 @@ class LookupCache(Generic[K, V]):
         self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._inflight: dict[K, asyncio.Task[V | None]] = {}
         self._evicted_in_flight: set[K] = set()
+        self._watched: dict[K, int] = {}
+        self._evicted_watched: set[K] = set()
+        self._clears = 0
         self.stats = CacheStats()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def peek(self, key: K) -> V | None | Miss:
+    def peek(self, key: K) -> V | Miss | None:
         """The fresh cached answer (possibly ``None``) or :data:`MISS`; never touches the store.
 
         Protocol-level code calls this first so a hit costs no coroutine.
@@ -155,14 +158,42 @@ class LookupCache(Generic[K, V]):
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
+    def watch(self, key: K) -> int:
+        """Start a load of ``key`` done *outside* this cache (see :meth:`put_watched`).
+
+        Returns a token. Every ``watch`` must be paired with exactly one ``put_watched``
+        (with ``None`` as value and ``store=False`` if the load failed).
+        """
+        self._watched[key] = self._watched.get(key, 0) + 1
+        return self._clears
+
+    def put_watched(self, key: K, value: V | None, token: int, *, store: bool = True) -> None:
+        """Store a value loaded since :meth:`watch` unless ``key`` was evicted meanwhile.
+
+        This is how a loader that learns a second key in the same query (a site query also
+        answers its wildcard) avoids caching an answer that a change made stale mid-flight.
+        """
+        remaining = self._watched[key] - 1
+        evicted = key in self._evicted_watched or token != self._clears
+        if remaining:
+            self._watched[key] = remaining
+        else:
+            del self._watched[key]
+            self._evicted_watched.discard(key)
+        if store and not evicted:
+            self.put(key, value)
+
     def evict(self, key: K) -> None:
         """Forget ``key`` (change feed); a load already running for it will not be stored."""
         if self._entries.pop(key, None) is not None:
             self.stats.evictions += 1
         if key in self._inflight:
             self._evicted_in_flight.add(key)
+        if key in self._watched:
+            self._evicted_watched.add(key)
 
     def clear(self) -> None:
         self.stats.evictions += len(self._entries)
         self._entries.clear()
         self._evicted_in_flight.update(self._inflight)
+        self._clears += 1

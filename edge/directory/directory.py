@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from edge.config import CacheConfig
 from edge.directory.cache import MISS, LookupCache, Miss
@@ -53,8 +54,9 @@ class Directory:
         self.config = config = config or CacheConfig()
         self.keybox = keybox
 
-        def cache(name: str, loader: Callable[..., object], size: int | None = None) -> LookupCache:
-            return LookupCache(name, loader,  # type: ignore[arg-type]
+        def cache(name: str, loader: Callable[..., Any],
+                  size: int | None = None) -> LookupCache[Any, Any]:
+            return LookupCache(name, loader,
                                max_entries=size or config.max_entries, ttl=config.ttl,
                                negative_ttl=config.negative_ttl,
                                stale_if_error=config.stale_if_error, clock=clock)
@@ -74,11 +76,18 @@ class Directory:
 
     async def _load_site(self, hostname: str) -> Site | None:
         parent = wildcard_parent(hostname)
-        exact, wild = await self.store.fetch_site_pair(
-            hostname, None if parent is None else "*." + parent)
-        if parent is not None:
-            # One query answered both questions; remember the wildcard too.
-            self.wildcards.put(parent, wild)
+        if parent is None:
+            exact, _ = await self.store.fetch_site_pair(hostname, None)
+            return exact
+        # One query answers both questions; remember the wildcard too, unless a change to
+        # "*.parent" arrived while the query ran.
+        token = self.wildcards.watch(parent)
+        loaded = False
+        try:
+            exact, wild = await self.store.fetch_site_pair(hostname, "*." + parent)
+            loaded = True
+        finally:
+            self.wildcards.put_watched(parent, wild if loaded else None, token, store=loaded)
         return exact
 
     async def _load_wildcard(self, parent: str) -> Site | None:
@@ -114,7 +123,7 @@ class Directory:
     async def certificate(self, certificate_id: int) -> Certificate | None:
         return await self.certificates.get(certificate_id)
 
-    def site_nowait(self, hostname: str) -> Site | None | Miss:
+    def site_nowait(self, hostname: str) -> Site | Miss | None:
         """A cached answer for an already-normalised hostname, or :data:`MISS` (no I/O)."""
         exact = self.sites.peek(hostname)
         if isinstance(exact, Miss) or exact is not None:
@@ -128,12 +137,18 @@ class Directory:
         ``hostname`` may be raw (SNI, Host header): it is normalised here, and a name that is
         not a hostname is simply unknown.
         """
+        # Cache keys are only ever canonical names, so a hit on the raw string proves it was
+        # canonical: the common case skips normalisation (IDNA, per-label checks) entirely.
+        cached = self.site_nowait(hostname)
+        if not isinstance(cached, Miss):
+            return cached
         name = hostname_or_none(hostname)
         if name is None:
             return None
-        cached = self.site_nowait(name)
-        if not isinstance(cached, Miss):
-            return cached
+        if name != hostname:
+            cached = self.site_nowait(name)
+            if not isinstance(cached, Miss):
+                return cached
         exact = await self.sites.get(name)
         if exact is not None:
             return exact

@@ -9,6 +9,7 @@ and surfaces as :class:`DirectoryUnavailable`, which the cache turns into stale-
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -104,6 +105,12 @@ class MySQLStore(SQLStore):
         except _UNAVAILABLE as exc:
             await self.close()
             raise self._unavailable(exc) from None
+
+    async def migrate(self) -> list[int]:
+        # "CREATE TABLE IF NOT EXISTS schema_migrations" warns on every run after the first.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pymysql.err.Warning)
+            return await super().migrate()
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from typing import Any
 
@@ -63,7 +64,8 @@ def _str_list(path: str, value: Any) -> list[str]:
 
 def _number(path: str, value: Any, *, minimum: float = 0, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or (
-            integer and not isinstance(value, int)):
+            integer and not isinstance(value, int)) or not math.isfinite(value):
+        # json.loads accepts NaN and Infinity; neither is a usable rate, TTL or size.
         raise _fail(path, "must be an integer" if integer else "must be a number")
     if value < minimum:
         raise _fail(path, f"must be >= {minimum}")
@@ -77,7 +79,8 @@ def _regex(path: str, pattern: Any) -> str:
         raise _fail(path, f"regex longer than {_MAX_REGEX} characters")
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:
+        # OverflowError: a repeat count like a{4294967296}; RecursionError: absurd nesting.
         raise _fail(path, f"invalid regex: {exc}") from None
     return pattern
 

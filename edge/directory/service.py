@@ -189,8 +189,7 @@ class DirectoryService:
                 (name, address, ssh_port, ftp_port, http_port, https_port, state, notice, "",
                  int(ssh_insecure), send_proxy_protocol, int(backend_tls)))
             await append_change(tx, "host", name)
-        return Host(name, address, ssh_port, ftp_port, http_port, https_port, state,  # type: ignore[arg-type]
-                    notice, "", ssh_insecure, send_proxy_protocol, backend_tls)  # type: ignore[arg-type]
+        return await self.get_host(name)
 
     async def get_host(self, name: str) -> Host:
         row = await self.store.fetchone(f"SELECT {HOST_COLUMNS} FROM hosts WHERE name = ?", (name,))
@@ -408,7 +407,7 @@ class DirectoryService:
                 (cert.fingerprint, ",".join(cert.names), cert.not_before, cert.not_after,
                  cert.chain_pem, self.keybox.encrypt(cert.key_pem)))
             await append_change(tx, "certificate", str(certificate_id))
-        return certificate_id
+        return int(certificate_id)
 
 
 def iso(ts: float) -> str:

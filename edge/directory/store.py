@@ -139,7 +139,7 @@ class SQLStore(abc.ABC):
         """The highest applied migration, 0 for an empty database."""
         try:
             row = await self.fetchone("SELECT MAX(version) FROM schema_migrations")
-        except Exception as exc:  # noqa: BLE001 - "no such table" differs per driver
+        except Exception as exc:
             if self._is_missing_table(exc):
                 return 0
             raise

@@ -1,0 +1,215 @@
+"""One worker process: a uvloop event loop running the enabled proxies on inherited sockets.
+
+Life of a worker (entered right after ``os.fork()`` in the master, never returns):
+
+1. reset what the fork copied from the master (signal handlers, the running-loop marker);
+2. open the directory store; if the database is unreachable, keep retrying in the background
+   (lookups answer DirectoryUnavailable meanwhile) instead of exiting, so a database outage
+   never turns into a restart loop;
+3. start the change feed and each proxy on its sockets, then write ``R`` to the ready pipe;
+4. on SIGTERM: drain (stop accepting), wait up to ``[serve] grace_period`` for sessions,
+   close the rest with each protocol's goodbye, exit 0. SIGINT is ignored: Ctrl-C reaches
+   the whole process group and the master turns it into an orderly SIGTERM.
+
+The worker also exits (gracefully) if the master disappears, so no orphan keeps a port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from edge.config import EdgeConfig
+from edge.directory.directory import Directory
+from edge.directory.feed import ChangeFeed
+from edge.directory.secrets import KeyBox
+from edge.directory.store import SQLStore
+from edge.directory.stores import store_for_url
+from edge.errors import EdgeError, SecretsError
+from edge.registry import Proxy, ProxyContext
+
+if TYPE_CHECKING:
+    from edge.metrics import DirectoryExporter
+
+log = logging.getLogger("edge.serve.worker")
+
+STORE_RETRY_MAX = 10.0
+"""Longest wait (seconds) between attempts to open an unreachable directory store."""
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, prepared by the master before the fork."""
+
+    worker_id: int
+    generation: int
+    config: EdgeConfig
+    proxies: dict[str, type[Proxy]]
+    sockets: dict[str, list[socket.socket]]
+    """Protocol → this worker's listening sockets (one per listen address)."""
+    ready_fd: int = -1
+    """Write end of a pipe; the worker writes ``R`` once its proxies accept."""
+    master_pid: int = field(default_factory=os.getpid)
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    """Run the worker in the freshly forked child and ``os._exit`` with its status."""
+    code = 1
+    try:
+        _reset_after_fork()
+        from edge.logging import set_process_fields
+
+        set_process_fields(worker=spec.worker_id, generation=spec.generation)
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            code = loop.run_until_complete(_main(spec))
+        finally:
+            loop.close()
+    except BaseException:
+        log.exception("worker %d crashed", spec.worker_id)
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        # Never return into the master's stack frames (they belong to the other process).
+        os._exit(code)
+
+
+def _reset_after_fork() -> None:
+    # The master's loop installed its own signal handlers and wakeup fd; they point at a
+    # self-pipe this process must not use.
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C and a terminal hangup reach the whole process group; the master decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # We were forked from inside the master's running loop (asyncio 3.11 does not reset it).
+    asyncio.events._set_running_loop(None)
+
+
+async def _keep_store_open(store: SQLStore, opened: asyncio.Event) -> None:
+    """Try to open the store until it works, backing off to :data:`STORE_RETRY_MAX` seconds."""
+    delay = 0.5
+    warned = False
+    while True:
+        try:
+            await store.open()
+        except EdgeError as exc:
+            if not warned:
+                log.warning("directory unreachable, retrying: %s", exc)
+                warned = True
+        except Exception:
+            log.exception("opening the directory store failed")
+        else:
+            if warned:
+                log.info("directory reachable again")
+            opened.set()
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, STORE_RETRY_MAX)
+
+
+async def _main(spec: WorkerSpec) -> int:
+    # Imported here, not at the top: the master must set PROMETHEUS_MULTIPROC_DIR before
+    # this module is first imported (importing edge.serve must not create metric values).
+    from edge import metrics
+
+    config = spec.config
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # The master blocked these around fork() so none is lost before the handler exists.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                                signal.SIGCHLD})
+
+    store = store_for_url(config.database.url, config.database)
+    opened = asyncio.Event()
+    opener = asyncio.create_task(_keep_store_open(store, opened), name="edge-store-open")
+    # Give a reachable database a moment so the feed starts with a cursor (no full flush).
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(opened.wait()), timeout=config.database.connect_timeout)
+    try:
+        keybox: KeyBox | None = KeyBox.from_config(config.secrets)
+    except SecretsError as exc:
+        keybox = None
+        log.info("no secret key: TLS private keys cannot be read (%s)", exc)
+    directory = Directory(store, config.cache, keybox=keybox)
+    feed = ChangeFeed(directory, interval=config.cache.change_poll_interval)
+    await feed.start()
+
+    proxies: dict[str, Proxy] = {}
+    for name, cls in spec.proxies.items():
+        context = ProxyContext(config=config, directory=directory, feed=feed, keybox=keybox,
+                               worker_id=spec.worker_id, name=name,
+                               logger=logging.getLogger(f"edge.proxy.{name}"))
+        proxy = cls(context)
+        await proxy.start(spec.sockets.get(name, []))
+        proxies[name] = proxy
+    # The other slots' sockets were closed right after fork; ours now belong to the proxies.
+    metrics.WORKER_UP.set(1)
+    if spec.ready_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.write(spec.ready_fd, b"R")
+            os.close(spec.ready_fd)
+    log.info("worker started", extra={"proxies": sorted(proxies)})
+
+    exporter = metrics.DirectoryExporter()
+    stats_task = asyncio.create_task(_export_loop(spec, directory, feed, proxies, exporter, stop),
+                                     name="edge-metrics-export")
+    await stop.wait()
+
+    grace = config.serve.grace_period
+    log.info("worker draining", extra={"grace_period": grace,
+                                        "sessions": sum(p.active_sessions() for p in proxies.values())})
+    for proxy in proxies.values():
+        await proxy.drain()
+    await asyncio.gather(*(p.wait_closed(grace) for p in proxies.values()))
+    left = sum(p.active_sessions() for p in proxies.values())
+    if left:
+        log.info("grace period over, closing sessions", extra={"sessions": left})
+    await asyncio.gather(*(p.close() for p in proxies.values()), return_exceptions=True)
+    metrics.WORKER_UP.set(0)
+    stats_task.cancel()
+    opener.cancel()
+    await feed.stop()
+    with contextlib.suppress(Exception):
+        await store.close()
+    log.info("worker stopped")
+    return 0
+
+
+async def _export_loop(spec: WorkerSpec, directory: Directory, feed: ChangeFeed,
+                       proxies: dict[str, Proxy], exporter: DirectoryExporter,
+                       stop: asyncio.Event) -> None:
+    """Once a second: copy cache counters and session counts to the metrics; watch the master."""
+    from edge import metrics
+    while not stop.is_set():
+        try:
+            exporter.export(directory.stats())
+            metrics.export_feed(feed.healthy, feed.last_poll, time.time())
+            for name, proxy in proxies.items():
+                metrics.ACTIVE_SESSIONS.labels(proxy=name).set(proxy.active_sessions())
+        except Exception:
+            log.exception("exporting metrics failed")
+        if os.getppid() != spec.master_pid:
+            log.warning("master process is gone; shutting down")
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
+
+
+__all__ = ["WorkerSpec", "run_worker"]

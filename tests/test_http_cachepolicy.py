@@ -1,0 +1,327 @@
+"""Cache-policy decisions (httpproxy.cachepolicy): bypass, storability, TTL, keys, freshness."""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.errors import ValidationError
+from httpproxy.cachepolicy import (
+    CachePolicy,
+    Freshness,
+    RequestAction,
+    XCache,
+    cache_key,
+    encoding_variant,
+    freshness,
+    request_cacheability,
+    response_storability,
+)
+
+NOW = 1_700_000_000.0
+FULL = CachePolicy.from_policy({"mode": "full"})
+WP = CachePolicy.from_policy({"mode": "wordpress", "bypass_cookies": ["my_session"]})
+STATIC = CachePolicy.from_policy({"mode": "static"})
+PATHS = CachePolicy.from_policy({
+    "mode": "full", "ttl": {"200": 600, "404": 60, "301": 3600},
+    "paths": [{"prefix": "/news", "ttl": 30}, {"prefix": "/news/live", "ttl": 5},
+              {"prefix": "/cart", "bypass": True}, {"prefix": "/cart/static", "ttl": 900}],
+    "stale_while_revalidate": 30, "stale_if_error": 300, "max_object_bytes": 1000,
+})
+
+
+def action(method: str, path: str, policy: CachePolicy, **headers: str) -> RequestAction:
+    return request_cacheability(method, path, {k.replace("_", "-"): v for k, v in headers.items()},
+                                policy).action
+
+
+# -- request side ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "method", "path", "headers", "expected", "reason"), [
+    (CachePolicy.from_policy({}), "GET", "/", {}, RequestAction.BYPASS, "cache off"),
+    (CachePolicy.from_policy(None), "GET", "/", {}, RequestAction.BYPASS, "cache off"),
+    (CachePolicy.from_policy({"mode": "off"}), "GET", "/", {}, RequestAction.BYPASS, "cache off"),
+    (FULL, "GET", "/", {}, RequestAction.LOOKUP, ""),
+    (FULL, "HEAD", "/", {}, RequestAction.LOOKUP, ""),
+    (FULL, "POST", "/", {}, RequestAction.BYPASS, "method not GET/HEAD"),
+    (FULL, "get", "/", {}, RequestAction.BYPASS, "method not GET/HEAD"),
+    (FULL, "OPTIONS", "/", {}, RequestAction.BYPASS, "method not GET/HEAD"),
+    (FULL, "GET", "/", {"authorization": "Basic x"}, RequestAction.BYPASS, "Authorization present"),
+    (FULL, "GET", "/", {"authorization": ""}, RequestAction.BYPASS, "Authorization present"),
+    (FULL, "GET", "/v.mp4", {"range": "bytes=0-"}, RequestAction.BYPASS, "range request"),
+    (FULL, "GET", "/", {"cache-control": "no-store"}, RequestAction.BYPASS, "client no-store"),
+    (FULL, "GET", "/", {"cache-control": "no-cache"}, RequestAction.REFRESH, "client no-cache"),
+    (FULL, "GET", "/", {"cache-control": "max-age=0"}, RequestAction.REFRESH, "client no-cache"),
+    (FULL, "GET", "/", {"cache-control": "No-Cache, foo"}, RequestAction.REFRESH, "client no-cache"),
+    (FULL, "GET", "/", {"pragma": "no-cache"}, RequestAction.REFRESH, "client no-cache"),
+    (FULL, "GET", "/", {"cache-control": "max-age=60"}, RequestAction.LOOKUP, ""),
+    (FULL, "GET", "/a%00", {}, RequestAction.BYPASS, "invalid path"),
+    # full mode caches whatever cookies the client sends (responses with Set-Cookie never are)
+    (FULL, "GET", "/", {"cookie": "wordpress_logged_in_abc=1"}, RequestAction.LOOKUP, ""),
+    # per-path bypass, longest prefix wins, normalised path
+    (PATHS, "GET", "/cart", {}, RequestAction.BYPASS, "path rule /cart"),
+    (PATHS, "GET", "/cart/x", {}, RequestAction.BYPASS, "path rule /cart"),
+    (PATHS, "GET", "/x/../cart", {}, RequestAction.BYPASS, "path rule /cart"),
+    (PATHS, "GET", "/%63art", {}, RequestAction.BYPASS, "path rule /cart"),
+    (PATHS, "GET", "/cart/static/a.css", {}, RequestAction.LOOKUP, ""),
+    (PATHS, "GET", "/news", {}, RequestAction.LOOKUP, ""),
+    # wordpress
+    (WP, "GET", "/", {}, RequestAction.LOOKUP, ""),
+    (WP, "GET", "/wp-admin/", {}, RequestAction.BYPASS, "wordpress admin path"),
+    (WP, "GET", "/wp-admin/admin-ajax.php", {}, RequestAction.BYPASS, "wordpress admin path"),
+    (WP, "GET", "/wp-login.php?action=lostpassword", {}, RequestAction.BYPASS,
+     "wordpress admin path"),
+    (WP, "GET", "/blog/../wp-admin", {}, RequestAction.BYPASS, "wordpress admin path"),
+    (WP, "GET", "//wp-admin", {}, RequestAction.BYPASS, "wordpress admin path"),
+    (WP, "GET", "/%77p-login.php", {}, RequestAction.BYPASS, "wordpress admin path"),
+    (WP, "GET", "/wp-cron.php", {}, RequestAction.BYPASS, "wordpress admin path"),
+    (WP, "GET", "/wp-content/a.css", {}, RequestAction.LOOKUP, ""),
+    (WP, "GET", "/", {"cookie": "wordpress_logged_in_123abc=admin%7C1"}, RequestAction.BYPASS,
+     "cookie wordpress_logged_in_123abc"),
+    (WP, "GET", "/", {"cookie": "a=1; comment_author_xyz=Ann"}, RequestAction.BYPASS,
+     "cookie comment_author_xyz"),
+    (WP, "GET", "/", {"cookie": "a=1;wp-postpass_abc=x"}, RequestAction.BYPASS,
+     "cookie wp-postpass_abc"),
+    (WP, "GET", "/", {"cookie": "woocommerce_items_in_cart=1"}, RequestAction.BYPASS,
+     "cookie woocommerce_items_in_cart"),
+    (WP, "GET", "/", {"cookie": "my_session=1"}, RequestAction.BYPASS, "cookie my_session"),
+    (WP, "GET", "/", {"cookie": "wordpress_test_cookie=WP; _ga=1"}, RequestAction.LOOKUP, ""),
+    (WP, "GET", "/", {"cookie": "x=wordpress_logged_in_"}, RequestAction.LOOKUP, ""),  # value only
+    (WP, "GET", "/", {"cookie": ""}, RequestAction.LOOKUP, ""),
+    (WP, "POST", "/wp-comments-post.php", {}, RequestAction.BYPASS, "method not GET/HEAD"),
+    (CachePolicy.from_policy({"mode": "full", "bypass_cookies": ["sess"]}), "GET", "/",
+     {"cookie": "session=1"}, RequestAction.BYPASS, "cookie session"),
+    # static
+    (STATIC, "GET", "/a.css", {}, RequestAction.LOOKUP, ""),
+    (STATIC, "GET", "/img/A.PNG?v=3", {}, RequestAction.LOOKUP, ""),
+    (STATIC, "GET", "/index.php", {}, RequestAction.BYPASS, "extension not cached in static mode"),
+    (STATIC, "GET", "/", {}, RequestAction.BYPASS, "extension not cached in static mode"),
+    (STATIC, "GET", "/css", {}, RequestAction.BYPASS, "extension not cached in static mode"),
+    (STATIC, "GET", "/a.css/", {}, RequestAction.BYPASS, "extension not cached in static mode"),
+    (STATIC, "GET", "/a.php?x=.css", {}, RequestAction.BYPASS,
+     "extension not cached in static mode"),
+    (STATIC, "GET", "/dir.css/file", {}, RequestAction.BYPASS,
+     "extension not cached in static mode"),
+    (STATIC, "GET", "/a.php%3F.css", {}, RequestAction.LOOKUP, ""),  # the file is "a.php?.css"
+    (CachePolicy.from_policy({"mode": "static", "extensions": [".JS"]}), "GET", "/a.js", {},
+     RequestAction.LOOKUP, ""),
+    (CachePolicy.from_policy({"mode": "static", "extensions": ["js"]}), "GET", "/a.css", {},
+     RequestAction.BYPASS, "extension not cached in static mode"),
+    (STATIC, "GET", "/a.css", {"cache-control": "no-cache"}, RequestAction.REFRESH,
+     "client no-cache"),
+])
+def test_request_cacheability(policy: CachePolicy, method: str, path: str,
+                              headers: dict[str, str], expected: RequestAction,
+                              reason: str) -> None:
+    verdict = request_cacheability(method, path, headers, policy)
+    assert (verdict.action, verdict.reason) == (expected, reason)
+    assert verdict.x_cache is (XCache.BYPASS if expected is RequestAction.BYPASS else XCache.MISS)
+    assert verdict.store_on_miss == (expected is not RequestAction.BYPASS and method == "GET")
+
+
+# -- response side -----------------------------------------------------------------------------
+
+
+def store(status: int = 200, policy: CachePolicy = PATHS, path: str = "/", **headers: str) -> Any:
+    return response_storability(status, {k.replace("_", "-"): v for k, v in headers.items()},
+                                policy, NOW, path=path)
+
+
+@pytest.mark.parametrize(("headers", "reason"), [
+    ({"set_cookie": "a=1"}, "Set-Cookie"),
+    ({"cache_control": "no-store"}, "Cache-Control no-store"),
+    ({"cache_control": "public, max-age=60, no-store"}, "Cache-Control no-store"),
+    ({"cache_control": "private"}, "Cache-Control private"),
+    ({"cache_control": 'private="set-cookie", max-age=60'}, "Cache-Control private"),
+    ({"cache_control": "PRIVATE"}, "Cache-Control private"),
+    ({"cache_control": "no-cache"}, "Cache-Control no-cache"),
+    ({"vary": "Cookie"}, "Vary cookie"),
+    ({"vary": "Accept-Encoding, User-Agent"}, "Vary user-agent"),
+    ({"vary": "*"}, "Vary *"),
+    ({"content_length": "1001"}, "larger than max_object_bytes"),
+    ({"content_length": "-1"}, "invalid Content-Length"),
+    ({"content_length": "12, 12"}, "invalid Content-Length"),
+    ({"cache_control": "max-age=0"}, "zero ttl"),
+    ({"cache_control": "s-maxage=0, max-age=60"}, "zero ttl"),
+    ({"cache_control": "max-age=abc"}, "invalid max-age"),
+    ({"cache_control": "max-age=60", "age": "60"}, "zero ttl"),
+    ({"expires": "0"}, "zero ttl"),
+    ({"expires": formatdate(NOW - 10, usegmt=True)}, "zero ttl"),
+    ({"expires": "Thu, 19 Nov 1981 08:52:00 GMT"}, "zero ttl"),
+])
+def test_not_storable(headers: dict[str, str], reason: str) -> None:
+    verdict = store(**headers)
+    assert (verdict.store, verdict.reason) == (False, reason)
+
+
+@pytest.mark.parametrize(("status", "headers", "path", "ttl"), [
+    (200, {}, "/", 600),                                               # status table
+    (404, {}, "/", 60),
+    (301, {}, "/", 3600),
+    (200, {}, "/news/a", 30),                                          # path override
+    (200, {}, "/news/live/x", 5),                                      # longest prefix
+    (404, {}, "/news/a", 30),                                          # path replaces status ttl
+    (200, {}, "/x/../news", 30),                                       # normalised
+    (200, {"cache_control": "max-age=120"}, "/news", 120),             # origin wins
+    (200, {"cache_control": "max-age=120, s-maxage=7"}, "/", 7),        # s-maxage over max-age
+    (200, {"cache_control": "public, max-age=\"90\""}, "/", 90),
+    (200, {"cache_control": "max-age=120", "expires": "0"}, "/", 120),  # max-age over Expires
+    (200, {"cache_control": "max-age=120", "age": "20"}, "/", 100),
+    (200, {"expires": formatdate(NOW + 50, usegmt=True)}, "/", 50),
+    (200, {"expires": formatdate(NOW + 500, usegmt=True),
+           "date": formatdate(NOW + 400, usegmt=True)}, "/", 100),     # relative to Date
+    (200, {"vary": "Accept-Encoding"}, "/", 600),
+    (200, {"vary": "accept-encoding, "}, "/", 600),
+    (200, {"content_length": "1000"}, "/", 600),
+    (200, {"cache_control": "public"}, "/", 600),
+    (410, {"cache_control": "max-age=10"}, "/", 10),                   # heuristic status
+    (204, {"cache_control": "s-maxage=10"}, "/", 10),
+])
+def test_storable_ttl(status: int, headers: dict[str, str], path: str, ttl: float) -> None:
+    verdict = store(status, path=path, **headers)
+    assert verdict.store, verdict
+    assert verdict.ttl == pytest.approx(ttl, abs=1)
+    assert verdict.max_bytes == 1000
+
+
+@pytest.mark.parametrize(("status", "headers", "reason"), [
+    (500, {}, "status 500 has no ttl"),
+    (302, {}, "status 302 has no ttl"),
+    (302, {"cache_control": "max-age=60"}, "status 302 not cacheable"),
+    (503, {"cache_control": "max-age=60"}, "status 503 not cacheable"),
+    (206, {"cache_control": "max-age=60"}, "partial content"),
+    (200, {}, None),
+])
+def test_status_rules(status: int, headers: dict[str, str], reason: str | None) -> None:
+    verdict = store(status, **headers)
+    if reason is None:
+        assert verdict.store
+    else:
+        assert (verdict.store, verdict.reason) == (False, reason)
+
+
+def test_path_ttl_does_not_make_other_statuses_cacheable() -> None:
+    assert not store(500, path="/news").store
+
+
+def test_off_policy_never_stores() -> None:
+    assert response_storability(200, {}, CachePolicy.from_policy({}), NOW).reason == "cache off"
+
+
+@pytest.mark.parametrize(("headers", "swr", "sie"), [
+    ({}, 30, 300),                                                             # policy
+    ({"cache_control": "max-age=60, stale-while-revalidate=5"}, 5, 300),      # extension wins
+    ({"cache_control": "max-age=60, stale-if-error=7"}, 30, 7),
+    ({"cache_control": "max-age=60, stale-if-error=x"}, 30, 0),
+    ({"cache_control": "max-age=60, must-revalidate, stale-if-error=7"}, 0, 0),
+    ({"cache_control": "max-age=60, proxy-revalidate"}, 0, 0),
+])
+def test_stale_windows(headers: dict[str, str], swr: float, sie: float) -> None:
+    verdict = store(**headers)
+    assert (verdict.stale_while_revalidate, verdict.stale_if_error) == (swr, sie)
+
+
+def test_stale_windows_default_zero_and_no_size_limit() -> None:
+    verdict = store(policy=FULL)
+    assert verdict.store and verdict.ttl == 600
+    assert (verdict.stale_while_revalidate, verdict.stale_if_error, verdict.max_bytes) == (0, 0, None)
+
+
+def test_ttl_table_defaults() -> None:
+    policy = CachePolicy.from_policy({"mode": "full"})
+    assert dict(policy.ttl or {}) == {200: 600.0, 404: 60.0}
+
+
+def test_from_policy_validates() -> None:
+    with pytest.raises(ValidationError):
+        CachePolicy.from_policy({"mode": "sometimes"})
+    assert CachePolicy.from_policy('{"mode": "static"}').extensions >= {"css", "js"}
+    assert FULL.extensions == frozenset()
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("accept", "variant"), [
+    (None, "identity"),
+    ("", "identity"),
+    ("gzip", "gzip"),
+    ("gzip, deflate, br", "br"),
+    ("br;q=0, gzip", "gzip"),
+    ("gzip;q=0", "identity"),
+    ("GZIP", "gzip"),
+    ("deflate", "identity"),
+    ("*", "br"),
+    ("*;q=0, gzip", "gzip"),
+    ("*, br;q=0", "gzip"),
+    ("identity", "identity"),
+    ("x-gzip", "gzip"),
+    ("gzip;q=bogus", "identity"),
+    ("gzip ; q=0.5 , br ; q=0.001", "br"),
+    (",,,;;;", "identity"),
+])
+def test_encoding_variant(accept: str | None, variant: str) -> None:
+    assert encoding_variant(accept) == variant
+
+
+def test_cache_key() -> None:
+    base = cache_key("example.com", "/a?b=1", "gzip, br")
+    assert isinstance(base, bytes)
+    assert cache_key("EXAMPLE.com:443", "/a?b=1", "br") == base
+    assert cache_key("example.com.", "/a?b=1", "br;q=1, gzip") == base
+    assert cache_key("example.com", "/a?b=2", "br") != base
+    assert cache_key("example.com", "/a", "br") != base
+    assert cache_key("example.com", "/a?b=1", "gzip") != base
+    assert cache_key("example.com", "/a?b=1", None) != base
+    assert cache_key("other.com", "/a?b=1", "br") != base
+    assert cache_key("example.com", "/a?b=1", "br", scheme="http") != cache_key(
+        "example.com", "/a?b=1", "br", scheme="https")
+    assert cache_key("[2001:db8::1]:443", "/", None) == cache_key("[2001:db8::1]", "/", None)
+    assert cache_key("example.com", "/\ud800", None)  # lone surrogates do not raise
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=20), st.text(max_size=20), st.text(max_size=20), st.text(max_size=20))
+def test_cache_key_injective_across_fields(h1: str, p1: str, h2: str, p2: str) -> None:
+    # Hosts normalise (case, port, NUL dropped) but distinct paths never share a key.
+    if cache_key(h1, p1, None) == cache_key(h2, p2, None):
+        assert p1 == p2
+
+
+# -- freshness ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("age", "ttl", "swr", "sie", "expected"), [
+    (0, 60, 0, 0, Freshness.FRESH),
+    (59.9, 60, 0, 0, Freshness.FRESH),
+    (60, 60, 0, 0, Freshness.EXPIRED),
+    (60, 60, 30, 0, Freshness.STALE_REVALIDATE),
+    (89, 60, 30, 300, Freshness.STALE_REVALIDATE),
+    (90, 60, 30, 300, Freshness.STALE_IF_ERROR_ONLY),
+    (359, 60, 30, 300, Freshness.STALE_IF_ERROR_ONLY),
+    (360, 60, 30, 300, Freshness.EXPIRED),
+    (70, 60, 30, 5, Freshness.STALE_REVALIDATE),      # sie shorter than swr
+    (95, 60, 30, 5, Freshness.EXPIRED),
+    (-100, 60, 0, 0, Freshness.FRESH),                 # stored "in the future"
+])
+def test_freshness(age: float, ttl: float, swr: float, sie: float, expected: Freshness) -> None:
+    assert freshness(NOW, ttl, swr, sie, NOW + age) is expected
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.sampled_from(["cache-control", "expires", "date", "age", "vary",
+                                        "content-length", "set-cookie"]), st.text(max_size=40)),
+       st.integers(100, 599), st.text(max_size=30), st.text(max_size=30))
+def test_never_raises(headers: dict[str, str], status: int, path: str, method: str) -> None:
+    for policy in (FULL, WP, STATIC, PATHS):
+        verdict = response_storability(status, headers, policy, NOW, path=path)
+        assert verdict.store in (True, False)
+        if verdict.store:
+            assert verdict.ttl > 0
+        request_cacheability(method, path, headers, policy)
+        encoding_variant(headers.get("vary"))
