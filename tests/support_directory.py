@@ -1,4 +1,4 @@
-"""Helpers for the tenant-directory tests: a fake clock, query counters, a held loader, a
+"""Helpers for the tenant-directory tests: query counters, a held loader, a
 real TCP forwarder (to cut MariaDB off for real), seed data and test certificates."""
 
 from __future__ import annotations
@@ -22,18 +22,6 @@ from edge.directory.store import SQLStore
 
 TABLES = ("hosts", "tenants", "accounts", "sites", "certificates", "changes")
 
-
-class FakeClock:
-    """An injectable monotonic clock that only moves when the test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Counter:

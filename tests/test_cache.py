@@ -9,7 +9,7 @@ import pytest
 
 from edge.directory.cache import MISS, LookupCache
 from edge.errors import DirectoryUnavailable
-from tests.support_directory import FakeClock
+from tests.support_clock import FakeClock
 
 
 class Source:

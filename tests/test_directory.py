@@ -19,8 +19,8 @@ from edge.directory.service import DirectoryService
 from edge.directory.sqlite import SQLiteStore
 from edge.directory.store import SQLStore
 from edge.errors import DirectoryUnavailable
+from tests.support_clock import FakeClock
 from tests.support_directory import (
-    FakeClock,
     Hold,
     TcpForwarder,
     count_calls,

@@ -19,7 +19,8 @@ from edge.directory.feed import ChangeFeed
 from edge.directory.model import Change
 from edge.directory.service import DirectoryService
 from edge.directory.store import SQLStore
-from tests.support_directory import FakeClock, Hold, feed_at_head, is_cached, seed
+from tests.support_clock import FakeClock
+from tests.support_directory import Hold, feed_at_head, is_cached, seed
 
 CONFIG = CacheConfig(ttl=3600, negative_ttl=3600, stale_if_error=3600)
 ROOT = Path(__file__).resolve().parent.parent

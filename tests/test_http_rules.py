@@ -24,17 +24,7 @@ from httpproxy.rules import (
     normalise_path,
     rate_limit_key,
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support_clock import FakeClock
 
 
 def sha(password: str) -> str:

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.directory.directory import USERNAME_RE
 from edge.directory.model import HOST_STATES, PROTOCOLS, PROXY_PROTOCOL_MODES, TENANT_STATES
 from edge.directory.names import normalize_hostname
 from edge.directory.rules import validate_cache_policy, validate_filters
@@ -49,8 +48,11 @@ from edge.directory.service import (
     certificate_covers,
     check_address,
     check_authorized_keys,
+    check_choice,
     check_name,
     check_port,
+    check_protocols,
+    check_username,
     parse_certificate,
 )
 from edge.directory.store import HOST_COLUMNS, SQLStore, Tx, append_change
@@ -85,12 +87,6 @@ _INSERT = {
     "certificate": ("INSERT INTO certificates (id, fingerprint, names, not_before, not_after, "
                     "chain_pem, key_encrypted) VALUES (?, ?, ?, ?, ?, ?, ?)"),
 }
-# aiomysql 0.3.2 cannot escape bytes with PyMySQL >= 1.2 (``escape_bytes_prefixed`` became a
-# placeholder string there), so on MySQL the two BLOBs travel as hex text through UNHEX().
-# Certificates are few; that statement is not rewritten into multi-row form, which is fine.
-_INSERT_CERTIFICATE_MYSQL = (
-    "INSERT INTO certificates (id, fingerprint, names, not_before, not_after, chain_pem, "
-    "key_encrypted) VALUES (?, ?, ?, ?, ?, UNHEX(?), UNHEX(?))")
 # kind -> (table, unique column): used for "already in the database" checks.
 _TABLES = {"host": ("hosts", "name"), "tenant": ("tenants", "name"),
            "account": ("accounts", "username"), "site": ("sites", "hostname"),
@@ -180,11 +176,7 @@ class _Loader:
                 continue
             if self.preexisting[kind]:
                 await self._check_absent(kind, pending)
-            if kind == "certificate" and self.store.dialect == "mysql":
-                await self.tx.executemany(_INSERT_CERTIFICATE_MYSQL, [
-                    (*row[:5], row[5].hex(), row[6].hex()) for row in pending.rows])
-            else:
-                await self.tx.executemany(_INSERT[kind], pending.rows)
+            await self.tx.executemany(_INSERT[kind], pending.rows)
             self.counts[kind] += len(pending.rows)
             self.pending[kind] = _Pending()
             if self.progress is not None:
@@ -276,13 +268,9 @@ class _Loader:
         for key, default in (("ssh_port", 22), ("ftp_port", 21), ("http_port", 80),
                              ("https_port", 443)):
             ports.append(check_port("--" + key.replace("_", "-"), _int(obj, key, default)))
-        state = obj.get("state", "active")
-        if state not in HOST_STATES:
-            raise ValidationError(f"host state {state!r} must be one of {', '.join(HOST_STATES)}")
-        proxy = obj.get("send_proxy_protocol", "off")
-        if proxy not in PROXY_PROTOCOL_MODES:
-            raise ValidationError(f"send_proxy_protocol must be one of "
-                                  f"{', '.join(PROXY_PROTOCOL_MODES)}")
+        state = check_choice("host state", obj.get("state", "active"), HOST_STATES)
+        proxy = check_choice("send_proxy_protocol", obj.get("send_proxy_protocol", "off"),
+                             PROXY_PROTOCOL_MODES)
         if name in self.host_ids:
             raise ValidationError(f"duplicate host {name!r} "
                                   f"(first on line {self.host_ids[name][1]})")
@@ -297,10 +285,7 @@ class _Loader:
 
     async def _tenant(self, line: int, obj: dict[str, Any]) -> None:
         name = check_name("tenant", _str(obj, "name"))
-        state = obj.get("state", "active")
-        if state not in TENANT_STATES:
-            raise ValidationError(f"tenant state {state!r} must be one of "
-                                  f"{', '.join(TENANT_STATES)}")
+        state = check_choice("tenant state", obj.get("state", "active"), TENANT_STATES)
         if name in self.tenant_ids:
             raise ValidationError(f"duplicate tenant {name!r} "
                                   f"(first on line {self.tenant_ids[name][1]})")
@@ -311,20 +296,14 @@ class _Loader:
 
     async def _account(self, line: int, obj: dict[str, Any]) -> None:
         # The same checks, in the same order and words, as DirectoryService.add_account.
-        username = _str(obj, "username")
-        if not USERNAME_RE.fullmatch(username):
-            raise ValidationError(f"username {username!r} must be 1-128 of A-Z a-z 0-9 . _ @ + -")
+        username = check_username(_str(obj, "username"))
         upstream = _str(obj, "upstream_username", "")
-        if upstream and not USERNAME_RE.fullmatch(upstream):
-            raise ValidationError(f"upstream username {upstream!r} is not valid")
+        if upstream:
+            check_username(upstream, "upstream username")
         protocols = obj.get("protocols", list(PROTOCOLS))
-        if isinstance(protocols, str):
-            protocols = [p for p in protocols.split(",") if p]
-        if not isinstance(protocols, list):
+        if not isinstance(protocols, list | str):
             raise ValidationError("protocols must be a list")
-        protocol_list = sorted(set(protocols))
-        if not protocol_list or any(p not in PROTOCOLS for p in protocol_list):
-            raise ValidationError(f"protocols must be a list of {', '.join(PROTOCOLS)}")
+        protocol_list = check_protocols(protocols)
         keys = check_authorized_keys(_str(obj, "authorized_keys", ""))
         if username in self.account_lines:
             raise ValidationError(f"duplicate account {username!r} "

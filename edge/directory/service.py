@@ -54,6 +54,28 @@ def check_port(flag: str, port: int) -> int:
     return port
 
 
+def check_choice(what: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValidationError(f"{what} {value!r} must be one of {', '.join(choices)}")
+    return str(value)
+
+
+def check_username(username: str, what: str = "username") -> str:
+    if not USERNAME_RE.fullmatch(username):
+        raise ValidationError(f"{what} {username!r} must be 1-128 of A-Z a-z 0-9 . _ @ + -")
+    return username
+
+
+def check_protocols(protocols: Iterable[str]) -> list[str]:
+    """The account's protocols, sorted and de-duplicated; at least one of ssh, ftp."""
+    if isinstance(protocols, str):
+        protocols = [p for p in protocols.split(",") if p]
+    protocol_list = sorted(set(protocols))
+    if not protocol_list or any(p not in PROTOCOLS for p in protocol_list):
+        raise ValidationError(f"--protocols must be a list of {', '.join(PROTOCOLS)}")
+    return protocol_list
+
+
 def check_address(address: str) -> str:
     """A backend address: an IP literal or a hostname (resolved by the proxies at connect)."""
     try:
@@ -177,11 +199,8 @@ class DirectoryService:
         for flag, port in (("--ssh-port", ssh_port), ("--ftp-port", ftp_port),
                            ("--http-port", http_port), ("--https-port", https_port)):
             check_port(flag, port)
-        if state not in HOST_STATES:
-            raise ValidationError(f"host state {state!r} must be one of {', '.join(HOST_STATES)}")
-        if send_proxy_protocol not in PROXY_PROTOCOL_MODES:
-            raise ValidationError(f"--send-proxy-protocol must be one of "
-                                  f"{', '.join(PROXY_PROTOCOL_MODES)}")
+        check_choice("host state", state, HOST_STATES)
+        check_choice("--send-proxy-protocol", send_proxy_protocol, PROXY_PROTOCOL_MODES)
         async with self.store.transaction() as tx:
             await self._absent(tx, "hosts", "name", name, "host")
             await tx.execute(
@@ -282,14 +301,10 @@ class DirectoryService:
     async def add_account(self, username: str, tenant: str, *,
                           protocols: Iterable[str] = PROTOCOLS, upstream_username: str = "",
                           authorized_keys: str = "") -> None:
-        if not USERNAME_RE.fullmatch(username):
-            raise ValidationError(f"username {username!r} must be 1-128 of A-Z a-z 0-9 . _ @ + -")
-        if upstream_username and not USERNAME_RE.fullmatch(upstream_username):
-            raise ValidationError(f"upstream username {upstream_username!r} is not valid")
-        protocol_list = sorted(set(protocols))
-        bad = [p for p in protocol_list if p not in PROTOCOLS]
-        if bad or not protocol_list:
-            raise ValidationError(f"--protocols must be a list of {', '.join(PROTOCOLS)}")
+        check_username(username)
+        if upstream_username:
+            check_username(upstream_username, "upstream username")
+        protocol_list = check_protocols(protocols)
         keys = check_authorized_keys(authorized_keys)
         async with self.store.transaction() as tx:
             await self._absent(tx, "accounts", "username", username, "account")
