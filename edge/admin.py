@@ -62,7 +62,7 @@ async def ping_directory(config: DatabaseConfig, within: float = PING_TIMEOUT) -
     Opens a short-lived store each time: the master keeps no connection (and so no SQLite
     helper thread) around while it forks workers.
     """
-    store = store_for_url(config.url, config)
+    store = store_for_url(config.read_url, config)
 
     async def _ping() -> None:
         await store.open()

@@ -58,10 +58,18 @@ class DatabaseConfig:
     url: str = DEFAULT_DATABASE_URL
     """``sqlite:///path`` (embedded default) or ``mysql://user:pass@host:port/db``."""
     replica_url: str = ""
-    """Optional read replica used for hot-path lookups; writes and the change feed use ``url``."""
+    """Optional read replica the proxies use for lookups *and* the change feed."""
     pool_size: int = 10
     connect_timeout: float = 3.0
     query_timeout: float = 2.0
+
+    @property
+    def read_url(self) -> str:
+        """Where the proxies read. The change feed must read the same database as the lookups:
+        a change row replicates in order with the rows it describes, so a worker that sees
+        change N on the replica also reads the new rows there — never an eviction followed by
+        a reload of the old row from a lagging replica. Writes (the CLI) always use ``url``."""
+        return self.replica_url or self.url
 
 
 @dataclass(frozen=True, slots=True)

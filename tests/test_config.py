@@ -149,3 +149,13 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "config" / "edge.example.toml"
     config = load_config(example, env={})
     assert config.source == str(example)
+
+
+def test_proxies_read_the_replica_when_one_is_configured() -> None:
+    from edge.config import config_from_mapping
+
+    primary = "mysql://edge@db1:3306/edge"
+    assert config_from_mapping({"database": {"url": primary}}).database.read_url == primary
+    replica = "mysql://edge@db2:3306/edge"
+    config = config_from_mapping({"database": {"url": primary, "replica_url": replica}})
+    assert config.database.read_url == replica and config.database.url == primary

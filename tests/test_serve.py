@@ -289,6 +289,21 @@ def test_readyz_503_when_mysql_port_is_closed(start: Callable[..., EdgeServe]) -
     assert server.stop() == 0
 
 
+def test_workers_read_the_replica(start: Callable[..., EdgeServe], db_url: str,
+                                  tmp_path: Path) -> None:
+    # The primary (for the CLI's writes) is unreachable; the proxies read the replica and are
+    # ready. A stub setting would show 503 here.
+    dead_primary = f"sqlite:///{tmp_path}/gone/primary.sqlite3"
+    text = config_text(dead_primary).replace(
+        "[admin]", f'replica_url = "{db_url}"\n[admin]', 1)
+    server = start(text)
+    wait_for(lambda: http_get(server.url("/readyz"))[0] == 200, 10, "readyz 200 via replica")
+    session = Echo(server.port)
+    assert session.echo("x") == "echo x"
+    session.close()
+    assert server.stop() == 0
+
+
 def test_sigterm_lets_an_open_session_finish(start: Callable[..., EdgeServe],
                                             db_url: str) -> None:
     server = start(config_text(db_url, grace=10))

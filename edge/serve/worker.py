@@ -136,7 +136,7 @@ async def _main(spec: WorkerSpec) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                                                 signal.SIGCHLD})
 
-    store = store_for_url(config.database.url, config.database)
+    store = store_for_url(config.database.read_url, config.database)
     opened = asyncio.Event()
     opener = asyncio.create_task(_keep_store_open(store, opened), name="edge-store-open")
     # Give a reachable database a moment so the feed starts with a cursor (no full flush).
