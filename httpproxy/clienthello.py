@@ -5,7 +5,7 @@ directory lookup to pick the site's :class:`ssl.SSLContext`), so it reads the Cl
 itself first::
 
     reader = ClientHelloReader()
-    while (hello := reader.feed(await reader_stream.read(4096))) is None:
+    while (hello := reader.feed(await stream.read(4096))) is None:
         ...                                   # (EOF before a hello: just close)
     # ClientHelloError: write alert_bytes(exc.alert) (or, if exc.plain_http, a plain-text
     # "400 use https://" answer) and close.
@@ -114,7 +114,9 @@ class ClientHelloError(EdgeError):
     ``alert`` is a key of :data:`ALERT_DESCRIPTIONS`: the caller sends
     ``alert_bytes(exc.alert)`` and closes. ``plain_http`` is True when the client is evidently
     speaking plain HTTP to the TLS port; the caller may then answer with a plain-text
-    ``400`` hint ("use https://") instead of a TLS alert.
+    ``400`` hint ("use https://") instead of a TLS alert. It is decided as early as
+    possible, from the bytes seen so far (the first byte, ``G`` of ``GET``, may be enough):
+    a connection refused either way, it only selects the kinder answer.
     """
 
     def __init__(self, alert: str, message: str, *, plain_http: bool = False) -> None:
