@@ -230,3 +230,34 @@ def test_example_config_documents_every_setting_with_its_default() -> None:
 
 def test_shipped_mysql_schema_is_current() -> None:
     assert (ROOT / "config" / "mysql-schema.sql").read_text() == render_all("mysql")
+
+
+def test_changes_list_and_prune(edge: Edge) -> None:
+    edge.run("host", "add", "web1", "--address", "127.0.0.1")
+    edge.run("host", "add", "web2", "--address", "127.0.0.2")
+    edge.run("tenant", "add", "acme", "--host", "web1")
+    edge.run("tenant", "move", "acme", "--to", "web2")
+    newest = edge.json("changes", "list")
+    assert [(c["entity"], c["name"]) for c in newest][:2] == [  # type: ignore[index,union-attr]
+        ("tenant", "acme"), ("tenant", "acme")]
+    edge.fails("changes", "prune", "--older-than", "10s", code=2, says="at least 60 seconds")
+    edge.fails("changes", "prune", "--older-than", "soon", code=2, says="not a duration")
+    assert edge.json("changes", "prune", "--older-than", "1d") == {"removed": 0}
+    # Age every row, then prune: all but the newest go, so ids keep growing afterwards.
+    import asyncio
+
+    from edge.directory.stores import store_for_url
+
+    async def age() -> None:
+        store = store_for_url(edge.env["EDGE_DATABASE_URL"])
+        await store.open()
+        async with store.transaction() as tx:
+            await tx.execute("UPDATE changes SET created_at = created_at - ?", (86400 * 30,))
+        await store.close()
+
+    asyncio.run(age())
+    top = newest[0]["id"]  # type: ignore[index]
+    assert edge.json("changes", "prune", "--older-than", "7d") == {"removed": len(newest) - 1}
+    assert [c["id"] for c in edge.json("changes", "list")] == [top]  # type: ignore[union-attr]
+    edge.run("tenant", "move", "acme", "--to", "web1")
+    assert edge.json("changes", "list")[0]["id"] > top  # type: ignore[index]

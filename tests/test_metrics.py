@@ -55,3 +55,30 @@ def test_names() -> None:
 def test_render_without_multiprocess_dir_has_expected_workers(tmp_path: object) -> None:
     body = render_metrics(str(tmp_path), expected_workers=3).decode()
     assert "edge_workers_expected 3.0" in body
+
+
+def test_shipped_alert_rules_use_only_exported_metrics() -> None:
+    """An alert on a metric name we never export would silently never fire."""
+    import re
+    from pathlib import Path
+
+    import edge.metrics
+    from edge.admin import render_metrics
+
+    exported = set()
+    for collector in list(edge.metrics.__dict__.values()):
+        describe = getattr(collector, "describe", None)
+        if callable(describe) and hasattr(collector, "_name"):
+            for family in describe():
+                exported.add(family.name)
+                exported.update(sample.name for sample in family.samples)
+                if family.type == "counter":
+                    exported.add(family.name + "_total")
+    # The master adds its own families to the exposition.
+    exported.update(re.findall(r"^# TYPE (\S+)", render_metrics(expected_workers=1).decode(),
+                               re.MULTILINE))
+    rules = (Path(__file__).resolve().parent.parent / "config" / "prometheus" /
+             "edge-alerts.yml").read_text()
+    used = set(re.findall(r"\b(edge_[a-z_]+)\b", rules))
+    assert used, "no metrics referenced"
+    assert used <= exported, used - exported

@@ -324,6 +324,31 @@ async def cmd_route(ctx: Context) -> Any:
     return "\n".join(lines)
 
 
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d`` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        return float(number) * units[unit]
+    except ValueError:
+        raise ValidationError(f"{text!r} is not a duration (e.g. 90s, 15m, 12h, 7d)") from None
+
+
+async def cmd_changes_list(ctx: Context) -> Any:
+    assert ctx.store is not None
+    changes = await ctx.store.recent_changes(ctx.args.limit)
+    if ctx.json:
+        return [{"id": c.id, "entity": c.entity, "name": c.name, "at": iso(at)}
+                for c, at in changes]
+    return table([(c.id, iso(at), c.entity, c.name) for c, at in changes],
+                 ("ID", "AT", "ENTITY", "NAME"))
+
+
+async def cmd_changes_prune(ctx: Context) -> Any:
+    removed = await ctx.service().prune_changes(parse_duration(ctx.args.older_than))
+    return {"removed": removed} if ctx.json else f"removed {removed} change-feed rows"
+
+
 async def cmd_bulk_load(ctx: Context) -> Any:
     from edge.directory.bulk import bulk_load
 
@@ -484,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hostname")
     p.add_argument("--path", help="only objects under this path prefix")
 
+    changes = sub.add_parser("changes", help="the change feed every proxy follows")
+    chs = changes.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _leaf(chs, "list", cmd_changes_list, "the newest changes (what moved, when)")
+    p.add_argument("--limit", type=int, default=50)
+    p = _leaf(chs, "prune", cmd_changes_prune,
+              "delete change rows older than a duration (keeps the newest); run from cron")
+    p.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 7d, 12h")
+
     p = _leaf(sub, "route", cmd_route,
               "show where a hostname (or, with --account, a login) is routed right now")
     p.add_argument("target", metavar="HOSTNAME|USERNAME")
@@ -509,7 +542,8 @@ _NEEDS_STORE = {cmd_init, cmd_host_add, cmd_host_list, cmd_host_show, cmd_host_s
                 cmd_tenant_add, cmd_tenant_list, cmd_tenant_show, cmd_tenant_move,
                 cmd_tenant_set_state, cmd_account_add, cmd_account_list, cmd_account_remove,
                 cmd_site_add, cmd_site_set, cmd_site_list, cmd_site_remove, cmd_cert_import,
-                cmd_cert_list, cmd_cache_purge, cmd_bulk_load, cmd_route}
+                cmd_cert_list, cmd_cache_purge, cmd_bulk_load, cmd_route,
+                cmd_changes_list, cmd_changes_prune}
 
 
 async def _run_async(handler: Handler, ctx: Context) -> Any:

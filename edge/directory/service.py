@@ -400,6 +400,28 @@ class DirectoryService:
             await self._id(tx, "sites", "hostname", name, "site")
             await append_change(tx, "purge", name + path)
 
+    # -- change log -------------------------------------------------------------------------
+
+    async def prune_changes(self, older_than: float, *, now: float | None = None) -> int:
+        """Delete change-feed rows older than ``older_than`` seconds; returns how many.
+
+        Running workers only read rows newer than their cursor, so old rows serve nobody.
+        The newest row is always kept, so ids never restart and a cursor never goes backwards.
+        """
+        if older_than < 60:
+            raise ValidationError("--older-than must be at least 60 seconds "
+                                  "(workers poll about once a second)")
+        cutoff = (time.time() if now is None else now) - older_than
+        async with self.store.transaction() as tx:
+            row = await tx.fetchone("SELECT MAX(id) FROM changes")
+            if row is None or row[0] is None:
+                return 0
+            before = await tx.fetchone("SELECT COUNT(*) FROM changes WHERE created_at < ? "
+                                       "AND id < ?", (cutoff, row[0]))
+            await tx.execute("DELETE FROM changes WHERE created_at < ? AND id < ?",
+                             (cutoff, row[0]))
+        return int(before[0]) if before else 0
+
     # -- certificates --------------------------------------------------------------------
 
     async def import_certificate(self, chain_pem: bytes, key_pem: bytes) -> int:

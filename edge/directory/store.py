@@ -189,6 +189,12 @@ class SQLStore(abc.ABC):
 
     # -- change feed ---------------------------------------------------------------------
 
+    async def recent_changes(self, limit: int = 50) -> list[tuple[Change, float]]:
+        """The newest changes, newest first, with their commit time (for operators)."""
+        rows = await self.fetchall(
+            f"SELECT id, entity, name, created_at FROM changes ORDER BY id DESC LIMIT {int(limit)}")
+        return [(Change(int(r[0]), r[1], r[2]), float(r[3])) for r in rows]
+
     async def latest_change_id(self) -> int:
         row = await self.fetchone("SELECT MAX(id) FROM changes")
         return int(row[0]) if row and row[0] is not None else 0
