@@ -411,6 +411,14 @@ class Supervisor:
         if not gen.workers and (gen.draining or gen.failed or self.stopping):
             self._generation_done(gen)
 
+    def _signal_generation(self, gen: Generation, sig: signal.Signals) -> None:
+        """Send ``sig`` to every worker of ``gen``; a generation with none left is done."""
+        for proc in gen.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+        if not gen.workers:
+            self._generation_done(gen)
+
     def _generation_done(self, gen: Generation) -> None:
         if gen in self.generations:
             self.generations.remove(gen)
@@ -488,22 +496,14 @@ class Supervisor:
                 log.error("SIGHUP: new workers did not start; keeping the running configuration",
                           extra={"generation": gen.number})
             gen.failed = True
-            for proc in gen.workers.values():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-            if not gen.workers:
-                self._generation_done(gen)
+            self._signal_generation(gen, signal.SIGKILL)
             return False
         for name, host, port in added:
             announce(name, host, port)
         self.config, self.plan, self.current = config, plan, gen
         if old is not None and old is not gen:
             old.draining = True
-            for proc in old.workers.values():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-            if not old.workers:
-                self._generation_done(old)
+            self._signal_generation(old, signal.SIGTERM)
         log.info("configuration reloaded", extra={"generation": gen.number,
                                                   "proxies": sorted(plan.proxies)})
         return True
