@@ -1,10 +1,12 @@
 """``edge demo``: a working edge on this machine with nothing but SQLite.
 
 Creates ``.edge-demo/`` with a secret key, a configuration and a SQLite directory holding two
-demo backend hosts, a tenant, an account and sites (one with a self-signed certificate stored
-encrypted), then runs ``edge serve`` with whichever proxies are built, and prints exactly how
-to connect. It grows as the proxies land: each proxy package may expose
-``demo_backend(demo_dir) -> DemoBackend`` (see :mod:`edge.registry`).
+demo backend hosts, two tenants, an account and sites (one with a self-signed certificate
+stored encrypted), starts local backends for every proxy that is built, runs ``edge serve``
+and prints exactly how to connect.
+
+Each proxy package contributes through ``<package>.demo:demo_part(demo_dir) -> DemoPart``
+(listed in :data:`DEMO_PARTS`, imported lazily so ``edge`` never imports a proxy at the top).
 """
 
 from __future__ import annotations
@@ -12,15 +14,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib
 import os
 import socket
+import subprocess
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.config import load_config
 from edge.directory.secrets import KeyBox, generate_key
 from edge.directory.service import DirectoryService
 from edge.directory.stores import store_for_url
+
+DEMO_PARTS = ("httpproxy.demo:demo_part", "sshproxy.demo:demo_part", "ftpproxy.demo:demo_part")
+"""Where each proxy's demo contribution lives; a missing module is simply not shown."""
+
+
+@dataclass
+class DemoPart:
+    """One proxy's share of the demo.
+
+    ``config`` is TOML appended to the demo's ``edge.toml`` (its listener section);
+    ``commands`` is printed in the banner; ``processes`` are local backends the demo terminates
+    when it stops; ``provision`` runs at every start after the base provisioning and must be
+    idempotent.
+    """
+
+    config: str
+    commands: str
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    provision: Callable[[DirectoryService], Awaitable[None]] | None = None
 
 
 def _free_port() -> int:
@@ -51,29 +76,59 @@ def self_signed(names: list[str], days: int = 30) -> tuple[bytes, bytes]:
                               serialization.NoEncryption()))
 
 
-async def _provision(db_url: str, keybox: KeyBox) -> None:
+def load_parts(demo_dir: Path, targets: tuple[str, ...] = DEMO_PARTS) -> list[DemoPart]:
+    """Every built proxy's :class:`DemoPart`; a proxy package without a demo is skipped."""
+    parts = []
+    for target in targets:
+        module_name, _, attr = target.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            continue
+        parts.append(factory(demo_dir))
+    return parts
+
+
+async def _provision(db_url: str, keybox: KeyBox, parts: list[DemoPart]) -> None:
     store = store_for_url(db_url)
     await store.open()
     try:
         await store.migrate()
-        if await store.count("hosts"):
-            return
         service = DirectoryService(store, keybox)
-        await service.add_host("demo-a", "127.0.0.1", ssh_port=2201, ftp_port=2101,
-                               http_port=8081, https_port=8443)
-        await service.add_host("demo-b", "127.0.0.1", ssh_port=2202, ftp_port=2102,
-                               http_port=8082, https_port=8444)
-        await service.add_tenant("demo", "demo-a")
-        await service.add_tenant("other", "demo-b")
-        await service.add_account("demo", "demo")
-        chain, key = self_signed(["www.demo.test", "*.demo.test"])
-        cert_id = await service.import_certificate(chain, key)
-        await service.add_site("www.demo.test", "demo", certificate_id=cert_id,
-                               cache_policy={"mode": "static"})
-        await service.add_site("*.demo.test", "demo", certificate_id=cert_id)
-        await service.add_site("www.other.test", "other")
+        if not await store.count("hosts"):
+            await _provision_base(service)
+        for part in parts:
+            if part.provision is not None:
+                await part.provision(service)
     finally:
         await store.close()
+
+
+async def _provision_base(service: DirectoryService) -> None:
+    await service.add_host("demo-a", "127.0.0.1", ssh_port=2201, ftp_port=2101,
+                           http_port=8081, https_port=8443)
+    await service.add_host("demo-b", "127.0.0.1", ssh_port=2202, ftp_port=2102,
+                           http_port=8082, https_port=8444)
+    await service.add_tenant("demo", "demo-a")
+    await service.add_tenant("other", "demo-b")
+    await service.add_account("demo", "demo")
+    chain, key = self_signed(["www.demo.test", "*.demo.test"])
+    cert_id = await service.import_certificate(chain, key)
+    await service.add_site("www.demo.test", "demo", certificate_id=cert_id,
+                           cache_policy={"mode": "static"})
+    await service.add_site("*.demo.test", "demo", certificate_id=cert_id)
+    await service.add_site("www.other.test", "other")
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in processes:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -87,38 +142,41 @@ def run_demo(args: argparse.Namespace) -> int:
         key_file.chmod(0o600)
     db_url = f"sqlite:///{demo_dir / 'edge.sqlite3'}"
     admin_port = _free_port()
-    config_file = demo_dir / "edge.toml"
-    config_file.write_text(
-        f'[database]\nurl = "{db_url}"\n\n[secrets]\nkey_file = "{key_file}"\n\n'
-        f'[admin]\nlisten = ["127.0.0.1:{admin_port}"]\n\n[log]\nformat = "text"\n')
-    config = load_config(config_file)
-    asyncio.run(_provision(db_url, KeyBox.from_config(config.secrets)))
-    edge = f"edge --config {config_file}"
-    print(f"""
+    parts = load_parts(demo_dir)
+    processes = [proc for part in parts for proc in part.processes]
+    try:
+        config_file = demo_dir / "edge.toml"
+        config_file.write_text(
+            f'[database]\nurl = "{db_url}"\n\n[secrets]\nkey_file = "{key_file}"\n\n'
+            f'[admin]\nlisten = ["127.0.0.1:{admin_port}"]\n\n[log]\nformat = "text"\n\n'
+            + "\n".join(part.config for part in parts))
+        config = load_config(config_file)
+        asyncio.run(_provision(db_url, KeyBox.from_config(config.secrets), parts))
+        edge = f"edge --config {config_file}"
+        proxies = "\n".join(part.commands.rstrip() for part in parts) or (
+            "  (no proxy package is built yet: only the directory and admin API run)")
+        print(f"""
 hosting edge demo — directory {db_url}
+{proxies}
   admin:   curl http://127.0.0.1:{admin_port}/healthz
-           curl http://127.0.0.1:{admin_port}/readyz
            curl -s http://127.0.0.1:{admin_port}/metrics | grep ^edge_
   look:    {edge} host list
-           {edge} tenant show demo
            {edge} site list
-           {edge} cert list
-  route:   {edge} route shop.demo.test          (matched by *.demo.test -> demo-a)
+           {edge} route shop.demo.test          (matched by *.demo.test -> demo-a)
            {edge} route --account demo
   move:    {edge} tenant move demo --to demo-b --drain 10
-           {edge} route shop.demo.test          (now -> demo-b)
-The SSH, FTP and HTTP proxies are not built yet (see the issue tracker); when they are, this
-demo starts local backends for them and prints the ssh/ftp/curl commands here.
+           {edge} route shop.demo.test          (now -> demo-b; every proxy follows within ~1 s)
 Ctrl-C stops the demo.
 """, flush=True)
-    if args.duration:
-        import signal
-        import threading
+        if args.duration:
+            import signal
+            import threading
 
-        threading.Timer(args.duration, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
-    try:
-        return int(serve(config))
-    except KeyboardInterrupt:
-        return 0
+            threading.Timer(args.duration, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+        try:
+            return int(serve(config))
+        except KeyboardInterrupt:
+            return 0
     finally:
+        _stop(processes)
         sys.stdout.flush()

@@ -37,7 +37,7 @@ OVERRIDES_ENV = "EDGE_PROXY_OVERRIDES"
 
 BUILTIN: dict[str, str] = {
     "http": "httpproxy.server:HttpProxy",
-    "https": "httpproxy.server:HttpsProxy",
+    "https": "httpproxy.tls_server:HttpsProxy",
     "ssh": "sshproxy.server:SshProxy",
     "ftp": "ftpproxy.server:FtpProxy",
 }
