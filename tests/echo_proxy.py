@@ -2,7 +2,8 @@
 
 On connect it greets with ``hello worker=<id> pid=<pid>``; each line is echoed back as
 ``echo <line>``; on :meth:`close` (grace period over) it sends ``bye shutting down`` and
-closes. Register it with ``EDGE_PROXY_OVERRIDES=ssh=tests.echo_proxy:EchoProxy``.
+closes. With ``ECHO_PROXY_REJECT_CONFIG`` set, ``start`` raises ConfigError.
+Register it with ``EDGE_PROXY_OVERRIDES=ssh=tests.echo_proxy:EchoProxy``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import socket
 
 from edge import metrics
+from edge.errors import ConfigError
 from edge.registry import ProxyContext
 
 
@@ -25,6 +27,8 @@ class EchoProxy:
         self._idle.set()
 
     async def start(self, sockets: list[socket.socket]) -> None:
+        if os.environ.get("ECHO_PROXY_REJECT_CONFIG"):
+            raise ConfigError("[ssh] host_key_dir /nonexistent: no host keys (run `edge init`)")
         for sock in sockets:
             self.servers.append(await asyncio.start_server(self._handle, sock=sock))
 

@@ -423,6 +423,16 @@ def test_listener_without_proxy_is_a_startup_error(start: Callable[..., EdgeServ
                                "installed/built yet")
 
 
+def test_worker_rejecting_its_config_stops_serve_instead_of_restarting(
+        start: Callable[..., EdgeServe], db_url: str) -> None:
+    server = start(config_text(db_url), "--workers", "2", wait=(),
+                   env={"ECHO_PROXY_REJECT_CONFIG": "1"})
+    assert server.proc.wait(30) == 78
+    log = server.log()
+    assert "no host keys (run `edge init`)" in log
+    assert "restarting" not in log
+
+
 def test_only_admin_when_no_proxy_enabled(start: Callable[..., EdgeServe], db_url: str) -> None:
     config = f'[database]\nurl = "{db_url}"\n[admin]\nlisten = ["127.0.0.1:0"]\n'
     server = start(config, wait=("admin",))

@@ -51,7 +51,7 @@ from edge.admin import AdminServer
 from edge.config import EdgeConfig, ListenAddress, load_config
 from edge.errors import ConfigError, EdgeError
 from edge.registry import Proxy, enabled_listeners, load_proxy
-from edge.serve.worker import WorkerSpec, run_worker
+from edge.serve.worker import CONFIG_EXIT, WorkerSpec, run_worker
 
 log = logging.getLogger("edge.serve")
 
@@ -221,6 +221,8 @@ class Supervisor:
         self._by_pid: dict[int, WorkerProc] = {}
         self._next_generation = 1
         self.stopping = False
+        self.exit_code = 0
+        """What :meth:`run` returns: 0, or CONFIG_EXIT when a worker rejected the configuration."""
         self._all_exited = asyncio.Event()
         self._reloading = False
         self._reload_again = False
@@ -259,7 +261,7 @@ class Supervisor:
             await admin.stop()
             self.pool.close()
         log.info("stopped")
-        return 0
+        return self.exit_code
 
     def stop(self, why: str = "stop") -> None:
         """First call: drain gracefully; second: kill the workers now."""
@@ -401,6 +403,11 @@ class Supervisor:
             log.error("new worker exited before serving", extra=extra)
             gen.failed = True
             gen.ready.set()
+        elif not proc.ready and code == CONFIG_EXIT:
+            # The worker already logged which setting is wrong; restarting cannot fix it.
+            log.error("a worker rejected the configuration; stopping", extra=extra)
+            self.exit_code = CONFIG_EXIT
+            self.stop("configuration error")
         else:
             lived = time.monotonic() - proc.started
             failures = 1 if lived >= STABLE_AFTER else gen.failures.get(proc.slot, 0) + 1

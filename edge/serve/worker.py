@@ -33,7 +33,7 @@ from edge.directory.feed import ChangeFeed
 from edge.directory.secrets import KeyBox
 from edge.directory.store import SQLStore
 from edge.directory.stores import store_for_url
-from edge.errors import EdgeError, SecretsError
+from edge.errors import ConfigError, EdgeError, SecretsError
 from edge.registry import Proxy, ProxyContext
 
 if TYPE_CHECKING:
@@ -60,6 +60,10 @@ class WorkerSpec:
     master_pid: int = field(default_factory=os.getpid)
 
 
+CONFIG_EXIT = 78
+"""Exit status of a worker whose proxy refused its configuration at start (``EX_CONFIG``)."""
+
+
 def run_worker(spec: WorkerSpec) -> None:
     """Run the worker in the freshly forked child and ``os._exit`` with its status."""
     code = 1
@@ -76,6 +80,11 @@ def run_worker(spec: WorkerSpec) -> None:
             code = loop.run_until_complete(_main(spec))
         finally:
             loop.close()
+    except ConfigError as exc:
+        # A setting the proxy cannot work with (e.g. missing SSH host keys): restarting the
+        # worker cannot fix it, so say so and let the master stop instead of looping.
+        log.error("worker %d cannot start: %s", spec.worker_id, exc)
+        code = CONFIG_EXIT
     except BaseException:
         log.exception("worker %d crashed", spec.worker_id)
         code = 1
@@ -212,4 +221,4 @@ async def _export_loop(spec: WorkerSpec, directory: Directory, feed: ChangeFeed,
         await asyncio.sleep(1.0)
 
 
-__all__ = ["WorkerSpec", "run_worker"]
+__all__ = ["CONFIG_EXIT", "WorkerSpec", "run_worker"]
