@@ -127,24 +127,140 @@ class ProxyListenerConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig(ProxyListenerConfig):
-    pass
+    """HTTP request handling; also read by the [https] listener (same engine)."""
+
+    max_header_size: int = 32768
+    """Bytes of request line + headers; more is refused with 431."""
+    max_body_size: int = 104_857_600
+    """Bytes of request body; a larger Content-Length (or streamed body) gets 413. 0 = no limit."""
+    header_timeout: float = 10.0
+    """Seconds to receive a whole request head once it started (slowloris) → 408."""
+    keepalive_timeout: float = 75.0
+    """Seconds an idle client keep-alive connection is kept between requests."""
+    backend_connect_timeout: float = 5.0
+    backend_timeout: float = 60.0
+    """Seconds without any byte from the backend while a response is due → 504."""
+    pool_size: int = 64
+    """Idle keep-alive connections kept per backend host and port, per worker."""
+    pool_idle_timeout: float = 30.0
+    cache_max_bytes: int = 268_435_456
+    """Content-cache size per worker (bytes, LRU); 0 disables the cache for every site."""
+    error_page_brand: str = "hosting edge"
+    """Name shown at the bottom of the proxy's own error pages."""
+    access_log: str = ""
+    """"" = access log through the edge logger (JSON lines); a path = buffered JSON-lines file;
+    "off" = none."""
 
 
 @dataclass(frozen=True, slots=True)
 class HttpsConfig(ProxyListenerConfig):
     handshake_timeout: float = 10.0
+    """Seconds from accept to an established TLS session (ClientHello, lookup, handshake)."""
     context_cache_size: int = 1000
+    """SSLContexts kept per worker (one per certificate; ~20 KiB and ~1 ms to build each)."""
+    default_certificate: str = ""
+    """Served for no SNI / unknown SNI / a site without certificate: a site hostname or a
+    certificate id (digits). "" refuses those handshakes with the alert unrecognized_name."""
+    max_client_hello: int = 16384
+    """Bytes a ClientHello (with its record headers) may take; a bigger one is refused."""
+    min_tls_version: str = "1.2"
+    """"1.2" or "1.3"."""
+    ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
+    """OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's, all AEAD)."""
+    session_tickets: bool = True
+    """Issue session tickets (keys are per worker process and per certificate context)."""
+    max_pending_handshakes: int = 10000
+    """Connections per worker still before an established TLS session; more are closed."""
+    defer_accept: bool = True
+    """TCP_DEFER_ACCEPT: the kernel accepts a connection once its ClientHello arrived."""
+
+    def __post_init__(self) -> None:
+        # Checked here (not in the generic _check) so the TLS rules stay in one section.
+        import ssl
+
+        if self.min_tls_version not in ("1.2", "1.3"):
+            raise ConfigError(f'[https] min_tls_version: must be "1.2" or "1.3"; got '
+                              f"{self.min_tls_version!r}")
+        if self.context_cache_size < 1:
+            raise ConfigError("[https] context_cache_size: must be at least 1")
+        if self.max_client_hello < 512:
+            raise ConfigError("[https] max_client_hello: must be at least 512 bytes "
+                              "(real ClientHellos are 200-2000 bytes)")
+        from edge.directory.names import hostname_or_none
+
+        default = self.default_certificate
+        if default and not default.isdigit() and hostname_or_none(default) is None:
+            raise ConfigError(f"[https] default_certificate: {default!r} is neither a site "
+                              "hostname nor a certificate id")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(self.ciphers)
+        except ssl.SSLError:
+            raise ConfigError(f"[https] ciphers: OpenSSL accepts no cipher in "
+                              f"{self.ciphers!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
 class SshConfig(ProxyListenerConfig):
     host_key_dir: str = "ssh_host_keys"
+    """Proxy host keys (ssh_host_{ed25519,ecdsa,rsa}_key) written by `edge init`; shared by the fleet."""
+    upstream_key_file: str = ""
+    """Private key the proxy logs in upstream with after public-key auth; "" = <host_key_dir>/upstream_key."""
+    upstream_key_dir: str = ""
+    """Optional per-host upstream keys: <dir>/<host name> overrides upstream_key_file for that host."""
+    user_ca_keys: str = ""
+    """File of CA public keys whose OpenSSH user certificates are accepted ("" = certificates off)."""
+    upstream_connect_timeout: float = 10.0
+    auth_failure_delay: float = 1.0
+    """Every failed login answers after at least this long, whatever the cause (no user enumeration)."""
+    max_sessions_per_user: int = 10
+    """Concurrent logged-in connections per account (per worker process)."""
+    allow_local_forwarding: bool = False
+    """`ssh -L` through the proxy, only ever to the backend's own loopback (sshproxy/bridge.py)."""
+    allow_remote_forwarding: bool = False
+    """`ssh -R`: a listener on the backend (subject to its sshd's GatewayPorts), brought back to the client."""
+    env_allow: tuple[str, ...] = ("LANG", "LC_*")
+    """AcceptEnv-style patterns of client environment variables passed to the backend."""
+    client_env_name: str = "EDGE_CLIENT_ADDR"
+    """Env var carrying "client-ip client-port" to the backend (its sshd must AcceptEnv it); "" = off."""
 
 
 @dataclass(frozen=True, slots=True)
 class FtpConfig(ProxyListenerConfig):
     passive_ports: tuple[int, int] = (50000, 50999)
     masquerade_address: str = ""
+    """IPv4 address put in PASV replies; "" = the address the client connected to."""
+    certificate_file: str = ""
+    """PEM chain of the proxy's own FTPS certificate; "" = no AUTH TLS (plain FTP only)."""
+    key_file: str = ""
+    """PEM private key for certificate_file ("" = the key is in certificate_file)."""
+    require_tls: bool = False
+    """Refuse USER before AUTH TLS (needs certificate_file)."""
+    data_connect_timeout: float = 30.0
+    """Seconds a client has to open the data connection after PASV/EPSV (and for PORT/EPRT)."""
+    transfer_timeout: float = 300.0
+    """Seconds a data transfer may make no progress before it is aborted (426)."""
+    backend_connect_timeout: float = 10.0
+    login_failure_delay: float = 2.0
+    """Every failed login answers 530 no sooner than this after PASS, known user or not."""
+    backend_tls_verify: bool = True
+    """Verify FTPS backends' certificates (hosts with backend_tls) against backend_ca_file."""
+    backend_ca_file: str = ""
+    """CA bundle for backend certificates; "" = the system's trust store."""
+
+    def __post_init__(self) -> None:
+        if self.require_tls and not self.certificate_file:
+            raise ConfigError("[ftp] require_tls: needs certificate_file (the proxy's FTPS certificate)")
+        if self.key_file and not self.certificate_file:
+            raise ConfigError("[ftp] key_file: set certificate_file too")
+        if self.masquerade_address:
+            try:
+                ipaddress.IPv4Address(self.masquerade_address)
+            except ValueError:
+                raise ConfigError(f"[ftp] masquerade_address: {self.masquerade_address!r} is not an "
+                                  "IPv4 address (PASV replies can only carry IPv4)") from None
+        for name in ("data_connect_timeout", "transfer_timeout", "backend_connect_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"[ftp] {name}: must be greater than 0")
 
 
 @dataclass(frozen=True, slots=True)

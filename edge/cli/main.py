@@ -88,10 +88,55 @@ async def cmd_init(ctx: Context) -> Any:
     assert ctx.store is not None
     applied = await ctx.store.migrate()
     version = await ctx.store.schema_version()
+    ssh_keys = _init_ssh_keys(ctx)
     if ctx.json:
-        return {"applied": applied, "schema_version": version, "database": ctx.store.url}
+        return {"applied": applied, "schema_version": version, "database": ctx.store.url,
+                "ssh_keys": ssh_keys}
     done = f"applied migrations {applied}" if applied else "already up to date"
-    return f"directory {_safe_url(ctx.store.url)}: {done} (schema version {version})"
+    lines = [f"directory {_safe_url(ctx.store.url)}: {done} (schema version {version})"]
+    lines += [f"ssh {k['purpose']} {k['path']}: {k['fingerprint']} "
+              f"({'created' if k['created'] else 'kept'})" for k in ssh_keys]
+    return "\n".join(lines)
+
+
+def _init_ssh_keys(ctx: Context) -> list[dict[str, Any]]:
+    """The SSH proxy's host keys and upstream key, when [ssh] listens or --ssh-keys is given:
+    missing ones are created, existing ones are never replaced (clients' known_hosts stay valid)."""
+    if not ctx.config.ssh.listen and not getattr(ctx.args, "ssh_keys", False):
+        return []
+    import importlib  # edge never imports a proxy package at module top
+
+    hostkeys = importlib.import_module("sshproxy.hostkeys")
+    return [{"purpose": k.purpose, "path": str(k.path), "fingerprint": k.fingerprint,
+             "created": k.created} for k in hostkeys.ensure_keys(ctx.config.ssh)]
+
+
+async def cmd_host_pin_ssh_key(ctx: Context) -> Any:
+    """Fetch the host's SSH host keys, show their fingerprints, pin them after confirmation."""
+    import importlib
+
+    hostkeys = importlib.import_module("sshproxy.hostkeys")
+    service = ctx.service()
+    host = await service.get_host(ctx.args.name)
+    try:
+        keys = await hostkeys.fetch_host_keys(host.address, host.ssh_port)
+    except Exception as exc:  # OSError, TimeoutError, asyncssh.Error (not imported here)
+        raise EdgeError(f"cannot fetch SSH host keys of {host.name} from "
+                        f"{host.address}:{host.ssh_port}: {exc}") from None
+    shown = [f"{key.get_algorithm()} {key.get_fingerprint()}" for key in keys]
+    if not ctx.args.yes:
+        print(f"host {host.name} ({host.address}:{host.ssh_port}) presents:", *shown, sep="\n  ",
+              file=sys.stderr)
+        if not sys.stdin.isatty():
+            raise ValidationError("compare the fingerprints above with the backend's "
+                                  "(ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub) and re-run with --yes")
+        answer = await asyncio.to_thread(input, "pin these keys? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise ValidationError("nothing pinned")
+    await service.update_host(host.name, ssh_known_hosts=hostkeys.pinned_lines(keys))
+    if ctx.json:
+        return {"host": host.name, "pinned": shown}
+    return "\n".join([f"host {host.name}: pinned {len(keys)} SSH host key(s)", *shown])
 
 
 def _safe_url(url: str) -> str:
@@ -408,7 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="hosting edge: SSH, FTP and HTTP(S) proxies routed by a tenant directory.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    _leaf(sub, "init", cmd_init, "create or migrate the directory schema (idempotent)")
+    p = _leaf(sub, "init", cmd_init, "create or migrate the directory schema (idempotent); "
+              "with [ssh] listen set, also create missing SSH proxy keys")
+    p.add_argument("--ssh-keys", action="store_true",
+                   help="create missing SSH proxy host/upstream keys even if [ssh] listen is empty")
     p = _leaf(sub, "schema", cmd_schema, "print the schema as SQL")
     p.add_argument("--dialect", choices=("sqlite", "mysql"), default="mysql")
 
@@ -435,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("state", choices=HOST_STATES)
     p.add_argument("--notice", help="text users see while the host is in maintenance")
+    p = _leaf(hs, "pin-ssh-key", cmd_host_pin_ssh_key,
+              "fetch a host's SSH host keys, show fingerprints, pin them for the SSH proxy")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="pin without asking (checked fingerprints)")
 
     tenant = sub.add_parser("tenant", help="tenants (customers)")
     ts = tenant.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -539,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _NEEDS_STORE = {cmd_init, cmd_host_add, cmd_host_list, cmd_host_show, cmd_host_set_state,
+                cmd_host_pin_ssh_key,
                 cmd_tenant_add, cmd_tenant_list, cmd_tenant_show, cmd_tenant_move,
                 cmd_tenant_set_state, cmd_account_add, cmd_account_list, cmd_account_remove,
                 cmd_site_add, cmd_site_set, cmd_site_list, cmd_site_remove, cmd_cert_import,

@@ -1,0 +1,253 @@
+"""The proxy's leg to the backend: connect, verify the pinned host key, log in.
+
+One :func:`connect_upstream` per client login. The credential decides how:
+
+* a client password is passed through (``password=``): the backend's answer is the answer
+  (asyncssh also answers a backend's keyboard-interactive "Password:" prompt with it);
+* after a client public-key login the proxy uses its own upstream key (``client_key=``);
+* keyboard-interactive is relayed prompt by prompt through a :class:`KbdIntRelay`, so backend
+  2FA works.
+
+Host keys: the backend must present one of the host's pinned keys (``Host.ssh_known_hosts``);
+an unpinned or mismatched backend is refused unless the host is marked ``ssh_insecure``. The
+backend's ``hostkeys-00@openssh.com`` announcements stop here (asyncssh ignores them without a
+handler, and global requests are never relayed), so clients only ever see the proxy's keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from edge.directory.model import Host
+from edge.proxyproto import encode_v1, encode_v2
+from sshproxy.hostkeys import parse_pinned_keys
+from sshproxy.tuning import CLIENT_OPTIONS
+
+Challenge = tuple[str, str, str, Sequence[tuple[str, bool]]]
+
+
+class UpstreamError(Exception):
+    """The backend could not be used (unreachable, host key refused, protocol error).
+
+    ``public`` is what the client is told (no internal names); ``str()`` is for the log.
+    """
+
+    def __init__(self, detail: str, public: str = "backend unavailable, try again later") -> None:
+        super().__init__(detail)
+        self.public = public
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """The backend refused the credentials."""
+
+
+class KbdIntRelay:
+    """Carries keyboard-interactive rounds between the client leg and the upstream leg.
+
+    The upstream client puts each challenge it receives with :meth:`ask` and waits for the
+    client's answers; the server side takes events with :meth:`next_event` (a challenge, or
+    ``None`` once the upstream login finished) and hands answers back with :meth:`answer`.
+    """
+
+    def __init__(self) -> None:
+        self._events: asyncio.Queue[Challenge] = asyncio.Queue()
+        self._answers: asyncio.Queue[list[str] | None] = asyncio.Queue()
+
+    async def ask(self, name: str, instructions: str, lang: str,
+                  prompts: Sequence[tuple[str, bool]]) -> list[str] | None:
+        """Relay one challenge to the client; returns its answers (``None``: give up)."""
+        await self._events.put((name, instructions, lang, list(prompts)))
+        return await self._answers.get()
+
+    async def next_challenge(self, login: asyncio.Task[Any]) -> Challenge | None:
+        """The next challenge, or ``None`` when ``login`` finished first (success or error)."""
+        getter = asyncio.ensure_future(self._events.get())
+        try:
+            await asyncio.wait({getter, login}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        return getter.result() if getter.done() and not getter.cancelled() else None
+
+    def answer(self, responses: list[str] | None) -> None:
+        self._answers.put_nowait(responses)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What the proxy logs in upstream with: exactly one of the three."""
+
+    password: str | None = None
+    client_key: asyncssh.SSHKey | None = None
+    """The proxy's upstream key (after the client proved its own key)."""
+    relay: KbdIntRelay | None = None
+
+
+class _UpstreamClient(asyncssh.SSHClient):
+    """The proxy's client object on the upstream connection.
+
+    Every auth callback first awaits the credential, so the connection can be opened (TCP, key
+    exchange) while the client is still authenticating to us, and each credential is offered
+    once: a refusal ends the upstream login (the client's next attempt opens a fresh one).
+    """
+
+    def __init__(self, credential: Awaitable[Credential],
+                 on_lost: Callable[[Exception | None], None] | None) -> None:
+        self._credential = asyncio.ensure_future(credential)
+        self._on_lost = on_lost
+        self._authenticated = False
+        self._offered: set[str] = set()
+
+    async def _take(self, kind: str) -> Credential | None:
+        credential = await asyncio.shield(self._credential)
+        if kind in self._offered:
+            return None
+        self._offered.add(kind)
+        return credential
+
+    def auth_completed(self) -> None:
+        self._authenticated = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._authenticated and self._on_lost is not None:
+            self._on_lost(exc)
+
+    async def public_key_auth_requested(self) -> list[asyncssh.SSHKey] | None:
+        credential = await self._take("publickey")
+        return [credential.client_key] if credential and credential.client_key else None
+
+    async def password_auth_requested(self) -> str | None:
+        credential = await self._take("password")
+        return credential.password if credential else None
+
+    async def kbdint_auth_requested(self) -> str | None:
+        credential = await asyncio.shield(self._credential)
+        if credential.relay is not None:
+            return ""
+        # A password goes over keyboard-interactive only to backends without the password
+        # method: never try the same password twice (it would count twice against the user).
+        return "" if credential.password is not None and "password" not in self._offered else None
+
+    async def kbdint_challenge_received(
+            self, name: str, instructions: str, lang: str,
+            prompts: Sequence[tuple[str, bool]]) -> list[str] | None:
+        credential = await asyncio.shield(self._credential)
+        if credential.relay is not None:
+            return await credential.relay.ask(name, instructions, lang, prompts)
+        if not prompts:
+            return []  # an informational round (e.g. a PAM message)
+        # A backend that takes passwords only through keyboard-interactive (PAM): answer its one
+        # password prompt with the password, once; anything else (2FA) needs a real relay.
+        prompt = prompts[0][0].lower()
+        if len(prompts) == 1 and ("password" in prompt or "passcode" in prompt):
+            taken = await self._take("kbdint-password")
+            if taken is not None and taken.password is not None:
+                return [taken.password]
+        return None
+
+
+def known_hosts_for(host: Host) -> tuple[list[asyncssh.SSHKey], list[Any], list[Any]] | None:
+    """asyncssh ``known_hosts`` for ``host``: its pinned keys, or ``None`` (no check) if insecure.
+
+    Raises :class:`UpstreamError` when nothing is pinned and the host is not marked insecure.
+    """
+    if host.ssh_insecure:
+        return None
+    try:
+        keys = parse_pinned_keys(host.ssh_known_hosts)
+    except ValueError as exc:
+        raise UpstreamError(f"host {host.name}: {exc}") from None
+    if not keys:
+        raise UpstreamError(f"host {host.name} has no pinned SSH host key: run "
+                            f"`edge host pin-ssh-key {host.name}` (or mark it --ssh-insecure)")
+    return keys, [], []
+
+
+async def _open_socket(host: Host, client: tuple[str, int], tcp_timeout: float) -> socket.socket:
+    """A TCP connection to the host's SSH port within ``tcp_timeout`` (a dead backend is known
+    quickly even when the login itself may wait long), with the PROXY header for ``client``
+    already sent if the host asks for one."""
+    loop = asyncio.get_running_loop()
+    try:  # the usual case, an IP literal, needs no resolver thread hop per login
+        ip = ipaddress.ip_address(host.address)
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        address: tuple[Any, ...] = (host.address, host.ssh_port)
+    except ValueError:
+        infos = await loop.getaddrinfo(host.address, host.ssh_port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, address), tcp_timeout)
+        if host.send_proxy_protocol != "off":
+            local = sock.getsockname()[:2]
+            header = (encode_v2(client, local) if host.send_proxy_protocol == "v2"
+                      else encode_v1(client, local))
+            await loop.sock_sendall(sock, header)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect_upstream(host: Host, username: str, credential: Credential | Awaitable[Credential], *,
+                           client: tuple[str, int], connect_timeout: float = 10.0,
+                           tcp_timeout: float = 10.0,
+                           on_lost: Callable[[Exception | None], None] | None = None,
+                           ) -> asyncssh.SSHClientConnection:
+    """Log in to ``host`` as ``username`` with ``credential``.
+
+    ``credential`` may still be pending (an awaitable): the TCP connection and key exchange then
+    run while the client authenticates to the proxy, and the login waits for it.
+    ``connect_timeout`` bounds the whole login, including that wait; ``tcp_timeout`` the TCP
+    connect alone. ``on_lost(exc)`` is called
+    if the logged-in connection later drops (must not raise). Raises
+    :class:`UpstreamAuthFailed` when the backend refuses the credential and
+    :class:`UpstreamError` for everything else (with a detail for the log).
+    """
+    known_hosts = known_hosts_for(host)
+    pending: Awaitable[Credential]
+    if isinstance(credential, Credential):
+        ready: asyncio.Future[Credential] = asyncio.get_running_loop().create_future()
+        ready.set_result(credential)
+        pending = ready
+    else:
+        pending = credential
+    options: dict[str, Any] = dict(
+        CLIENT_OPTIONS, username=username, known_hosts=known_hosts,
+        # Our callbacks decide what is offered; password before keyboard-interactive so a plain
+        # password never goes through a prompt we would have to interpret.
+        preferred_auth="publickey,password,keyboard-interactive",
+        public_key_auth=True, password_auth=True, kbdint_auth=True, client_keys=[],
+        # Nothing from this machine's ~/.ssh may leak into a login on a user's behalf.
+        config=None, agent_path=None, ignore_encrypted=True, gss_host=None,
+        x509_trusted_certs=None, connect_timeout=connect_timeout, login_timeout=connect_timeout,
+        client_factory=lambda: _UpstreamClient(pending, on_lost))
+    where = f"{host.name} ({host.address}:{host.ssh_port})"
+    try:
+        sock = await _open_socket(host, client, min(tcp_timeout, connect_timeout))
+        return await asyncssh.connect(sock=sock, **options)
+    except asyncssh.PermissionDenied as exc:
+        raise UpstreamAuthFailed(f"{where} refused the login of {username!r}: {exc.reason}") from None
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise UpstreamError(f"{where} presented a host key that is not pinned ({exc.reason}); if "
+                            f"the backend was reinstalled, check and re-pin with `edge host "
+                            f"pin-ssh-key {host.name}`",
+                            "backend host key verification failed; the operator must check "
+                            "this server") from None
+    except asyncssh.DisconnectError as exc:
+        raise UpstreamError(f"{where} disconnected during login: {exc.reason}") from None
+    except (OSError, TimeoutError) as exc:
+        raise UpstreamError(f"{where} unreachable: {exc.strerror or exc or type(exc).__name__}",
+                            ) from None
+
+
+__all__ = ["Credential", "KbdIntRelay", "UpstreamAuthFailed", "UpstreamError", "connect_upstream",
+           "known_hosts_for"]
