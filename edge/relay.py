@@ -168,6 +168,7 @@ class Relay:
         "_last_progress",
         "_linger_handle",
         "_loop",
+        "_one_way",
         "_result",
     )
 
@@ -179,6 +180,7 @@ class Relay:
         initial_a_to_b: bytes,
         initial_b_to_a: bytes,
         names: tuple[str, str],
+        one_way: bool = False,
     ) -> None:
         if idle_timeout is not None and not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be positive or None, got {idle_timeout!r}")
@@ -190,6 +192,7 @@ class Relay:
         self._a.peer = self._b
         self._b.peer = self._a
         self._high_water = high_water
+        self._one_way = one_way
         self._idle_timeout = idle_timeout
         self._initial = (initial_a_to_b, initial_b_to_a)
         self._done: asyncio.Future[RelayResult] = self._loop.create_future()
@@ -210,6 +213,7 @@ class Relay:
         idle_timeout: float | None = None,
         high_water: int = DEFAULT_HIGH_WATER,
         names: tuple[str, str] = ("a", "b"),
+        one_way: bool = False,
     ) -> Relay:
         """Start relaying between two open transports and return the running relay.
 
@@ -217,6 +221,9 @@ class Relay:
         no further callbacks, so bytes those already read must be passed as
         ``initial_a_to_b``/``initial_b_to_a`` (written before anything else). Reading is
         resumed on both. ``names`` label the sides in :attr:`RelayResult.error`.
+        ``one_way=True`` ends the relay at the first EOF from either side (after flushing
+        what was read), for channels where data flows one way (an FTP transfer): a TLS peer,
+        which cannot be half-closed, is then closed instead of waiting for it.
         Must be called from the event loop thread.
         """
         relay = cls(
@@ -225,6 +232,7 @@ class Relay:
             initial_a_to_b=initial_a_to_b,
             initial_b_to_a=initial_b_to_a,
             names=names,
+            one_way=one_way,
         )
         relay._a.bind(transport_a)
         relay._b.bind(transport_b)
@@ -354,9 +362,10 @@ class Relay:
         if self._result is not None:
             return keep_open
         peer = ep.peer
-        if peer.eof or ep.tls:
+        if peer.eof or ep.tls or self._one_way:
             # Both directions are done; or this side is TLS, which asyncio closes after EOF,
-            # so nothing can reach it any more.
+            # so nothing can reach it any more; or a one-way channel has nothing more to say
+            # (closing flushes what the peer still has to write).
             self._finish("eof")
             return keep_open
         assert peer.transport is not None

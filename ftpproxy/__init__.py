@@ -1,1 +1,1 @@
-"""ftpproxy: not built yet — see the issue tracker. The core (edge/) runs without it."""
+"""ftpproxy: the FTP/FTPS proxy (registry name ``ftp``: ftpproxy.server.FtpProxy); see docs/ftp.md."""

@@ -186,6 +186,25 @@ async def test_attach_two_open_transports_with_initial_bytes(front: Front) -> No
     writer_y.close()
 
 
+async def test_one_way_relay_ends_at_the_first_eof_after_delivering_everything(
+        front: Front) -> None:
+    # An FTP download: the data side sends a file and EOF; the client never sends EOF, yet
+    # the transfer must end (and the client see all bytes, then EOF) for the 226 to follow.
+    reader_x, writer_x, x = await front.connect()
+    reader_y, writer_y, y = await front.connect()
+    assert x.transport is not None and y.transport is not None
+    relay = Relay.attach(x.transport, y.transport, one_way=True, names=("client", "data"))
+    payload = bytes(range(256)) * 4096
+    writer_y.write(payload)
+    writer_y.write_eof()
+    result = await asyncio.wait_for(relay.wait(), 10)
+    assert result.reason == "eof"
+    assert result.bytes_b_to_a == len(payload)
+    assert await asyncio.wait_for(reader_x.read(), 10) == payload
+    writer_x.close()
+    writer_y.close()
+
+
 # -- back-pressure ----------------------------------------------------------------------------
 
 

@@ -1,0 +1,376 @@
+"""Data channels: the passive listener, connection set-up, and moving the bytes.
+
+Every data connection goes through the proxy: towards the client in whatever mode it asked
+for (PASV/EPSV: :class:`PassiveListener`; PORT/EPRT: :func:`connect_socket`), towards the
+backend always passive. Client sockets stay unread plain sockets until the proxy knows whether
+they become TLS. Then, with no TLS on either side, :class:`SplicePump` moves the bytes with
+splice(2); otherwise both sides become transports with a :class:`HoldProtocol` (keeps what
+arrives until both exist; :func:`connect_hold`, :func:`wrap_socket`) and :func:`start_relay`
+hands them to :mod:`edge.relay` (``one_way``: the first EOF ends a transfer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import os
+import random
+import socket
+import struct
+from collections.abc import Callable
+from ssl import SSLContext
+from typing import cast
+
+from edge.relay import DEFAULT_HIGH_WATER, Relay
+from ftpproxy.tls import data_connection
+
+__all__ = [
+    "HoldProtocol",
+    "PassiveListener",
+    "SplicePump",
+    "connect_hold",
+    "connect_socket",
+    "start_relay",
+    "wrap_socket",
+]
+
+_rng = random.SystemRandom()
+#: Random ports tried before a PASV is refused with 425 (the range may be nearly full).
+BIND_ATTEMPTS = 32
+
+
+def same_ip(a: str, b: str) -> bool:
+    """True if two addresses are the same host (IPv4-mapped IPv6 compared as IPv4)."""
+    try:
+        x, y = ipaddress.ip_address(a.split("%", 1)[0]), ipaddress.ip_address(b.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped is not None:
+        x = x.ipv4_mapped
+    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped is not None:
+        y = y.ipv4_mapped
+    return x == y
+
+
+class HoldProtocol(asyncio.Protocol):
+    """Holds a fresh connection until the relay takes it: reading paused, bytes kept, EOF noted.
+
+    (uvloop reads a fresh connection once even when ``connection_made`` paused it, so what
+    arrives is buffered, never dropped.)
+    """
+
+    __slots__ = ("buffer", "closed", "eof", "transport")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.transport is not None and len(self.buffer) >= DEFAULT_HIGH_WATER:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # keep a TCP transport open for writing (ignored by TLS transports)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    @property
+    def finished(self) -> bool:
+        """The peer has sent everything it will send (EOF or connection gone)."""
+        return self.eof or self.closed.done()
+
+    def take(self) -> bytes:
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+
+class PassiveListener:
+    """One passive data port: a random port from the range, exactly one accepted connection,
+    and only from ``expected_ip`` (PASV port stealing: anyone else is closed at once and
+    reported to ``on_foreign``; the port keeps waiting for the real client).
+
+    The accepted connection stays a plain socket until :func:`wrap_socket`: nothing is read
+    from it before the proxy knows whether it becomes TLS, so no byte of a ClientHello can be
+    consumed by the wrong protocol.
+    """
+
+    def __init__(self, sock: socket.socket, port: int, expected_ip: str,
+                 on_foreign: Callable[[str], None]) -> None:
+        self.port = port
+        self._sock = sock
+        self._expected = expected_ip
+        self._on_foreign = on_foreign
+        self._taken = False
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    @classmethod
+    async def open(cls, bind_ip: str, port_range: tuple[int, int], expected_ip: str,
+                   on_foreign: Callable[[str], None]) -> PassiveListener:
+        """Listen on a random free port of ``port_range`` on ``bind_ip``.
+
+        Raises OSError when no port could be bound after :data:`BIND_ATTEMPTS` tries.
+        """
+        family = socket.AF_INET6 if ":" in bind_ip else socket.AF_INET
+        low, high = port_range
+        last: OSError | None = None
+        for _ in range(BIND_ATTEMPTS):
+            port = _rng.randint(low, high)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.bind((bind_ip, port))
+                sock.listen(4)
+            except OSError as exc:
+                sock.close()
+                if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    raise
+                last = exc
+                continue
+            sock.setblocking(False)
+            return cls(sock, port, expected_ip, on_foreign)
+        raise OSError(errno.EADDRINUSE, f"no free passive port in {low}-{high} ({last})")
+
+    async def _accept_loop(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                conn, peer = await loop.sock_accept(self._sock)
+                if same_ip(str(peer[0]), self._expected):
+                    return conn
+                conn.close()
+                self._on_foreign(str(peer[0]))
+        finally:
+            self._sock.close()  # exactly one accept
+
+    async def accept(self, wait: float) -> socket.socket:
+        """The client's connection (now the caller's), waiting up to ``wait`` seconds.
+
+        Raises TimeoutError, or ConnectionAbortedError if the port was closed meanwhile.
+        """
+        try:
+            conn = await asyncio.wait_for(asyncio.shield(self._task), wait)
+        except asyncio.CancelledError:
+            self.close()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled ourselves
+            raise ConnectionAbortedError("passive port closed") from None
+        except BaseException:
+            self.close()
+            raise
+        self._taken = True
+        self.close()
+        return conn
+
+    def close(self) -> None:
+        """Stop listening; a connection accepted but never taken is closed."""
+        if not self._task.done():
+            self._task.cancel()
+        elif not self._taken and not self._task.cancelled() and self._task.exception() is None:
+            self._task.result().close()
+        self._sock.close()
+
+
+async def connect_socket(host: str, port: int, connect_timeout: float) -> socket.socket:
+    """A plain connected socket (active mode towards the client), not yet read from."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, address), connect_timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def wrap_socket(sock: socket.socket, *, tls: SSLContext | None, handshake_timeout: float,
+                      ) -> tuple[asyncio.Transport, HoldProtocol]:
+    """Turn a client data socket into a held transport; TLS server side when ``tls`` is set."""
+    loop = asyncio.get_running_loop()
+    hold = HoldProtocol()
+    # uvloop returns its TLS protocol rather than ours for ssl=...: keep our own reference.
+    with data_connection():
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: hold, sock, ssl=tls, ssl_handshake_timeout=handshake_timeout if tls else None)
+    return transport, hold
+
+
+async def connect_hold(host: str, port: int, connect_timeout: float, *,
+                       ssl: SSLContext | None = None, server_hostname: str | None = None,
+                       ) -> tuple[asyncio.Transport, HoldProtocol]:
+    """Connect (plain, or TLS with ``ssl``/``server_hostname``) and hold the connection."""
+    loop = asyncio.get_running_loop()
+    hold = HoldProtocol()
+    transport, _ = await asyncio.wait_for(
+        loop.create_connection(lambda: hold, host, port, ssl=ssl,
+                               server_hostname=server_hostname if ssl is not None else None),
+        connect_timeout)
+    return transport, hold
+
+
+async def start_relay(client: tuple[asyncio.Transport, HoldProtocol],
+                      backend: tuple[asyncio.Transport, HoldProtocol], *,
+                      idle_timeout: float) -> Relay | tuple[int, int]:
+    """Relay client ↔ backend data connections.
+
+    Returns the running :class:`~edge.relay.Relay`, or ``(bytes_to_backend, bytes_to_client)`` when a
+    side had already finished sending before the hand-over (a small file: the backend sent it
+    and closed before the client's connection was ready); its bytes are then written to the
+    other side, which is closed after flushing, and nothing else is relayed.
+    """
+    (ct, ch), (bt, bh) = client, backend
+    for source, src_hold, sink in ((bt, bh, ct), (ct, ch, bt)):
+        if src_hold.finished:
+            data = src_hold.take()
+            if not sink.is_closing():
+                sink.write(data)
+                sink.close()
+            source.close()
+            sink_hold = ch if sink is ct else bh
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(sink_hold.closed), idle_timeout)
+            if not sink_hold.closed.done():
+                sink.abort()
+            return (len(data), 0) if sink is bt else (0, len(data))
+    return Relay.attach(ct, bt, one_way=True, initial_a_to_b=ch.take(), initial_b_to_a=bh.take(),
+                            idle_timeout=idle_timeout, names=("client", "backend"))
+
+
+#: Bytes one splice(2) call may move; the pipe between the sockets is grown to this size.
+SPLICE_CHUNK = 1 << 20
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not exported by Python 3.11
+
+
+class SplicePump:
+    """One-way copy between two plain TCP sockets with splice(2) through a pipe.
+
+    Used for the common case of a transfer with no TLS on either side: the bytes never enter
+    Python (no read/write copies, no per-chunk objects), which is what lets the proxy keep up
+    with a backend that sends with sendfile(2). Back-pressure is natural: the source is only
+    read while the pipe is empty. ``wait()`` returns ``(bytes, reason)`` with reason ``eof``
+    (the source finished; the sink got EOF after the last byte), ``idle`` (no byte moved for
+    ``idle_timeout`` seconds), ``error`` or the reason given to :meth:`close`. Both sockets are
+    closed at the end.
+    """
+
+    def __init__(self, source: socket.socket, sink: socket.socket, *, idle_timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._src, self._dst = source, sink
+        self._src_fd, self._dst_fd = source.fileno(), sink.fileno()
+        source.setblocking(False)
+        sink.setblocking(False)
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._w, _F_SETPIPE_SZ, SPLICE_CHUNK)
+        self._in_pipe = 0
+        self._eof = False
+        self._writing = False
+        self.count = 0
+        self.error: str | None = None
+        self._seen = -1
+        self._done: asyncio.Future[str] = self._loop.create_future()
+        self._idle_timeout = idle_timeout
+        self._idle_handle = self._loop.call_later(idle_timeout, self._idle_check)
+        self._loop.add_reader(self._src_fd, self._readable)
+
+    @classmethod
+    def available(cls) -> bool:
+        return hasattr(os, "splice")
+
+    async def wait(self) -> tuple[int, str]:
+        try:
+            reason = await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self.close("cancelled")
+            raise
+        return self.count, reason
+
+    def close(self, reason: str = "closed") -> None:
+        self._finish(reason)
+
+    def _readable(self) -> None:
+        try:
+            moved = os.splice(self._src_fd, self._w, SPLICE_CHUNK,
+                              flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish("error", f"source: {exc.strerror or exc}")
+            return
+        if moved == 0:
+            self._eof = True
+            self._loop.remove_reader(self._src_fd)
+        self._in_pipe += moved
+        self._drain()
+
+    def _writable(self) -> None:
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._in_pipe:
+            try:
+                moved = os.splice(self._r, self._dst_fd, self._in_pipe,
+                                  flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except (BlockingIOError, InterruptedError):
+                # The sink is full: stop reading the source until it drains.
+                if not self._writing:
+                    self._writing = True
+                    self._loop.remove_reader(self._src_fd)
+                    self._loop.add_writer(self._dst_fd, self._writable)
+                return
+            except OSError as exc:
+                self._finish("error", f"sink: {exc.strerror or exc}")
+                return
+            self._in_pipe -= moved
+            self.count += moved
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._dst_fd)
+            if not self._eof:
+                self._loop.add_reader(self._src_fd, self._readable)
+        if self._eof:
+            with contextlib.suppress(OSError):
+                self._dst.shutdown(socket.SHUT_WR)
+            self._finish("eof")
+
+    def _idle_check(self) -> None:
+        if self._done.done():
+            return
+        if self.count == self._seen and not (self._eof and self._in_pipe):
+            self._finish("idle")
+            return
+        self._seen = self.count
+        self._idle_handle = self._loop.call_later(self._idle_timeout, self._idle_check)
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        if self._done.done():
+            return
+        self.error = error
+        self._idle_handle.cancel()
+        self._loop.remove_reader(self._src_fd)
+        self._loop.remove_writer(self._dst_fd)
+        for fd in (self._r, self._w):
+            os.close(fd)
+        for sock in (self._src, self._dst):
+            if reason != "eof":
+                # Aborted: reset rather than let the peer take a truncated file as complete.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        self._done.set_result(reason)

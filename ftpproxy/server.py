@@ -1,0 +1,184 @@
+"""The FTP/FTPS proxy (registry name ``ftp``): listeners, shared limits, drain on tenant moves.
+
+One :class:`FtpProxy` per worker process. It owns what sessions share: the TLS contexts, the
+failed-login limits and per-IP connection caps (:mod:`edge.limits`), and the index of logged-in
+sessions by tenant and host, which the change feed uses to close sessions of a moved tenant at
+its drain deadline (``421``) and sessions on a host put in maintenance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Coroutine
+from typing import Any
+
+from edge import metrics as edge_metrics
+from edge.directory.model import Change
+from edge.errors import DirectoryUnavailable
+from edge.limits import ConnectionCap, LoginLimits, LoginLimitSettings
+from edge.proxyproto import ProxyHeaderPolicy
+from edge.registry import ProxyContext
+from ftpproxy.session import FtpSession
+from ftpproxy.tls import ResumingClientContext, backend_context, server_context
+
+__all__ = ["FtpProxy"]
+
+DRAIN_TEXT = "Your account has moved to another server; please reconnect."
+SHUTDOWN_TEXT = "Service shutting down, please reconnect."
+
+
+class FtpProxy:
+    """The ``ftp`` proxy of :mod:`edge.registry`; see the module docstring."""
+
+    MAX_BACKEND_CONNECTS = 32
+    """Backend connections per host:port being set up at once (TCP connect + greeting). A
+    burst of logins for one host would otherwise overflow its listen backlog, and each
+    dropped SYN costs a client a whole second of retransmission."""
+
+    def __init__(self, context: ProxyContext) -> None:
+        self.context = context
+        self.config = config = context.config.ftp
+        self.directory = context.directory
+        self.logger = context.logger
+        limits = context.config.limits
+        self.limits = LoginLimits(LoginLimitSettings.from_config(limits))
+        self.connection_cap = ConnectionCap(limits.max_connections_per_ip)
+        self.login_grace_time = limits.login_grace_time
+        self.header_policy = ProxyHeaderPolicy(
+            "required" if config.trusted_proxies else "off", config.trusted_proxies)
+        self.tls_context: ssl.SSLContext | None = (
+            server_context(config.certificate_file, config.key_file)
+            if config.certificate_file else None)
+        self._backend_tls: ResumingClientContext | None = None
+        self.servers: list[asyncio.Server] = []
+        self.sessions: set[FtpSession] = set()
+        self._by_tenant: defaultdict[str, set[FtpSession]] = defaultdict(set)
+        self._by_host: defaultdict[str, set[FtpSession]] = defaultdict(set)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._checks: set[asyncio.Task[None]] = set()
+        self._connects: dict[tuple[str, int], asyncio.Semaphore] = {}
+
+    @property
+    def backend_tls_context(self) -> ResumingClientContext:
+        """Built on first use: only hosts with ``backend_tls`` need it."""
+        if self._backend_tls is None:
+            self._backend_tls = backend_context(verify=self.config.backend_tls_verify,
+                                                ca_file=self.config.backend_ca_file)
+        return self._backend_tls
+
+    def connect_slot(self, address: str, port: int) -> asyncio.Semaphore:
+        """``async with proxy.connect_slot(address, port):`` around setting up a backend."""
+        key = (address, port)
+        slot = self._connects.get(key)
+        if slot is None:
+            if len(self._connects) > 10_000:  # forget idle ones; hosts come and go
+                self._connects = {k: s for k, s in self._connects.items() if s.locked()}
+            slot = self._connects[key] = asyncio.Semaphore(self.MAX_BACKEND_CONNECTS)
+        return slot
+
+    # -- Proxy interface ----------------------------------------------------------------------
+
+    async def start(self, sockets: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            self.servers.append(await loop.create_server(self._new_session, sock=sock))
+        self.context.feed.subscribe(self._on_change)
+
+    def _new_session(self) -> FtpSession:
+        session = FtpSession(self)
+        self.sessions.add(session)
+        self._idle.clear()
+        edge_metrics.CONNECTIONS.labels(proxy="ftp").inc()
+        return session
+
+    async def drain(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    async def wait_closed(self, timeout: float) -> None:  # noqa: ASYNC109 - the interface
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def close(self) -> None:
+        await self.drain()
+        for session in list(self.sessions):
+            session.terminate(SHUTDOWN_TEXT, "shutdown")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 5.0)
+        for session in list(self.sessions):
+            session.close_now()
+        for task in list(self._checks):
+            task.cancel()
+
+    def active_sessions(self) -> int:
+        return len(self.sessions)
+
+    # -- session index ------------------------------------------------------------------------
+
+    def watch(self, session: FtpSession) -> None:
+        """Index a logged-in session by tenant and host, for drains and maintenance."""
+        if session.route is not None:
+            self._by_tenant[session.route.tenant.name].add(session)
+            self._by_host[session.route.host.name].add(session)
+
+    def forget(self, session: FtpSession) -> None:
+        self.sessions.discard(session)
+        route = session.route
+        if route is not None:
+            for index, key in ((self._by_tenant, route.tenant.name), (self._by_host, route.host.name)):
+                group = index.get(key)
+                if group is not None:
+                    group.discard(session)
+                    if not group:
+                        del index[key]
+        if not self.sessions:
+            self._idle.set()
+
+    # -- change feed: tenant moves and host maintenance ---------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        """Feed subscriber (must not block): re-check the affected sessions in a task."""
+        if change.entity == "tenant" and change.name in self._by_tenant:
+            self._spawn(self._check_tenants([change.name]))
+        elif change.entity == "host" and change.name in self._by_host:
+            self._spawn(self._check_hosts([change.name]))
+        elif change.entity == "all":
+            self._spawn(self._check_tenants(list(self._by_tenant)))
+            self._spawn(self._check_hosts(list(self._by_host)))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _check_tenants(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                tenant = await self.directory.tenant(name)
+            except DirectoryUnavailable:
+                continue  # keep the sessions; the next change will be checked again
+            for session in list(self._by_tenant.get(name, ())):
+                assert session.route is not None
+                if tenant is None or tenant.state != "active":
+                    session.terminate("Account not available.", "tenant_gone")
+                elif tenant.host != session.route.host.name:
+                    deadline = tenant.drain_deadline or time.time()
+                    session.schedule_terminate(deadline - time.time(), DRAIN_TEXT, "drained")
+
+    async def _check_hosts(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                host = await self.directory.host(name)
+            except DirectoryUnavailable:
+                continue
+            if host is not None and host.state == "active":
+                continue
+            text = (host.notice if host is not None else "") or "Server in maintenance, try again later."
+            for session in list(self._by_host.get(name, ())):
+                session.terminate(text, "maintenance")
