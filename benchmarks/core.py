@@ -18,7 +18,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edge.directory.bulk import bulk_load, synthetic_fleet
 from edge.directory.store import SQLStore
 from edge.directory.stores import store_for_url
 
@@ -68,21 +67,53 @@ def percentile(values: Sequence[float], q: float) -> float:
 def summary(values: Sequence[float]) -> dict[str, float]:
     return {"n": len(values), "median": statistics.median(values) if values else float("nan"),
             "p50": percentile(values, 50), "p99": percentile(values, 99),
+            "p99.9": percentile(values, 99.9),
             "max": max(values) if values else float("nan")}
 
 
 # -- results --------------------------------------------------------------------------------
 
 def machine_info() -> dict[str, Any]:
-    versions = {}
-    for dist in ("hosting-edge", "aiomysql", "PyMySQL", "aiosqlite", "uvloop", "cryptography"):
+    versions: dict[str, str | None] = {}
+    for dist in ("hosting-edge", "aiomysql", "PyMySQL", "aiosqlite", "uvloop", "cryptography",
+                 "aiohttp", "asyncssh", "pyftpdlib"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
     return {"cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "load_average": os.getloadavg(), "tools": tool_versions(),
+            "memory_kib": _meminfo_total(),
             "platform": platform.platform(), "python": sys.version.split()[0],
             "implementation": platform.python_implementation(), "versions": versions}
+
+
+_TOOLS = {"nginx": ["/usr/sbin/nginx", "-v"], "haproxy": ["/usr/sbin/haproxy", "-v"],
+          "wrk": ["/usr/bin/wrk", "--version"], "openssh": ["ssh", "-V"]}
+
+
+def tool_versions() -> dict[str, str | None]:
+    """First line each peer tool prints about its version (``None``: not installed)."""
+    import subprocess
+
+    out: dict[str, str | None] = {}
+    for name, argv in _TOOLS.items():
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            out[name] = None
+            continue
+        text = (proc.stdout + proc.stderr).strip().splitlines()
+        out[name] = text[0] if text else None
+    return out
+
+
+def _meminfo_total() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return int(meminfo.readline().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 @dataclass
@@ -93,6 +124,23 @@ class Run:
     args: dict[str, Any]
     rows: list[tuple[str, str, str, str]] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Part (``"edge"``, ``"haproxy"``, or ``"*"`` for the whole scenario) → why it did not
+    run, e.g. ``"http proxy not built"``; written to the JSON as ``"skipped"``."""
+    started: float = field(default_factory=time.perf_counter)
+
+    def skip(self, part: str, reason: str) -> None:
+        """Record that ``part`` did not run (and say so on the console)."""
+        self.skipped[part] = reason
+        self.progress(f"skipped {part}: {reason}")
+
+    def progress(self, message: str) -> None:
+        """One progress line on stderr, with the time since the scenario started."""
+        print(f"  [{self.scenario} {time.perf_counter() - self.started:6.1f} s] {message}",
+              file=sys.stderr, flush=True)
+
+    def text_row(self, metric: str, value: str, peer: str = "", ratio: str = "") -> None:
+        self.rows.append((metric, value, peer, ratio))
 
     def row(self, metric: str, value: float, unit: str, peer: tuple[str, float] | None = None,
             *, digits: int = 2) -> None:
@@ -109,6 +157,7 @@ class Run:
         path = results_dir / f"{self.scenario}-{stamp}.json"
         document = {"scenario": self.scenario, "time": time.time(), "args": self.args,
                     "machine": machine_info(), "results": self.data,
+                    "skipped": {k: f"skipped: {v}" for k, v in self.skipped.items()},
                     "table": [dict(zip(("metric", "value", "peer", "ratio"), r, strict=True))
                               for r in self.rows]}
         path.write_text(json.dumps(document, indent=2, default=str) + "\n")
@@ -123,6 +172,8 @@ class Run:
         print("  ".join("-" * w for w in widths))
         for r in self.rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+        for part, reason in self.skipped.items():
+            print(f"skipped {part}: {reason}")
 
 
 # -- databases and fleets -------------------------------------------------------------------
@@ -162,45 +213,14 @@ def temporary_database(kind: str, tag: str) -> Iterator[str]:
         admin.close()
 
 
-def fleet_shape(sites: int) -> tuple[int, int, int]:
-    """(hosts, tenants, accounts) for ``sites``: 10 sites and 1 account per tenant, ≤ 500 hosts
-    (1,000,000 sites → 500 hosts, 100,000 tenants, the target fleet)."""
-    tenants = max(1, sites // 10)
-    return min(500, max(2, tenants // 200)), tenants, tenants
-
-
 async def provision(url: str, sites: int, *, progress: bool = False) -> dict[str, Any]:
-    """Make ``url`` hold the synthetic fleet of ``sites`` sites; returns load figures.
+    """Make ``url`` hold the synthetic fleet of ``sites`` sites (:meth:`FleetShape.for_sites`:
+    10 sites and 1 account per tenant, <= 500 hosts; 1,000,000 sites → 500 hosts, 100,000
+    tenants, the target fleet); returns load figures. A database already holding exactly
+    that fleet is reused (load 1M sites once, pass it with ``--database`` to later runs)."""
+    from benchmarks.fleet import FleetShape, provision_fleet
 
-    An existing database that already holds exactly that many sites is reused (so a 1M-site
-    database can be loaded once and passed with ``--database`` to later runs).
-    """
-    store = store_for_url(url)
-    await store.open()
-    try:
-        await store.migrate()
-        existing = await store.count("sites")
-        if existing == sites:
-            return {"reused": True, "sites": sites}
-        if existing:
-            raise SystemExit(f"{url} holds {existing} sites, not {sites}: use an empty database")
-        hosts, tenants, accounts = fleet_shape(sites)
-        last = [time.perf_counter()]
-
-        def report(kind: str, count: int) -> None:
-            if progress and time.perf_counter() - last[0] > 5:
-                last[0] = time.perf_counter()
-                print(f"  ... {kind}: {count:,}", file=sys.stderr, flush=True)
-
-        start = time.perf_counter()
-        counts = await bulk_load(store, synthetic_fleet(hosts, tenants, sites, accounts),
-                                 progress=report, batch_size=5000)
-        seconds = time.perf_counter() - start
-        rows = sum(counts.values())
-        return {"reused": False, "counts": counts, "seconds": seconds,
-                "rows_per_second": rows / seconds}
-    finally:
-        await store.close()
+    return await provision_fleet(url, FleetShape.for_sites(sites), progress=progress)
 
 
 async def open_store(url: str) -> SQLStore:

@@ -178,7 +178,7 @@ async def _read_event(proc: asyncio.subprocess.Process, deadline: float) -> dict
 async def propagation(args: argparse.Namespace, run: Run) -> None:
     with database_for(args, "prop") as url:
         await provision(url, args.sites)
-        hostname = "www.tenant1.example"  # tenant1 starts on h0002
+        hostname = "www.tenant1.example"  # tenant1 starts on b0002
         watcher = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.worker", "watch", "--database", url,
             "--hostname", hostname, "--interval", str(args.interval),

@@ -150,6 +150,8 @@ class HttpConfig(ProxyListenerConfig):
     access_log: str = ""
     """"" = access log through the edge logger (JSON lines); a path = buffered JSON-lines file;
     "off" = none."""
+    backend_ca_file: str = ""
+    """PEM CA bundle that verifies backends of hosts with backend_tls; "" = the system CAs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +219,7 @@ class SshConfig(ProxyListenerConfig):
     allow_local_forwarding: bool = False
     """`ssh -L` through the proxy, only ever to the backend's own loopback (sshproxy/bridge.py)."""
     allow_remote_forwarding: bool = False
-    """`ssh -R`: a listener on the backend (subject to its sshd's GatewayPorts), brought back to the client."""
+    """`ssh -R`: a listener on the backend (per its sshd's GatewayPorts), brought back to the client."""
     env_allow: tuple[str, ...] = ("LANG", "LC_*")
     """AcceptEnv-style patterns of client environment variables passed to the backend."""
     client_env_name: str = "EDGE_CLIENT_ADDR"

@@ -33,12 +33,15 @@ import ssl as _ssl
 from dataclasses import dataclass
 from typing import Final, cast
 
+from edge.splice import SplicePump  # the zero-copy one-way pump (plain TCP, no TLS)
+
 __all__ = [
     "CLOSE_LINGER",
     "DEFAULT_HIGH_WATER",
     "Relay",
     "RelayConnectError",
     "RelayResult",
+    "SplicePump",
     "open_relay",
 ]
 

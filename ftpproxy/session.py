@@ -31,13 +31,12 @@ from edge import metrics as edge_metrics
 from edge.directory.directory import AccountRoute
 from edge.errors import DirectoryUnavailable
 from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode_v2
-from edge.relay import Relay
+from edge.relay import Relay, SplicePump
 from ftpproxy import metrics
 from ftpproxy.backend import BackendControl, BackendError, BackendGone
 from ftpproxy.data import (
     HoldProtocol,
     PassiveListener,
-    SplicePump,
     connect_hold,
     connect_socket,
     start_relay,

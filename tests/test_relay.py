@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import errno
 import hashlib
+import os
 import random
 import socket
 import ssl
@@ -20,7 +21,7 @@ from typing import cast
 import pytest
 import uvloop
 
-from edge.relay import Relay, RelayConnectError, RelayResult, open_relay
+from edge.relay import Relay, RelayConnectError, RelayResult, SplicePump, open_relay
 
 MiB = 1024 * 1024
 LOCAL = "127.0.0.1"
@@ -191,7 +192,7 @@ async def test_one_way_relay_ends_at_the_first_eof_after_delivering_everything(
     # An FTP download: the data side sends a file and EOF; the client never sends EOF, yet
     # the transfer must end (and the client see all bytes, then EOF) for the 226 to follow.
     reader_x, writer_x, x = await front.connect()
-    reader_y, writer_y, y = await front.connect()
+    _reader_y, writer_y, y = await front.connect()
     assert x.transport is not None and y.transport is not None
     relay = Relay.attach(x.transport, y.transport, one_way=True, names=("client", "data"))
     payload = bytes(range(256)) * 4096
@@ -203,6 +204,47 @@ async def test_one_way_relay_ends_at_the_first_eof_after_delivering_everything(
     assert await asyncio.wait_for(reader_x.read(), 10) == payload
     writer_x.close()
     writer_y.close()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    return a, b
+
+
+@pytest.mark.skipif(not SplicePump.available(), reason="splice(2) is Linux-only")
+async def test_splice_pump_moves_a_stream_then_eof_and_a_stall_is_idle() -> None:
+    loop = asyncio.get_running_loop()
+    src_peer, src = _tcp_pair()
+    sink, sink_peer = _tcp_pair()
+    for s in (src_peer, sink_peer):
+        s.setblocking(False)
+    pump = SplicePump(src, sink, idle_timeout=5)
+    payload = os.urandom(8 << 20)
+    sender = loop.create_task(loop.sock_sendall(src_peer, payload))
+    received = bytearray()
+    while chunk := await asyncio.wait_for(loop.sock_recv(sink_peer, 1 << 20), 10):
+        received += chunk
+        if len(received) == len(payload):
+            src_peer.shutdown(socket.SHUT_WR)
+    await sender
+    assert (await asyncio.wait_for(pump.wait(), 10)) == (len(payload), "eof")
+    assert bytes(received) == payload
+    src_peer.close()
+    sink_peer.close()
+
+    # A source that sends nothing: the pump gives up at the idle timeout and resets both
+    # sides, so a reader never takes a truncated stream for a complete one.
+    quiet, src = _tcp_pair()
+    sink, reader = _tcp_pair()
+    pump = SplicePump(src, sink, idle_timeout=0.2)
+    assert (await asyncio.wait_for(pump.wait(), 10)) == (0, "idle")
+    reader.setblocking(False)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(loop.sock_recv(reader, 10), 5)
+    quiet.close()
+    reader.close()
 
 
 # -- back-pressure ----------------------------------------------------------------------------

@@ -1,0 +1,383 @@
+"""HTTP-side scenarios: ``http`` (keep-alive, Zipf, cache on/off, vs nginx/haproxy/direct),
+``workers`` (throughput vs ``--workers``) and ``tls`` (handshakes cycling SNI names)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.backends import start_http_backend
+from benchmarks.core import Run, database_for, scenario, summary
+from benchmarks.fleet import BENCH_SECRET_KEY, FleetShape, Zipf, attach_backends, provision_fleet
+from benchmarks.loadgen import HttpLoad, run_wrk, tls_handshakes_multi, write_wrk_script
+from benchmarks.peers import start_haproxy_proxy, start_nginx_proxy, start_nginx_tls
+from benchmarks.procs import Child, edge_toml, proxy_missing, scratch, start_edge, tool_missing
+from edge.directory.secrets import KeyBox
+from edge.directory.stores import store_for_url
+
+HTTP_SECTION: dict[str, Any] = {"listen": ["127.0.0.1:0"], "access_log": "off"}
+"""Our HTTP proxy as measured: like the nginx/haproxy peers, no access log."""
+
+
+@dataclass
+class WebFleet:
+    """A provisioned fleet with its HTTP backend running and attached."""
+
+    url: str
+    shape: FleetShape
+    backend: Child
+    workdir: Path
+
+    def upstreams(self) -> dict[str, tuple[str, int]]:
+        return {self.shape.host_name(i): (self.shape.host_address(i), self.backend.ports[str(i)])
+                for i in range(self.shape.hosts)}
+
+    def routes(self, sites: list[int]) -> dict[str, str]:
+        """Request name → upstream name, for the static peers' maps."""
+        return {self.shape.request_name(s): self.shape.host_name(self.shape.site_host(s))
+                for s in set(sites)}
+
+
+def fleet_arguments(parser: argparse.ArgumentParser, sites: int = 100_000) -> None:
+    parser.add_argument("--sites", type=int, default=sites,
+                        help=f"sites in the synthetic fleet (default {sites:,})")
+    parser.add_argument("--hosts", type=int, default=0,
+                        help="simulated backend hosts (default: sites/2000, 2..500)")
+    parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of popularity")
+    parser.add_argument("--names", type=int, default=20_000,
+                        help="Zipf-drawn request names the load generator cycles through")
+
+
+def shape_from(args: argparse.Namespace, certs: int = 0) -> FleetShape:
+    shape = FleetShape.for_sites(args.sites, certs=certs)
+    if getattr(args, "hosts", 0):
+        shape = FleetShape(hosts=args.hosts, tenants=shape.tenants, sites=shape.sites,
+                           accounts=shape.accounts, certs=shape.certs)
+    return shape
+
+
+@contextlib.asynccontextmanager
+async def web_fleet(args: argparse.Namespace, run: Run, tag: str, *, certs: int = 0,
+                    ) -> AsyncIterator[WebFleet]:
+    """Provision (or reuse) the fleet, start the nginx backend for every host, attach it."""
+    shape = shape_from(args, certs)
+    with database_for(args, tag) as url, scratch(tag) as folder:
+        run.progress(f"provisioning {shape.sites:,} sites, {shape.tenants:,} tenants, "
+                     f"{shape.hosts} hosts, {shape.certs:,} certificates")
+        load = await provision_fleet(url, shape, progress=True)
+        run.data["fleet"] = {"shape": shape.as_dict(), "load": load}
+        workdir = Path(folder)
+        backend = await start_http_backend(workdir, [shape.host_address(i)
+                                                     for i in range(shape.hosts)])
+        async with backend:
+            await attach_backends(url, shape, {"http": [backend.ports[str(i)]
+                                                        for i in range(shape.hosts)]})
+            yield WebFleet(url, shape, backend, workdir)
+
+
+def zipf_sites(shape: FleetShape, count: int, *, cached: bool, s: float = 1.0,
+               seed: int = 7) -> list[int]:
+    """``count`` site indexes by Zipf popularity among the cached (odd) or uncached (even)
+    sites."""
+    half = max(1, shape.sites // 2)
+    picks = Zipf(half, s).sample(count, seed)
+    return [2 * p + (1 if cached else 0) for p in picks if 2 * p + int(cached) < shape.sites]
+
+
+async def measure(run: Run, label: str, child: Child | None, port: int, script: Path,
+                  args: argparse.Namespace, *, connections: int | None = None,
+                  threads: int = 1, host: str = "127.0.0.1", names: int = 0) -> HttpLoad:
+    """Warm up, then one timed wrk run with the server's CPU time around it.
+
+    The warm-up lasts ``--warmup`` seconds and at least until every name of the script was
+    requested once (bounded by 120 s), so the timed run sees a steady state: each name's
+    directory lookup already cached, as on a long-running proxy."""
+    conns = connections or args.connections
+    run.progress(f"{label}: warm-up {args.warmup:g} s (and one pass over {names:,} names) + "
+                 f"{args.duration:g} s at {conns} connections")
+    done, started = 0, time.monotonic()
+    while args.warmup > 0:
+        part = await run_wrk(port, script, seconds=args.warmup, connections=conns,
+                             threads=threads, host=host, offset=done)
+        done += part.requests
+        if done >= names or time.monotonic() - started > 120 or not part.requests:
+            break
+    warm_seconds = time.monotonic() - started
+    before = child.cpu() if child else 0.0
+    load = await run_wrk(port, script, seconds=args.duration, connections=conns, threads=threads,
+                         host=host)
+    load.server_cpu = (child.cpu() - before) if child else 0.0
+    load.extra["warmup_requests"] = done
+    load.extra["warmup_seconds"] = warm_seconds
+    run.progress(f"{label}: {load.rps:,.0f} req/s, p99 {load.pct(99):.2f} ms, "
+                 f"{load.failed} failed")
+    return load
+
+
+def _load_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per timed run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per run")
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="edge serve --workers (and nginx worker_processes, haproxy nbthread)")
+
+
+def _http_arguments(parser: argparse.ArgumentParser) -> None:
+    fleet_arguments(parser)
+    _load_arguments(parser)
+
+
+def _report(run: Run, label: str, load: HttpLoad, peer: HttpLoad | None, peer_name: str) -> None:
+    def p(value: float) -> tuple[str, float] | None:
+        return (peer_name, value) if peer is not None else None
+
+    run.row(f"{label} requests/s", load.rps, "req/s", p(peer.rps) if peer else None, digits=0)
+    for q, key in ((50, "p50"), (99, "p99"), (99.9, "p99.9")):
+        run.row(f"{label} latency {key}", load.pct(q), "ms", p(peer.pct(q)) if peer else None)
+    if load.server_cpu:
+        run.row(f"{label} CPU per request", load.cpu_us_per_request, "µs",
+                p(peer.cpu_us_per_request) if peer and peer.server_cpu else None, digits=1)
+    run.row(f"{label} failed requests", load.failed, "", digits=0)
+    warm = load.extra.get("warmup_seconds") or 0.0
+    if warm and label.startswith("edge"):  # the cold start a restart or a new box goes through
+        run.row(f"{label} warm-up (cold directory cache) requests/s",
+                load.extra["warmup_requests"] / warm, "req/s", digits=0)
+
+
+@scenario("http", "keep-alive HTTP, Zipf Host headers, cache on/off: edge vs nginx, haproxy, "
+                  "direct to the backend (wrk)",
+          quick={"sites": 2_000, "duration": 2.0, "warmup": 1.0, "names": 2_000,
+                 "connections": 16},
+          arguments=_http_arguments)
+async def http(args: argparse.Namespace, run: Run) -> None:
+    missing = tool_missing("wrk", "nginx")
+    if missing:
+        run.skip("*", missing)
+        return
+    async with web_fleet(args, run, "http") as fleet:
+        shape = fleet.shape
+        results: dict[str, dict[str, Any]] = {}
+        edge_missing = proxy_missing("http")
+        haproxy_missing = tool_missing("haproxy")
+        if edge_missing:
+            run.skip("edge", edge_missing)
+        if haproxy_missing:
+            run.skip("haproxy", haproxy_missing)
+        for mode in ("off", "on"):
+            sites = zipf_sites(shape, args.names, cached=mode == "on", s=args.zipf)
+            path = "/c/index.html" if mode == "on" else "/index.html"
+            script = write_wrk_script(fleet.workdir / f"zipf-{mode}.lua",
+                                      [shape.request_name(s) for s in sites], path)
+            routes = fleet.routes(sites)
+            loads: dict[str, HttpLoad] = {}
+            loads["direct"] = await measure(run, f"direct (cache {mode})", fleet.backend,
+                                            fleet.backend.ports["0"], script, args,
+                                            host=shape.host_address(0), names=len(sites))
+            if not edge_missing:
+                toml = edge_toml(fleet.url, {"http": HTTP_SECTION},
+                                 secret=BENCH_SECRET_KEY)
+                async with await start_edge(fleet.workdir, toml, workers=args.workers,
+                                            expect=["http"]) as edge:
+                    loads["edge"] = await measure(run, f"edge (cache {mode})", edge,
+                                                  edge.ports["http"], script, args,
+                                                  names=len(sites))
+            async with await start_nginx_proxy(fleet.workdir, routes, fleet.upstreams(),
+                                               workers=args.workers) as nginx:
+                loads["nginx"] = await measure(run, f"nginx (cache {mode})", nginx,
+                                               nginx.ports["http"], script, args,
+                                               names=len(sites))
+            if not haproxy_missing:
+                async with await start_haproxy_proxy(fleet.workdir, routes, fleet.upstreams(),
+                                                     threads=args.workers) as haproxy:
+                    loads["haproxy"] = await measure(run, f"haproxy (cache {mode})", haproxy,
+                                                     haproxy.ports["http"], script, args,
+                                                     names=len(sites))
+            for name, load in loads.items():
+                peer = None if name == "nginx" else loads["nginx"]
+                _report(run, f"{name}, cache {mode}:", load, peer, "nginx")
+            results[f"cache_{mode}"] = {
+                "distinct_names": len(routes), "path": path,
+                "targets": {name: load.as_dict() for name, load in loads.items()}}
+        run.data.update(results=results, workers=args.workers, connections=args.connections,
+                        duration=args.duration)
+
+
+# -- workers --------------------------------------------------------------------------------
+
+def _workers_arguments(parser: argparse.ArgumentParser) -> None:
+    fleet_arguments(parser, 10_000)
+    _load_arguments(parser)
+    parser.add_argument("--max-workers", type=int, default=0,
+                        help="largest --workers to try (default: number of CPUs)")
+
+
+@scenario("workers", "HTTP throughput vs edge serve --workers 1..N (nginx worker_processes "
+                     "1..N in the same run)",
+          quick={"sites": 1_000, "duration": 2.0, "warmup": 1.0, "names": 1_000,
+                 "max_workers": 2, "connections": 16},
+          arguments=_workers_arguments)
+async def workers(args: argparse.Namespace, run: Run) -> None:
+    import os
+
+    missing = tool_missing("wrk", "nginx")
+    if missing:
+        run.skip("*", missing)
+        return
+    top = args.max_workers or os.cpu_count() or 1
+    edge_missing = proxy_missing("http")
+    if edge_missing:
+        run.skip("edge", edge_missing)
+    async with web_fleet(args, run, "workers") as fleet:
+        sites = zipf_sites(fleet.shape, args.names, cached=False, s=args.zipf)
+        script = write_wrk_script(fleet.workdir / "zipf.lua",
+                                  [fleet.shape.request_name(s) for s in sites])
+        routes = fleet.routes(sites)
+        series: dict[str, dict[int, dict[str, Any]]] = {"edge": {}, "nginx": {}}
+        for n in range(1, top + 1):
+            conns = args.connections * n
+            threads = min(n, 2)
+            if not edge_missing:
+                toml = edge_toml(fleet.url, {"http": HTTP_SECTION},
+                                 secret=BENCH_SECRET_KEY)
+                async with await start_edge(fleet.workdir, toml, workers=n,
+                                            expect=["http"]) as edge:
+                    load = await measure(run, f"edge --workers {n}", edge, edge.ports["http"],
+                                         script, args, connections=conns, threads=threads,
+                                         names=len(sites))
+                    series["edge"][n] = load.as_dict()
+            async with await start_nginx_proxy(fleet.workdir, routes, fleet.upstreams(),
+                                               workers=n, name=f"nginx-w{n}") as nginx:
+                load = await measure(run, f"nginx worker_processes {n}", nginx,
+                                     nginx.ports["http"], script, args, connections=conns,
+                                     threads=threads, names=len(sites))
+                series["nginx"][n] = load.as_dict()
+        for n in range(1, top + 1):
+            peer = series["nginx"][n]["rps"]
+            if n in series["edge"]:
+                run.row(f"edge --workers {n} requests/s", series["edge"][n]["rps"], "req/s",
+                        (f"nginx {n} workers", peer), digits=0)
+            else:
+                run.row(f"nginx worker_processes {n} requests/s", peer, "req/s", digits=0)
+        run.data.update(series=series, max_workers=top)
+
+
+# -- tls ------------------------------------------------------------------------------------
+
+def _tls_arguments(parser: argparse.ArgumentParser) -> None:
+    fleet_arguments(parser, 100_000)
+    parser.add_argument("--certs", type=int, default=10_000,
+                        help="certificates in the fleet (one per tenant, the first tenants)")
+    parser.add_argument("--sni", type=int, nargs="+", default=[10, 100, 1000, 5000],
+                        help="distinct SNI names cycled per run (one per certificate)")
+    parser.add_argument("--handshakes", type=int, default=3000,
+                        help="handshakes per run (upper bound)")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per run (bound)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="handshakes in flight (over all client processes)")
+    parser.add_argument("--clients", type=int, default=2,
+                        help="client processes (one Python process tops out at a few hundred "
+                             "handshakes/s)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--context-cache", type=int, default=1000,
+                        help="[https] context_cache_size of edge serve (SSL contexts kept)")
+    parser.add_argument("--nginx-certs", type=int, default=1000,
+                        help="largest SNI set also served by nginx (its config preloads them)")
+
+
+async def directory_certificates(url: str, count: int) -> list[tuple[list[str], str, str]]:
+    """The first ``count`` certificates of the directory as (names, chain PEM, key PEM)."""
+    keybox = KeyBox.from_text(BENCH_SECRET_KEY)
+    store = store_for_url(url)
+    await store.open()
+    try:
+        out: list[tuple[list[str], str, str]] = []
+        after = 0
+        while len(out) < count:
+            page = await store.list_certificates(after=after, limit=min(1000, count - len(out)))
+            if not page:
+                break
+            for cert in page:
+                out.append((list(cert.names), cert.chain_pem.decode(),
+                            keybox.decrypt(cert.key_encrypted).decode()))
+            after = page[-1].id
+        return out
+    finally:
+        await store.close()
+
+
+@scenario("tls", "fresh TLS handshakes cycling N SNI names (asyncio generator): edge HTTPS "
+                 "vs nginx with the same certificates; handshakes per CPU-second",
+          quick={"sites": 2_000, "certs": 100, "sni": [10, 100], "handshakes": 200,
+                 "duration": 5.0, "nginx_certs": 100, "concurrency": 8, "clients": 1},
+          arguments=_tls_arguments)
+async def tls(args: argparse.Namespace, run: Run) -> None:
+    missing = tool_missing("nginx")
+    if missing:
+        run.skip("*", missing)
+        return
+    edge_missing = proxy_missing("https")
+    if edge_missing:
+        run.skip("edge", edge_missing)
+    sizes = sorted({min(n, args.certs) for n in args.sni})
+    async with web_fleet(args, run, "tls", certs=args.certs) as fleet:
+        shape = fleet.shape
+        upstream = (shape.host_address(0), fleet.backend.ports["0"])
+        results: dict[str, dict[int, dict[str, Any]]] = {"edge": {}, "nginx": {}}
+
+        async def one(label: str, child: Child, port: int, n: int) -> dict[str, Any]:
+            names = [f"www.tenant{t}.example" for t in range(n)]
+            run.progress(f"{label}: {n} SNI names, up to {args.handshakes} handshakes")
+            before = child.cpu()
+            load = await tls_handshakes_multi(port, names, count=args.handshakes,
+                                              seconds=args.duration,
+                                              concurrency=args.concurrency,
+                                              clients=args.clients)
+            load.server_cpu = child.cpu() - before
+            run.progress(f"{label}: {load.rate:,.0f} handshakes/s, "
+                         f"{load.per_cpu_second:,.0f} per server CPU-second, "
+                         f"{load.failures} failed {load.first_error}")
+            return {"handshakes": load.handshakes, "failures": load.failures,
+                    "seconds": load.seconds, "rate": load.rate, "server_cpu": load.server_cpu,
+                    "per_cpu_second": load.per_cpu_second, "latency_ms": summary(load.latencies_ms),
+                    "first_error": load.first_error, "latencies_ms": load.latencies_ms}
+
+        if not edge_missing:
+            toml = edge_toml(fleet.url, {"https": {"listen": ["127.0.0.1:0"],
+                                                   "context_cache_size": args.context_cache}},
+                             secret=BENCH_SECRET_KEY)
+            async with await start_edge(fleet.workdir, toml, workers=args.workers,
+                                        expect=["https"]) as edge:
+                for n in sizes:
+                    results["edge"][n] = await one("edge https", edge, edge.ports["https"], n)
+        # nginx preloads every certificate it may serve (static server blocks): the very
+        # certificates and keys of the directory, read back and decrypted.
+        top = min(max(sizes), args.nginx_certs)
+        certs = await directory_certificates(fleet.url, top)
+        async with await start_nginx_tls(fleet.workdir, certs, upstream,
+                                         workers=args.workers) as nginx:
+            for n in sizes:
+                if n <= top:
+                    results["nginx"][n] = await one("nginx", nginx, nginx.ports["https"], n)
+        for n in sizes:
+            edge_r, nginx_r = results["edge"].get(n), results["nginx"].get(n)
+            peer = ("nginx", nginx_r["per_cpu_second"]) if nginx_r else None
+            if edge_r:
+                run.row(f"edge handshakes per CPU-second, {n} SNI names",
+                        edge_r["per_cpu_second"], "hs/cpu-s", peer, digits=0)
+                run.row(f"edge handshake p99, {n} SNI names", edge_r["latency_ms"]["p99"], "ms",
+                        ("nginx", nginx_r["latency_ms"]["p99"]) if nginx_r else None)
+                run.row(f"edge failed handshakes, {n} SNI names", edge_r["failures"], "",
+                        digits=0)
+            elif nginx_r:
+                run.row(f"nginx handshakes per CPU-second, {n} SNI names",
+                        nginx_r["per_cpu_second"], "hs/cpu-s", digits=0)
+                run.row(f"nginx handshake p99, {n} SNI names", nginx_r["latency_ms"]["p99"], "ms")
+        run.data.update(results={k: {str(n): v for n, v in d.items()} for k, d in results.items()},
+                        sizes=sizes, workers=args.workers,
+                        context_cache_size=args.context_cache)
+

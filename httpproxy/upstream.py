@@ -1,0 +1,391 @@
+"""Backend connections: a keep-alive pool per backend and the response side of a request.
+
+A :class:`BackendConnection` writes one request (head and body bytes built by the client side)
+and forwards the response **raw**: it finds the end of the response head itself (one
+``bytes.find``), hands the head to its :class:`ResponseSink` once, then passes every later
+chunk straight through while llhttp (``httptools.HttpResponseParser``, one callback:
+``on_message_complete``) only finds where the message ends. No per-header callbacks, no
+re-serialisation of the response.
+
+The pool is ``dict[key, list[BackendConnection]]`` with ``pop``/``append`` (LIFO keeps the
+warmest connection busy and lets the others time out), bounded per key, with an idle timeout
+enforced by one sweeper per pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+from typing import Protocol
+
+import httptools
+
+__all__ = ["BackendConnection", "BackendKey", "BackendPool", "ResponseSink", "is_close_delimited"]
+
+MAX_RESPONSE_HEAD = 65536
+"""Bytes a backend's response head may take before the response counts as invalid (502)."""
+
+BackendKey = tuple[str, int, bytes, str]
+"""(address, port, PROXY header sent first or b"", TLS server name or "" for plain HTTP)."""
+
+_FRAMING = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.IGNORECASE)
+_CLOSE = re.compile(rb"\r\nconnection[ \t]*:[^\r\n]*\bclose\b", re.IGNORECASE)
+
+
+def is_close_delimited(head: bytes, status: int) -> bool:
+    """True if a response with this head (to a non-HEAD request) ends when the connection
+    closes: no Content-Length, no Transfer-Encoding, and a status that has a body."""
+    if status < 200 or status in (204, 304):
+        return False
+    return _FRAMING.search(head) is None
+
+
+class ResponseSink(Protocol):
+    """Receives one response from a :class:`BackendConnection` (the client connection, or a
+    background cache refresh). Methods return nothing and must not raise."""
+
+    def response_info(self, raw: bytes) -> None:
+        """A complete 1xx head (not 101), blank line included."""
+
+    def response_start(self, conn: BackendConnection, status: int, head: bytes, rest: bytes) -> None:
+        """The final head: status line and header lines each ending in CRLF, *without* the
+        blank line; ``rest`` is what followed in the same read (body bytes). The sink may
+        call ``conn.abort()`` to drop the response (no further calls then)."""
+
+    def response_body(self, data: bytes) -> None:
+        """More raw body bytes (chunked framing and trailers included, as sent)."""
+
+    def response_end(self, conn: BackendConnection, reusable: bool) -> None:
+        """The response is complete; the sink releases or closes ``conn``."""
+
+    def response_failed(self, conn: BackendConnection, kind: str) -> None:
+        """No (complete) response: ``kind`` is "reset" (closed before any byte), "timeout",
+        "invalid" (not HTTP) or "truncated" (closed mid-response). ``conn`` is closed."""
+
+    def response_upgrade(self, conn: BackendConnection, head: bytes, rest: bytes) -> None:
+        """101 Switching Protocols: ``conn`` left the pool; the sink owns its transport."""
+
+    def backend_paused(self) -> None:
+        """The backend's write buffer is full: stop reading the request body."""
+
+    def backend_resumed(self) -> None: ...
+
+
+class BackendConnection(asyncio.Protocol):
+    """One keep-alive connection to a backend; serves one request at a time."""
+
+    __slots__ = ("_buf", "_head", "_head_done", "_loop", "_parser", "_timer", "close_delimited", "closed",
+                 "head_request", "idle_since", "key", "last_io", "pool", "responded", "sink",
+                 "status", "transport", "uses")
+
+    def __init__(self, pool: BackendPool, key: BackendKey) -> None:
+        self.pool = pool
+        self.key = key
+        self._loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._buf = b""
+        self._head = b""
+        self._head_done = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.close_delimited = False
+        self.head_request = False
+        self.responded = False
+        self.idle_since = 0.0
+        self.last_io = 0.0
+        self.status = 0
+        self.uses = 0
+
+    # -- use -----------------------------------------------------------------------------
+
+    def send(self, sink: ResponseSink, data: bytes, *, head_request: bool) -> None:
+        """Write a request (head and whatever body is ready) and route its response to ``sink``."""
+        self.sink = sink
+        self.head_request = head_request
+        self.responded = False
+        self._head_done = False
+        self._buf = b""
+        self.uses += 1
+        self.last_io = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self.last_io + self.pool.response_timeout, self._check)
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        """More request body bytes."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        """Drop the connection now (a response we do not want the rest of)."""
+        self.sink = None
+        self.closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.sink = None
+        self.closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        sink = self.sink
+        if sink is None or self.closed:
+            return
+        due = self.last_io + self.pool.response_timeout
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+            return
+        self.abort()
+        sink.response_failed(self, "timeout")
+
+    # -- asyncio callbacks --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:  # bytes while idle: the backend is confused; never reuse it
+            self.abort()
+            self.pool.discard(self)
+            return
+        self.last_io = self._loop.time()
+        if self._head_done:
+            sink.response_body(data)
+            if self.sink is not None:
+                self._feed(data)
+            return
+        buf = self._buf + data if self._buf else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_RESPONSE_HEAD:
+                    self._fail("invalid")
+                else:
+                    self._buf = buf
+                return
+            if not buf.startswith(b"HTTP/1.") or buf[12:13] not in (b" ", b"\r"):
+                self._fail("invalid")
+                return
+            try:
+                status = int(buf[9:12])
+            except ValueError:
+                self._fail("invalid")
+                return
+            self.responded = True
+            if 100 <= status < 200 and status != 101:
+                informational = buf[:end + 4]
+                buf = buf[end + 4:]
+                sink.response_info(informational)
+                self._feed(informational)
+                if self.sink is None:
+                    return
+                if not buf:
+                    self._buf = b""
+                    return
+                continue
+            break
+        self._buf = b""
+        self._head_done = True
+        self.status = status
+        head = self._head = buf[:end + 2]
+        rest = buf[end + 4:]
+        if status == 101:
+            self.sink = None
+            self._cancel_timer()
+            self.pool.discard(self)
+            sink.response_upgrade(self, head, rest)
+            return
+        sink.response_start(self, status, head, rest)
+        if self.sink is None:
+            return
+        if self.head_request:
+            # A response to HEAD has no body whatever its headers say; llhttp cannot be told
+            # that, so the head never reaches this parser and the next response gets a new one.
+            self._parser = httptools.HttpResponseParser(self)
+            self._message_done(not rest and _CLOSE.search(head) is None)
+            return
+        try:
+            self._parser.feed_data(buf)
+        except httptools.HttpParserError:
+            self._fail("truncated")
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail("invalid" if not self._head_done else "truncated")
+
+    def on_message_complete(self) -> None:
+        """llhttp callback: the response (or a 1xx before it) ended."""
+        if self._head_done:
+            # _message_done() inlined: this runs once per proxied request.
+            sink = self.sink
+            if sink is None:
+                return
+            self.sink = None
+            self._head_done = False
+            sink.response_end(self, self._parser.should_keep_alive())
+
+    def _message_done(self, reusable: bool) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        self.sink = None
+        self._head_done = False
+        # The response timer stays armed: it finds no sink and lapses, and the next send()
+        # re-arms it only then; no timer is created or cancelled per request.
+        sink.response_end(self, reusable)
+
+    def _fail(self, kind: str) -> None:
+        sink = self.sink
+        self.abort()
+        self.pool.discard(self)
+        if sink is not None:
+            sink.response_failed(self, kind)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self.pool.discard(self)
+        sink = self.sink
+        if sink is None:
+            return
+        self.sink = None
+        if self._head_done:
+            if not self.head_request and is_close_delimited(self._head, self.status):
+                self.close_delimited = True
+                sink.response_end(self, False)
+            else:
+                sink.response_failed(self, "truncated")
+        elif self.responded or self._buf:
+            sink.response_failed(self, "truncated" if self.responded else "invalid")
+        else:
+            sink.response_failed(self, "reset")
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.backend_paused()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.backend_resumed()
+
+
+class BackendPool:
+    """Idle keep-alive connections per :data:`BackendKey`, and how new ones are made."""
+
+    def __init__(self, *, size: int, idle_timeout: float, connect_timeout: float,
+                 response_timeout: float, ca_file: str = "") -> None:
+        self.loop = asyncio.get_running_loop()
+        self.size = size
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        self._idle: dict[BackendKey, list[BackendConnection]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._tls: ssl.SSLContext | None = None
+        self.ca_file = ca_file
+        self.connects = 0
+
+    def acquire_nowait(self, key: BackendKey) -> BackendConnection | None:
+        """An idle connection for ``key`` (the most recently used), or ``None``."""
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    async def connect(self, key: BackendKey) -> BackendConnection:
+        """A new connection (PROXY header already written). Raises OSError or TimeoutError."""
+        address, port, proxy_header, server_name = key
+        context: ssl.SSLContext | None = None
+        if server_name:
+            if self._tls is None:
+                # Certificates are always verified against the site's name (never "insecure").
+                self._tls = ssl.create_default_context(cafile=self.ca_file or None)
+            context = self._tls
+        self.connects += 1
+        if proxy_header and context is not None:
+            # The PROXY header goes before the TLS ClientHello: connect plain, then start TLS.
+            transport, conn = await asyncio.wait_for(self.loop.create_connection(
+                lambda: BackendConnection(self, key), address, port), self.connect_timeout)
+            transport.write(proxy_header)
+            tls = await asyncio.wait_for(self.loop.start_tls(
+                transport, conn, context, server_hostname=server_name), self.connect_timeout)
+            assert tls is not None
+            conn.transport = tls
+            return conn
+        transport, conn = await asyncio.wait_for(self.loop.create_connection(
+            lambda: BackendConnection(self, key), address, port, ssl=context,
+            server_hostname=server_name or None), self.connect_timeout)
+        if proxy_header:
+            transport.write(proxy_header)
+        return conn
+
+    def release(self, conn: BackendConnection) -> None:
+        """Keep ``conn`` for reuse (or close it when the pool for its key is full)."""
+        if conn.closed or conn.transport is None or conn.transport.is_closing():
+            return
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = []
+        if len(idle) >= self.size:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.idle_timeout / 2 or 1.0, self._sweep)
+
+    def discard(self, conn: BackendConnection) -> None:
+        idle = self._idle.get(conn.key)
+        if idle is not None:
+            with contextlib.suppress(ValueError):
+                idle.remove(conn)
+
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = self.loop.time() - self.idle_timeout
+        for key, idle in list(self._idle.items()):
+            keep = [c for c in idle if c.idle_since > cutoff and not c.closed]
+            for conn in idle:
+                if conn not in keep:
+                    conn.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = self.loop.call_later(self.idle_timeout / 2 or 1.0, self._sweep)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()

@@ -1,0 +1,99 @@
+"""Per-site filters applied by the running HTTP edge (the rules themselves are unit-tested
+exhaustively in test_http_rules.py): each refusal reaches the client with the right status and
+headers, and a refused request never reaches the backend."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from edge.directory.service import DirectoryService
+from tests.test_http_support import running
+
+
+async def _filters(edge, service: DirectoryService, **rules: object) -> None:  # type: ignore[no-untyped-def]
+    await service.update_site("www.a.test", filters=rules)
+    await edge.sync()
+
+
+async def test_ip_deny_and_allow(service: DirectoryService) -> None:
+    async with running(service.store, service) as (edge, (a,)):
+        await _filters(edge, service, ip_deny=["127.0.0.0/8"])
+        r = await edge.curl()
+        assert r.status == 403
+        await _filters(edge, service, ip_allow=["10.0.0.0/8"])
+        assert (await edge.curl()).status == 403
+        await _filters(edge, service, ip_allow=["127.0.0.1/32"])
+        assert (await edge.curl()).status == 200
+        assert len(a.requests) == 1
+
+
+async def test_path_methods_user_agent(service: DirectoryService) -> None:
+    async with running(service.store, service) as (edge, (a,)):
+        await _filters(edge, service, path_deny=[{"prefix": "/.git"}, {"regex": r"\.bak$"}],
+                       methods=["GET"], user_agent_deny=["(?i)badbot"])
+        assert (await edge.curl(path="/.git/config")).status == 403
+        assert (await edge.curl(path="/%2egit/config")).status == 403  # decoded before matching
+        assert (await edge.curl(path="/x/../.git/HEAD")).status == 403
+        assert (await edge.curl(path="/db.bak")).status == 403
+        r = await edge.curl("-X", "POST", path="/ok")
+        assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
+        assert (await edge.curl("-A", "BadBot/1.0", path="/ok")).status == 403
+        assert a.requests == []
+        assert (await edge.curl("-I", path="/ok")).status == 200  # HEAD implied by GET
+        assert (await edge.curl(path="/ok")).status == 200
+
+
+async def test_rate_limit_429_with_retry_after(service: DirectoryService) -> None:
+    async with running(service.store, service) as (edge, (a,)):
+        await _filters(edge, service, rate_limit={"requests_per_second": 0.01, "burst": 3})
+        got = [(await edge.curl(path=f"/r{i}")).status for i in range(5)]
+        assert got == [200, 200, 200, 429, 429]
+        r = await edge.curl(path="/r")
+        assert r.status == 429 and int(r.headers["retry-after"]) >= 1
+        assert len(a.requests) == 3
+
+
+async def test_basic_auth(service: DirectoryService) -> None:
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    async with running(service.store, service) as (edge, (a,)):
+        await _filters(edge, service, basic_auth=[{"prefix": "/admin", "realm": "staff",
+                                                   "users": {"ann": digest}}])
+        r = await edge.curl(path="/admin/x")
+        assert r.status == 401
+        assert r.headers["www-authenticate"].startswith('Basic realm="staff"')
+        assert (await edge.curl("-u", "ann:wrong", path="/admin/x")).status == 401
+        assert a.requests == []
+        r = await edge.curl("-u", "ann:s3cret", path="/admin/x")
+        assert r.status == 200
+        assert r.json()["headers"]["Authorization"] == "Basic " + base64.b64encode(b"ann:s3cret").decode()
+        assert (await edge.curl(path="/public")).status == 200
+
+
+async def test_https_redirect_and_no_hsts_on_http(service: DirectoryService) -> None:
+    async with running(service.store, service) as (edge, (a,)):
+        await service.update_site("www.a.test", https_redirect=True, hsts=True)
+        await edge.sync()
+        r = await edge.curl(path="/p?q=1", host="www.a.test:8080")
+        assert r.status == 301
+        assert r.headers["location"] == "https://www.a.test/p?q=1"
+        assert "strict-transport-security" not in r.headers
+        r = await edge.curl("-X", "POST", "-d", "x", path="/form")
+        assert r.status == 308
+        assert a.requests == []
+
+
+async def test_maintenance_filter_503(service: DirectoryService) -> None:
+    async with running(service.store, service) as (edge, (a,)):
+        await _filters(edge, service, maintenance=True)
+        r = await edge.curl()
+        assert r.status == 503 and r.headers["retry-after"].isdigit()
+        assert a.requests == []
+
+
+async def test_rules_change_applies_on_next_request(service: DirectoryService) -> None:
+    async with running(service.store, service) as (edge, (_a,)):
+        await _filters(edge, service, path_deny=[{"prefix": "/x"}])
+        assert (await edge.curl(path="/x")).status == 403
+        await _filters(edge, service)
+        assert (await edge.curl(path="/x")).status == 200

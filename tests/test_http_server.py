@@ -1,0 +1,212 @@
+"""HTTP edge: routing, error pages, site moves, host states, directory (SQLite and MariaDB).
+
+Real parts: the proxy in-process on a port-0 socket over a real store, aiohttp backends, curl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from edge.directory.service import DirectoryService
+from tests.test_http_support import curl, http_config, running, start_edge, statuses
+
+
+async def test_request_routed_to_the_site_backend(service: DirectoryService) -> None:
+    async with running(service.store, service, backends=2) as (edge, (_a, _b)):
+        r = await edge.curl(host="www.a.test", path="/hello?x=1")
+        assert r.status == 200
+        assert r.json()["backend"] == "a"
+        assert r.json()["path"] == "/hello?x=1"
+        r = await edge.curl(host="WWW.B.Test.:8080", path="/")
+        assert r.json()["backend"] == "b"
+        # wildcard site
+        r = await edge.curl(host="shop.a.test")
+        assert r.json()["backend"] == "a"
+
+
+async def test_unknown_host_gets_404_and_no_backend_is_contacted(service: DirectoryService) -> None:
+    async with running(service.store, service, backends=2) as (edge, (a, b)):
+        for host in ("unknown.test", "a.b.a.test", "127.0.0.1", "[::1]", "bad_host!", ""):
+            r = await edge.curl(host=host)
+            assert r.status == 404, host
+            assert b"No site is served" in r.body
+            assert "text/html" in r.headers["content-type"]
+        raw = await edge.raw(b"GET / HTTP/1.1\r\n\r\n")
+        assert statuses(raw) == [400]  # HTTP/1.1 without Host
+        assert a.requests == [] and b.requests == []
+
+
+async def test_absolute_form_to_other_host_and_connect_refused(service: DirectoryService) -> None:
+    async with running(service.store, service, backends=2) as (edge, (a, b)):
+        raw = await edge.raw(b"GET http://www.b.test/ HTTP/1.1\r\nHost: www.a.test\r\n\r\n")
+        assert statuses(raw) == [400]
+        raw = await edge.raw(b"GET http://evil.example:80/x HTTP/1.1\r\nHost: evil.example\r\n"
+                             b"Connection: close\r\n\r\n")
+        assert statuses(raw) == [404]
+        raw = await edge.raw(b"CONNECT www.b.test:443 HTTP/1.1\r\nHost: www.b.test:443\r\n\r\n")
+        assert statuses(raw) == [405]
+        assert a.requests == [] and b.requests == []
+        # absolute-form naming the Host's own site is served (origin-form upstream)
+        raw = await edge.raw(b"GET http://www.a.test/abs?q=1 HTTP/1.1\r\nHost: www.a.test\r\n"
+                             b"Connection: close\r\n\r\n")
+        assert statuses(raw) == [200]
+        assert a.requests[-1]["path"] == "/abs?q=1"
+
+
+async def test_site_moved_to_another_host_is_served_from_the_new_host(
+        service: DirectoryService) -> None:
+    async with running(service.store, service, backends=2) as (edge, (_a, _b)):
+        assert (await edge.curl(host="www.a.test")).json()["backend"] == "a"
+        await service.move_tenant("ta", "host-b")
+        await edge.sync()
+        assert (await edge.curl(host="www.a.test")).json()["backend"] == "b"
+        # A wildcard site whose entry stayed cached while its tenant was evicted by the move:
+        # routed by the name asked for, never by "*.a.test" (which would be a 404).
+        assert (await edge.curl(host="shop.a.test")).json()["backend"] == "b"
+        await service.move_tenant("ta", "host-a")
+        await edge.sync()
+        assert (await edge.curl(host="shop.a.test")).json()["backend"] == "a"
+        await service.move_tenant("ta", "host-b")
+        await edge.sync()
+        # a site moved to the other tenant
+        await service.update_site("www.b.test", tenant="ta")
+        await service.move_tenant("ta", "host-a")
+        await edge.sync()
+        assert (await edge.curl(host="www.b.test")).json()["backend"] == "a"
+
+
+async def test_host_states_maintenance_down_and_refused(service: DirectoryService) -> None:
+    async with running(service.store, service, backends=2) as (edge, (_a, b)):
+        await service.set_host_state("host-a", "maintenance")
+        await edge.sync()
+        r = await edge.curl(host="www.a.test")
+        assert r.status == 503
+        assert r.headers["retry-after"].isdigit()
+        await service.set_host_state("host-a", "down")
+        await edge.sync()
+        r = await edge.curl(host="www.a.test")
+        assert r.status == 502
+        await service.set_host_state("host-a", "active")
+        await edge.sync()
+        assert (await edge.curl(host="www.a.test")).status == 200
+        # connection refused: backend stopped
+        await b.stop()
+        r = await edge.curl(host="www.b.test")
+        assert r.status == 502
+        assert b"not reachable" in r.body
+        assert str(b.port) not in r.body.decode() and "127.0.0.1" not in r.body.decode()
+
+
+async def test_backend_timeout_gives_504(service: DirectoryService) -> None:
+    async with running(service.store, service, http=http_config(backend_timeout=0.5)) as (edge, _):
+        r = await edge.curl(host="www.a.test", path="/slow?s=5")
+        assert r.status == 504
+        assert b"took too long" in r.body
+
+
+async def test_error_pages_are_branded(service: DirectoryService) -> None:
+    async with running(service.store, service,
+                       http=http_config(error_page_brand="Example Hosting")) as (edge, _):
+        r = await edge.curl(host="nope.test")
+        assert r.status == 404
+        assert b"Example Hosting" in r.body
+        assert len(r.body) < 1024
+
+
+async def test_tenant_suspended_gets_403(service: DirectoryService) -> None:
+    async with running(service.store, service) as (edge, (a,)):
+        await service.set_tenant_state("ta", "suspended")
+        await edge.sync()
+        r = await edge.curl(host="www.a.test")
+        assert r.status == 403
+        assert a.requests == []
+
+
+async def test_cold_lookup_awaits_the_directory_and_then_is_cached(
+        service: DirectoryService) -> None:
+    async with running(service.store, service) as (edge, (_a,)):
+        await service.add_site("new.example", "ta")  # not in any cache yet
+        r = await edge.curl(host="new.example")
+        assert r.json()["backend"] == "a"
+        stats = edge.engine.stats.lookups
+        assert stats["loaded"] >= 1
+        before = stats["cached"]
+        await edge.curl(host="new.example")
+        assert stats["cached"] == before + 1
+
+
+async def test_access_log_one_json_line_per_request(service: DirectoryService, tmp_path) -> None:
+    path = tmp_path / "access.log"
+    async with running(service.store, service, http=http_config(access_log=str(path))) as (edge, _):
+        await edge.curl(host="www.a.test", path="/one")
+        await edge.curl(host="nope.test", path="/two")
+        edge.engine.access_log.flush()
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["status"] for x in lines] == [200, 404]
+    first = lines[0]
+    assert first["site"] == "www.a.test" and first["tenant"] == "ta" and first["host"] == "host-a"
+    assert first["path"] == "/one" and first["bytes"] > 0 and first["duration_ms"] >= 0
+    assert "cache" in first
+    assert lines[1]["site"] is None
+
+
+async def test_metrics_exported(service: DirectoryService) -> None:
+    from prometheus_client import REGISTRY
+
+    async with running(service.store, service) as (edge, _):
+        def value(name: str, labels: dict[str, str]) -> float:
+            return REGISTRY.get_sample_value(name, labels) or 0.0
+        before = value("edge_http_requests_total", {"status_class": "4xx"})
+        before_lat = value("edge_http_request_duration_seconds_count", {})
+        await edge.curl(host="nope.test")
+        await edge.curl(host="www.a.test")
+        edge.engine.export_metrics()
+        assert value("edge_http_requests_total", {"status_class": "4xx"}) == before + 1
+        assert value("edge_http_request_duration_seconds_count", {}) == before_lat + 2
+        assert value("edge_http_site_lookups_total", {"outcome": "unknown"}) >= 1
+
+
+async def test_proxy_on_mariadb_and_sqlite(database_url: str, service: DirectoryService) -> None:
+    """The whole path on both stores (the database_url fixture is parametrised)."""
+    async with running(service.store, service) as (edge, (_a,)):
+        r = await edge.curl(host="www.a.test", path="/db")
+        assert r.status == 200 and r.json()["backend"] == "a"
+        assert (await edge.curl(host="x.y.test")).status == 404
+
+
+async def test_drain_closes_idle_connections_and_refuses_new(service: DirectoryService) -> None:
+    async with running(service.store, service) as (edge, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: www.a.test\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert edge.proxy.active_sessions() == 1
+        await edge.proxy.drain()
+        await asyncio.wait_for(edge.proxy.wait_closed(10), 15)
+        assert edge.proxy.active_sessions() == 0
+        writer.close()
+
+
+async def test_engine_standalone_start(service: DirectoryService) -> None:
+    """start_edge with no sites: every request is a 404, nothing crashes."""
+    edge = await start_edge(service.store, service)
+    try:
+        r = await curl(edge.port, host="www.a.test")
+        assert r.status == 404
+    finally:
+        await edge.proxy.close()
+
+
+async def test_directory_down_cold_site_503_warm_site_served(service: DirectoryService) -> None:
+    async with running(service.store, service) as (edge, (_a,)):
+        await service.add_site("cold.example", "ta")
+        assert (await edge.curl(host="www.a.test")).status == 200  # now cached
+        await service.store.close()  # the directory is unreachable from here on
+        try:
+            r = await edge.curl(host="cold.example")
+            assert r.status == 503 and r.headers["retry-after"].isdigit()
+            assert b"cold.example" not in r.body
+            assert (await edge.curl(host="www.a.test")).status == 200
+            assert edge.engine.stats.lookups["error"] >= 1
+        finally:
+            await service.store.open()
