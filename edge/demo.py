@@ -172,7 +172,9 @@ Ctrl-C stops the demo.
             import signal
             import threading
 
-            threading.Timer(args.duration, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+            timer = threading.Timer(args.duration, lambda: os.kill(os.getpid(), signal.SIGTERM))
+            timer.daemon = True  # a demo stopped earlier (Ctrl-C, SIGTERM) must not wait for it
+            timer.start()
         try:
             return int(serve(config))
         except KeyboardInterrupt:

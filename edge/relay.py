@@ -361,7 +361,7 @@ class Relay:
         ep.eof = True
         # The return value tells a plain TCP transport to stay open for writing; TLS
         # transports close after EOF regardless and warn if asked to stay open.
-        keep_open = not ep.tls
+        keep_open = not ep.tls and not self._one_way
         if self._result is not None:
             return keep_open
         peer = ep.peer

@@ -51,7 +51,7 @@ from httpproxy.rules import RequestHead, evaluate_filters
 from httpproxy.upstream import BackendConnection, BackendKey, is_close_delimited
 
 if TYPE_CHECKING:
-    from httpproxy.server import HttpEngine, SiteState
+    from httpproxy.server import HttpEngine, Route, SiteState
 
 __all__ = ["ClientConnection", "Request"]
 
@@ -116,8 +116,9 @@ class Request:
     tenant: Tenant | None = None
     host: Host | None = None
     state: SiteState | None = None
+    route: Route | None = None
+    """Set when the Host header's route came from :attr:`HttpEngine.routes` (or was put there)."""
     head_bytes = b""
-    route_host = ""
     extra = b""
     conn: BackendConnection | None = None
     retried = False
@@ -159,6 +160,8 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "_deadline",
+        "_fwd_bytes",
+        "_fwd_host",
         "_head_seen",
         "_head_size",
         "_headers",
@@ -219,6 +222,8 @@ class ClientConnection(asyncio.Protocol):
         self._log_prefix = b""
         self._node_bytes = b""
         self._scheme_bytes = scheme.encode("ascii")
+        self._fwd_host: bytes | None = None
+        self._fwd_bytes = b""
 
     # -- connection --------------------------------------------------------------------------
 
@@ -241,6 +246,7 @@ class ClientConnection(asyncio.Protocol):
         self._set_timer(_IDLE, engine.settings.keepalive_timeout)
 
     def _set_client_bytes(self) -> None:
+        self._fwd_host = None
         ip = self._ip_bytes = self.client_ip.encode("ascii", "replace")
         self._node_bytes = b'"[' + ip + b']"' if b":" in ip else ip
         self._log_prefix = f'{{"client":"{self.client_ip}","scheme":"{self.scheme}",'.encode()
@@ -516,6 +522,18 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._refuse(req, 400, "missing Host header")
                 return
+        route = engine.routes.get(host_header)
+        if route is not None:
+            # The warm path: this exact Host was resolved before (see httpproxy.server.Route).
+            req.host_header = route.host_str
+            req.route = route
+            req.site, req.tenant, req.host = route.site, route.tenant, route.host
+            engine.stats.lookups["cached"] += 1
+            if self.sni_site is not None and route.site.hostname != self.sni_site.hostname:
+                self._refuse_status(req, 421, "Host does not belong to the TLS SNI's site")
+                return
+            self._serve(req, route.state)
+            return
         req.host_header = host_str = host_header.decode("latin-1")
         if b":" in host_header or b" " in host_header or b"\t" in host_header:
             name = _host_name(host_header)
@@ -547,7 +565,7 @@ class ClientConnection(asyncio.Protocol):
         if tenant is None or host is None:
             self._refuse_status(req, 502, "site without tenant/host")
             return
-        self._routed(req, site, tenant, host)
+        self._routed(req, site, tenant, host, host_header)
 
     async def _route_slow(self, req: Request, name: str) -> None:
         engine = self.engine
@@ -569,7 +587,9 @@ class ClientConnection(asyncio.Protocol):
         engine.stats.lookups["loaded"] += 1
         self._routed(req, route.site, route.tenant, route.host)
 
-    def _routed(self, req: Request, site: Site, tenant: Tenant, host: Host) -> None:
+    def _routed(self, req: Request, site: Site, tenant: Tenant, host: Host,
+                raw_host: bytes | None = None) -> None:
+        """Check the route's states; ``raw_host``: remember the route under these Host bytes."""
         engine = self.engine
         req.site, req.tenant, req.host = site, tenant, host
         if self.sni_site is not None and site.hostname != self.sni_site.hostname:
@@ -586,6 +606,18 @@ class ClientConnection(asyncio.Protocol):
             self._refuse_status(req, 502, "host down")
             return
         state = engine.site_state(site)
+        if raw_host is not None:
+            backend_key = None
+            if host.send_proxy_protocol == "off":
+                backend_key = self._backend_key(req, site, host, b"")
+            req.route = engine.remember_route(raw_host, req, site, tenant, host, state, backend_key)
+        self._serve(req, state)
+
+    def _serve(self, req: Request, state: SiteState) -> None:
+        """Filters, cache, then forward ``req`` (its site, tenant and host are set and usable)."""
+        engine = self.engine
+        site = req.site
+        assert site is not None
         req.state = state
         head: RequestHead | None = None
         extra: list[bytes] = []
@@ -658,8 +690,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _build_head(self, req: Request, accept_encoding: bytes | None) -> None:
         """The request head for the backend, built once as one bytes object."""
-        site, host = req.site, req.host
-        assert site is not None and host is not None
         fwd = req.fwd
         if req.conn_tokens:
             # Headers named by Connection are hop-by-hop too (RFC 9110 §7.6.1).
@@ -667,33 +697,51 @@ class ClientConnection(asyncio.Protocol):
             fwd = [pair for pair in fwd if pair[0].lower() not in tokens]
         if accept_encoding is None and req.accept_encoding is not None:
             accept_encoding = req.accept_encoding
-        ip = self._ip_bytes
-        host_value = req.host_header.encode("latin-1")
-        parts = [req.method, b" ", req.target, b" HTTP/1.0\r\n" if req.http10 else b" HTTP/1.1\r\n",
-                 b"\r\n".join(map(b": ".join, fwd)), b"\r\n" if fwd else b"",
-                 b"Accept-Encoding: " + accept_encoding + b"\r\n" if accept_encoding is not None else b"",
-                 _FORWARDED_HEADERS % (req.prior_xff + b", " + ip if req.prior_xff else ip, ip,
-                                       self._scheme_bytes, host_value, self._node_bytes,
-                                       host_value.replace(b'"', b""), self._scheme_bytes)]
+        host_value = req.host_raw or b""
+        if req.prior_xff:
+            forwarded = self._forwarded(req.prior_xff + b", " + self._ip_bytes, host_value)
+        elif host_value == self._fwd_host:
+            forwarded = self._fwd_bytes  # the same Host as this connection's previous request
+        else:
+            forwarded = self._fwd_bytes = self._forwarded(self._ip_bytes, host_value)
+            self._fwd_host = host_value
+        head = b"%b %b %b\r\n%b%b%b%b" % (
+            req.method, req.target, b"HTTP/1.0" if req.http10 else b"HTTP/1.1",
+            b"\r\n".join(map(b": ".join, fwd)), b"\r\n" if fwd else b"",
+            b"Accept-Encoding: " + accept_encoding + b"\r\n" if accept_encoding is not None else b"",
+            forwarded)
         if req.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            head += b"Transfer-Encoding: chunked\r\n"
         if req.upgrade:
-            parts.append(b"Connection: upgrade\r\nUpgrade: " + req.upgrade_value + b"\r\n")
+            head += b"Connection: upgrade\r\nUpgrade: " + req.upgrade_value + b"\r\n"
         elif req.http10:
-            parts.append(b"Connection: close\r\n")
-        parts.append(b"\r\n")
-        req.head_bytes = b"".join(parts)
-        req.route_host = host.name
-        address, port = host.address, host.http_port
+            head += b"Connection: close\r\n"
+        req.head_bytes = head + b"\r\n"
+        req.conn = None
+        route = req.route
+        if route is not None and route.backend_key is not None:
+            req.backend_key = route.backend_key
+            return
+        site, host = req.site, req.host
+        assert site is not None and host is not None
         proxy_header = b""
         if host.send_proxy_protocol != "off":
-            proxy_header = self._proxy_header(host.send_proxy_protocol, address, port)
+            proxy_header = self._proxy_header(host.send_proxy_protocol, host.address, host.http_port)
+        req.backend_key = self._backend_key(req, site, host, proxy_header)
+
+    def _forwarded(self, xff: bytes, host_value: bytes) -> bytes:
+        ip = self._ip_bytes
+        return _FORWARDED_HEADERS % (xff, ip, self._scheme_bytes, host_value, self._node_bytes,
+                                     host_value.replace(b'"', b""), self._scheme_bytes)
+
+    @staticmethod
+    def _backend_key(req: Request, site: Site, host: Host, proxy_header: bytes) -> BackendKey:
+        address, port = host.address, host.http_port
         server_name = ""
         if host.backend_tls:
             port = host.https_port
             server_name = _host_name(req.host_header.encode("latin-1")) or site.hostname
-        req.conn = None
-        req.backend_key = (address, port, proxy_header, server_name)
+        return (address, port, proxy_header, server_name)
 
     def _proxy_header(self, mode: str, address: str, port: int) -> bytes:
         source = (self.client_ip, self.client_port)
@@ -759,15 +807,13 @@ class ClientConnection(asyncio.Protocol):
             req.conn = None
             self._serve_stale_after_error(req)
             return
-        stripped, hop_headers = _RESP_HOP.subn(b"", head)
-        if hop_headers:
-            head = _strip_response_hop(head) if _CONN_NAMES.search(head) is not None else stripped
+        head = _without_hop_headers(head)
         req.status = status
         if req.store:
             self._start_capture(req, status, head, rest)
         elif req.flight is not None:
             self.engine.cache_end_flight(req, None)
-        x_cache = b"" if req.cache_result is None else b"X-Cache: %b\r\n" % req.cache_result.encode()
+        x_cache = _X_CACHE[req.cache_result]
         closing = (self.closing or not req.keep_alive or req.upgrade or req.http10
                    or self.engine.draining)
         if closing:
@@ -1037,6 +1083,30 @@ def _host_name(value: bytes) -> str:
     if text.startswith("["):
         return text.partition("]")[0] + "]"
     return text.partition(":")[0]
+
+
+_KEEP_ALIVE_LINE = b"\r\nConnection: keep-alive\r\n"
+_X_CACHE = {None: b"", "HIT": b"X-Cache: HIT\r\n", "MISS": b"X-Cache: MISS\r\n",
+            "STALE": b"X-Cache: STALE\r\n", "BYPASS": b"X-Cache: BYPASS\r\n"}
+
+
+def _without_hop_headers(head: bytes) -> bytes:
+    """``head`` without hop-by-hop headers; the usual heads (none, or exactly one
+    ``Connection: keep-alive``) cost a find and a lower() instead of the regex."""
+    at = head.find(_KEEP_ALIVE_LINE)
+    if at >= 0:
+        candidate = head[:at] + head[at + len(_KEEP_ALIVE_LINE) - 2:]
+        lowered = candidate.lower()
+        if b"connection" not in lowered and b"keep-alive" not in lowered:
+            return candidate
+    else:
+        lowered = head.lower()
+        if b"connection" not in lowered and b"keep-alive" not in lowered:
+            return head
+    stripped, hop_headers = _RESP_HOP.subn(b"", head)
+    if hop_headers and _CONN_NAMES.search(head) is not None:
+        return _strip_response_hop(head)
+    return stripped
 
 
 def _strip_response_hop(head: bytes) -> bytes:

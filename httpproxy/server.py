@@ -33,9 +33,9 @@ from httpproxy.cachepolicy import CachePolicy, cache_key
 from httpproxy.connection import ClientConnection, Request
 from httpproxy.metrics import BUCKETS, LocalStats
 from httpproxy.rules import CompiledFilters
-from httpproxy.upstream import BackendConnection, BackendPool, is_close_delimited
+from httpproxy.upstream import BackendConnection, BackendKey, BackendPool, is_close_delimited
 
-__all__ = ["HttpEngine", "HttpProxy", "SiteState", "shared_engine"]
+__all__ = ["HttpEngine", "HttpProxy", "Route", "SiteState", "shared_engine"]
 
 log = logging.getLogger("edge.http")
 _json_str = json.encoder.encode_basestring_ascii
@@ -98,6 +98,34 @@ class SiteState:
         return self._log_route
 
 
+ROUTES_MAX = 10_000
+"""Resolved Host headers remembered per worker (see :class:`Route`); cleared when full."""
+
+
+class Route:
+    """What a request with exactly these Host header bytes is routed to, resolved once.
+
+    Only routes whose site, tenant and host were all fresh in the directory cache and whose
+    tenant and host are active are remembered. :attr:`HttpEngine.routes` is cleared on every
+    change the feed applies and once a second, so a route is never older than a change the
+    directory has seen and outlives the directory cache's own TTL by at most a second.
+    """
+
+    __slots__ = ("backend_key", "host", "host_json", "host_str", "log_route", "site", "state", "tenant")
+
+    def __init__(self, host_str: str, site: Site, tenant: Tenant, host: Host, state: SiteState,
+                 backend_key: BackendKey | None, host_json: bytes) -> None:
+        self.host_str = host_str
+        self.site = site
+        self.tenant = tenant
+        self.host = host
+        self.state = state
+        self.backend_key = backend_key
+        """The pool key, unless the host wants a PROXY header (that depends on the client)."""
+        self.host_json = host_json
+        self.log_route = state.log_route(tenant, host)
+
+
 class HttpEngine:
     """Per-worker state shared by the plain and TLS listeners: directory, backend pools,
     content cache, limiters, access log."""
@@ -123,6 +151,8 @@ class HttpEngine:
         self._trusted = {"http": ProxyHeaderPolicy("off", trusted).networks,
                          "https": ProxyHeaderPolicy("off", self.config.https.trusted_proxies).networks}
         self._sites: dict[str, SiteState] = {}
+        self.routes: dict[bytes, Route] = {}
+        """Raw Host header → :class:`Route` (the warm path skips decoding and three lookups)."""
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self._closed = False
@@ -210,6 +240,15 @@ class HttpEngine:
             state = self._sites[site.hostname] = SiteState(site)
         return state
 
+    def remember_route(self, raw: bytes, req: Request, site: Site, tenant: Tenant, host: Host,
+                       state: SiteState, backend_key: BackendKey | None) -> Route:
+        routes = self.routes
+        if len(routes) >= ROUTES_MAX:
+            routes.clear()
+        route = routes[raw] = Route(req.host_header, site, tenant, host, state, backend_key,
+                                    _json_bytes(raw, 256))
+        return route
+
     def finished(self, conn: ClientConnection, req: Request) -> None:
         """Account for one answered request (access log, counters)."""
         duration = time.perf_counter() - req.started if req.started else 0.0
@@ -235,17 +274,24 @@ class HttpEngine:
             # Formatted by hand: json.dumps of a dict costs several times more than this, and
             # this runs once per request. Names from the directory are validated hostnames
             # and identifiers; everything the client chose goes through the JSON escaper.
-            state = req.state
-            if state is not None and tenant is not None and host is not None:
-                route = state.log_route(tenant, host)
-            elif site is not None:
-                route = b'"site":"%b","tenant":null,"host":null' % site.hostname.encode()
+            resolved = req.route
+            if resolved is not None:
+                route, host_json = resolved.log_route, resolved.host_json
             else:
-                route = b'"site":null,"tenant":null,"host":null'
+                state = req.state
+                if state is not None and tenant is not None and host is not None:
+                    route = state.log_route(tenant, host)
+                elif site is not None:
+                    route = b'"site":"%b","tenant":null,"host":null' % site.hostname.encode()
+                else:
+                    route = b'"site":null,"tenant":null,"host":null'
+                host_json = _json_bytes(req.host_raw or b"", 256)
+            target = req.target
+            target_json = (b'"' + target + b'"' if len(target) <= 1024 and _JSON_UNSAFE.search(target) is None
+                           else _json_bytes(target, 1024))
             access_log.write_line(_ACCESS_LINE % (
-                conn._log_prefix, time.time(), req.method, _json_bytes(req.host_raw or b"", 256),
-                _json_bytes(req.target, 1024), route, status, req.bytes_out, req.body_size,
-                duration * 1000, _CACHE_FIELD[req.cache_result]))
+                conn._log_prefix, time.time(), req.method, host_json, target_json, route, status,
+                req.bytes_out, req.body_size, duration * 1000, _CACHE_FIELD[req.cache_result]))
             return
         access_log.record({
             "client": conn.client_ip, "scheme": conn.scheme, "method": req.method.decode("latin-1"),
@@ -292,6 +338,8 @@ class HttpEngine:
         self.spawn(_Refresh(self, req, key, flight).run())
 
     def _on_change(self, change: Change) -> None:
+        # Any change may touch a remembered route (site, tenant, host, state): forget them all.
+        self.routes.clear()
         if change.entity == "purge" and self.cache is not None:
             slash = change.name.find("/")
             site, path = (change.name, "") if slash < 0 else (change.name[:slash], change.name[slash:])
@@ -308,6 +356,7 @@ class HttpEngine:
     async def _export_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            self.routes.clear()  # see Route: bounded by the directory cache's own TTL
             try:
                 self.export_metrics()
             except Exception:  # metrics must never stop serving
