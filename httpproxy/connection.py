@@ -176,6 +176,7 @@ class ClientConnection(asyncio.Protocol):
         "_scheme_bytes",
         "_timer",
         "_timer_state",
+        "_traffic",
         "_url",
         "active",
         "client_ip",
@@ -223,6 +224,7 @@ class ClientConnection(asyncio.Protocol):
         self._node_bytes = b""
         self._scheme_bytes = scheme.encode("ascii")
         self._fwd_host: bytes | None = None
+        self._traffic = engine.stats.traffic["https" if scheme == "https" else "http"]
         self._fwd_bytes = b""
 
     # -- connection --------------------------------------------------------------------------
@@ -431,8 +433,10 @@ class ClientConnection(asyncio.Protocol):
             raise _Refused
         req.method = parser.get_method()
         req.target = self._url
-        req.http10 = parser.get_http_version() == "1.0"
-        req.keep_alive = parser.should_keep_alive()
+        keep_alive = req.keep_alive = parser.should_keep_alive()
+        # llhttp keeps an HTTP/1.0 connection alive only when a Connection header asks for it,
+        # so without one a kept-alive request is 1.1 (no version string to build and compare).
+        req.http10 = (not keep_alive or req.conn_tokens is not None) and parser.get_http_version() == "1.0"
         req.started = _clock()
         req.upgrade = parser.should_upgrade()
         if self.closing or self.engine.draining:
@@ -662,10 +666,11 @@ class ClientConnection(asyncio.Protocol):
                 if verdict.action is RequestAction.LOOKUP:
                     entry = cache.get(key)
                     if entry is not None:
-                        fresh = freshness(entry.stored_at, entry.ttl, entry.swr, entry.sie, time.time())
-                        if fresh is Freshness.FRESH:
-                            self._serve_entry(req, entry, "HIT")
+                        now = time.time()
+                        if now - entry.stored_at < entry.ttl:  # freshness() inlined for FRESH
+                            self._serve_entry(req, entry, "HIT", now)
                             return
+                        fresh = freshness(entry.stored_at, entry.ttl, entry.swr, entry.sie, now)
                         if fresh is Freshness.STALE_REVALIDATE:
                             if req.method == b"GET":  # a HEAD would refresh an empty body
                                 self._build_head(req, accept_encoding)
@@ -807,7 +812,15 @@ class ClientConnection(asyncio.Protocol):
             req.conn = None
             self._serve_stale_after_error(req)
             return
-        head = _without_hop_headers(head)
+        last = conn.last_head
+        if head == last[0]:
+            head = last[1]
+        else:
+            raw = head
+            stripped, hop_headers = _RESP_HOP.subn(b"", head)
+            if hop_headers:
+                head = _strip_response_hop(head) if _CONN_NAMES.search(head) is not None else stripped
+            conn.last_head = (raw, head)
         req.status = status
         if req.store:
             self._start_capture(req, status, head, rest)
@@ -931,16 +944,16 @@ class ClientConnection(asyncio.Protocol):
         req.capture_head = head
         req.verdict = verdict
 
-    def _serve_entry(self, req: Request, entry: CacheEntry, result: str) -> None:
+    def _serve_entry(self, req: Request, entry: CacheEntry, result: str, now: float = 0.0) -> None:
         assert self.transport is not None
         req.cache_result = result
         req.status = entry.status
         closing = (self.closing or not req.keep_alive or req.http10 or self.engine.draining
-                   or req.body_pending)
+                   or (not req.complete and (req.chunked or req.content_length > 0)))  # body_pending
         if closing:
             self.closing = True
-        age = max(0, int(time.time() - entry.stored_at))
-        data = b"".join((entry.head, b"X-Cache: ", result.encode(), b"\r\nAge: %d\r\n" % age,
+        age = int((now or time.time()) - entry.stored_at)
+        data = b"".join((entry.head, _X_CACHE[result], b"Age: %d\r\n" % (age if age > 0 else 0),
                          req.extra, b"Connection: close\r\n\r\n" if closing else b"\r\n",
                          b"" if req.method == b"HEAD" else entry.body))
         self.transport.write(data)
@@ -1085,28 +1098,8 @@ def _host_name(value: bytes) -> str:
     return text.partition(":")[0]
 
 
-_KEEP_ALIVE_LINE = b"\r\nConnection: keep-alive\r\n"
 _X_CACHE = {None: b"", "HIT": b"X-Cache: HIT\r\n", "MISS": b"X-Cache: MISS\r\n",
             "STALE": b"X-Cache: STALE\r\n", "BYPASS": b"X-Cache: BYPASS\r\n"}
-
-
-def _without_hop_headers(head: bytes) -> bytes:
-    """``head`` without hop-by-hop headers; the usual heads (none, or exactly one
-    ``Connection: keep-alive``) cost a find and a lower() instead of the regex."""
-    at = head.find(_KEEP_ALIVE_LINE)
-    if at >= 0:
-        candidate = head[:at] + head[at + len(_KEEP_ALIVE_LINE) - 2:]
-        lowered = candidate.lower()
-        if b"connection" not in lowered and b"keep-alive" not in lowered:
-            return candidate
-    else:
-        lowered = head.lower()
-        if b"connection" not in lowered and b"keep-alive" not in lowered:
-            return head
-    stripped, hop_headers = _RESP_HOP.subn(b"", head)
-    if hop_headers and _CONN_NAMES.search(head) is not None:
-        return _strip_response_hop(head)
-    return stripped
 
 
 def _strip_response_hop(head: bytes) -> bytes:

@@ -34,7 +34,7 @@ CACHE_BYTES = Gauge("edge_http_cache_bytes", "Bytes held by the content cache, s
 class LocalStats:
     """Plain counters the hot path increments; :meth:`export` publishes them."""
 
-    __slots__ = ("_sent", "buckets", "bytes", "cache", "latency_sum", "lookups", "status")
+    __slots__ = ("_sent", "buckets", "cache", "latency_sum", "lookups", "status", "traffic")
 
     def __init__(self) -> None:
         self.status = [0] * 6  # index: status // 100
@@ -42,9 +42,9 @@ class LocalStats:
         self.latency_sum = 0.0
         self.cache: dict[str, int] = {"HIT": 0, "MISS": 0, "STALE": 0, "BYPASS": 0}
         self.lookups: dict[str, int] = {"cached": 0, "loaded": 0, "unknown": 0, "error": 0}
-        self.bytes: dict[tuple[str, str], int] = {
-            (proxy, direction): 0 for proxy in ("http", "https") for direction in ("upstream", "downstream")}
-        """(proxy, direction) → bytes, exported to ``edge_bytes`` (edge.metrics)."""
+        self.traffic: dict[str, list[int]] = {"http": [0, 0], "https": [0, 0]}
+        """proxy → [downstream bytes, upstream bytes], exported to ``edge_bytes`` (edge.metrics);
+        a connection keeps its proxy's list so counting costs two list additions."""
         self._sent: dict[str, float] = {}
 
     def observe(self, status: int, seconds: float) -> None:
@@ -83,8 +83,9 @@ class LocalStats:
             delta_sum = self._delta("sum", self.latency_sum)
             if delta_sum:
                 total.inc(delta_sum)
-        for (proxy, direction), value in self.bytes.items():
-            delta = self._delta(f"y{proxy}{direction}", value)
-            if delta:
-                BYTES.labels(proxy=proxy, direction=direction).inc(delta)
+        for proxy, counts in self.traffic.items():
+            for direction, value in zip(("downstream", "upstream"), counts, strict=True):
+                delta = self._delta(f"y{proxy}{direction}", value)
+                if delta:
+                    BYTES.labels(proxy=proxy, direction=direction).inc(delta)
         CACHE_BYTES.set(cache_bytes)

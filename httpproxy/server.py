@@ -54,8 +54,17 @@ def _json_bytes(value: bytes, limit: int) -> bytes:
     if _JSON_UNSAFE.search(value) is None:
         return b'"' + value + b'"'
     return _json_str(value.decode("latin-1")).encode()
-_HTTP_UP, _HTTP_DOWN = ("http", "upstream"), ("http", "downstream")
-_HTTPS_UP, _HTTPS_DOWN = ("https", "upstream"), ("https", "downstream")
+
+
+def _access_line(values: tuple[Any, ...]) -> bytes:
+    """One access-log line from what :meth:`HttpEngine.finished` queued."""
+    (prefix, ts, method, host_json, host_raw, target, route, status, bytes_out, body_size, duration,
+     cache_result) = values
+    if host_json is None:
+        host_json = _json_bytes(host_raw or b"", 256)
+    return _ACCESS_LINE % (prefix, ts, method, host_json, _json_bytes(target, 1024), route, status,
+                           bytes_out, body_size, duration * 1000, _CACHE_FIELD[cache_result])
+
 
 SITE_STATES_MAX = 100_000
 """Compiled per-site states kept per worker (oldest dropped first)."""
@@ -145,7 +154,7 @@ class HttpEngine:
         self.cache: ContentCache | None = (
             ContentCache(self.settings.cache_max_bytes) if self.settings.cache_max_bytes else None)
         self.max_object_bytes = self.cache.max_object_bytes if self.cache is not None else 0
-        self.access_log = AccessLog(self.settings.access_log)
+        self.access_log = AccessLog(self.settings.access_log, _access_line)
         trusted = self.settings.trusted_proxies
         self.proxy_policy = ProxyHeaderPolicy("optional", trusted) if trusted else None
         self._trusted = {"http": ProxyHeaderPolicy("off", trusted).networks,
@@ -258,12 +267,9 @@ class HttpEngine:
         stats.status[status // 100 if status < 600 else 5] += 1
         stats.latency_sum += duration
         stats.buckets[bisect_left(BUCKETS, duration)] += 1
-        if conn.scheme == "http":
-            stats.bytes[_HTTP_DOWN] += req.bytes_out
-            stats.bytes[_HTTP_UP] += len(req.head_bytes) + req.body_size
-        else:
-            stats.bytes[_HTTPS_DOWN] += req.bytes_out
-            stats.bytes[_HTTPS_UP] += len(req.head_bytes) + req.body_size
+        traffic = conn._traffic
+        traffic[0] += req.bytes_out
+        traffic[1] += len(req.head_bytes) + req.body_size
         if req.cache_result is not None:
             stats.cache[req.cache_result] += 1
         access_log = self.access_log
@@ -274,6 +280,7 @@ class HttpEngine:
             # Formatted by hand: json.dumps of a dict costs several times more than this, and
             # this runs once per request. Names from the directory are validated hostnames
             # and identifiers; everything the client chose goes through the JSON escaper.
+            # The line itself is formatted by _access_line() at the next flush, in a batch.
             resolved = req.route
             if resolved is not None:
                 route, host_json = resolved.log_route, resolved.host_json
@@ -285,13 +292,9 @@ class HttpEngine:
                     route = b'"site":"%b","tenant":null,"host":null' % site.hostname.encode()
                 else:
                     route = b'"site":null,"tenant":null,"host":null'
-                host_json = _json_bytes(req.host_raw or b"", 256)
-            target = req.target
-            target_json = (b'"' + target + b'"' if len(target) <= 1024 and _JSON_UNSAFE.search(target) is None
-                           else _json_bytes(target, 1024))
-            access_log.write_line(_ACCESS_LINE % (
-                conn._log_prefix, time.time(), req.method, host_json, target_json, route, status,
-                req.bytes_out, req.body_size, duration * 1000, _CACHE_FIELD[req.cache_result]))
+                host_json = None
+            access_log.add((conn._log_prefix, time.time(), req.method, host_json, req.host_raw, req.target,
+                            route, status, req.bytes_out, req.body_size, duration, req.cache_result))
             return
         access_log.record({
             "client": conn.client_ip, "scheme": conn.scheme, "method": req.method.decode("latin-1"),

@@ -77,7 +77,7 @@ class BackendConnection(asyncio.Protocol):
     """One keep-alive connection to a backend; serves one request at a time."""
 
     __slots__ = ("_buf", "_head", "_head_done", "_loop", "_parser", "_timer", "close_delimited", "closed",
-                 "head_request", "idle_since", "key", "last_io", "pool", "responded", "sink",
+                 "head_request", "idle_since", "key", "last_head", "last_io", "pool", "responded", "sink",
                  "status", "transport", "uses")
 
     def __init__(self, pool: BackendPool, key: BackendKey) -> None:
@@ -99,6 +99,9 @@ class BackendConnection(asyncio.Protocol):
         self.last_io = 0.0
         self.status = 0
         self.uses = 0
+        self.last_head: tuple[bytes, bytes] = (b"", b"")
+        """(a response head as received, the same without hop-by-hop headers): a backend
+        repeats identical heads within a second (same Date), so the sink strips each once."""
 
     # -- use -----------------------------------------------------------------------------
 

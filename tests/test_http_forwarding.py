@@ -255,6 +255,24 @@ async def test_response_hop_by_hop_removed(service: DirectoryService) -> None:
     await backend.stop()
 
 
+async def test_response_hop_by_hop_removed_from_every_repeated_head(service: DirectoryService) -> None:
+    """The same head again on a pooled backend connection (stripped once, then remembered)
+    loses its hop-by-hop headers every time, and a different head is stripped afresh."""
+    reply = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Hop\r\n"
+             b"X-Hop: 1\r\nX-Keep: 1\r\n\r\nok")
+    backend = await RawBackend(reply).start()
+    async with running(service.store, service) as (edge, _):
+        await _raw_site(service, backend)
+        for i in range(4):
+            if i == 2:
+                backend.reply = reply.replace(b"X-Keep: 1", b"X-Keep: 2")
+            r = await edge.curl(host="raw.test")
+            assert r.body == b"ok" and r.headers["x-keep"] == ("1" if i < 2 else "2")
+            assert "x-hop" not in r.headers and "connection" not in r.headers
+        assert edge.engine.pool.connects == 1 and len(backend.received) == 4
+    await backend.stop()
+
+
 async def test_pipelined_requests_answered_in_order(service: DirectoryService) -> None:
     async with running(service.store, service, backends=2) as (edge, (_a, _b)):
         reqs = b"".join(

@@ -210,3 +210,29 @@ async def test_directory_down_cold_site_503_warm_site_served(service: DirectoryS
             assert edge.engine.stats.lookups["error"] >= 1
         finally:
             await service.store.open()
+
+
+async def test_warm_route_is_remembered_logged_and_forgotten_on_any_change(
+        service: DirectoryService, tmp_path) -> None:
+    """The per-worker memo of resolved Host headers (the warm path) never outlives a change."""
+    path = tmp_path / "access.log"
+    async with running(service.store, service, backends=2,
+                       http=http_config(access_log=str(path))) as (edge, (_a, _b)):
+        for _ in range(2):  # the second request is answered through the remembered route
+            assert (await edge.curl(host="www.a.test:80")).json()["backend"] == "a"
+        assert b"www.a.test:80" in edge.engine.routes
+        await service.move_tenant("ta", "host-b")
+        await edge.sync()
+        assert edge.engine.routes == {}
+        assert (await edge.curl(host="www.a.test:80")).json()["backend"] == "b"
+        await service.set_tenant_state("ta", "suspended")
+        await edge.sync()
+        assert (await edge.curl(host="www.a.test:80", check=False)).status == 403
+        assert b"www.a.test:80" not in edge.engine.routes  # inactive routes are not remembered
+        edge.engine.access_log.flush()
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(x["status"], x["host"], x["host_header"]) for x in lines] == [
+        (200, "host-a", "www.a.test:80"), (200, "host-a", "www.a.test:80"),
+        (200, "host-b", "www.a.test:80"), (403, None, "www.a.test:80")]
+    assert all(x["site"] == "www.a.test" for x in lines)
+    assert [x["tenant"] for x in lines[:3]] == ["ta"] * 3
