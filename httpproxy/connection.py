@@ -762,15 +762,7 @@ class ClientConnection(asyncio.Protocol):
         if conn is None:
             self.engine.spawn(self._connect(req, key))
             return
-        # _send() inlined (the warm path).
-        req.conn = conn
-        data = req.head_bytes
-        if req.body_chunks:
-            data += b"".join(req.body_chunks)
-            req.body_chunks.clear()
-        conn.send(self, data, head_request=req.method == b"HEAD")
-        if self._read_paused and len(self.queue) < QUEUE_LIMIT:
-            self._resume_reading()
+        self._send(req, conn)
 
     async def _connect(self, req: Request, key: BackendKey) -> None:
         try:
