@@ -39,8 +39,10 @@ __all__ = [
     "ProxyHeaderPolicy",
     "ProxyProtocolError",
     "SockAddr",
+    "canonical_ip",
     "encode_v1",
     "encode_v2",
+    "header_for_backend",
     "is_trusted",
 ]
 
@@ -140,6 +142,22 @@ def encode_v1(source: SockAddr | None, destination: SockAddr | None) -> bytes:
     return f"PROXY {family} {src_ip} {dst_ip} {src_port} {dst_port}\r\n".encode("ascii")
 
 
+def header_for_backend(mode: str, source: SockAddr | None, destination: SockAddr | None) -> bytes:
+    """The header a host's ``send_proxy_protocol`` setting asks for (``"v1"``/``"v2"``;
+    ``"off"`` gives ``b""``), from the client's address to the proxy's local address.
+
+    An endpoint that cannot be encoded (a UNIX-socket peer) gives ``PROXY UNKNOWN`` / a v2
+    ``LOCAL`` header rather than an error: the backend then logs the proxy's own address.
+    """
+    if mode == "off":
+        return b""
+    encode = encode_v2 if mode == "v2" else encode_v1
+    try:
+        return encode(source, destination)
+    except ValueError:
+        return encode(None, None)
+
+
 def encode_v2(
     source: SockAddr | None,
     destination: SockAddr | None,
@@ -186,15 +204,24 @@ def _endpoints(
     return src_ip, _encodable_port(source[1]), dst_ip, _encodable_port(destination[1])
 
 
-def _encodable_ip(text: str) -> IPAddress:
-    try:
-        # peernames of link-local IPv6 clients carry a "%scope"; the header has no room for it
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        raise ValueError(f"not an IP address: {text!r}") from None
+def canonical_ip(text: str) -> IPAddress:
+    """``text`` as one form per host: the "%scope" of a link-local peername dropped and an
+    IPv4-mapped IPv6 address (``::ffff:10.0.0.1`` from a dual-stack socket) made IPv4.
+
+    Every comparison of client addresses (trusted networks, "same client", bounce checks)
+    goes through this, so one host is never two. Raises ValueError if ``text`` is no address.
+    """
+    ip = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def _encodable_ip(text: str) -> IPAddress:
+    try:
+        return canonical_ip(text)
+    except ValueError:
+        raise ValueError(f"not an IP address: {text!r}") from None
 
 
 def _as_v6(ip: IPAddress) -> ipaddress.IPv6Address:
@@ -440,14 +467,9 @@ def is_trusted(peer_ip: str, networks: Sequence[IPNetwork]) -> bool:
     untrusted rather than an error, because this decides what a stranger may claim.
     """
     try:
-        ip = ipaddress.ip_address(peer_ip)
+        ip = canonical_ip(peer_ip)
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        elif ip.scope_id is not None:
-            ip = ipaddress.IPv6Address(peer_ip.split("%", 1)[0])
     return any(ip in net for net in networks)
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import random
 import socket
 from collections.abc import Callable
 from ssl import SSLContext
 from typing import cast
 
+from edge.proxyproto import canonical_ip
 from edge.relay import DEFAULT_HIGH_WATER, Relay
 from ftpproxy.tls import data_connection
 
@@ -41,14 +41,9 @@ BIND_ATTEMPTS = 32
 def same_ip(a: str, b: str) -> bool:
     """True if two addresses are the same host (IPv4-mapped IPv6 compared as IPv4)."""
     try:
-        x, y = ipaddress.ip_address(a.split("%", 1)[0]), ipaddress.ip_address(b.split("%", 1)[0])
+        return canonical_ip(a) == canonical_ip(b)
     except ValueError:
         return False
-    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped is not None:
-        x = x.ipv4_mapped
-    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped is not None:
-        y = y.ipv4_mapped
-    return x == y
 
 
 class HoldProtocol(asyncio.Protocol):

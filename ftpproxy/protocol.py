@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from edge.directory.directory import USERNAME_RE
+from edge.proxyproto import canonical_ip
 
 __all__ = [
     "MAX_COMMAND_LINE",
@@ -506,14 +507,6 @@ def parse_eprt_argument(argument: str) -> tuple[str, int]:
     return str(ip), _port(port)
 
 
-def _normalised_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """Parse ``ip``; an IPv4-mapped IPv6 address becomes the IPv4 address."""
-    parsed = ipaddress.ip_address(ip)
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
-        return parsed.ipv4_mapped
-    return parsed
-
-
 def active_target(client_control_ip: str, requested_ip: str, requested_port: int) -> tuple[str, int]:
     """Where to connect for a client's PORT/EPRT: always the client's own control address.
 
@@ -524,7 +517,7 @@ def active_target(client_control_ip: str, requested_ip: str, requested_port: int
     del requested_ip  # never used: the whole point
     if not 1024 <= requested_port <= 65535:
         raise BounceRefused(f"active-mode port {requested_port} refused")
-    return str(_normalised_ip(client_control_ip)), requested_port
+    return str(canonical_ip(client_control_ip)), requested_port
 
 
 def check_backend_passive(
@@ -539,10 +532,10 @@ def check_backend_passive(
     address". The address returned is always ``backend_ip``, never the reply's.
     """
     try:
-        reply = _normalised_ip(reply_ip)
+        reply = canonical_ip(reply_ip)
     except ValueError:
         raise PassiveAddressRefused(f"backend passive address {reply_ip!r} is invalid") from None
-    backend = _normalised_ip(backend_ip)
+    backend = canonical_ip(backend_ip)
     if reply != backend and not (allow_unspecified and reply.is_unspecified):
         raise PassiveAddressRefused(f"backend {backend} offered passive address {reply}")
     if not 1024 <= reply_port <= 65535:

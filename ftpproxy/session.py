@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 from edge import metrics as edge_metrics
 from edge.directory.directory import AccountRoute
 from edge.errors import DirectoryUnavailable
-from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode_v2
+from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, header_for_backend
 from edge.relay import Relay, SplicePump
 from ftpproxy import metrics
 from ftpproxy.backend import BackendControl, BackendError, BackendGone
@@ -456,10 +456,8 @@ class FtpSession(asyncio.Protocol):
     async def _connect_backend(self, route: AccountRoute) -> BackendControl:
         """Connect, send the PROXY header, read the greeting, and do AUTH TLS if configured."""
         host, config = route.host, self.proxy.config
-        first = b""
-        if host.send_proxy_protocol != "off":
-            encode = encode_v1 if host.send_proxy_protocol == "v1" else encode_v2
-            first = encode((self.client_ip, self.client_port), self.local)
+        first = header_for_backend(host.send_proxy_protocol, (self.client_ip, self.client_port),
+                                   self.local)
         async with self.proxy.connect_slot(host.address, host.ftp_port):
             backend = await BackendControl.connect(host.address, host.ftp_port,
                                                    connect_timeout=config.backend_connect_timeout,

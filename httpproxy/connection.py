@@ -34,7 +34,7 @@ from edge.directory.directory import SiteRoute
 from edge.directory.model import Host, Site, Tenant
 from edge.directory.names import hostname_or_none
 from edge.errors import DirectoryUnavailable
-from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, encode_v1, encode_v2
+from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, header_for_backend
 from edge.relay import Relay
 from httpproxy import pages
 from httpproxy.cache import CacheEntry, Flight
@@ -751,10 +751,7 @@ class ClientConnection(asyncio.Protocol):
     def _proxy_header(self, mode: str, address: str, port: int) -> bytes:
         source = (self.client_ip, self.client_port)
         destination = self.local or (address, port)
-        try:
-            return encode_v2(source, destination) if mode == "v2" else encode_v1(source, destination)
-        except ValueError:
-            return encode_v2(None, None) if mode == "v2" else encode_v1(None, None)
+        return header_for_backend(mode, source, destination)
 
     def _forward(self, req: Request) -> None:
         key = req.backend_key

@@ -26,7 +26,7 @@ from typing import Any
 import asyncssh
 
 from edge.directory.model import Host
-from edge.proxyproto import encode_v1, encode_v2
+from edge.proxyproto import header_for_backend
 from sshproxy.hostkeys import parse_pinned_keys
 from sshproxy.tuning import CLIENT_OPTIONS
 
@@ -188,8 +188,7 @@ async def _open_socket(host: Host, client: tuple[str, int], tcp_timeout: float) 
         await asyncio.wait_for(loop.sock_connect(sock, address), tcp_timeout)
         if host.send_proxy_protocol != "off":
             local = sock.getsockname()[:2]
-            header = (encode_v2(client, local) if host.send_proxy_protocol == "v2"
-                      else encode_v1(client, local))
+            header = header_for_backend(host.send_proxy_protocol, client, local)
             await loop.sock_sendall(sock, header)
     except BaseException:
         sock.close()

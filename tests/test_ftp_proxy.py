@@ -635,6 +635,18 @@ async def test_curl_passive_active_and_ftps(edges: EdgeFactory, backends: Backen
 # == attacks ===================================================================================
 
 
+def _same_port_on_two_addresses(first: str, second: str) -> tuple[socket.socket, socket.socket]:
+    """Listeners on one free port number at two addresses (retried: the port the kernel gives
+    for ``first`` may be in use at ``second``)."""
+    for _ in range(50):
+        a = socket.create_server((first, 0))
+        try:
+            return a, socket.create_server((second, a.getsockname()[1]))
+        except OSError:
+            a.close()
+    raise AssertionError(f"no port free on both {first} and {second}")
+
+
 async def test_bounce_port_address_ignored_and_low_ports_refused(
         edges: EdgeFactory, backends: Backends) -> None:
     backend = await backends.start()
@@ -649,10 +661,9 @@ async def test_bounce_port_address_ignored_and_low_ports_refused(
             with pytest.raises(ftplib.error_perm, match=r"^504"):
                 ftp.sendcmd(command)
         # A third-party address: the proxy connects to the client's own address instead.
-        victim = socket.create_server(("127.0.0.2", 0))
+        victim, mine = _same_port_on_two_addresses("127.0.0.2", "127.0.0.1")
         victim.settimeout(0.5)
         port = victim.getsockname()[1]
-        mine = socket.create_server(("127.0.0.1", port))
         p1, p2 = divmod(port, 256)
         assert ftp.sendcmd(f"PORT 127,0,0,2,{p1},{p2}").startswith("200")
         ftp.putcmd("RETR a.txt")

@@ -17,8 +17,10 @@ from edge.proxyproto import (
     ProxyHeaderParser,
     ProxyHeaderPolicy,
     ProxyProtocolError,
+    canonical_ip,
     encode_v1,
     encode_v2,
+    header_for_backend,
     is_trusted,
 )
 
@@ -381,3 +383,20 @@ def test_policy_configuration_errors_are_clear() -> None:
         ProxyHeaderPolicy("required")
     with pytest.raises(ValueError, match="off, optional or required"):
         ProxyHeaderPolicy("on")  # type: ignore[arg-type]
+
+
+def test_header_for_backend_follows_the_host_setting() -> None:
+    client, local = ("192.0.2.1", 56324), ("198.51.100.7", 443)
+    assert header_for_backend("off", client, local) == b""
+    assert header_for_backend("v1", client, local) == b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\r\n"
+    assert header_for_backend("v2", client, local) == encode_v2(client, local)
+    # A peer that is no IP address (a UNIX socket) is announced as unknown, not an error.
+    assert header_for_backend("v1", ("/run/edge.sock", 0), local) == b"PROXY UNKNOWN\r\n"
+    assert header_for_backend("v2", ("/run/edge.sock", 0), local) == encode_v2(None, None)
+
+
+def test_canonical_ip_gives_one_form_per_host() -> None:
+    assert canonical_ip("::ffff:10.0.0.1") == canonical_ip("10.0.0.1")
+    assert str(canonical_ip("fe80::1%eth0")) == "fe80::1"
+    with pytest.raises(ValueError):
+        canonical_ip("not-an-ip")
