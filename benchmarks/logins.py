@@ -341,10 +341,72 @@ def _ftp_session(target: Target, action: str, nbytes: int) -> None:
         ftp.close()
 
 
-@scenario("ftp", "concurrent FTP logins and RETR/STOR bulk transfers (ftplib): through edge vs "
-                 "directly to the same pyftpdlib",
-          quick={"sites": 1_000, "logins": 10, "concurrency": 5, "transfers": 2, "bulk_mb": 8},
-          arguments=lambda p: _login_arguments(p, 200, 64))
+async def _ftp_login_burst(target: Target, count: int) -> Batch:
+    """``count`` clients connecting and logging in at the same moment (connect, 220, USER,
+    PASS, 230; then QUIT): the issue's "300 clients connect+login". Latencies are connect →
+    230 per client, ``seconds`` the whole burst."""
+    gate = asyncio.Event()
+
+    async def one() -> float:
+        await gate.wait()
+        started = time.perf_counter()
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        try:
+            async def expect(code: bytes) -> None:
+                while True:
+                    try:
+                        line = await asyncio.wait_for(reader.readline(), 60)
+                    except TimeoutError:
+                        raise TimeoutError(f"no {code.decode()} within 60 s") from None
+                    if line[:3] != code:
+                        raise RuntimeError(f"expected {code.decode()}, got {line[:80]!r}")
+                    if line[3:4] == b" ":
+                        return
+            await expect(b"220")
+            writer.write(f"USER {target.user}\r\n".encode())
+            await expect(b"331")
+            writer.write(f"PASS {FTP_PASSWORD}\r\n".encode())
+            await expect(b"230")
+            elapsed = (time.perf_counter() - started) * 1000
+            writer.write(b"QUIT\r\n")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reader.read(), 10)
+            return elapsed
+        finally:
+            writer.close()
+
+    tasks = [asyncio.create_task(one()) for _ in range(count)]
+    await asyncio.sleep(0.2)  # every client waiting at the gate
+    before = target.server.cpu()
+    started = time.perf_counter()
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    seconds = time.perf_counter() - started
+    ok = [r for r in results if isinstance(r, float)]
+    errors = [r for r in results if not isinstance(r, float)]
+    return Batch(ok, len(errors), seconds, f"{errors[0]!r}"[:300] if errors else "",
+                 target.server.cpu() - before)
+
+
+def _merged(batches: list[Batch]) -> Batch:
+    """One Batch from several run at different times (times, CPU and bytes added up)."""
+    return Batch([ms for b in batches for ms in b.latencies_ms], sum(b.failures for b in batches),
+                 sum(b.seconds for b in batches),
+                 next((b.first_error for b in batches if b.first_error), ""),
+                 sum(b.server_cpu for b in batches), sum(b.nbytes for b in batches))
+
+
+def _ftp_arguments(parser: argparse.ArgumentParser) -> None:
+    _login_arguments(parser, 200, 64)
+    parser.add_argument("--burst", type=int, default=300,
+                        help="clients connecting and logging in at once")
+
+
+@scenario("ftp", "concurrent FTP logins (sequenced and all at once) and RETR/STOR bulk transfers "
+                 "(ftplib): through edge vs directly to the same pyftpdlib",
+          quick={"sites": 1_000, "logins": 10, "concurrency": 5, "transfers": 2, "bulk_mb": 8,
+                 "burst": 20},
+          arguments=_ftp_arguments)
 async def ftp(args: argparse.Namespace, run: Run) -> None:
     async with small_fleet(args, run, "ftp") as (url, shape, workdir):
         backend = await start_ftp_backend(workdir, [shape.host_address(i)
@@ -381,29 +443,40 @@ async def ftp(args: argparse.Namespace, run: Run) -> None:
                                       edge_child))
             size = args.bulk_mb << 20  # big.bin in the backend's home
             logins: dict[str, Batch] = {}
+            bursts: dict[str, Batch] = {}
             retrs: dict[str, Batch] = {}
             stors: dict[str, Batch] = {}
             try:
+                def make(action: str, t: Target) -> Callable[[int], Awaitable[None]]:
+                    async def op(i: int) -> None:
+                        await asyncio.to_thread(_ftp_session, t, action, size)
+                    return op
                 for t in targets:
                     run.progress(f"{t.name}: {args.logins} logins, {args.concurrency} at a time")
-
-                    def make(action: str, t: Target = t) -> Callable[[int], Awaitable[None]]:
-                        async def op(i: int) -> None:
-                            await asyncio.to_thread(_ftp_session, t, action, size)
-                        return op
-                    logins[t.name] = await batch(args.logins, args.concurrency, make("login"),
+                    logins[t.name] = await batch(args.logins, args.concurrency, make("login", t),
                                                  t.server, progress=run.progress)
-                    run.progress(f"{t.name}: {args.transfers} RETR + STOR of {args.bulk_mb} MiB")
-                    retrs[t.name] = await batch(args.transfers, 1, make("retr"), t.server,
-                                                nbytes=size)
-                    stors[t.name] = await batch(args.transfers, 1, make("stor"), t.server,
-                                                nbytes=size)
+                    run.progress(f"{t.name}: {args.burst} logins at once")
+                    bursts[t.name] = await _ftp_login_burst(t, args.burst)
+                # Transfers alternate between the targets (the machine's load changes by the
+                # second; a whole series on one target after the other would compare loads).
+                run.progress(f"{args.transfers} x RETR + STOR of {args.bulk_mb} MiB, "
+                             f"alternating {' / '.join(t.name for t in targets)}")
+                parts: dict[tuple[str, str], list[Batch]] = {}
+                for _ in range(args.transfers):
+                    for t in targets:
+                        for action in ("retr", "stor"):
+                            parts.setdefault((action, t.name), []).append(await batch(
+                                1, 1, make(action, t), t.server, nbytes=size))
+                retrs = {t.name: _merged(parts[("retr", t.name)]) for t in targets if parts}
+                stors = {t.name: _merged(parts[("stor", t.name)]) for t in targets if parts}
             finally:
                 if edge_child is not None:
                     await asyncio.to_thread(edge_child.stop)
         _report(run, "FTP logins", logins)
+        _report(run, f"FTP {args.burst} logins at once", bursts)
         _report(run, f"FTP RETR {args.bulk_mb} MiB", retrs, "MB/s")
         _report(run, f"FTP STOR {args.bulk_mb} MiB", stors, "MB/s")
         run.data.update(logins={k: v.as_dict() for k, v in logins.items()},
+                        burst={k: v.as_dict() for k, v in bursts.items()},
                         retr={k: v.as_dict() for k, v in retrs.items()},
                         stor={k: v.as_dict() for k, v in stors.items()}, workers=args.workers)

@@ -15,9 +15,10 @@ Upstreams = Mapping[str, tuple[str, int]]
 
 
 async def start_nginx_proxy(workdir: Path, routes: Mapping[str, str], upstreams: Upstreams, *,
-                            workers: int = 1, name: str = "nginx-proxy") -> Child:
+                            workers: int = 1, name: str = "nginx-proxy", access_log: str = "") -> Child:
     """nginx reverse proxy: ``map $host`` → upstream; 404 for unknown hosts (no open proxy).
-    ``/c/...`` is cached (``proxy_cache``), everything else is not. ``child.ports["http"]``."""
+    ``/c/...`` is cached (``proxy_cache``), everything else is not. ``child.ports["http"]``.
+    ``access_log``: a file for nginx's default (combined, unbuffered) access log, "" = off."""
     port = free_port()
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -35,6 +36,7 @@ async def start_nginx_proxy(workdir: Path, routes: Mapping[str, str], upstreams:
   server {{
     listen 127.0.0.1:{port} reuseport;
     server_name _;
+    {f"access_log {access_log};" if access_log else ""}
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_set_header Host $host;
@@ -112,6 +114,7 @@ async def start_nginx_tls(workdir: Path, certs: Sequence[tuple[Sequence[str], st
     ssl_certificate_key {folder}/certs/{i}.key;
     ssl_session_cache off;
     ssl_session_tickets off;
+    ssl_protocols TLSv1.2 TLSv1.3;  # 1.22's default stops at TLSv1.2; the edge speaks 1.3
     location / {{ proxy_pass http://{upstream[0]}:{upstream[1]}; }}
   }}""")
     child = await start_nginx(workdir, name, nginx_main_conf(folder, "\n".join(servers),

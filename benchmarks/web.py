@@ -4,24 +4,45 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks.backends import start_http_backend
 from benchmarks.core import Run, database_for, scenario, summary
 from benchmarks.fleet import BENCH_SECRET_KEY, FleetShape, Zipf, attach_backends, provision_fleet
-from benchmarks.loadgen import HttpLoad, run_wrk, tls_handshakes_multi, write_wrk_script
+from benchmarks.loadgen import (
+    HandshakeLoad,
+    HttpLoad,
+    client_context,
+    run_wrk,
+    tls_handshakes_multi,
+    write_wrk_script,
+)
 from benchmarks.peers import start_haproxy_proxy, start_nginx_proxy, start_nginx_tls
 from benchmarks.procs import Child, edge_toml, proxy_missing, scratch, start_edge, tool_missing
 from edge.directory.secrets import KeyBox
 from edge.directory.stores import store_for_url
 
 HTTP_SECTION: dict[str, Any] = {"listen": ["127.0.0.1:0"], "access_log": "off"}
-"""Our HTTP proxy as measured: like the nginx/haproxy peers, no access log."""
+"""Our HTTP proxy as measured with ``--access-log off``."""
+
+
+def http_section(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """``[http]`` for the edge: an access log file unless ``--access-log off`` (issue 5
+    compares with access logging on in both the edge and nginx)."""
+    if getattr(args, "access_log", "on") == "off":
+        return HTTP_SECTION
+    return {**HTTP_SECTION, "access_log": str(workdir / "edge-access.log")}
+
+
+def nginx_access_log(args: argparse.Namespace, workdir: Path, name: str) -> str:
+    """The nginx peer's ``access_log`` file ("" = off), following ``--access-log``."""
+    return "" if getattr(args, "access_log", "on") == "off" else str(workdir / f"{name}-access.log")
 
 
 @dataclass
@@ -130,6 +151,13 @@ def _load_arguments(parser: argparse.ArgumentParser) -> None:
 def _http_arguments(parser: argparse.ArgumentParser) -> None:
     fleet_arguments(parser)
     _load_arguments(parser)
+    _access_log_argument(parser)
+
+
+def _access_log_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--access-log", choices=("on", "off"), default="on",
+                        help="access log to a file in the edge and the nginx peer (default on, "
+                             "as issue 5 measures; haproxy logs nothing either way)")
 
 
 def _report(run: Run, label: str, load: HttpLoad, peer: HttpLoad | None, peer_name: str) -> None:
@@ -179,15 +207,16 @@ async def http(args: argparse.Namespace, run: Run) -> None:
                                             fleet.backend.ports["0"], script, args,
                                             host=shape.host_address(0), names=len(sites))
             if not edge_missing:
-                toml = edge_toml(fleet.url, {"http": HTTP_SECTION},
+                toml = edge_toml(fleet.url, {"http": http_section(args, fleet.workdir)},
                                  secret=BENCH_SECRET_KEY)
                 async with await start_edge(fleet.workdir, toml, workers=args.workers,
                                             expect=["http"]) as edge:
                     loads["edge"] = await measure(run, f"edge (cache {mode})", edge,
                                                   edge.ports["http"], script, args,
                                                   names=len(sites))
-            async with await start_nginx_proxy(fleet.workdir, routes, fleet.upstreams(),
-                                               workers=args.workers) as nginx:
+            async with await start_nginx_proxy(
+                    fleet.workdir, routes, fleet.upstreams(), workers=args.workers,
+                    access_log=nginx_access_log(args, fleet.workdir, f"nginx-{mode}")) as nginx:
                 loads["nginx"] = await measure(run, f"nginx (cache {mode})", nginx,
                                                nginx.ports["http"], script, args,
                                                names=len(sites))
@@ -204,7 +233,7 @@ async def http(args: argparse.Namespace, run: Run) -> None:
                 "distinct_names": len(routes), "path": path,
                 "targets": {name: load.as_dict() for name, load in loads.items()}}
         run.data.update(results=results, workers=args.workers, connections=args.connections,
-                        duration=args.duration)
+                        duration=args.duration, access_log=args.access_log)
 
 
 # -- workers --------------------------------------------------------------------------------
@@ -212,6 +241,7 @@ async def http(args: argparse.Namespace, run: Run) -> None:
 def _workers_arguments(parser: argparse.ArgumentParser) -> None:
     fleet_arguments(parser, 10_000)
     _load_arguments(parser)
+    _access_log_argument(parser)
     parser.add_argument("--max-workers", type=int, default=0,
                         help="largest --workers to try (default: number of CPUs)")
 
@@ -242,7 +272,7 @@ async def workers(args: argparse.Namespace, run: Run) -> None:
             conns = args.connections * n
             threads = min(n, 2)
             if not edge_missing:
-                toml = edge_toml(fleet.url, {"http": HTTP_SECTION},
+                toml = edge_toml(fleet.url, {"http": http_section(args, fleet.workdir)},
                                  secret=BENCH_SECRET_KEY)
                 async with await start_edge(fleet.workdir, toml, workers=n,
                                             expect=["http"]) as edge:
@@ -250,8 +280,9 @@ async def workers(args: argparse.Namespace, run: Run) -> None:
                                          script, args, connections=conns, threads=threads,
                                          names=len(sites))
                     series["edge"][n] = load.as_dict()
-            async with await start_nginx_proxy(fleet.workdir, routes, fleet.upstreams(),
-                                               workers=n, name=f"nginx-w{n}") as nginx:
+            async with await start_nginx_proxy(
+                    fleet.workdir, routes, fleet.upstreams(), workers=n, name=f"nginx-w{n}",
+                    access_log=nginx_access_log(args, fleet.workdir, f"nginx-w{n}")) as nginx:
                 load = await measure(run, f"nginx worker_processes {n}", nginx,
                                      nginx.ports["http"], script, args, connections=conns,
                                      threads=threads, names=len(sites))
@@ -272,21 +303,28 @@ def _tls_arguments(parser: argparse.ArgumentParser) -> None:
     fleet_arguments(parser, 100_000)
     parser.add_argument("--certs", type=int, default=10_000,
                         help="certificates in the fleet (one per tenant, the first tenants)")
-    parser.add_argument("--sni", type=int, nargs="+", default=[10, 100, 1000, 5000],
+    parser.add_argument("--sni", type=int, nargs="+", default=[10, 1000, 10_000],
                         help="distinct SNI names cycled per run (one per certificate)")
-    parser.add_argument("--handshakes", type=int, default=3000,
-                        help="handshakes per run (upper bound)")
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per run (bound)")
+    parser.add_argument("--handshakes", type=int, default=4000,
+                        help="timed handshakes per server and SNI set, over all rounds")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="alternating edge/nginx batches the timed handshakes are split into")
+    parser.add_argument("--duration", type=float, default=30.0,
+                        help="seconds per batch (bound)")
     parser.add_argument("--concurrency", type=int, default=16,
                         help="handshakes in flight (over all client processes)")
     parser.add_argument("--clients", type=int, default=2,
                         help="client processes (one Python process tops out at a few hundred "
                              "handshakes/s)")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--context-cache", type=int, default=1000,
+    parser.add_argument("--context-cache", type=int, default=10_000,
                         help="[https] context_cache_size of edge serve (SSL contexts kept)")
-    parser.add_argument("--nginx-certs", type=int, default=1000,
+    parser.add_argument("--nginx-certs", type=int, default=10_000,
                         help="largest SNI set also served by nginx (its config preloads them)")
+    parser.add_argument("--edge-tickets", action="store_true",
+                        help="leave the edge's TLS 1.3 session tickets on (the product default; "
+                             "nginx runs with tickets off, so the default comparison turns the "
+                             "edge's off too)")
 
 
 async def directory_certificates(url: str, count: int) -> list[tuple[list[str], str, str]]:
@@ -310,10 +348,96 @@ async def directory_certificates(url: str, count: int) -> list[tuple[list[str], 
         await store.close()
 
 
+@dataclass
+class HandshakeTally:
+    """One server's timed handshakes for one SNI set, summed over the alternating rounds."""
+
+    handshakes: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    server_cpu: float = 0.0
+    first_error: str = ""
+    latencies_ms: list[float] = field(default_factory=list)
+    rounds: list[float] = field(default_factory=list)
+    """Handshakes per server CPU-second of each round."""
+
+    def add(self, load: HandshakeLoad) -> None:
+        self.handshakes += load.handshakes
+        self.failures += load.failures
+        self.seconds += load.seconds
+        self.server_cpu += load.server_cpu
+        self.first_error = self.first_error or load.first_error
+        self.latencies_ms += load.latencies_ms
+        self.rounds.append(load.per_cpu_second)
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.handshakes / self.server_cpu if self.server_cpu else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"handshakes": self.handshakes, "failures": self.failures,
+                "seconds": self.seconds, "server_cpu": self.server_cpu,
+                "per_cpu_second": self.per_cpu_second, "rounds": self.rounds,
+                "latency_ms": summary(self.latencies_ms), "first_error": self.first_error}
+
+
+async def negotiated(port: int, name: str) -> str:
+    """The protocol version and cipher suite the benchmark client gets from ``port``, so the
+    table shows that both servers did the same work (e.g. nginx 1.22 stops at TLS 1.2 unless
+    told otherwise)."""
+    _, writer = await asyncio.wait_for(asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_context(), server_hostname=name), 10)
+    try:
+        tls = writer.get_extra_info("ssl_object")
+        cipher = tls.cipher() if tls is not None else None
+        return f"{tls.version() if tls else '?'} {cipher[0] if cipher else '?'}"
+    finally:
+        writer.transport.abort()
+
+
+async def tls_rounds(run: Run, servers: dict[str, tuple[Child, int]], names: list[str],
+                     args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Warm every server with one pass over ``names`` (its CPU reported as the cold cost),
+    then ``--rounds`` alternating batches on each, so that the load of a shared machine
+    hits every server alike. Returns each server's tally and warm-up figures."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, (child, port) in servers.items():
+        run.progress(f"{label}: warm-up pass over {len(names):,} SNI names")
+        before = child.cpu()
+        warm = await tls_handshakes_multi(port, names, count=len(names), seconds=600,
+                                          concurrency=args.concurrency, clients=args.clients)
+        cpu = child.cpu() - before
+        out[label] = {"warmup": {"handshakes": warm.handshakes, "failures": warm.failures,
+                                 "server_cpu": cpu, "seconds": warm.seconds,
+                                 "cpu_ms_per_handshake": 1000 * cpu / max(1, warm.handshakes)},
+                      "rss_kib": child.rss_kib()}
+    tallies = {label: HandshakeTally() for label in servers}
+    batch = max(1, args.handshakes // max(1, args.rounds))
+    for r in range(max(1, args.rounds)):
+        order = list(servers.items())
+        if r % 2:
+            order.reverse()  # neither server always runs right after the other
+        for label, (child, port) in order:
+            before = child.cpu()
+            load = await tls_handshakes_multi(port, names, count=batch, seconds=args.duration,
+                                              concurrency=args.concurrency, clients=args.clients)
+            load.server_cpu = child.cpu() - before
+            tallies[label].add(load)
+        run.progress("round " + str(r + 1) + ": " + ", ".join(
+            f"{label} {t.rounds[-1]:,.0f}" for label, t in tallies.items())
+            + " handshakes per server CPU-second")
+    for label, tally in tallies.items():
+        out[label].update(tally.as_dict())
+        out[label]["rss_kib_after"] = servers[label][0].rss_kib()
+    return out
+
+
 @scenario("tls", "fresh TLS handshakes cycling N SNI names (asyncio generator): edge HTTPS "
-                 "vs nginx with the same certificates; handshakes per CPU-second",
-          quick={"sites": 2_000, "certs": 100, "sni": [10, 100], "handshakes": 200,
-                 "duration": 5.0, "nginx_certs": 100, "concurrency": 8, "clients": 1},
+                 "vs nginx with the same certificates, both warm, alternating batches; "
+                 "handshakes per CPU-second",
+          quick={"sites": 2_000, "certs": 100, "sni": [10, 100], "handshakes": 400,
+                 "rounds": 2, "duration": 5.0, "nginx_certs": 100, "context_cache": 100,
+                 "concurrency": 8, "clients": 1},
           arguments=_tls_arguments)
 async def tls(args: argparse.Namespace, run: Run) -> None:
     missing = tool_missing("nginx")
@@ -324,60 +448,76 @@ async def tls(args: argparse.Namespace, run: Run) -> None:
     if edge_missing:
         run.skip("edge", edge_missing)
     sizes = sorted({min(n, args.certs) for n in args.sni})
-    async with web_fleet(args, run, "tls", certs=args.certs) as fleet:
+    async with web_fleet(args, run, "tls", certs=args.certs) as fleet, \
+            contextlib.AsyncExitStack() as stack:
         shape = fleet.shape
         upstream = (shape.host_address(0), fleet.backend.ports["0"])
-        results: dict[str, dict[int, dict[str, Any]]] = {"edge": {}, "nginx": {}}
-
-        async def one(label: str, child: Child, port: int, n: int) -> dict[str, Any]:
-            names = [f"www.tenant{t}.example" for t in range(n)]
-            run.progress(f"{label}: {n} SNI names, up to {args.handshakes} handshakes")
-            before = child.cpu()
-            load = await tls_handshakes_multi(port, names, count=args.handshakes,
-                                              seconds=args.duration,
-                                              concurrency=args.concurrency,
-                                              clients=args.clients)
-            load.server_cpu = child.cpu() - before
-            run.progress(f"{label}: {load.rate:,.0f} handshakes/s, "
-                         f"{load.per_cpu_second:,.0f} per server CPU-second, "
-                         f"{load.failures} failed {load.first_error}")
-            return {"handshakes": load.handshakes, "failures": load.failures,
-                    "seconds": load.seconds, "rate": load.rate, "server_cpu": load.server_cpu,
-                    "per_cpu_second": load.per_cpu_second, "latency_ms": summary(load.latencies_ms),
-                    "first_error": load.first_error, "latencies_ms": load.latencies_ms}
-
+        servers: dict[str, tuple[Child, int]] = {}
+        started: dict[str, float] = {}
         if not edge_missing:
+            # Like with like: nginx runs with session tickets off (peers.start_nginx_tls), so
+            # the edge's TLS 1.3 tickets (two per handshake by default) are off here too.
             toml = edge_toml(fleet.url, {"https": {"listen": ["127.0.0.1:0"],
-                                                   "context_cache_size": args.context_cache}},
+                                                   "context_cache_size": args.context_cache,
+                                                   "session_tickets": args.edge_tickets}},
                              secret=BENCH_SECRET_KEY)
-            async with await start_edge(fleet.workdir, toml, workers=args.workers,
-                                        expect=["https"]) as edge:
-                for n in sizes:
-                    results["edge"][n] = await one("edge https", edge, edge.ports["https"], n)
+            edge = await stack.enter_async_context(await start_edge(
+                fleet.workdir, toml, workers=args.workers, expect=["https"]))
+            servers["edge"] = (edge, edge.ports["https"])
+            started["edge"] = edge.started_seconds
         # nginx preloads every certificate it may serve (static server blocks): the very
         # certificates and keys of the directory, read back and decrypted.
         top = min(max(sizes), args.nginx_certs)
         certs = await directory_certificates(fleet.url, top)
-        async with await start_nginx_tls(fleet.workdir, certs, upstream,
-                                         workers=args.workers) as nginx:
-            for n in sizes:
-                if n <= top:
-                    results["nginx"][n] = await one("nginx", nginx, nginx.ports["https"], n)
+        run.progress(f"nginx: starting with {top:,} server blocks")
+        begin = time.perf_counter()
+        nginx = await stack.enter_async_context(await start_nginx_tls(
+            fleet.workdir, certs, upstream, workers=args.workers))
+        started["nginx"] = time.perf_counter() - begin
+        results: dict[int, dict[str, dict[str, Any]]] = {}
+        protocols = {label: await negotiated(port, "www.tenant0.example")
+                     for label, (_, port) in {**servers, "nginx": (nginx, nginx.ports["https"])}.items()}
+        for label, text in protocols.items():
+            run.text_row(f"{label} negotiates (client: Python ssl, X25519 by default)", text)
+        if len(set(protocols.values())) > 1:
+            run.progress(f"WARNING: the servers negotiate different protocols: {protocols}")
         for n in sizes:
-            edge_r, nginx_r = results["edge"].get(n), results["nginx"].get(n)
+            present = dict(servers)
+            if n <= top:
+                present["nginx"] = (nginx, nginx.ports["https"])
+            results[n] = await tls_rounds(run, present, [f"www.tenant{t}.example"
+                                                         for t in range(n)], args)
+        for n in sizes:
+            edge_r, nginx_r = results[n].get("edge"), results[n].get("nginx")
             peer = ("nginx", nginx_r["per_cpu_second"]) if nginx_r else None
-            if edge_r:
-                run.row(f"edge handshakes per CPU-second, {n} SNI names",
-                        edge_r["per_cpu_second"], "hs/cpu-s", peer, digits=0)
-                run.row(f"edge handshake p99, {n} SNI names", edge_r["latency_ms"]["p99"], "ms",
-                        ("nginx", nginx_r["latency_ms"]["p99"]) if nginx_r else None)
-                run.row(f"edge failed handshakes, {n} SNI names", edge_r["failures"], "",
+            for label, r in results[n].items():
+                if label == "nginx" and edge_r:
+                    continue
+                run.row(f"{label} handshakes per CPU-second, {n} SNI names (rounds "
+                        f"{min(r['rounds']):,.0f}-{max(r['rounds']):,.0f})",
+                        r["per_cpu_second"], "hs/cpu-s", peer if label == "edge" else None,
                         digits=0)
-            elif nginx_r:
-                run.row(f"nginx handshakes per CPU-second, {n} SNI names",
-                        nginx_r["per_cpu_second"], "hs/cpu-s", digits=0)
-                run.row(f"nginx handshake p99, {n} SNI names", nginx_r["latency_ms"]["p99"], "ms")
-        run.data.update(results={k: {str(n): v for n, v in d.items()} for k, d in results.items()},
-                        sizes=sizes, workers=args.workers,
-                        context_cache_size=args.context_cache)
-
+                run.row(f"{label} handshake p50, {n} SNI names", r["latency_ms"]["p50"], "ms",
+                        ("nginx", nginx_r["latency_ms"]["p50"]) if nginx_r and label == "edge"
+                        else None)
+                run.row(f"{label} handshake p99, {n} SNI names", r["latency_ms"]["p99"], "ms",
+                        ("nginx", nginx_r["latency_ms"]["p99"]) if nginx_r and label == "edge"
+                        else None)
+                run.row(f"{label} failed handshakes, {n} SNI names", r["failures"], "", digits=0)
+            if edge_r:
+                run.row(f"edge first-handshake CPU (cold: lookup, key, context), {n} names",
+                        edge_r["warmup"]["cpu_ms_per_handshake"], "ms")
+            for label, r in results[n].items():
+                run.row(f"{label} RSS after {n} names warm", r["rss_kib_after"] / 1024, "MiB",
+                        digits=0)
+        for label, seconds in started.items():
+            run.row(f"{label} start-up (spawn to accepting)", seconds, "s")
+        # By server, then by SNI set size (the shape benchmarks/plot.py reads).
+        by_server: dict[str, dict[str, Any]] = {}
+        for n, per_server in results.items():
+            for label, r in per_server.items():
+                by_server.setdefault(label, {})[str(n)] = r
+        run.data.update(results=by_server, sizes=sizes,
+                        workers=args.workers, context_cache_size=args.context_cache,
+                        edge_session_tickets=args.edge_tickets, started_seconds=started,
+                        protocols=protocols)

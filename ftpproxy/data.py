@@ -121,6 +121,11 @@ class PassiveListener:
         for _ in range(BIND_ATTEMPTS):
             port = _rng.randint(low, high)
             sock = socket.socket(family, socket.SOCK_STREAM)
+            # SO_REUSEADDR: the proxy closes data connections first, so each used port keeps
+            # TIME_WAIT entries for a minute; without it a range is used up by ~range-size
+            # transfers per minute (small files) and PASV fails. On Linux it never lets two
+            # sockets listen on one port at once, so the one-accept rule still holds.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((bind_ip, port))
                 sock.listen(4)
@@ -176,14 +181,21 @@ class PassiveListener:
 
 
 async def connect_socket(host: str, port: int, connect_timeout: float) -> socket.socket:
-    """A plain connected socket (active mode towards the client), not yet read from."""
+    """A plain connected socket (active mode towards the client, and the backend's passive
+    port on the splice path), not yet read from."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        # Data connections go to validated IP literals: resolve them here rather than through
+        # the loop's getaddrinfo, which is a round trip through a thread pool per transfer.
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, address), connect_timeout)
+        async with asyncio.timeout(connect_timeout):  # no extra task, unlike wait_for
+            await loop.sock_connect(sock, address)
     except BaseException:
         sock.close()
         raise

@@ -35,6 +35,11 @@ SHUTDOWN_TEXT = "Service shutting down, please reconnect."
 class FtpProxy:
     """The ``ftp`` proxy of :mod:`edge.registry`; see the module docstring."""
 
+    LISTEN_BACKLOG = 4096
+    """Accept queue of the control listeners (capped by net.core.somaxconn). create_server
+    calls listen() again on the inherited socket, with asyncio's default of 100 unless told:
+    a burst of 300 logins then overflowed it and the dropped SYNs cost clients 1 s each."""
+
     MAX_BACKEND_CONNECTS = 32
     """Backend connections per host:port being set up at once (TCP connect + greeting). A
     burst of logins for one host would otherwise overflow its listen backlog, and each
@@ -87,7 +92,8 @@ class FtpProxy:
     async def start(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
         for sock in sockets:
-            self.servers.append(await loop.create_server(self._new_session, sock=sock))
+            self.servers.append(await loop.create_server(self._new_session, sock=sock,
+                                                         backlog=self.LISTEN_BACKLOG))
         self.context.feed.subscribe(self._on_change)
 
     def _new_session(self) -> FtpSession:

@@ -99,6 +99,10 @@ class _SessionEnd(Exception):
     """Leave the session loop (the client was already told why)."""
 
 
+class _PassiveRefused(Exception):
+    """The backend did not enter passive mode (its reply was not 227/229)."""
+
+
 class FtpSession(asyncio.Protocol):
     """The client's control connection (one instance per connection)."""
 
@@ -135,6 +139,7 @@ class FtpSession(asyncio.Protocol):
         self.result = "closed"
         self._drain_handle: asyncio.TimerHandle | None = None
         self._prefetch: asyncio.Task[tuple[BackendControl, Reply]] | None = None
+        self._backend_pasv: asyncio.Task[tuple[str, int]] | None = None
 
     # -- asyncio callbacks (client control connection) ----------------------------------------
 
@@ -203,7 +208,8 @@ class FtpSession(asyncio.Protocol):
         while not self._events:
             self._wake = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._wake, wait)
+                async with asyncio.timeout(wait):  # cheaper than wait_for (see BackendControl)
+                    await self._wake
             finally:
                 self._wake = None
         event = self._events.popleft()
@@ -351,6 +357,7 @@ class FtpSession(asyncio.Protocol):
     async def _user(self, username: str) -> None:
         if self.backend is not None:
             # A new USER starts a new login: the old backend session ends.
+            self._drop_backend_passive()
             self.backend.close()
             self.backend = None
             self.logged_in = False
@@ -493,6 +500,8 @@ class FtpSession(asyncio.Protocol):
         backend = self.backend
         if backend is None or self._closing or self._transfer_task is not None:
             return
+        if self._backend_pasv is not None and not self._backend_pasv.done():
+            return  # the answer to the PASV sent ahead, its task not yet waiting for it
         for reply in backend.pending():
             self._forward_reply(reply)
             if reply.code == 421:
@@ -505,14 +514,18 @@ class FtpSession(asyncio.Protocol):
 
     async def _command(self, cmd: Command) -> None:
         verb, arg = cmd.verb, cmd.argument
+        if verb in TRANSFER_KINDS:
+            # The transfer takes the backend passive address asked for at PASV/PORT time.
+            task = asyncio.create_task(self._transfer(cmd), name="ftp-transfer")
+            self._transfer_task = task
+            task.add_done_callback(self._transfer_done)
+            return
+        # Anything else is sent to the backend after the answer to a PASV asked for ahead.
+        await self._settle_backend_passive()
         if verb in ("PASV", "EPSV"):
             await self._open_passive(verb, arg)
         elif verb in ("PORT", "EPRT"):
             self._set_active(verb, arg)
-        elif verb in TRANSFER_KINDS:
-            task = asyncio.create_task(self._transfer(cmd), name="ftp-transfer")
-            self._transfer_task = task
-            task.add_done_callback(self._transfer_done)
         elif verb == "FEAT":
             await self._feat()
         else:
@@ -589,6 +602,7 @@ class FtpSession(asyncio.Protocol):
             self.reply(425, "PASV needs IPv4; use EPSV.")
             return
         self._clear_data_mode()
+        self._start_backend_passive()
         # Bind the address the client reached (the socket's own, not a PROXY header's).
         sock = self.transport.get_extra_info("sockname") if self.transport else None
         bind_ip = str(sock[0]) if sock else local_ip
@@ -629,8 +643,83 @@ class FtpSession(asyncio.Protocol):
             self.reply(501, f"Syntax error in {verb} argument: {exc}.")
             return
         self._clear_data_mode()
+        self._start_backend_passive()
         self._active = target
         self.reply(200, f"{verb} command successful.")
+
+    # The backend's passive address is asked for as soon as the client has chosen its data
+    # mode, not when the transfer command arrives: the backend's PASV round trip then overlaps
+    # the client's own (reading 227, connecting, sending RETR) instead of adding to each
+    # transfer. Only PASV is sent ahead; the backend data connection is still made for the
+    # transfer command, so a data mode the client never uses leaves nothing open but the
+    # backend's passive port (which its next PASV replaces, as when a client does the same).
+
+    def _start_backend_passive(self) -> None:
+        """Send PASV to the backend now (before the client has its answer: clients connect
+        and send RETR within a fraction of a millisecond); its answer is awaited in a task."""
+        backend = self.backend
+        self._drop_backend_passive()  # an unused earlier answer (already settled)
+        if backend is None or backend.gone is not None:
+            return  # the transfer will find out and say so
+        verb = self._backend_passive_verb(backend)
+        backend.send(verb)
+        task = asyncio.create_task(self._backend_passive_reply(backend), name="ftp-backend-pasv")
+        task.add_done_callback(self._backend_passive_done)
+        self._backend_pasv = task
+
+    def _backend_passive_done(self, task: asyncio.Task[tuple[str, int]]) -> None:
+        # A backend that went away while the PASV sent ahead waited (_backend_event held back)
+        # ends the session now, as between any other commands. Only then: by the time this
+        # runs, the session may already wait for its next command's reply, which a general
+        # _backend_event would take as unsolicited.
+        backend = self.backend
+        if backend is not None and backend.gone is not None:
+            self._backend_event()
+
+    async def _settle_backend_passive(self) -> None:
+        """Wait until a PASV sent ahead has its answer, so that the next command's reply is
+        not taken for it (its outcome stays in the task for the transfer)."""
+        task = self._backend_pasv
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+
+    def _drop_backend_passive(self) -> None:
+        task, self._backend_pasv = self._backend_pasv, None
+        if task is None:
+            return
+        if task.done():
+            if not task.cancelled():
+                task.exception()  # retrieved: an unused failure is not an error to log
+        else:
+            task.cancel()
+
+    async def _ask_backend_passive(self) -> tuple[str, int]:
+        """PASV (EPSV for IPv6 hosts) to the backend; its checked address.
+
+        Raises BackendGone/TimeoutError (no backend), :class:`_PassiveRefused`, FtpSyntaxError
+        or PassiveAddressRefused (a reply pointing anywhere but the backend itself).
+        """
+        backend = self.backend
+        if backend is None:
+            raise BackendGone("no backend session")
+        backend.send(self._backend_passive_verb(backend))
+        return await self._backend_passive_reply(backend)
+
+    @staticmethod
+    def _backend_passive_verb(backend: BackendControl) -> str:
+        ipv6 = ":" in backend.peer_ip and not backend.peer_ip.startswith("::ffff:")
+        return "EPSV" if ipv6 else "PASV"
+
+    async def _backend_passive_reply(self, backend: BackendControl) -> tuple[str, int]:
+        """The backend's answer to PASV/EPSV, checked (see :meth:`_ask_backend_passive`)."""
+        reply = await backend.final_reply(REPLY_TIMEOUT)
+        if reply.code == 227:
+            ip, port = parse_pasv_reply(reply.text)
+        elif reply.code == 229:
+            ip, port = backend.peer_ip, parse_epsv_reply(reply.text)
+        else:
+            raise _PassiveRefused(f"{reply.code} {reply.text}")
+        return check_backend_passive(backend.peer_ip, ip, port)
 
     def _transfer_done(self, task: asyncio.Task[None]) -> None:
         if self._transfer_task is task:
@@ -693,23 +782,19 @@ class FtpSession(asyncio.Protocol):
         backend_sock: socket.socket | None = None
         client_side: tuple[asyncio.Transport, HoldProtocol] | None = None
         backend_side: tuple[asyncio.Transport, HoldProtocol] | None = None
+        pasv_task, self._backend_pasv = self._backend_pasv, None
         try:
-            # 1. The backend, always passive; its answer must point at itself.
-            ipv6 = ":" in backend.peer_ip and not backend.peer_ip.startswith("::ffff:")
+            # 1. The backend, always passive (asked at PASV/PORT time); its answer must point
+            #    at itself.
             try:
-                reply = await backend.command("EPSV" if ipv6 else "PASV", "", REPLY_TIMEOUT)
+                ip, port = await (pasv_task if pasv_task is not None
+                                  else self._ask_backend_passive())
             except (BackendGone, TimeoutError):
                 self.reply(426, "Backend connection lost; transfer aborted.")
                 raise _SessionEnd from None
-            try:
-                if reply.code == 227:
-                    ip, port = parse_pasv_reply(reply.text)
-                elif reply.code == 229:
-                    ip, port = backend.peer_ip, parse_epsv_reply(reply.text)
-                else:
-                    self.reply(425, "Cannot open data connection on the server side.")
-                    return "failed", 0, {}
-                ip, port = check_backend_passive(backend.peer_ip, ip, port)
+            except _PassiveRefused:
+                self.reply(425, "Cannot open data connection on the server side.")
+                return "failed", 0, {}
             except (FtpSyntaxError, PassiveAddressRefused) as exc:
                 metrics.REFUSED.labels(reason="backend_pasv").inc()
                 self._log_warning("backend passive reply refused", error=str(exc))
@@ -876,6 +961,7 @@ class FtpSession(asyncio.Protocol):
                 await self._transfer_task
         self._clear_data_mode()
         self._cancel_prefetch()
+        self._drop_backend_passive()
         if self.backend is not None:
             self.backend.close()
         if self.transport is not None:

@@ -102,6 +102,7 @@ _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _EXT_SUPPORTED_VERSIONS = 43
 _NAME_TYPE_HOST_NAME = 0
+_ROUTED_EXTENSIONS = frozenset((_EXT_SERVER_NAME, _EXT_ALPN, _EXT_SUPPORTED_VERSIONS))
 
 # Request lines a browser or script sends when it speaks plain HTTP to the TLS port
 # (``PRI`` is the HTTP/2 prior-knowledge preface).
@@ -217,10 +218,32 @@ class ClientHelloReader:
         if self._done:
             raise RuntimeError("ClientHelloReader.feed() called after the ClientHello was returned")
         try:
+            if not self._buf:
+                hello = self._whole(data)
+                if hello is not None:
+                    return hello
             return self._feed(data)
         except ClientHelloError as exc:
             self._error = exc
             raise
+
+    def _whole(self, data: bytes) -> ClientHello | None:
+        """Fast path for what nearly every client sends: one handshake record holding exactly
+        one complete ClientHello, nothing before or after it. Parsed straight from ``data``
+        without the reassembly buffers (measured: a few % of a handshake's CPU in the accept
+        loop). None: anything else, left to the general path, which decides exactly as before."""
+        n = len(data)
+        if n < _RECORD_HEADER + _HANDSHAKE_HEADER or data[0] != _CONTENT_HANDSHAKE \
+                or data[1] != 3 or data[5] != _HANDSHAKE_CLIENT_HELLO:
+            return None
+        length = (data[3] << 8) | data[4]
+        if n != _RECORD_HEADER + length or length > _MAX_PLAINTEXT or n > self.max_bytes \
+                or ((data[6] << 16) | (data[7] << 8) | data[8]) + _HANDSHAKE_HEADER != length:
+            return None
+        self._done = True
+        raw = bytes(data)
+        self._buf += raw  # ``buffered`` counts it, as on the general path
+        return self._parse(raw[_RECORD_HEADER + _HANDSHAKE_HEADER:], raw)
 
     def _fail(self, alert: str, message: str) -> ClientHelloError:
         return ClientHelloError(alert, message)
@@ -307,8 +330,9 @@ class ClientHelloReader:
             f"not a TLS handshake record (first byte 0x{head[0]:02x}, expected 0x16)",
         )
 
-    def _parse(self, body: bytes) -> ClientHello:
-        """Decode the ClientHello body (after the 4-byte handshake header)."""
+    def _parse(self, body: bytes, raw: bytes | None = None) -> ClientHello:
+        """Decode the ClientHello body (after the 4-byte handshake header); ``raw``: every byte
+        fed (default: the reassembly buffer)."""
         n = len(body)
         # legacy_version (2) + random (32) + session id length (1)
         if n < 35:
@@ -367,18 +391,19 @@ class ClientHelloReader:
                 if ext_type in seen:
                     raise self._fail("illegal_parameter", f"duplicate extension {ext_type}")
                 seen.add(ext_type)
-                if ext_type == _EXT_SERVER_NAME:
-                    server_name, rejected = self._parse_sni(body[p:end])
-                elif ext_type == _EXT_ALPN:
-                    alpn = self._parse_alpn(body[p:end])
-                elif ext_type == _EXT_SUPPORTED_VERSIONS:
-                    versions = self._parse_versions(body[p:end])
+                if ext_type in _ROUTED_EXTENSIONS:  # one test for the many others
+                    if ext_type == _EXT_SERVER_NAME:
+                        server_name, rejected = self._parse_sni(body[p:end])
+                    elif ext_type == _EXT_ALPN:
+                        alpn = self._parse_alpn(body[p:end])
+                    else:
+                        versions = self._parse_versions(body[p:end])
                 p = end
         return ClientHello(
             server_name=server_name,
             alpn=alpn,
             tls_versions=versions,
-            raw=bytes(self._buf),
+            raw=bytes(self._buf) if raw is None else raw,
             legacy_version=legacy_version,
             rejected_server_name=rejected,
         )
@@ -437,7 +462,8 @@ class ClientHelloReader:
         if not data or data[0] != len(data) - 1 or data[0] < 2 or data[0] % 2:
             raise self._fail("decode_error", "supported_versions length is wrong")
         versions = struct.unpack_from(f"!{len(data) // 2}H", data, 1)
-        return tuple(v for v in versions if not _is_grease(v))
+        # Without RFC 8701 GREASE values (0x0A0A, 0x1A1A, ... 0xFAFA).
+        return tuple(v for v in versions if (v & 0x0F0F) != 0x0A0A or (v >> 8) != (v & 0xFF))
 
 
 _VALID_NAMES: dict[str, bool] = {}
@@ -455,8 +481,3 @@ def _is_hostname(text: str) -> bool:
             _VALID_NAMES.clear()
         _VALID_NAMES[text] = valid
     return valid
-
-
-def _is_grease(value: int) -> bool:
-    """RFC 8701 GREASE code points: 0x0A0A, 0x1A1A, ... 0xFAFA."""
-    return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)

@@ -61,13 +61,15 @@ _clock = time.perf_counter
 
 # Request headers by what we do with them; anything not listed is forwarded as it is.
 # Hop-by-hop ones (RFC 9110 §7.6.1) are never forwarded; the X-Forwarded family is ours.
-(_PLAIN, _HOST, _TE, _CL, _EXPECT, _CONNECTION, _DROP, _XFF, _UPGRADE, _AE, _CACHE) = range(11)
+(_PLAIN, _HOST, _TE, _CL, _EXPECT, _CONNECTION, _DROP, _XFF, _UPGRADE, _AE, _CACHE, _UA,
+ _AUTH) = range(13)
 _SPECIAL = {b"host": _HOST, b"transfer-encoding": _TE, b"content-length": _CL, b"expect": _EXPECT,
             b"connection": _CONNECTION, b"keep-alive": _DROP, b"proxy-connection": _DROP,
             b"te": _DROP, b"proxy-authorization": _DROP, b"http2-settings": _DROP,
             b"upgrade": _UPGRADE, b"x-forwarded-for": _XFF, b"x-forwarded-proto": _DROP,
             b"x-forwarded-host": _DROP, b"forwarded": _DROP, b"x-real-ip": _DROP,
-            b"accept-encoding": _AE, b"authorization": _CACHE, b"cookie": _CACHE, b"range": _CACHE,
+            b"accept-encoding": _AE, b"authorization": _AUTH, b"cookie": _CACHE, b"range": _CACHE,
+            b"user-agent": _UA,
             b"cache-control": _CACHE, b"pragma": _CACHE}
 _NAME_CODES: dict[bytes, int] = {}
 """Raw header name → code, memoised (bounded) so a request costs one dict lookup per header."""
@@ -111,6 +113,9 @@ class Request:
     conn_tokens: set[bytes] | None = None
     prior_xff = b""
     accept_encoding: bytes | None = None
+    user_agent: bytes | None = None
+    authorization: bytes | None = None
+    """User-Agent and Authorization as received (repeats joined): what the filters read."""
     host_header = ""
     site: Site | None = None
     tenant: Tenant | None = None
@@ -624,15 +629,20 @@ class ClientConnection(asyncio.Protocol):
         assert site is not None
         req.state = state
         head: RequestHead | None = None
-        extra: list[bytes] = []
+        extra = b""
         if state.evaluate_filters:
-            head = RequestHead.from_pairs(req.method, req.target, req.headers)
-            decision = evaluate_filters(head, self.client_ip, state.filters, scheme=self.scheme,
-                                        site=site, rate_limiter=state.limiter)
+            # Only the headers the filters read are decoded (the cache decision below builds
+            # the full head when it needs one).
+            decision = evaluate_filters(
+                RequestHead.for_filters(req.method, req.target, req.host_raw, req.user_agent,
+                                        req.authorization),
+                self.client_ip, state.filters, scheme=self.scheme, site=site,
+                rate_limiter=state.limiter)
             if decision.status:
                 self._refuse_status(req, decision.status, decision.reason, decision.headers)
                 return
-            extra.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in decision.headers)
+            if decision.headers:
+                extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in decision.headers)
         accept_encoding: bytes | None = None
         cache = engine.cache
         if cache is not None and state.policy.mode != "off":
@@ -662,7 +672,7 @@ class ClientConnection(asyncio.Protocol):
                 accept_encoding = memo[1]
                 key = memo[2]
                 req.cache_key = key
-                req.extra = b"".join(extra)
+                req.extra = extra
                 if verdict.action is RequestAction.LOOKUP:
                     entry = cache.get(key)
                     if entry is not None:
@@ -689,7 +699,7 @@ class ClientConnection(asyncio.Protocol):
                     if flight is None:
                         req.flight = cache.begin_flight(key)
                     req.store = True
-        req.extra = b"".join(extra)
+        req.extra = extra
         self._build_head(req, accept_encoding)
         self._forward(req)
 
@@ -710,11 +720,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             forwarded = self._fwd_bytes = self._forwarded(self._ip_bytes, host_value)
             self._fwd_host = host_value
-        head = b"%b %b %b\r\n%b%b%b%b" % (
-            req.method, req.target, b"HTTP/1.0" if req.http10 else b"HTTP/1.1",
+        # One join (half the cost of the equivalent bytes % formatting).
+        head = b"".join((
+            req.method, b" ", req.target, b" HTTP/1.0\r\n" if req.http10 else b" HTTP/1.1\r\n",
             b"\r\n".join(map(b": ".join, fwd)), b"\r\n" if fwd else b"",
             b"Accept-Encoding: " + accept_encoding + b"\r\n" if accept_encoding is not None else b"",
-            forwarded)
+            forwarded))
         if req.chunked:
             head += b"Transfer-Encoding: chunked\r\n"
         if req.upgrade:
@@ -1151,6 +1162,15 @@ def _special_header(req: Request, code: int, pair: tuple[bytes, bytes], trusted:
             req.prior_xff = value if not req.prior_xff else req.prior_xff + b", " + value
     elif code == _CACHE:
         req.cache_sensitive = True
+        req.fwd.append(pair)
+    elif code == _UA:
+        prior = req.user_agent
+        req.user_agent = value if prior is None else prior + b", " + value
+        req.fwd.append(pair)
+    elif code == _AUTH:
+        req.cache_sensitive = True
+        prior = req.authorization
+        req.authorization = value if prior is None else prior + b", " + value
         req.fwd.append(pair)
     elif code == _AE:
         prior = req.accept_encoding

@@ -68,6 +68,7 @@ from edge.directory.rules import validate_filters
 from edge.limits import Clock, RateLimiter
 
 __all__ = [
+    "FILTER_HEADERS",
     "HSTS_VALUE",
     "MAINTENANCE_RETRY_AFTER",
     "AuthArea",
@@ -81,6 +82,8 @@ __all__ = [
     "rate_limit_key",
 ]
 
+FILTER_HEADERS = frozenset({"host", "user-agent", "authorization"})
+"""The only headers :func:`evaluate_filters` reads (see :meth:`RequestHead.for_filters`)."""
 HSTS_VALUE = "max-age=31536000"
 """No ``includeSubDomains``: on shared hosting the subdomains may belong to other tenants."""
 MAINTENANCE_RETRY_AFTER = 300
@@ -157,6 +160,20 @@ class RequestHead:
                 headers[name] = value
         return cls(method.decode("latin-1") if isinstance(method, bytes) else method,
                    target.decode("latin-1") if isinstance(target, bytes) else target, headers)
+
+    @classmethod
+    def for_filters(cls, method: bytes, target: bytes, host: bytes | None, user_agent: bytes | None,
+                    authorization: bytes | None) -> RequestHead:
+        """A head holding only :data:`FILTER_HEADERS` (values as received, repeats already
+        joined): what :func:`evaluate_filters` needs, without decoding every header."""
+        headers: dict[str, str] = {}
+        if host is not None:
+            headers["host"] = host.decode("latin-1")
+        if user_agent is not None:
+            headers["user-agent"] = user_agent.decode("latin-1")
+        if authorization is not None:
+            headers["authorization"] = authorization.decode("latin-1")
+        return cls(method.decode("latin-1"), target.decode("latin-1"), headers)
 
     @property
     def host(self) -> str:
@@ -286,6 +303,38 @@ def _in_networks(value: int, nets: Networks) -> bool:
     return any(value & mask == network for network, mask in nets)
 
 
+IP_VERDICTS_MAX = 65536
+"""Client addresses whose IP-rule outcome a compiled rule set remembers."""
+_IP_PASS, _IP_UNPARSEABLE, _IP_DENIED, _IP_NOT_ALLOWED = range(4)
+
+
+def _ip_verdict(compiled: CompiledFilters, client_ip: str) -> int:
+    """The IP rules' outcome for ``client_ip`` (memoised per compiled rule set)."""
+    memo = compiled.ip_verdicts
+    verdict = memo.get(client_ip)
+    if verdict is not None:
+        return verdict
+    parsed = _parse_ip(client_ip)
+    if parsed is None:
+        verdict = _IP_UNPARSEABLE
+    else:
+        version, value = parsed
+        if version == 4:
+            deny, allow = compiled.deny_v4, compiled.allow_v4
+        else:
+            deny, allow = compiled.deny_v6, compiled.allow_v6
+        if deny and _in_networks(value, deny):
+            verdict = _IP_DENIED
+        elif compiled.has_allow_list and not (allow and _in_networks(value, allow)):
+            verdict = _IP_NOT_ALLOWED
+        else:
+            verdict = _IP_PASS
+    if len(memo) >= IP_VERDICTS_MAX:
+        memo.clear()
+    memo[client_ip] = verdict
+    return verdict
+
+
 def rate_limit_key(client_ip: str) -> str:
     """The rate-limit bucket of a client: its IPv4 address, or the /64 of an IPv6 address."""
     if ":" not in client_ip:
@@ -335,6 +384,10 @@ class CompiledFilters:
     """Longest prefix first."""
     rate_limit: tuple[float, int] | None = None
     """(requests per second, burst)."""
+    ip_verdicts: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    """Client address → outcome of the IP rules (:func:`_ip_verdict`), memoised: a client
+    sends many requests, and parsing its address and matching the networks each time cost
+    as much as all other filters together. Bounded (cleared when full)."""
 
     @classmethod
     def from_rules(cls, rules: str | dict[str, Any] | None) -> CompiledFilters:
@@ -459,18 +512,13 @@ def evaluate_filters(
 
     # 1. IP deny / allow.
     if compiled.has_ip_rules:
-        parsed = _parse_ip(client_ip)
-        if parsed is None:
+        verdict = _ip_verdict(compiled, client_ip)
+        if verdict == _IP_UNPARSEABLE:
             return _refuse(Kind.DENY, 403, f"unparseable client address {client_ip[:64]!r}", (),
                            hsts)
-        version, value = parsed
-        if version == 4:
-            deny, allow = compiled.deny_v4, compiled.allow_v4
-        else:
-            deny, allow = compiled.deny_v6, compiled.allow_v6
-        if deny and _in_networks(value, deny):
+        if verdict == _IP_DENIED:
             return _refuse(Kind.DENY, 403, f"client {client_ip} in ip_deny", (), hsts)
-        if compiled.has_allow_list and not (allow and _in_networks(value, allow)):
+        if verdict == _IP_NOT_ALLOWED:
             return _refuse(Kind.DENY, 403, f"client {client_ip} not in ip_allow", (), hsts)
 
     # 2. Maintenance.

@@ -32,6 +32,23 @@ BackendKey = tuple[str, int, bytes, str]
 
 _FRAMING = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.IGNORECASE)
 _CLOSE = re.compile(rb"\r\nconnection[ \t]*:[^\r\n]*\bclose\b", re.IGNORECASE)
+_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]{1,15})[ \t]*\r\n", re.IGNORECASE)
+
+
+def _simple_length(head: bytes, status: int) -> int:
+    """The body length of an HTTP/1.1 response framed by exactly one plain ``Content-Length``
+    (no ``Transfer-Encoding``, a status that has a body), else -1 (llhttp frames it).
+
+    Most backend responses are such: counting their body bytes ourselves skips feeding every
+    byte to llhttp and its callback (about 5 % of the CPU of a proxied 1 KiB request).
+    Anything unusual (two framing headers, a malformed value, HTTP/1.0, 204/304) goes to
+    llhttp as before."""
+    if status in (204, 304) or not head.startswith(b"HTTP/1.1 "):
+        return -1
+    match = _LENGTH.search(head)
+    if match is None or len(_FRAMING.findall(head)) != 1:
+        return -1
+    return int(match.group(1))
 
 
 def is_close_delimited(head: bytes, status: int) -> bool:
@@ -76,9 +93,9 @@ class ResponseSink(Protocol):
 class BackendConnection(asyncio.Protocol):
     """One keep-alive connection to a backend; serves one request at a time."""
 
-    __slots__ = ("_buf", "_head", "_head_done", "_loop", "_parser", "_timer", "close_delimited", "closed",
-                 "head_request", "idle_since", "key", "last_head", "last_io", "pool", "responded", "sink",
-                 "status", "transport", "uses")
+    __slots__ = ("_buf", "_head", "_head_done", "_last_framing", "_loop", "_parser", "_remaining", "_timer",
+                 "close_delimited", "closed", "head_request", "idle_since", "key", "last_head", "last_io",
+                 "pool", "responded", "sink", "status", "transport", "uses")
 
     def __init__(self, pool: BackendPool, key: BackendKey) -> None:
         self.pool = pool
@@ -90,6 +107,9 @@ class BackendConnection(asyncio.Protocol):
         self._buf = b""
         self._head = b""
         self._head_done = False
+        self._remaining = -1
+        """Body bytes still to come of a Content-Length response we frame ourselves; -1 while
+        llhttp frames the response (chunked, close-delimited, unusual heads)."""
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.close_delimited = False
@@ -99,6 +119,9 @@ class BackendConnection(asyncio.Protocol):
         self.last_io = 0.0
         self.status = 0
         self.uses = 0
+        self._last_framing: tuple[bytes, int, bool] = (b"", -1, False)
+        """(a response head, its :func:`_simple_length`, whether it says Connection: close):
+        identical heads (same Date second) are examined once."""
         self.last_head: tuple[bytes, bytes] = (b"", b"")
         """(a response head as received, the same without hop-by-hop headers): a backend
         repeats identical heads within a second (same Date), so the sink strips each once."""
@@ -111,6 +134,7 @@ class BackendConnection(asyncio.Protocol):
         self.head_request = head_request
         self.responded = False
         self._head_done = False
+        self._remaining = -1
         self._buf = b""
         self.uses += 1
         self.last_io = self._loop.time()
@@ -169,9 +193,27 @@ class BackendConnection(asyncio.Protocol):
             return
         self.last_io = self._loop.time()
         if self._head_done:
+            remaining = self._remaining
+            if remaining < 0:
+                sink.response_body(data)
+                if self.sink is not None:
+                    self._feed(data)
+                return
+            remaining -= len(data)
+            if remaining > 0:
+                self._remaining = remaining
+                sink.response_body(data)
+                return
+            self._remaining = -1
+            if remaining < 0:
+                # More bytes than the response's length: never forwarded, never reused.
+                sink.response_body(data[:remaining])
+                if self.sink is not None:
+                    self._message_done(False)
+                return
             sink.response_body(data)
             if self.sink is not None:
-                self._feed(data)
+                self._message_done(not self._last_framing[2])
             return
         buf = self._buf + data if self._buf else data
         while True:
@@ -214,8 +256,29 @@ class BackendConnection(asyncio.Protocol):
             self.pool.discard(self)
             sink.response_upgrade(self, head, rest)
             return
+        if self.head_request:
+            length = -1
+        else:
+            framing = self._last_framing
+            if head != framing[0]:
+                framing = self._last_framing = (head, _simple_length(head, status),
+                                                _CLOSE.search(head) is not None)
+            length = framing[1]
+        extra = False
+        if length >= 0:
+            remaining = length - len(rest)
+            if remaining < 0:  # more bytes than the response's length: dropped, no reuse
+                rest = rest[:length]
+                extra = True
+                remaining = 0
         sink.response_start(self, status, head, rest)
         if self.sink is None:
+            return
+        if length >= 0:
+            if remaining > 0:
+                self._remaining = remaining
+            else:
+                self._message_done(not extra and not self._last_framing[2])
             return
         if self.head_request:
             # A response to HEAD has no body whatever its headers say; llhttp cannot be told
@@ -251,6 +314,7 @@ class BackendConnection(asyncio.Protocol):
             return
         self.sink = None
         self._head_done = False
+        self._remaining = -1
         # The response timer stays armed: it finds no sink and lapses, and the next send()
         # re-arms it only then; no timer is created or cancelled per request.
         sink.response_end(self, reusable)

@@ -147,7 +147,7 @@ class SessionLink:
         # Both legs' packet path (a no-op where already applied or not needed).
         for conn in (upstream, downstream):
             if conn is not None:
-                tuning.drop_redundant_ignore_packets(conn)
+                tuning.tune_connection(conn)
 
     # -- what the SSHServer returns -------------------------------------------------------------
 

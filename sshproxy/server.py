@@ -42,7 +42,7 @@ from sshproxy import metrics
 from sshproxy.auth import AuthorizedKeysCache, key_allowed, load_user_ca_keys
 from sshproxy.bridge import BridgeSettings, SessionLink
 from sshproxy.hostkeys import load_host_keys, load_upstream_key
-from sshproxy.tuning import drop_redundant_ignore_packets
+from sshproxy.tuning import tune_connection
 from sshproxy.upstream import (
     Challenge,
     Credential,
@@ -278,7 +278,7 @@ class ClientConnection(asyncssh.SSHServer):
         admission = self.proxy._admission((str(peer[0]), int(peer[1])))
         self.client = admission.client
         self.admission_release = admission.release
-        drop_redundant_ignore_packets(conn)
+        tune_connection(conn)
         # The upstream login after a public-key login must wait until asyncssh has verified the
         # client's signature; SSHServer.validate_public_key is also asked for unsigned key
         # queries, so we wrap the connection's check, which sees the signature.

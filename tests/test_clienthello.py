@@ -523,6 +523,32 @@ def test_body_mutations_with_consistent_framing(
     assert_total(frame(message, [step] * (records - 1)), [])
 
 
+def outcome(data: bytes, sizes: list[int]) -> tuple[object, ...]:
+    """What a reader decides for ``data`` fed in pieces: the hello's fields or the alert."""
+    try:
+        hello = feed_all(data, sizes)
+    except ClientHelloError as exc:
+        return ("alert", exc.alert, exc.plain_http)
+    if hello is None:
+        return ("more",)
+    return (hello.server_name, hello.alpn, hello.tls_versions, hello.raw, hello.legacy_version,
+            hello.rejected_server_name)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.sampled_from(CORPUS), mutations=st.lists(mutation, max_size=6),
+       framing=st.lists(mutation, max_size=2))
+def test_whole_hello_decided_as_when_fed_in_pieces(
+    data: bytes, mutations: list[tuple[str, int, int]], framing: list[tuple[str, int, int]]
+) -> None:
+    # A hello arriving in one read takes the reader's fast path; fed in two reads it takes the
+    # reassembling one. Both must accept the same hellos and send the same alerts.
+    body = mutate(handshake_message(data)[4:], mutations)
+    single = frame(b"\x01" + len(body).to_bytes(3, "big") + body, [])
+    single = mutate(single[:12], framing) + single[12:]  # record and handshake headers too
+    assert outcome(single, []) == outcome(single, [len(single) - 1])
+
+
 @given(st.binary(max_size=600), st.lists(st.integers(1, 100), max_size=5))
 def test_random_bytes(data: bytes, sizes: list[int]) -> None:
     assert_total(data, sizes)

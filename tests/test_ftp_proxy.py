@@ -1234,3 +1234,87 @@ async def test_pasv_reply_carries_the_masquerade_address(edges: EdgeFactory, bac
     host, port = await run(session)
     low, high = edge.config.ftp.passive_ports
     assert host == "198.51.100.10" and low <= port <= high
+
+
+async def test_many_small_transfers_through_a_small_passive_range(edges: EdgeFactory,
+                                                                 backends: Backends) -> None:
+    # Each used passive port keeps TIME_WAIT entries for a minute (the proxy closes data
+    # connections first): a busy site fetching small files must not run out of ports.
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    low, high = free_port_range(4)
+    edge = await edges.start(passive_ports=(low, high))
+    (backend.root / "small.txt").write_bytes(b"small file\n")
+
+    def session() -> None:
+        ftp = connect(edge.port)
+        for _ in range(24):
+            assert retr_hash(ftp, "small.txt") == (hashlib.sha256(b"small file\n").hexdigest(), 11)
+        ftp.quit()
+
+    await run(session)
+
+
+async def test_data_mode_commands_interleaved_with_others(edges: EdgeFactory,
+                                                           backends: Backends) -> None:
+    # The backend's PASV is sent when the client picks a data mode: every later command must
+    # still get its own reply, in order, whatever comes between PASV and the transfer.
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    edge = await edges.start()
+    (backend.root / "a.txt").write_bytes(b"interleaved\n" * 500)
+
+    def session() -> None:
+        ftp = connect(edge.port)
+        assert ftp.sendcmd("PASV").startswith("227")  # never used
+        host, port = ftplib.parse227(ftp.sendcmd("PASV"))
+        assert ftp.sendcmd("NOOP").startswith("200")
+        assert ftp.sendcmd("TYPE I").startswith("200")
+        assert ftp.size("a.txt") == 6000
+        assert ftp.pwd() == "/"
+        data_sock = socket.create_connection((host, port), timeout=CLIENT_TIMEOUT)
+        ftp.putcmd("RETR a.txt")
+        assert ftp.getresp()[:1] == "1"
+        data = b""
+        while chunk := data_sock.recv(65536):
+            data += chunk
+        data_sock.close()
+        assert ftp.getresp().startswith("226")
+        assert data == b"interleaved\n" * 500
+        # A data mode chosen and then dropped for a new login, and one left unused at QUIT.
+        assert ftp.sendcmd("EPSV").startswith("229")
+        ftp.login(USER, PASSWORD)
+        assert retr_hash(ftp, "a.txt")[1] == 6000
+        assert ftp.sendcmd("PASV").startswith("227")
+        assert ftp.quit().startswith("221")
+
+    await run(session)
+    assert not edge.log.find("ftp session failed")
+
+
+async def test_a_burst_of_connections_is_queued_not_dropped(edges: EdgeFactory,
+                                                             backends: Backends) -> None:
+    # 300 clients arriving while the proxy is busy must wait in the accept queue: with the
+    # listen() default of 100 the kernel dropped the others' SYNs (each then waited 1 s).
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    edge = await edges.start(limits=LimitsConfig(max_connections_per_ip=1000,
+                                                 max_unauthenticated_per_ip=1000))
+    clients: list[socket.socket] = []
+    try:
+        # Connect while this loop cannot accept (the call blocks it): only the backlog counts.
+        for _ in range(300):
+            sock = socket.socket()
+            sock.settimeout(0.5)  # a dropped SYN is retried after 1 s: this would time out
+            sock.connect(("127.0.0.1", edge.port))
+            clients.append(sock)
+        for sock in clients:
+            sock.settimeout(CLIENT_TIMEOUT)
+
+        def greetings() -> None:
+            for sock in clients:
+                assert sock.recv(100).startswith(b"220 ")
+        await run(greetings)
+    finally:
+        for sock in clients:
+            sock.close()

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from edge.directory.service import DirectoryService
 from edge.proxyproto import ProxyHeaderParser, encode_v2
@@ -298,6 +299,64 @@ async def test_stale_pooled_connection_is_retried(service: DirectoryService) -> 
             r = await edge.curl(host="raw.test")
             assert r.status == 200 and r.body == b"ok"
     await backend.stop()
+
+
+async def test_backend_sending_more_than_its_content_length(service: DirectoryService) -> None:
+    """Bytes past a response's Content-Length never reach the client, and that backend
+    connection is not reused (the next request opens a new one)."""
+    backend = await RawBackend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"
+                               b"Content-Length: 6\r\n\r\nforged").start()
+    async with running(service.store, service) as (edge, _):
+        await _raw_site(service, backend)
+        raw = await edge.raw(b"GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n"
+                             b"GET /2 HTTP/1.1\r\nHost: raw.test\r\nConnection: close\r\n\r\n")
+        assert statuses(raw) == [200, 200]
+        assert b"forged" not in raw and raw.count(b"\r\n\r\nok") == 2
+        assert edge.engine.pool.connects == 2
+    await backend.stop()
+
+
+async def test_content_length_response_with_connection_close_is_not_reused(
+        service: DirectoryService) -> None:
+    backend = await RawBackend(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+                               close=True).start()
+    async with running(service.store, service) as (edge, _):
+        await _raw_site(service, backend)
+        for _ in range(3):
+            r = await edge.curl(host="raw.test")
+            assert r.status == 200 and r.body == b"ok"
+        assert edge.engine.pool.connects == 3  # never a reset retried on a closed connection
+    await backend.stop()
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n",
+])
+async def test_badly_framed_response_is_never_a_complete_body(service: DirectoryService,
+                                                              head: bytes) -> None:
+    """Responses whose framing is ambiguous are left to llhttp, which refuses them: that
+    backend connection is dropped (never reused for another request) and the client
+    connection is cut after what was already forwarded (the head goes out before the body
+    is parsed)."""
+    backend = await RawBackend(head + b"\r\nokk").start()
+    async with running(service.store, service) as (edge, _):
+        await _raw_site(service, backend)
+        raw = await edge.raw(b"GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n"
+                             b"GET /2 HTTP/1.1\r\nHost: raw.test\r\n\r\n")
+        assert len(statuses(raw)) == 1  # the pipelined second request is never answered
+        assert edge.engine.pool.idle_count() == 0 and len(backend.received) == 1
+    await backend.stop()
+
+
+async def test_content_length_body_in_many_reads(service: DirectoryService) -> None:
+    """A body that arrives in many reads is forwarded whole, and the connection is reused."""
+    async with running(service.store, service) as (edge, (_a,)):
+        for _ in range(2):
+            r = await edge.curl(host="www.a.test", path="/size/3000000")
+            assert r.status == 200 and len(r.body) == 3_000_000
+        assert edge.engine.pool.connects == 1
 
 
 async def test_backend_dying_mid_response_is_not_a_complete_body(service: DirectoryService) -> None:

@@ -591,3 +591,52 @@ def test_denied_prefix_denied_under_any_encoding(data: st.DataObject, prefix: st
     d = evaluate_filters(RequestHead("GET", spelt + query, {}), "192.0.2.1", DENY_RULES,
                          scheme="https", site=SITE)
     assert d.kind is Kind.DENY, (path, spelt)
+
+
+_FILTER_RULES = {
+    "ip_deny": ["10.0.0.0/8", "2001:db8::/32"], "ip_allow": ["0.0.0.0/0", "::/0"],
+    "path_deny": [{"prefix": "/admin"}, {"regex": r"\.env$"}], "methods": ["GET", "POST"],
+    "user_agent_deny": ["(?i)badbot"],
+    "basic_auth": [{"prefix": "/private", "realm": "R", "users": {"u": sha("pw")}}],
+}
+
+
+@pytest.mark.parametrize(("method", "target", "pairs", "client"), [
+    ("GET", "/", [("Host", "example.com"), ("User-Agent", "curl/8")], "192.0.2.1"),
+    ("GET", "/", [("Host", "example.com")], "10.1.2.3"),
+    ("GET", "/", [("Host", "example.com")], "2001:db8::1"),
+    ("GET", "/", [("Host", "example.com")], "::ffff:10.0.0.1"),
+    ("GET", "/", [("Host", "example.com")], "not-an-ip"),
+    ("DELETE", "/", [("Host", "example.com")], "192.0.2.1"),
+    ("GET", "/%61dmin/x", [("Host", "example.com")], "192.0.2.1"),
+    ("GET", "/app/.env", [("Host", "example.com")], "192.0.2.1"),
+    ("GET", "/", [("Host", "example.com"), ("User-Agent", "x"), ("User-Agent", "BadBot/1")],
+     "192.0.2.1"),
+    ("GET", "/private/a", [("Host", "example.com"), ("Authorization", basic("u", "pw"))],
+     "192.0.2.1"),
+    ("GET", "/private/a", [("Host", "example.com"), ("Authorization", basic("u", "no"))],
+     "192.0.2.1"),
+    ("GET", "/private/a", [("Host", "example.com"), ("Cookie", "a=b")], "192.0.2.1"),
+])
+@pytest.mark.parametrize("site", [SITE, SITE_REDIRECT, SITE_HSTS])
+def test_filter_head_decides_like_the_full_head(method: str, target: str,
+                                                pairs: list[tuple[str, str]], client: str,
+                                                site: Site) -> None:
+    """The proxy hands evaluate_filters a head with only FILTER_HEADERS (repeats joined as
+    from_pairs joins them); every decision, and the IP outcome remembered per client, is the
+    one the full head gets."""
+    compiled = CompiledFilters.from_rules(_FILTER_RULES)
+    raw = [(n.encode(), v.encode()) for n, v in pairs]
+
+    def joined(name: str) -> bytes | None:
+        values = [v for n, v in raw if n.lower() == name.encode()]
+        return b", ".join(values) if values else None
+
+    small = RequestHead.for_filters(method.encode(), target.encode(), joined("host"),
+                                    joined("user-agent"), joined("authorization"))
+    full = RequestHead.from_pairs(method, target, pairs)
+    for scheme in ("http", "https"):
+        expected = evaluate_filters(full, client, CompiledFilters.from_rules(_FILTER_RULES),
+                                    scheme=scheme, site=site)
+        for _ in range(2):  # the second time the client's IP outcome is remembered
+            assert evaluate_filters(small, client, compiled, scheme=scheme, site=site) == expected

@@ -1,0 +1,272 @@
+"""Focused FTP proxy benchmark: throughput, per-transfer overhead and a login burst, with the
+proxy measured against a direct connection to the same pyftpdlib backend in the same run.
+
+``.venv/bin/python -m benchmarks.ftpbulk [--mib 64] [--rounds 5] [--logins 300]
+[--baseline DIR]``
+
+Targets alternate round by round (direct, edge, and with ``--baseline DIR`` a second
+``edge serve`` whose ``PYTHONPATH`` starts with DIR: a copy of the packages at another
+revision, for before/after comparisons in one run). Per round and target: RETR and STOR of
+``--mib`` MiB with ftplib (64 KiB blocks) and with curl; ``--latency`` RETRs of a 1-byte file
+on one logged-in session (the fixed cost of a transfer: PASV, data connections, 150, 226);
+``--logins`` clients connecting and logging in all at once (connect, USER, PASS, QUIT).
+Printed: medians and ranges, ratios against direct, and the server's CPU (the edge process
+tree for edge targets, the backend for direct) per GB and per login. The backend is the
+harness's (:func:`benchmarks.backends.start_ftp_backend`), the directory a small SQLite fleet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ftplib
+import io
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from benchmarks.backends import start_ftp_backend
+from benchmarks.core import percentile
+from benchmarks.fleet import BENCH_SECRET_KEY, FleetShape, attach_backends, provision_fleet
+from benchmarks.logins import (
+    FTP_PASSWORD,
+    FTP_UPSTREAM,
+    FTP_USER,
+    Target,
+    _ftp_login_burst,
+    _service_call,
+)
+from benchmarks.procs import Child, edge_toml, start_edge
+from edge.directory.service import DirectoryService
+
+TINY = "tiny.bin"  # 1 byte, in the backend's home
+
+
+def _login(t: Target) -> ftplib.FTP:
+    ftp = ftplib.FTP()
+    ftp.connect(t.host, t.port, timeout=60)
+    ftp.login(t.user, FTP_PASSWORD)
+    return ftp
+
+
+def ftplib_retr(t: Target, size: int) -> None:
+    with contextlib.closing(_login(t)) as ftp:
+        got = [0]
+
+        def sink(block: bytes) -> None:
+            got[0] += len(block)
+        ftp.retrbinary("RETR big.bin", sink, blocksize=1 << 16)
+        if got[0] != size:
+            raise RuntimeError(f"RETR got {got[0]} bytes, expected {size}")
+        ftp.quit()
+
+
+def ftplib_stor(t: Target, size: int) -> None:
+    name = f"up-{random.getrandbits(40):x}.bin"
+    with contextlib.closing(_login(t)) as ftp:
+        ftp.storbinary(f"STOR {name}", io.BytesIO(bytes(size)), blocksize=1 << 16)
+        if ftp.size(name) != size:
+            raise RuntimeError("STOR: wrong size on the backend")
+        ftp.delete(name)
+        ftp.quit()
+
+
+def _curl(t: Target, *args: str) -> None:
+    url = f"ftp://{t.user}:{FTP_PASSWORD}@{t.host}:{t.port}/"
+    subprocess.run(["curl", "-sS", "--fail", "--max-time", "300", *args[:-1], url + args[-1]],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def curl_retr(t: Target, size: int) -> None:
+    _curl(t, "-o", "/dev/null", "big.bin")
+
+
+def curl_stor(t: Target, size: int, payload: Path) -> None:
+    name = f"upc-{random.getrandbits(40):x}.bin"
+    _curl(t, "-T", str(payload), "-Q", f"-DELE {name}", name)
+
+
+def tiny_latency(t: Target, count: int) -> list[float]:
+    """Milliseconds per 1-byte RETR (PASV + RETR + 226) on one logged-in session."""
+    out = []
+    with contextlib.closing(_login(t)) as ftp:
+        ftp.voidcmd("TYPE I")
+        for _ in range(count):
+            started = time.perf_counter()
+            data = ftp.transfercmd(f"RETR {TINY}")
+            while data.recv(65536):
+                pass
+            data.close()
+            ftp.voidresp()
+            out.append((time.perf_counter() - started) * 1000)
+        ftp.quit()
+    return out
+
+
+def _fmt(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    return (f"{statistics.median(values):.{digits}f} "
+            f"[{min(values):.{digits}f}-{max(values):.{digits}f}]")
+
+
+@contextlib.asynccontextmanager
+async def ftp_setup(args: argparse.Namespace) -> AsyncIterator[tuple[list[Target], Path]]:
+    """The backend, the directory and the edge serve processes; yields the targets (direct
+    first) and a sparse ``--mib`` MiB payload file for curl uploads."""
+    shape = FleetShape.for_sites(100)
+    size = args.mib << 20
+    with tempfile.TemporaryDirectory(prefix="ftpbulk-") as folder:
+        workdir = Path(folder)
+        url = f"sqlite:///{workdir}/dir.sqlite3"
+        await provision_fleet(url, shape)
+        backend = await start_ftp_backend(workdir, [shape.host_address(0)], FTP_UPSTREAM,
+                                          FTP_PASSWORD, big_bytes=size)
+        (workdir / "ftp-home" / TINY).write_bytes(b"x")
+        payload = workdir / "payload.bin"
+        with payload.open("wb") as handle:
+            handle.truncate(size)
+        children: list[Child] = [backend]
+        try:
+            await attach_backends(url, shape, {"ftp": [backend.ports["0"]]}, hosts=[0])
+
+            async def account(service: DirectoryService) -> None:
+                await service.add_account(FTP_USER, "tenant0", protocols=["ftp"],
+                                          upstream_username=FTP_UPSTREAM)
+            await _service_call(url, account)
+            targets = [Target("direct", shape.host_address(0), backend.ports["0"], FTP_UPSTREAM,
+                              backend)]
+            editions = [("edge", "")] + ([("base", args.baseline)] if args.baseline else [])
+            for name, pythonpath in editions:
+                sub = workdir / name
+                sub.mkdir()
+                low = random.randrange(15_000, 30_000)
+                toml = edge_toml(url, {
+                    "ftp": {"listen": ["127.0.0.1:0"], "passive_ports": [low, low + 999]},
+                    "limits": {"max_unauthenticated_per_ip": 10_000,
+                               "max_connections_per_ip": 10_000,
+                               "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000}},
+                    secret=BENCH_SECRET_KEY)
+                child = await _start_edge(sub, toml, pythonpath)
+                children.append(child)
+                targets.append(Target(name, "127.0.0.1", child.ports["ftp"], FTP_USER, child))
+            yield targets, payload
+        finally:
+            for child in reversed(children):
+                await asyncio.to_thread(child.stop)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    async with ftp_setup(args) as (targets, payload):
+        await _measure(args, targets, args.mib << 20, payload)
+
+
+async def _start_edge(workdir: Path, toml: str, pythonpath: str) -> Child:
+    """``edge serve`` (one worker); with ``pythonpath`` first on its PYTHONPATH (a baseline)."""
+    saved = os.environ.get("PYTHONPATH")
+    if pythonpath:
+        os.environ["PYTHONPATH"] = pythonpath  # inherited by the spawned edge serve only
+    try:
+        return await start_edge(workdir, toml, workers=1, expect=["ftp"])
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+async def _measure(args: argparse.Namespace, targets: list[Target], size: int,
+                   payload: Path) -> None:
+    mbps: dict[tuple[str, str], list[float]] = defaultdict(list)
+    cpu_gb: dict[tuple[str, str], list[float]] = defaultdict(list)
+    lat: dict[str, list[float]] = defaultdict(list)
+    burst_total: dict[str, list[float]] = defaultdict(list)
+    burst_ms: dict[str, list[float]] = defaultdict(list)
+    cpu_login: dict[str, list[float]] = defaultdict(list)
+    ops: list[tuple[str, Callable[[Target, int], None]]] = [
+        ("RETR ftplib", ftplib_retr), ("STOR ftplib", ftplib_stor),
+        ("RETR curl", curl_retr), ("STOR curl", lambda t, n: curl_stor(t, n, payload))]
+    ops = [op for op in ops if op[0].split()[0].lower() in args.only
+           and op[0].split()[1] in args.only]
+    for rnd in range(args.rounds):
+        order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+        for what, op in ops:
+            for t in order:
+                before = t.server.cpu()
+                started = time.perf_counter()
+                await asyncio.to_thread(op, t, size)
+                seconds = time.perf_counter() - started
+                mbps[(what, t.name)].append(size / seconds / 1e6)
+                cpu_gb[(what, t.name)].append((t.server.cpu() - before) / size * 1e9)
+        if "latency" in args.only:
+            for t in order:
+                try:
+                    lat[t.name] += await asyncio.to_thread(tiny_latency, t, args.latency)
+                except ftplib.Error as exc:  # e.g. a proxy out of passive ports: say which
+                    print(f"  {t.name}: 1-byte RETRs failed: {exc}", file=sys.stderr)
+        if "logins" in args.only:
+            for t in order:
+                burst = await _ftp_login_burst(t, args.logins)
+                if burst.failures:
+                    print(f"  {t.name}: {burst.failures} logins failed, first: "
+                          f"{burst.first_error}", file=sys.stderr)
+                burst_total[t.name].append(burst.seconds)
+                burst_ms[t.name] += burst.latencies_ms
+                cpu_login[t.name].append(burst.server_cpu / max(1, len(burst.latencies_ms)) * 1000)
+                await asyncio.sleep(0.5)
+        print(f"round {rnd + 1}/{args.rounds} done, load {os.getloadavg()[0]:.2f}",
+              file=sys.stderr, flush=True)
+    names = [t.name for t in targets]
+    print(f"\nload average {os.getloadavg()}, {args.mib} MiB, {args.rounds} rounds; "
+          "median [min-max]; ratio = median of per-round target/direct")
+    for what, _ in ops:
+        print(f"\n{what} MB/s")
+        for n in names:
+            ratios = [a / b for a, b in zip(mbps[(what, n)], mbps[(what, 'direct')], strict=True)]
+            print(f"  {n:7} {_fmt(mbps[(what, n)], 0):>22}  ratio {_fmt(ratios, 2):>18}  "
+                  f"server CPU s/GB {_fmt(cpu_gb[(what, n)], 2)}")
+    if lat:
+        print(f"\n1-byte RETR on a logged-in session, ms ({args.latency} per round)")
+        for n in names:
+            print(f"  {n:7} p50 {percentile(lat[n], 50):6.2f}  p90 {percentile(lat[n], 90):6.2f}"
+                  f"  ratio p50 {percentile(lat[n], 50) / percentile(lat['direct'], 50):.2f}")
+    if burst_total:
+        print(f"\n{args.logins} clients logging in at once")
+        for n in names:
+            ratios = [a / b for a, b in zip(burst_total[n], burst_total["direct"], strict=True)]
+            print(f"  {n:7} total s {_fmt(burst_total[n], 3):>22}  ratio {_fmt(ratios, 2):>18}  "
+                  f"p50 {percentile(burst_ms[n], 50):6.1f} ms  p99 {percentile(burst_ms[n], 99):6.1f}"
+                  f" ms  server CPU ms/login {_fmt(cpu_login[n], 2)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ftpbulk", description=__doc__)
+    parser.add_argument("--mib", type=int, default=64, help="MiB per RETR/STOR")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--latency", type=int, default=50, help="1-byte RETRs per round")
+    parser.add_argument("--logins", type=int, default=300, help="clients in a login burst")
+    parser.add_argument("--baseline", default="",
+                        help="also run an edge serve with this directory first on PYTHONPATH")
+    parser.add_argument("--only", default="retr,stor,ftplib,curl,latency,logins",
+                        help="comma-separated subset: retr stor ftplib curl latency logins")
+    args = parser.parse_args(argv)
+    args.only = set(args.only.split(","))
+    if {"ftplib", "curl"}.isdisjoint(args.only):
+        args.only |= {"ftplib", "curl"} if {"retr", "stor"} & args.only else set()
+    if {"retr", "stor"}.isdisjoint(args.only) and {"ftplib", "curl"} & args.only:
+        args.only |= {"retr", "stor"}
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["main"]

@@ -1,0 +1,480 @@
+"""CPU per proxied HTTP request, edge vs nginx, the way issue 5 measures it.
+
+``python -m benchmarks.httpcpu [--runs 7 --duration 4]``
+
+* an nginx backend answering 1 KiB (``Cache-Control: public, max-age=300``), pinned to core 0;
+* ``wrk -t1 -c50`` pinned to core 0, one fixed ``Host`` per run (no Lua script: the load
+  generator's own CPU stays small);
+* the proxy under test alone on core 1: ``edge serve --workers 1`` (one site per case: no
+  filters and cache off; three filters; cache ``full``) and nginx as reverse proxy
+  (``keepalive 64`` upstream, ``proxy_cache`` for ``/c/``), both with an access log file;
+* CPU time of the proxy's processes (``/proc`` utime+stime) divided by the requests of the
+  run; the cases alternate within each round so every ratio compares the same minutes.
+
+``--baseline DIR`` adds the edge with ``DIR`` first on ``PYTHONPATH`` (e.g. a scratch copy of
+an older ``httpproxy/``) to every round, for A/B comparisons of a change.
+
+``--python`` measures only our Python instead: the engine in this process over a real
+(SQLite) directory, fake client and backend transports (no sockets, no kernel), requests fed
+straight into the protocol callbacks, ``time.process_time`` per request (best of the rounds).
+Robust to other load on the machine; with ``--baseline`` each round alternates between this
+code and the baseline's (run in a child process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.procs import (
+    Child,
+    descendants,
+    edge_toml,
+    free_port,
+    nginx_main_conf,
+    start_edge,
+    start_nginx,
+)
+from edge.directory.service import DirectoryService
+from edge.directory.stores import store_for_url
+
+BODY_BYTES = 1024
+FILTERS = {"ip_deny": ["10.0.0.0/8", "192.168.0.0/16"], "path_deny": [{"prefix": "/wp-admin"}],
+           "user_agent_deny": ["(?i)badbot"]}
+"""Three filters every request passes (IP, path and user-agent checks evaluated)."""
+CACHE_FULL = {"mode": "full", "ttl": {"200": 600, "404": 60}}
+SITES = {"miss": ("www.miss.test", None, None), "filters": ("www.filters.test", FILTERS, None),
+         "hit": ("www.hit.test", None, CACHE_FULL)}
+
+_REQUESTS = re.compile(r"^\s*(\d+) requests in")
+_PCT = re.compile(r"^\s*(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$")
+_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+@dataclass
+class Case:
+    label: str
+    proxy: str  # a key of the proxies dict
+    host: str
+    path: str
+    cpu_us: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    rps: list[float] = field(default_factory=list)
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Pin a process and its descendants (all threads) to one CPU."""
+    for p in [pid, *descendants(pid)]:
+        subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(p)], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def provision(url: str, backend_port: int) -> None:
+    store = store_for_url(url)
+    await store.open()
+    try:
+        await store.migrate()
+        service = DirectoryService(store)
+        await service.add_host("b1", "127.0.0.1", http_port=backend_port)
+        await service.add_tenant("t1", "b1")
+        for name, filters, policy in SITES.values():
+            await service.add_site(name, "t1", filters=filters, cache_policy=policy)
+    finally:
+        await store.close()
+
+
+async def start_backend(workdir: Path) -> Child:
+    port = free_port()
+    folder = workdir / "backend"
+    folder.mkdir()
+    (folder / "page.html").write_bytes(b"x" * (BODY_BYTES - 1) + b"\n")
+    body = f"""
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{
+      add_header Cache-Control "public, max-age=300";
+      default_type text/html;
+      root {folder};
+      try_files /page.html =404;
+    }}
+  }}"""
+    child = await start_nginx(workdir, "backend", nginx_main_conf(folder, body),
+                              [("127.0.0.1", port)])
+    child.ports["http"] = port
+    return child
+
+
+async def start_nginx_proxy(workdir: Path, backend_port: int, *, log_buffer: str) -> Child:
+    port = free_port()
+    folder = workdir / "nginx-proxy"
+    folder.mkdir()
+    names = " ".join(name for name, _, _ in SITES.values())
+    log_opts = f" buffer={log_buffer} flush=1s" if log_buffer else ""
+    body = f"""
+  proxy_cache_path {folder}/cache levels=1:2 keys_zone=edge:16m max_size=256m inactive=10m;
+  upstream b1 {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    server_name {names};
+    access_log {folder}/access.log combined{log_opts};
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $host;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Real-IP $remote_addr;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Forwarded-Host $host;
+    location / {{ proxy_pass http://b1; }}
+    location /c/ {{
+      proxy_cache edge;
+      add_header X-Cache $upstream_cache_status;
+      proxy_pass http://b1;
+    }}
+  }}
+  server {{
+    listen 127.0.0.1:{port} default_server;
+    return 404;
+  }}"""
+    child = await start_nginx(workdir, "nginx-proxy", nginx_main_conf(folder, body),
+                              [("127.0.0.1", port)])
+    child.ports["http"] = port
+    return child
+
+
+async def start_our_edge(workdir: Path, url: str, name: str, *, pythonpath: str = "") -> Child:
+    folder = workdir / name
+    folder.mkdir()
+    toml = edge_toml(url, {"http": {"listen": ["127.0.0.1:0"],
+                                    "access_log": str(folder / "access.log")}})
+    saved = os.environ.get("PYTHONPATH")
+    try:
+        if pythonpath:
+            os.environ["PYTHONPATH"] = pythonpath
+        return await start_edge(folder, toml, workers=1, expect=["http"])
+    finally:
+        if pythonpath:
+            if saved is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+async def wrk(port: int, host: str, path: str, seconds: float, connections: int
+              ) -> tuple[int, float, int]:
+    """(requests, p99 ms, non-2xx responses) of one pinned wrk run."""
+    argv = ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+            "--latency", "-H", f"Host: {host}", f"http://127.0.0.1:{port}{path}"]
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), seconds + 60)
+    requests, p99, bad = 0, 0.0, 0
+    for line in out.decode().splitlines():
+        if m := _REQUESTS.match(line):
+            requests = int(m.group(1))
+        elif (m := _PCT.match(line)) and m.group(1) == "99":
+            p99 = _ms(m.group(2), m.group(3))
+        elif m := _NON2XX.search(line):
+            bad = int(m.group(1))
+    if not requests:
+        raise RuntimeError(f"wrk: {out.decode()[-400:]} {err.decode()[-400:]}")
+    return requests, p99, bad
+
+
+async def measure(case: Case, child: Child, args: argparse.Namespace) -> None:
+    before = child.cpu()
+    requests, p99, bad = await wrk(child.ports["http"], case.host, case.path, args.duration,
+                                   args.connections)
+    cpu = child.cpu() - before
+    if bad:
+        raise RuntimeError(f"{case.label}: {bad} non-2xx responses")
+    case.cpu_us.append(cpu / requests * 1e6)
+    case.p99_ms.append(p99)
+    case.rps.append(requests / max(1, round(args.duration)))
+
+
+def _fmt(values: list[float], digits: int = 1) -> str:
+    med = statistics.median(values)
+    return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def report(cases: list[Case], args: argparse.Namespace) -> None:
+    by = {c.label: c for c in cases}
+    nginx_proxy = statistics.median(by["nginx proxy"].cpu_us)
+    nginx_hit = statistics.median(by["nginx proxy_cache hit"].cpu_us)
+    nginx_p99 = statistics.median(by["nginx proxy"].p99_ms)
+    print(f"\nCPU per request (µs), median (min-max) of {args.runs} alternating runs, "
+          f"wrk -t1 -c{args.connections} -d{args.duration:g}s, 1 KiB responses, access log on")
+    print(f"{'case':<28} {'µs/request':>22} {'vs nginx proxy':>15} {'vs proxy_cache':>15} "
+          f"{'p99 ms':>20} {'p99 vs nginx':>13} {'req/s':>8}")
+    for c in cases:
+        med = statistics.median(c.cpu_us)
+        p99 = statistics.median(c.p99_ms)
+        vs_hit = f"{med / nginx_hit:.2f}x" if "hit" in c.label else ""
+        print(f"{c.label:<28} {_fmt(c.cpu_us):>22} {med / nginx_proxy:>14.2f}x {vs_hit:>15} "
+              f"{_fmt(c.p99_ms, 2):>20} {p99 / nginx_p99:>12.2f}x {statistics.median(c.rps):>8.0f}")
+    # Ratios taken within each round (neighbouring minutes) are steadier than ratios of
+    # medians when other load comes and goes.
+    print("\nper-round ratios, median (min-max):")
+    for c in cases:
+        if c.proxy == "nginx":
+            continue
+        peer = by["nginx proxy_cache hit"] if "hit" in c.label else by["nginx proxy"]
+        ratios = [a / b for a, b in zip(c.cpu_us, peer.cpu_us, strict=True)]
+        line = f"  {c.label:<26} CPU vs {peer.label:<22} {_fmt(ratios, 2)}"
+        if "hit" in c.label:
+            proxy = [a / b for a, b in zip(c.cpu_us, by["nginx proxy"].cpu_us, strict=True)]
+            line += f"   vs nginx proxy {_fmt(proxy, 2)}"
+        p99s = [a / b for a, b in zip(c.p99_ms, by["nginx proxy"].p99_ms, strict=True)]
+        line += f"   p99 vs nginx proxy {_fmt(p99s, 2)}"
+        base = by.get(c.label.replace("edge", "baseline", 1))
+        if c.proxy == "edge" and base is not None:
+            ab = [a / b for a, b in zip(c.cpu_us, base.cpu_us, strict=True)]
+            line += f"   edge/baseline {_fmt(ab, 2)}"
+        print(line)
+    with open("/proc/loadavg") as f:
+        print(f"load average at the end: {' '.join(f.read().split()[:3])}")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="edge-httpcpu-") as folder:
+        workdir = Path(folder)
+        url = f"sqlite:///{workdir}/edge.sqlite3"
+        children: list[Child] = []
+        try:
+            backend = await start_backend(workdir)
+            children.append(backend)
+            pin(backend.pid, 0)
+            await provision(url, backend.ports["http"])
+            proxies: dict[str, Child] = {}
+            proxies["edge"] = await start_our_edge(workdir, url, "edge")
+            if args.baseline:
+                proxies["baseline"] = await start_our_edge(workdir, url, "baseline",
+                                                           pythonpath=args.baseline)
+            proxies["nginx"] = await start_nginx_proxy(workdir, backend.ports["http"],
+                                                       log_buffer=args.nginx_log_buffer)
+            children.extend(proxies.values())
+            for child in proxies.values():
+                pin(child.pid, 1)
+            cases: list[Case] = []
+            edges = ["edge", "baseline"] if args.baseline else ["edge"]
+            for e in edges:
+                tag = "edge" if e == "edge" else "baseline"
+                cases += [Case(f"{tag} miss", e, SITES["miss"][0], "/index.html"),
+                          Case(f"{tag} miss + 3 filters", e, SITES["filters"][0], "/index.html"),
+                          Case(f"{tag} cache hit", e, SITES["hit"][0], "/c/index.html")]
+            cases += [Case("nginx proxy", "nginx", SITES["miss"][0], "/index.html"),
+                      Case("nginx proxy_cache hit", "nginx", SITES["hit"][0], "/c/index.html")]
+            only = set(args.only.split(",")) if args.only else None
+            cases = [c for c in cases if only is None or c.label in only
+                     or c.label.startswith("nginx")]
+            # Warm-up: directory lookups cached, pools filled, the cache entries stored.
+            for c in cases:
+                await wrk(proxies[c.proxy].ports["http"], c.host, c.path, 1, args.connections)
+            for r in range(args.runs):
+                order = cases if r % 2 == 0 else cases[::-1]
+                for c in order:
+                    await measure(c, proxies[c.proxy], args)
+                print(f"  round {r + 1}/{args.runs}: " + ", ".join(
+                    f"{c.label} {c.cpu_us[-1]:.1f}" for c in cases), file=sys.stderr)
+            report(cases, args)
+        finally:
+            for child in reversed(children):
+                child.stop()
+
+
+# -- Python-only ---------------------------------------------------------------------------
+
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 23 Nov 2026 20:00:00 GMT\r\n"
+            b"Content-Type: text/html\r\nContent-Length: 1024\r\n"
+            b"Last-Modified: Mon, 23 Nov 2026 20:00:00 GMT\r\nConnection: keep-alive\r\n"
+            b'ETag: "6b049bcd-400"\r\nCache-Control: public, max-age=300\r\n'
+            b"Accept-Ranges: bytes\r\n\r\n" + b"x" * 1023 + b"\n")
+BROWSER = (b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0\r\n"
+           b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
+           b"Accept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br\r\n"
+           b"Referer: http://www.miss.test/\r\nUpgrade-Insecure-Requests: 1\r\n"
+           b"Sec-Fetch-Dest: document\r\nSec-Fetch-Mode: navigate\r\n")
+PY_CASES = {"miss": (b"www.miss.test", b"/index.html", b""),
+            "miss + 3 filters": (b"www.filters.test", b"/index.html", b""),
+            "cache hit": (b"www.hit.test", b"/c/index.html", b""),
+            "miss, browser headers": (b"www.miss.test", b"/index.html", BROWSER)}
+
+
+class _FakeTransport:
+    """Just enough of an asyncio transport: writes are kept (the last one) and counted."""
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        self.peer = peer
+        self.writes = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": self.peer, "sockname": ("127.0.0.1", 80)}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def python_only(rounds: int, count: int) -> dict[str, float]:
+    """µs of Python per request for each of PY_CASES (best of ``rounds`` x ``count``)."""
+    import logging
+    import time
+
+    from edge.config import EdgeConfig, HttpConfig
+    from edge.directory.directory import Directory
+    from edge.directory.feed import ChangeFeed
+    from edge.registry import ProxyContext
+    from httpproxy.connection import ClientConnection
+    from httpproxy.server import HttpEngine
+    from httpproxy.upstream import BackendConnection
+
+    with tempfile.TemporaryDirectory(prefix="edge-httpcpu-py-") as folder:
+        url = f"sqlite:///{folder}/edge.sqlite3"
+        await provision(url, 8)
+        store = store_for_url(url)
+        await store.open()
+        config = EdgeConfig(http=HttpConfig(access_log=f"{folder}/access.log"))
+        directory = Directory(store, config.cache)
+        feed = ChangeFeed(directory, interval=3600)
+        context = ProxyContext(config=config, directory=directory, feed=feed, keybox=None,
+                               worker_id=0, logger=logging.getLogger("httpcpu"), name="http")
+        engine = HttpEngine(context)
+        key = ("127.0.0.1", 8, b"", "")
+        backend = BackendConnection(engine.pool, key)
+        backend_transport = _FakeTransport(("127.0.0.1", 8))
+        backend.connection_made(backend_transport)  # type: ignore[arg-type]
+        engine.pool.release(backend)
+        client = ClientConnection(engine, "http", None, None)
+        client_transport = _FakeTransport(("127.0.0.1", 40000))
+        client.connection_made(client_transport)  # type: ignore[arg-type]
+
+        def one(request: bytes) -> None:
+            client.data_received(request)
+            if backend.sink is not None:  # the request reached the backend: answer it
+                backend.data_received(RESPONSE)
+
+        async def settle() -> None:
+            # Let slow paths (a directory lookup once the cache entry expired) land.
+            for _ in range(100):
+                await asyncio.sleep(0.001 if client.active is not None else 0)
+                if backend.sink is not None:
+                    backend.data_received(RESPONSE)
+                if client.active is None and not client.queue:
+                    return
+
+        results: dict[str, float] = {}
+        for label, (host, path, extra) in PY_CASES.items():
+            request = b"GET %b HTTP/1.1\r\nHost: %b\r\n%b\r\n" % (path, host, extra)
+            for _ in range(3):  # the first goes through the directory (a task): let it land
+                one(request)
+                await settle()
+            best = float("inf")
+            for _ in range(rounds):
+                spent = 0.0
+                for _ in range(count // 1000 or 1):
+                    started = time.process_time()
+                    for _ in range(min(count, 1000)):
+                        one(request)
+                    spent += time.process_time() - started
+                    await settle()
+                best = min(best, spent / (count // 1000 or 1) / min(count, 1000) * 1e6)
+            results[label] = best
+        await engine.close()
+        await store.close()
+        return results
+
+
+def python_main(args: argparse.Namespace) -> None:
+    import json
+
+    rows: dict[str, dict[str, list[float]]] = {"edge": {}, "baseline": {}}
+    for r in range(args.runs):
+        for who in (("edge", "baseline") if r % 2 == 0 else ("baseline", "edge")):
+            if who == "baseline" and not args.baseline:
+                continue
+            # Run from a neutral directory: "-m" puts the working directory first on sys.path,
+            # which would shadow the baseline's httpproxy with the repository's.
+            root = str(Path(__file__).resolve().parent.parent)
+            env = dict(os.environ, PYTHONPATH=f"{args.baseline}:{root}" if who == "baseline" else root)
+            with tempfile.TemporaryDirectory(prefix="edge-httpcpu-cwd-") as cwd:
+                out = subprocess.run([sys.executable, "-m", "benchmarks.httpcpu", "--python-child",
+                                      str(args.count)], env=env, check=True, capture_output=True,
+                                     cwd=cwd).stdout
+            for label, value in json.loads(out).items():
+                rows[who].setdefault(label, []).append(value)
+    print(f"\nPython µs per request (fake transports, process_time, best of 5 x {args.count} "
+          f"in each of {args.runs} processes; median (min-max) over the processes)")
+    for label in PY_CASES:
+        line = f"{label:<24} edge {_fmt(rows['edge'][label], 2):>20}"
+        if args.baseline:
+            base = rows["baseline"][label]
+            ratio = statistics.median(rows["edge"][label]) / statistics.median(base)
+            line += f"   baseline {_fmt(base, 2):>20}   edge/baseline {ratio:.2f}"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=7, help="alternating rounds (default 7)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--baseline", default="",
+                        help="PYTHONPATH of an older httpproxy copy, measured alongside")
+    parser.add_argument("--nginx-log-buffer", default="",
+                        help="nginx access_log buffer= (e.g. 64k; default: unbuffered, "
+                             "nginx's default)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated edge case labels to run (nginx always runs)")
+    parser.add_argument("--python", action="store_true",
+                        help="Python-only cost with fake transports (see the module docstring)")
+    parser.add_argument("--count", type=int, default=20_000,
+                        help="--python: requests per timed round")
+    parser.add_argument("--python-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.python_child:
+        import json
+
+        import uvloop
+
+        print(json.dumps(uvloop.run(python_only(5, args.python_child))))
+    elif args.python:
+        python_main(args)
+    else:
+        for tool in ("wrk", "nginx", "taskset"):
+            if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+                raise SystemExit(f"not installed: {tool}")
+        asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
