@@ -131,7 +131,9 @@ def _serve_ftp(args: argparse.Namespace) -> None:
     ioloop = IOLoop.instance()
     for endpoint in args.endpoints:
         host, _, port = endpoint.rpartition(":")
-        server = FTPServer((host, int(port)), handler, ioloop=ioloop)
+        # The same listen backlog as the proxy's listener (4096), so a burst of simultaneous
+        # SYNs is not dropped/retried on one side only (pyftpdlib's default is 100).
+        server = FTPServer((host, int(port)), handler, ioloop=ioloop, backlog=4096)
         server.max_cons = 2048
     print(json.dumps({"event": "ready", "endpoints": args.endpoints}), flush=True)
     ioloop.loop()

@@ -41,7 +41,9 @@ from benchmarks.logins import (
     FTP_UPSTREAM,
     FTP_USER,
     Target,
+    _ftp_login,
     _ftp_login_burst,
+    _ftp_session,
     _service_call,
 )
 from benchmarks.procs import Child, edge_toml, start_edge
@@ -50,28 +52,13 @@ from edge.directory.service import DirectoryService
 TINY = "tiny.bin"  # 1 byte, in the backend's home
 
 
-def _login(t: Target) -> ftplib.FTP:
-    ftp = ftplib.FTP()
-    ftp.connect(t.host, t.port, timeout=60)
-    ftp.login(t.user, FTP_PASSWORD)
-    return ftp
-
-
 def ftplib_retr(t: Target, size: int) -> None:
-    with contextlib.closing(_login(t)) as ftp:
-        got = [0]
-
-        def sink(block: bytes) -> None:
-            got[0] += len(block)
-        ftp.retrbinary("RETR big.bin", sink, blocksize=1 << 16)
-        if got[0] != size:
-            raise RuntimeError(f"RETR got {got[0]} bytes, expected {size}")
-        ftp.quit()
+    _ftp_session(t, "retr", size)
 
 
 def ftplib_stor(t: Target, size: int) -> None:
     name = f"up-{random.getrandbits(40):x}.bin"
-    with contextlib.closing(_login(t)) as ftp:
+    with contextlib.closing(_ftp_login(t)) as ftp:
         ftp.storbinary(f"STOR {name}", io.BytesIO(bytes(size)), blocksize=1 << 16)
         if ftp.size(name) != size:
             raise RuntimeError("STOR: wrong size on the backend")
@@ -97,7 +84,7 @@ def curl_stor(t: Target, size: int, payload: Path) -> None:
 def tiny_latency(t: Target, count: int) -> list[float]:
     """Milliseconds per 1-byte RETR (PASV + RETR + 226) on one logged-in session."""
     out = []
-    with contextlib.closing(_login(t)) as ftp:
+    with contextlib.closing(_ftp_login(t)) as ftp:
         ftp.voidcmd("TYPE I")
         for _ in range(count):
             started = time.perf_counter()

@@ -52,7 +52,28 @@ def build_server(args: argparse.Namespace) -> Any:
     if args.masquerade:
         handler.masquerade_address = args.masquerade
     handler.timeout = args.idle_timeout
+    if args.refuse_data:
+        _refuse_data_connections(handler, args.refuse_data)
     return FTPServer((args.host, args.port), handler)
+
+
+def _refuse_data_connections(handler: Any, count: int) -> None:
+    """The first ``count`` PASV/EPSV replies name a port nobody listens on any more (a broken
+    backend, for the tests: the proxy must answer 425 and keep the session usable)."""
+    left = [count]
+
+    def refusing(name: str) -> Any:
+        original = getattr(handler, name)
+
+        def command(self: Any, line: str) -> None:
+            original(self, line)
+            if left[0] > 0 and self._dtp_acceptor is not None:
+                left[0] -= 1
+                self._shutdown_connecting_dtp()
+        return command
+
+    handler.ftp_PASV = refusing("ftp_PASV")
+    handler.ftp_EPSV = refusing("ftp_EPSV")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds before 530 on a wrong password (pyftpdlib default 3)")
     parser.add_argument("--name", default="backend", help="shown in the greeting")
     parser.add_argument("--masquerade", default="", help="address put in PASV replies")
+    parser.add_argument("--refuse-data", type=int, default=0, metavar="N",
+                        help="close the first N passive listeners right after PASV/EPSV (tests)")
     parser.add_argument("--idle-timeout", type=float, default=300.0,
                         help="seconds of control-connection inactivity before 421")
     args = parser.parse_args(argv)

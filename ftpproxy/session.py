@@ -71,6 +71,7 @@ from ftpproxy.protocol import (
     parse_port_argument,
 )
 from ftpproxy.tls import resuming, tls_info
+from ftpproxy.waiting import DeadlineWaiter
 
 if TYPE_CHECKING:
     from ftpproxy.server import FtpProxy
@@ -114,7 +115,7 @@ class FtpSession(asyncio.Protocol):
         self.local: tuple[str, int] = ("", 0)
         self._reader = CommandReader()
         self._events: deque[CommandEvent | None] = deque()
-        self._wake: asyncio.Future[None] | None = None
+        self._wake = DeadlineWaiter()  # login/idle timeouts without a timeout object per wait
         self._header: ProxyHeaderParser | None = None
         self._header_done: asyncio.Future[None] | None = None
         self.state = LoginState(tls_available=proxy.tls_context is not None,
@@ -200,18 +201,12 @@ class FtpSession(asyncio.Protocol):
 
     def _push(self, event: CommandEvent | None) -> None:
         self._events.append(event)
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        self._wake.wake()
 
     async def _next_event(self, wait: float | None) -> CommandEvent | None:
         """The next client event (``None``: the connection ended); TimeoutError after ``wait``."""
         while not self._events:
-            self._wake = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(wait):  # cheaper than wait_for (see BackendControl)
-                    await self._wake
-            finally:
-                self._wake = None
+            await self._wake.wait(wait)
         event = self._events.popleft()
         if len(self._events) <= MAX_QUEUED_EVENTS // 2 and self.transport is not None \
                 and not self.transport.is_closing() and not self.transport.is_reading():
@@ -953,6 +948,7 @@ class FtpSession(asyncio.Protocol):
 
     async def _cleanup(self) -> None:
         self._closing = True
+        self._wake.close()
         if self._drain_handle is not None:
             self._drain_handle.cancel()
         if self._transfer_task is not None:

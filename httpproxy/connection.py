@@ -207,6 +207,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip, self.client_port = client_address or ("", 0)
         self.local: tuple[str, int] | None = None
+        """Our address of the client connection, looked up only for a PROXY header to a backend
+        (a getsockname() syscall saved on every other connection)."""
         self.trusted = False
         self._parser = httptools.HttpRequestParser(self)
         self._proxy_parser: ProxyHeaderParser | None = None
@@ -237,10 +239,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("sockname")
         peer_ip = str(peer[0]) if isinstance(peer, tuple) else ""
-        if isinstance(sock, tuple):
-            self.local = (str(sock[0]), int(sock[1]))
         if not self.client_ip:
             self.client_ip = peer_ip
             self.client_port = int(peer[1]) if isinstance(peer, tuple) else 0
@@ -761,6 +760,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _proxy_header(self, mode: str, address: str, port: int) -> bytes:
         source = (self.client_ip, self.client_port)
+        if self.local is None and self.transport is not None:
+            sock = self.transport.get_extra_info("sockname")
+            if isinstance(sock, tuple):
+                self.local = (str(sock[0]), int(sock[1]))
         destination = self.local or (address, port)
         return header_for_backend(mode, source, destination)
 

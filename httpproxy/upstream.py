@@ -5,7 +5,9 @@ and forwards the response **raw**: it finds the end of the response head itself 
 ``bytes.find``), hands the head to its :class:`ResponseSink` once, then passes every later
 chunk straight through while llhttp (``httptools.HttpResponseParser``, one callback:
 ``on_message_complete``) only finds where the message ends. No per-header callbacks, no
-re-serialisation of the response.
+re-serialisation of the response. A response llhttp frames (not one plain Content-Length)
+has its head read by llhttp *before* the head is forwarded: a head llhttp refuses becomes a
+502, never a forwarded head followed by a cut connection.
 
 The pool is ``dict[key, list[BackendConnection]]`` with ``pop``/``append`` (LIFO keeps the
 warmest connection busy and lets the others time out), bounded per key, with an idle timeout
@@ -93,9 +95,10 @@ class ResponseSink(Protocol):
 class BackendConnection(asyncio.Protocol):
     """One keep-alive connection to a backend; serves one request at a time."""
 
-    __slots__ = ("_buf", "_head", "_head_done", "_last_framing", "_loop", "_parser", "_remaining", "_timer",
-                 "close_delimited", "closed", "head_request", "idle_since", "key", "last_head", "last_io",
-                 "pool", "responded", "sink", "status", "transport", "uses")
+    __slots__ = ("_buf", "_checking", "_head", "_head_done", "_held_end", "_last_framing", "_loop",
+                 "_parser", "_remaining", "_timer", "close_delimited", "closed", "head_request",
+                 "idle_since", "key", "last_head", "last_io", "pool", "responded", "sink", "status",
+                 "transport", "uses")
 
     def __init__(self, pool: BackendPool, key: BackendKey) -> None:
         self.pool = pool
@@ -107,6 +110,11 @@ class BackendConnection(asyncio.Protocol):
         self._buf = b""
         self._head = b""
         self._head_done = False
+        self._checking = False
+        """llhttp is reading a response head before it is forwarded (see data_received)."""
+        self._held_end: bool | None = None
+        """The response ended with its head while _checking: its keep-alive verdict, to be
+        reported once the head is forwarded."""
         self._remaining = -1
         """Body bytes still to come of a Content-Length response we frame ourselves; -1 while
         llhttp frames the response (chunked, close-delimited, unusual heads)."""
@@ -271,6 +279,24 @@ class BackendConnection(asyncio.Protocol):
                 rest = rest[:length]
                 extra = True
                 remaining = 0
+        elif not self.head_request:
+            # llhttp frames this response: it reads the head before anything reaches the
+            # client, so a head it refuses (ambiguous or invalid framing) becomes a 502
+            # instead of a forwarded head followed by a cut connection.
+            self._held_end = None
+            self._checking = True
+            try:
+                self._parser.feed_data(buf[:end + 4])
+            except httptools.HttpParserError:
+                self._fail("invalid")
+                return
+            finally:
+                self._checking = False
+            if self._held_end is not None and rest:
+                # The response ended with its head: what follows is not part of it and is
+                # never forwarded; the connection is not reused.
+                rest = b""
+                self._held_end = False
         sink.response_start(self, status, head, rest)
         if self.sink is None:
             return
@@ -286,10 +312,18 @@ class BackendConnection(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)
             self._message_done(not rest and _CLOSE.search(head) is None)
             return
-        try:
-            self._parser.feed_data(buf)
-        except httptools.HttpParserError:
-            self._fail("truncated")
+        held = self._held_end
+        if held is not None:  # no body (204, 304, Content-Length: 0 that llhttp framed, ...)
+            self._held_end = None
+            self.sink = None
+            self._head_done = False
+            sink.response_end(self, held)
+            return
+        if rest:
+            try:
+                self._parser.feed_data(rest)
+            except httptools.HttpParserError:
+                self._fail("truncated")
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -303,6 +337,9 @@ class BackendConnection(asyncio.Protocol):
             # _message_done() inlined: this runs once per proxied request.
             sink = self.sink
             if sink is None:
+                return
+            if self._checking:
+                self._held_end = self._parser.should_keep_alive()
                 return
             self.sink = None
             self._head_done = False

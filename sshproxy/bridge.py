@@ -12,7 +12,8 @@ its own :class:`asyncssh.SSHServerSession` (facing the client) with an
   EOF are forwarded; exit status / exit signal come back;
 * flow control is end to end: when one leg's write buffer passes its high-water mark asyncssh
   calls ``pause_writing`` and we stop reading the other leg's channel, which stops its window
-  adjusts, which stops the sender. Memory per channel is bounded by one window plus the
+  adjusts, which stops the sender (``tuning.bound_receive_window`` makes that hold across
+  resumes). Memory per channel is bounded by one window plus the
   write-buffer high-water mark per direction;
 * ``-L`` (direct-tcpip) is relayed as a channel upstream, so it reaches the *backend's* loopback,
   never a host on the proxy's network; ``-R`` (tcpip-forward) asks the upstream for the listener.
@@ -295,6 +296,7 @@ class _ClientFacingSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
+        tuning.bound_receive_window(chan)  # pausing must bound what is queued (see there)
         self._link._sessions.add(self)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
@@ -469,6 +471,7 @@ class _UpstreamFacingSession(asyncssh.SSHClientSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
         self._chan = chan
+        tuning.bound_receive_window(chan)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         self._twin.write_from_upstream(data, datatype)
@@ -515,6 +518,7 @@ class _TcpHalf(asyncssh.SSHTCPSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
+        tuning.bound_receive_window(chan)
         peer = self.peer
         assert peer is not None
         # The peer may have received data before this side's channel was confirmed.

@@ -39,6 +39,11 @@ every read, so the client's back-to-back KEXINIT / KEX_ECDH_INIT and NEWKEYS / S
 are not held ~40 ms by its Nagle waiting for our delayed ACK (:func:`_quickack`).
 
 :func:`tune_connection` applies all of them to one connection.
+
+The flow-control fix, per channel: asyncssh re-grants a paused channel's whole window on resume
+while data is still queued in it, so a channel the bridge pauses and resumes could queue far more
+than its window (16-19 MiB of 2 MiB measured). :func:`bound_receive_window` (the bridge calls it
+for every channel it makes) keeps window granted + bytes queued within one window.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import asyncssh
+from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import MSG_IGNORE
 from asyncssh.crypto.cipher import GCMCipher
@@ -316,6 +322,68 @@ def tune_receive_path(conn: Connection) -> bool:
     return True
 
 
+def _grants_window_for_queued_data() -> bool:
+    """Whether the installed asyncssh (checked against 2.24.1) re-opens a paused channel's whole
+    window on resume: ``_accept_data`` subtracts every received packet from ``_recv_window``, the
+    paused ones included, and ``_deliver_data``, run for the first queued packet, grants back
+    ``_init_recv_window - _recv_window`` -- which counts the packets still queued behind it as
+    consumed."""
+    deliver = _source(SSHChannel._deliver_data)
+    return ("adjust = self._init_recv_window - self._recv_window" in deliver
+            and "self._recv_window -= len(data)" in _source(SSHChannel._accept_data)
+            and "self._deliver_data(*self._recv_buf.pop(0))" in _source(SSHChannel._flush_recv_buf))
+
+
+WINDOW_FIX_NEEDED: Final = _grants_window_for_queued_data()
+
+
+def bound_receive_window(chan: SSHChannel[Any]) -> bool:
+    """Make ``chan`` grant window only for data its session has really taken; returns whether installed.
+
+    Why: the bridge pauses reading one leg's channel while the other leg cannot keep up, and
+    resumes it when that leg drains. With asyncssh's own accounting (see
+    :func:`_grants_window_for_queued_data`) every resume hands the sender a full new window
+    while up to a window of data is still queued here, and the next pause queues that too: a
+    paused channel's buffer grew to 16-19 MiB (of a 2 MiB window) relaying 256 MiB, and the
+    proxy's RSS with it (``test_memory_bounded_during_large_transfer``). The wrapper counts the
+    still-queued bytes as not yet received while asyncssh decides on the adjust, so the window
+    granted plus the bytes queued never exceed one window -- what ``pause_reading`` documents.
+    Outside a resume nothing is queued and asyncssh's code runs unchanged. An instance attribute
+    (like the connection fixes above), so nothing outside the proxy's own channels changes.
+    """
+    if not WINDOW_FIX_NEEDED or getattr(chan._deliver_data, "_edge_tuned", False):
+        return False
+    deliver: Callable[[bytes, Any], None] = chan._deliver_data
+    flush: Callable[..., None] = chan._flush_recv_buf
+    state: Any = chan
+    queued = [0]  # bytes still in _recv_buf behind the packet being delivered (only during a flush)
+
+    def flush_recv_buf(*args: Any) -> None:
+        # Summed once per resume, not per packet: a resume can deliver a whole window of packets.
+        queued[0] = sum(len(item[0]) for item in state._recv_buf)
+        try:
+            flush(*args)
+        finally:
+            queued[0] = 0
+
+    def deliver_data(data: bytes, datatype: Any) -> None:
+        if not queued[0]:  # the usual case: not resuming from a pause
+            deliver(data, datatype)
+            return
+        queued[0] -= len(data)
+        behind = queued[0]
+        state._recv_window += behind
+        try:
+            deliver(data, datatype)
+        finally:
+            state._recv_window -= behind
+
+    deliver_data._edge_tuned = True  # type: ignore[attr-defined]
+    state._deliver_data = deliver_data
+    state._flush_recv_buf = flush_recv_buf
+    return True
+
+
 def _tcp_socket(conn: Connection) -> Any:
     sock = conn.get_extra_info("socket")
     if sock is None or not hasattr(socket, "TCP_QUICKACK") or sock.family not in (socket.AF_INET,
@@ -353,5 +421,6 @@ def _cbc(conn: Connection) -> bool:
 __all__ = [
     "CLIENT_OPTIONS", "GCM_FIX_NEEDED", "IGNORE_PACKET_FIX_NEEDED", "KEX_ALGS", "MAX_PACKET",
     "RECEIVE_FIX_NEEDED", "RECEIVE_SLICE", "SERVER_OPTIONS", "SESSION_OPTIONS", "WINDOW",
-    "drop_redundant_ignore_packets", "tune_connection", "tune_receive_path",
+    "WINDOW_FIX_NEEDED", "bound_receive_window", "drop_redundant_ignore_packets", "tune_connection",
+    "tune_receive_path",
 ]

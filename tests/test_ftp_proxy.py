@@ -738,6 +738,37 @@ async def test_backend_pasv_pointing_elsewhere_is_refused(edges: EdgeFactory, ba
     assert "127.0.0.3" in record.error
 
 
+async def test_backend_data_port_refusing_gives_425_and_the_session_goes_on(
+        edges: EdgeFactory, backends: Backends) -> None:
+    # A backend whose passive port refuses the proxy's data connection: the client gets a
+    # clear 425 and the session goes on, each later transfer with its own file's bytes (the
+    # transfer command is only sent once the backend data connection exists: sent earlier,
+    # pyftpdlib queues it and, ABOR or not, replays it on the next data connection).
+    backend = await backends.start(extra=("--refuse-data", "2"))
+    await provision(edges.service, backend)
+    edge = await edges.start()
+    (backend.root / "a.txt").write_bytes(b"data")
+    (backend.root / "c.txt").write_bytes(b"other")
+
+    def session() -> None:
+        ftp = connect(edge.port)
+        with pytest.raises(ftplib.error_temp, match=r"^425 Cannot open data connection"):
+            ftp.retrbinary("RETR a.txt", lambda b: None)
+        assert ftp.voidcmd("NOOP").startswith("200")
+        with pytest.raises(ftplib.error_temp, match=r"^425"):
+            ftp.storbinary("STOR b.txt", io.BytesIO(b"upload"))
+        assert ftp.pwd() == "/"
+        for _ in range(3):  # not the file of the RETR that failed
+            assert retr_hash(ftp, "c.txt") == (hashlib.sha256(b"other").hexdigest(), 5)
+        ftp.storbinary("STOR b.txt", io.BytesIO(b"upload"))
+        ftp.quit()
+
+    await run(session)
+    assert (backend.root / "b.txt").read_bytes() == b"upload"
+    failed = edge.log.find("ftp transfer", result="failed")
+    assert len(failed) == 2 and all("backend data connection" in r.error for r in failed)
+
+
 async def test_no_user_enumeration(edges: EdgeFactory, backends: Backends) -> None:
     backend = await backends.start()
     await provision(edges.service, backend)

@@ -336,17 +336,39 @@ async def test_content_length_response_with_connection_close_is_not_reused(
 ])
 async def test_badly_framed_response_is_never_a_complete_body(service: DirectoryService,
                                                               head: bytes) -> None:
-    """Responses whose framing is ambiguous are left to llhttp, which refuses them: that
-    backend connection is dropped (never reused for another request) and the client
-    connection is cut after what was already forwarded (the head goes out before the body
-    is parsed)."""
+    """Responses whose framing is ambiguous are left to llhttp, which refuses them before
+    anything is forwarded: the client gets a 502 (never the backend's head and body, which
+    it could take for a complete response) and that backend connection is dropped (never
+    reused for another request)."""
     backend = await RawBackend(head + b"\r\nokk").start()
     async with running(service.store, service) as (edge, _):
         await _raw_site(service, backend)
         raw = await edge.raw(b"GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n"
-                             b"GET /2 HTTP/1.1\r\nHost: raw.test\r\n\r\n")
-        assert len(statuses(raw)) == 1  # the pipelined second request is never answered
-        assert edge.engine.pool.idle_count() == 0 and len(backend.received) == 1
+                             b"GET /2 HTTP/1.1\r\nHost: raw.test\r\nConnection: close\r\n\r\n")
+        assert statuses(raw) == [502, 502]
+        assert b"okk" not in raw
+        assert edge.engine.pool.idle_count() == 0 and len(backend.received) == 2
+    await backend.stop()
+
+
+@pytest.mark.parametrize(("reply", "reused"), [
+    (b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n", True),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n", True),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", False),
+    (b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged", False),
+])
+async def test_bodyless_response_framed_by_llhttp(service: DirectoryService, reply: bytes,
+                                                  reused: bool) -> None:
+    """A response that llhttp frames and that ends with its head is forwarded whole; bytes
+    after it are never forwarded and cost that backend connection its reuse."""
+    backend = await RawBackend(reply).start()
+    async with running(service.store, service) as (edge, _):
+        await _raw_site(service, backend)
+        raw = await edge.raw(b"GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n"
+                             b"GET /2 HTTP/1.1\r\nHost: raw.test\r\nConnection: close\r\n\r\n")
+        assert statuses(raw) == [int(reply[9:12])] * 2
+        assert b"forged" not in raw
+        assert edge.engine.pool.connects == (1 if reused else 2)
     await backend.stop()
 
 

@@ -905,3 +905,86 @@ async def test_handshake_quickack_finds_the_tcp_socket(front: Front) -> None:
         tuning._quickack(sock)
         result = await asyncio.wait_for(conn.run("echo ok"), TIMEOUT)
         assert result.stdout == "ok\n"
+
+
+# -- the paused-channel window fix (tuning.bound_receive_window) -----------------------------------------
+
+
+class _StopAndGoSession(asyncssh.SSHServerSession[bytes]):
+    """Takes one packet, then pauses reading for a moment: what the bridge does behind a slow leg."""
+
+    def __init__(self, fixed: bool) -> None:
+        self.fixed = fixed
+        self.received = 0
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._resume: asyncio.TimerHandle | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+        if self.fixed:
+            assert tuning.bound_receive_window(chan)
+            assert not tuning.bound_receive_window(chan)  # a second call changes nothing
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self.received += len(data)
+        assert self._chan is not None
+        if self._resume is None:
+            self._chan.pause_reading()
+            self._resume = asyncio.get_running_loop().call_later(0.002, self._go)
+
+    def _go(self) -> None:
+        self._resume = None
+        assert self._chan is not None
+        self._chan.resume_reading()
+
+
+async def peak_bytes_held_by_a_pausing_reader(fixed: bool, size: int) -> int:
+    """Sends ``size`` bytes to a stop-and-go reader; returns the most bytes ever sent but not yet taken."""
+    sessions: list[_StopAndGoSession] = []
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+        def session_requested(self) -> _StopAndGoSession:
+            sessions.append(_StopAndGoSession(fixed))
+            return sessions[-1]
+
+    server = await asyncssh.listen("127.0.0.1", 0, server_factory=Server,
+                                   server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+                                   **tuning.SERVER_OPTIONS)
+    port = server.sockets[0].getsockname()[1]
+    peak = 0
+    try:
+        async with asyncssh.connect("127.0.0.1", port, username="u", known_hosts=None, config=None,
+                                    agent_path=None, **tuning.CLIENT_OPTIONS) as conn:
+            chan, _ = await conn.create_session(asyncssh.SSHClientSession, **tuning.SESSION_OPTIONS)
+            chunk = b"\0" * (1 << 20)
+            for _ in range(size // len(chunk)):
+                chan.write(chunk)
+            deadline = time.monotonic() + TIMEOUT
+            while (session := sessions[0] if sessions else None) is None or session.received < size:
+                assert time.monotonic() < deadline, "the stop-and-go reader never got everything"
+                sent = size - chan.get_write_buffer_size()
+                peak = max(peak, sent - (session.received if session else 0))
+                await asyncio.sleep(0.001)
+            chan.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return peak
+
+
+@pytest.mark.skipif(not tuning.WINDOW_FIX_NEEDED, reason="this asyncssh accounts the window differently")
+async def test_a_pausing_reader_holds_at_most_one_window() -> None:
+    """The bridge pauses a leg's channel while the other leg is slow; what that channel holds (and
+    so the proxy's memory) must stay within the window it granted, however often it pauses."""
+    size = 24 * 1024 * 1024
+    fixed = await peak_bytes_held_by_a_pausing_reader(True, size)
+    assert fixed <= tuning.WINDOW, f"{fixed / 2**20:.1f} MiB held behind a {tuning.WINDOW >> 20} MiB window"
+    # asyncssh's own accounting re-grants the queued bytes on every resume: the same run holds more.
+    unfixed = await peak_bytes_held_by_a_pausing_reader(False, size)
+    assert unfixed > 2 * tuning.WINDOW, f"{unfixed / 2**20:.1f} MiB: the test no longer shows the problem"
