@@ -163,6 +163,7 @@ class HttpEngine:
         self.routes: dict[bytes, Route] = {}
         """Raw Host header → :class:`Route` (the warm path skips decoding and three lookups)."""
         self.connections: set[ClientConnection] = set()
+        self._open_by_scheme: dict[str, int] = {"http": 0, "https": 0}
         self.draining = False
         self._closed = False
         self._idle = asyncio.Event()
@@ -181,8 +182,12 @@ class HttpEngine:
         transport peername (PROXY protocol)."""
         return ClientConnection(self, scheme, sni_site, client_address)
 
-    def active_sessions(self) -> int:
-        return len(self.connections)
+    def active_sessions(self, scheme: str | None = None) -> int:
+        """Client connections open now: all of them, or those of one scheme ("http"/"https"),
+        so each listener reports its own in ``edge_active_sessions``."""
+        if scheme is None:
+            return len(self.connections)
+        return self._open_by_scheme.get(scheme, 0)
 
     def drain(self) -> None:
         """Finish what is in progress with ``Connection: close``; close idle connections."""
@@ -215,13 +220,17 @@ class HttpEngine:
     # -- used by ClientConnection -------------------------------------------------------------
 
     def opened(self, conn: ClientConnection) -> None:
-        self.connections.add(conn)
+        if conn not in self.connections:
+            self.connections.add(conn)
+            self._open_by_scheme[conn.scheme] = self._open_by_scheme.get(conn.scheme, 0) + 1
         self._idle.clear()
         if conn.scheme == "http":  # the TLS listener counts its own connections
             edge_metrics.CONNECTIONS.labels(proxy="http").inc()
 
     def closed(self, conn: ClientConnection) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self._open_by_scheme[conn.scheme] -= 1
         if not self.connections:
             self._idle.set()
 
@@ -513,4 +522,5 @@ class HttpProxy:
             await self.engine.close()
 
     def active_sessions(self) -> int:
-        return self.engine.active_sessions() if self.engine is not None else 0
+        """Plain-HTTP connections only: the TLS listener reports its own (same engine)."""
+        return self.engine.active_sessions("http") if self.engine is not None else 0

@@ -51,8 +51,8 @@ class ConnectionEngine(Protocol):
                    client_address: tuple[str, int] | None = None) -> asyncio.Protocol:
         """A fresh protocol for one decrypted client connection."""
 
-    def active_sessions(self) -> int:
-        """Client connections the engine serves now (plain and TLS)."""
+    def active_sessions(self, scheme: str | None = None) -> int:
+        """Client connections the engine serves now: all, or those of one scheme."""
 
     def drain(self) -> None:
         """Finish requests in progress with ``Connection: close``; close idle connections."""
@@ -269,12 +269,11 @@ class HttpsProxy:
         return 0 if self._acceptor is None else len(self._acceptor.pending)
 
     def active_sessions(self) -> int:
-        """Connections still in the TLS handshake, plus the shared engine's sessions when no
-        plain ``[http]`` listener is configured (otherwise the ``http`` proxy reports those:
-        counting them here too would count them twice in ``edge_active_sessions``)."""
+        """Connections still in the TLS handshake plus the engine's decrypted (https) ones; the
+        plain listener reports only its own, so ``edge_active_sessions`` counts each once."""
         pending = self.pending_handshakes()
-        if self._engine is not None and not self.context.config.http.listen:
-            return pending + self._engine.active_sessions()
+        if self._engine is not None:
+            return pending + self._engine.active_sessions("https")
         return pending
 
     async def drain(self) -> None:

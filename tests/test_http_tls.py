@@ -104,7 +104,7 @@ class SniEchoEngine:
         self.made.append((scheme, sni_site, client_address))
         return _EchoProtocol(self, sni_site, client_address)
 
-    def active_sessions(self) -> int:
+    def active_sessions(self, scheme: str | None = None) -> int:
         return len(self.sessions)
 
     def drain(self) -> None:

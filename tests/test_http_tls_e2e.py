@@ -24,6 +24,7 @@ from edge.directory.secrets import KeyBox
 from edge.directory.service import DirectoryService
 from edge.proxyproto import encode_v1
 from edge.registry import ProxyContext
+from httpproxy.server import HttpProxy
 from httpproxy.tls_server import HttpsProxy
 from tests.support_directory import feed_at_head, make_certificate
 from tests.test_http_support import Backend, parse_curl
@@ -151,3 +152,37 @@ async def test_proxy_header_client_reaches_x_forwarded_for(tls_edge: Tls) -> Non
             await writer.wait_closed()
     assert response.startswith(b"HTTP/1.1 200")
     assert a.requests[-1]["headers"]["X-Forwarded-For"] == "198.51.100.23"
+
+
+async def test_each_listener_reports_only_its_own_open_connections(tls_edge: Tls) -> None:
+    """``edge_active_sessions{proxy=...}``: with a plain and a TLS listener on one engine, an open
+    HTTPS connection counts for ``https`` only and a plain one for ``http`` only (it used to count
+    HTTPS connections under ``http``)."""
+    plain = HttpProxy(tls_edge.proxy.context)  # shares the TLS listener's engine
+    listener = socket.create_server(("127.0.0.1", 0))
+    await plain.start([listener])
+    request = b"GET / HTTP/1.1\r\nHost: www.a.test\r\n\r\n"
+    client_tls = ssl.create_default_context(cafile=str(tls_edge.cacerts["www.a.test"]))
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", tls_edge.port, ssl=client_tls, server_hostname="www.a.test")
+        writers.append(writer)
+        writer.write(request)
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+        assert (tls_edge.proxy.active_sessions(), plain.active_sessions()) == (1, 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+        writers.append(writer)
+        writer.write(request)
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+        assert (tls_edge.proxy.active_sessions(), plain.active_sessions()) == (1, 1)
+    finally:
+        for writer in writers:
+            writer.close()
+        for _ in range(100):
+            if tls_edge.proxy.active_sessions() + plain.active_sessions() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (tls_edge.proxy.active_sessions(), plain.active_sessions()) == (0, 0)
+        for server in plain.servers:
+            server.close()
