@@ -35,7 +35,7 @@ from pathlib import Path
 
 from benchmarks.backends import start_ftp_backend
 from benchmarks.core import percentile
-from benchmarks.fleet import BENCH_SECRET_KEY, FleetShape, attach_backends, provision_fleet
+from benchmarks.fleet import FleetShape, attach_backends, provision_fleet
 from benchmarks.logins import (
     FTP_PASSWORD,
     FTP_UPSTREAM,
@@ -45,8 +45,9 @@ from benchmarks.logins import (
     _ftp_login_burst,
     _ftp_session,
     _service_call,
+    ftp_edge_toml,
 )
-from benchmarks.procs import Child, edge_toml, start_edge
+from benchmarks.procs import Child, start_edge
 from edge.directory.service import DirectoryService
 
 TINY = "tiny.bin"  # 1 byte, in the backend's home
@@ -135,13 +136,7 @@ async def ftp_setup(args: argparse.Namespace) -> AsyncIterator[tuple[list[Target
             for name, pythonpath in editions:
                 sub = workdir / name
                 sub.mkdir()
-                low = random.randrange(15_000, 30_000)
-                toml = edge_toml(url, {
-                    "ftp": {"listen": ["127.0.0.1:0"], "passive_ports": [low, low + 999]},
-                    "limits": {"max_unauthenticated_per_ip": 10_000,
-                               "max_connections_per_ip": 10_000,
-                               "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000}},
-                    secret=BENCH_SECRET_KEY)
+                toml = ftp_edge_toml(url)
                 child = await _start_edge(sub, toml, pythonpath)
                 children.append(child)
                 targets.append(Target(name, "127.0.0.1", child.ports["ftp"], FTP_USER, child))

@@ -315,6 +315,17 @@ async def ssh(args: argparse.Namespace, run: Run) -> None:
 FTP_USER, FTP_UPSTREAM, FTP_PASSWORD = "benchftp", "benchftp-up", "bench-password"
 
 
+def ftp_edge_toml(url: str) -> str:
+    """``edge.toml`` for an FTP load test: one listener, 1,000 random passive ports, and limits
+    no benchmark burst reaches (every client comes from 127.0.0.1)."""
+    low = random.randrange(15_000, 30_000)
+    return edge_toml(url, {
+        "ftp": {"listen": ["127.0.0.1:0"], "passive_ports": [low, low + 999]},
+        "limits": {"max_unauthenticated_per_ip": 10_000, "max_connections_per_ip": 10_000,
+                   "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000}},
+        secret=BENCH_SECRET_KEY)
+
+
 def _ftp_login(target: Target) -> ftplib.FTP:
     ftp = ftplib.FTP()
     ftp.connect(target.host, target.port, timeout=60)
@@ -430,13 +441,7 @@ async def ftp(args: argparse.Namespace, run: Run) -> None:
             if missing:
                 run.skip("edge ftp", missing)
             else:
-                low = random.randrange(15_000, 30_000)
-                toml = edge_toml(url, {
-                    "ftp": {"listen": ["127.0.0.1:0"], "passive_ports": [low, low + 999]},
-                    "limits": {"max_unauthenticated_per_ip": 10_000,
-                               "max_connections_per_ip": 10_000,
-                               "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000}},
-                    secret=BENCH_SECRET_KEY)
+                toml = ftp_edge_toml(url)
                 edge_child = await start_edge(workdir, toml, workers=args.workers,
                                               expect=["ftp"])
                 targets.append(Target("edge", "127.0.0.1", edge_child.ports["ftp"], FTP_USER,

@@ -351,8 +351,8 @@ class Acceptor:
         self._counters = {o: tls_metrics.HANDSHAKES.labels(outcome=o) for o in tls_metrics.OUTCOMES}
         self._connections = metrics.CONNECTIONS.labels(proxy="https")
         self._listeners: list[socket.socket] = []
-        self._families: dict[int, int] = {}
-        self._classes: dict[int, type[socket.socket]] = {}
+        self._accept_as: dict[int, tuple[int, type[socket.socket]]] = {}
+        """Listener fd → (address family, socket class) of the sockets it accepts."""
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -366,17 +366,15 @@ class Acceptor:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
                                     max(1, math.ceil(self.timeout)))
             sock.setblocking(False)
-            self._families[sock.fileno()] = int(sock.family)
-            if sock.family in _ACCEPTED_CLASSES:
-                self._classes[sock.fileno()] = _ACCEPTED_CLASSES[sock.family]
+            self._accept_as[sock.fileno()] = (int(sock.family),
+                                              _ACCEPTED_CLASSES.get(sock.family, socket.socket))
             self.loop.add_reader(sock.fileno(), self._accept, sock)
             self._listeners.append(sock)
 
     def _accept(self, listener: socket.socket) -> None:
         # socket.accept() without its wrapper: the wrapper's ``self.type`` / ``self.family``
         # enum conversions cost more than the accept4() system call itself.
-        family = self._families[listener.fileno()]
-        make = self._classes.get(listener.fileno(), socket.socket)
+        family, make = self._accept_as[listener.fileno()]
         accept = listener._accept  # type: ignore[attr-defined]
         for _ in range(ACCEPT_BATCH):
             try:

@@ -315,9 +315,7 @@ class BackendConnection(asyncio.Protocol):
         held = self._held_end
         if held is not None:  # no body (204, 304, Content-Length: 0 that llhttp framed, ...)
             self._held_end = None
-            self.sink = None
-            self._head_done = False
-            sink.response_end(self, held)
+            self._message_done(held)
             return
         if rest:
             try:

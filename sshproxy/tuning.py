@@ -133,17 +133,21 @@ SESSION_OPTIONS: Final[dict[str, Any]] = {"window": WINDOW, "max_pktsize": MAX_P
 """Keyword arguments for every session channel the bridge opens upstream (``create_session``)."""
 
 
-def _sends_ignore_before_every_packet() -> bool:
-    """Whether the installed asyncssh has the unconditional ignore packet (checked once, at import).
+def _source(obj: Any) -> str:
+    """The installed asyncssh's source of ``obj`` ("" when none is shipped: no fix applies).
 
-    We look at the code rather than trust a version range: the override below is only installed
+    Every fix below looks at the code rather than trusting a version range: it is installed only
     where the behaviour it removes exists, and a fixed asyncssh makes it a no-op by itself.
     """
     try:
-        source = inspect.getsource(SSHConnection.send_packet)
+        return inspect.getsource(obj)
     except (OSError, TypeError):  # pragma: no cover - no source shipped
-        return False
-    return "self.send_packet(MSG_IGNORE, String(b''))" in source
+        return ""
+
+
+def _sends_ignore_before_every_packet() -> bool:
+    """Whether the installed asyncssh has the unconditional ignore packet (checked once, at import)."""
+    return "self.send_packet(MSG_IGNORE, String(b''))" in _source(SSHConnection.send_packet)
 
 
 IGNORE_PACKET_FIX_NEEDED: Final = _sends_ignore_before_every_packet()
@@ -188,13 +192,6 @@ def drop_redundant_ignore_packets(conn: Connection) -> bool:
 
 RECEIVE_SLICE: Final = 32 * 1024
 """Bytes of input given to asyncssh's packet parser at a time (about one full data packet)."""
-
-
-def _source(obj: Any) -> str:
-    try:
-        return inspect.getsource(obj)
-    except (OSError, TypeError):  # pragma: no cover - no source shipped
-        return ""
 
 
 def _reslices_input_per_packet() -> bool:
