@@ -220,6 +220,8 @@ class SshConfig(ProxyListenerConfig):
     """`ssh -L` through the proxy, only ever to the backend's own loopback (sshproxy/bridge.py)."""
     allow_remote_forwarding: bool = False
     """`ssh -R`: a listener on the backend (per its sshd's GatewayPorts), brought back to the client."""
+    allow_agent_forwarding: bool = False
+    """`ssh -A`: the backend may ask the client's ssh-agent for signatures while the client is connected."""
     env_allow: tuple[str, ...] = ("LANG", "LC_*")
     """AcceptEnv-style patterns of client environment variables passed to the backend."""
     client_env_name: str = "EDGE_CLIENT_ADDR"

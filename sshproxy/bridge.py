@@ -15,6 +15,8 @@ its own :class:`asyncssh.SSHServerSession` (facing the client) with an
   adjusts, which stops the sender (``tuning.bound_receive_window`` makes that hold across
   resumes). Memory per channel is bounded by one window plus the
   write-buffer high-water mark per direction;
+* ``-A`` (agent forwarding), when allowed, lets the backend use the client's ssh-agent through
+  :class:`sshproxy.agent.AgentRelay`;
 * ``-L`` (direct-tcpip) is relayed as a channel upstream, so it reaches the *backend's* loopback,
   never a host on the proxy's network; ``-R`` (tcpip-forward) asks the upstream for the listener.
   Both are refused unless :class:`BridgeSettings` allows them.
@@ -42,6 +44,7 @@ from asyncssh import ChannelOpenError
 from asyncssh.constants import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 
 from sshproxy import tuning
+from sshproxy.agent import AGENT_RELAY_SUPPORTED, AgentRelay
 
 log = logging.getLogger("edge.ssh.bridge")
 
@@ -63,7 +66,7 @@ class BridgeSettings:
     allow_remote_forwarding: bool = False
     """``ssh -R``: a listener on the backend, its connections brought back to the client."""
     allow_agent_forwarding: bool = False
-    """``ssh -A``: not relayed yet, so True is rejected (see docs/ssh-bridge.md); requests are refused."""
+    """``ssh -A``: the backend may use the client's ssh-agent (signatures only, while connected)."""
     env_allow: tuple[str, ...] = ("LANG", "LC_*")
     """AcceptEnv-style patterns (``*`` and ``?``) of client variables passed upstream."""
     client_env_name: str = "EDGE_CLIENT_ADDR"
@@ -71,9 +74,9 @@ class BridgeSettings:
     list it in AcceptEnv to see it. A client-sent variable of the same name is always dropped."""
 
     def __post_init__(self) -> None:
-        if self.allow_agent_forwarding:
-            raise ValueError("agent forwarding is not supported by the SSH bridge yet; "
-                             "leave allow_agent_forwarding off")
+        if self.allow_agent_forwarding and not AGENT_RELAY_SUPPORTED:
+            raise ValueError(f"agent forwarding cannot be relayed with the installed asyncssh "
+                             f"{asyncssh.__version__} (sshproxy/agent.py); leave allow_agent_forwarding off")
         if self.client_env_name and not _ENV_NAME.fullmatch(self.client_env_name):
             raise ValueError(f"client_env_name {self.client_env_name!r} is not an environment variable "
                              "name (letters, digits, _; not starting with a digit)")
@@ -100,7 +103,8 @@ class BridgeSettings:
 
     def server_options(self) -> dict[str, Any]:
         """asyncssh keyword arguments for the listening side: :data:`tuning.SERVER_OPTIONS` plus ours."""
-        return {**tuning.SERVER_OPTIONS, "agent_forwarding": False, "x11_forwarding": False}
+        return {**tuning.SERVER_OPTIONS, "agent_forwarding": self.allow_agent_forwarding,
+                "x11_forwarding": False}
 
 
 @dataclass(slots=True)
@@ -116,6 +120,8 @@ class BridgeStats:
     """Exit status of the last session channel that reported one."""
     exit_signal: str | None = None
     """Exit signal of the last session channel that died of one."""
+    agent_forwarded: bool = False
+    """The client's ssh-agent was offered to the backend (``ssh -A`` with forwarding allowed)."""
     open_failures: list[str] = field(default_factory=list)
 
 
@@ -145,6 +151,8 @@ class SessionLink:
         self._on_bytes = on_bytes
         self._sessions: set[_ClientFacingSession] = set()
         self._closed_reason: str | None = None
+        self._agent = (AgentRelay(downstream, upstream)
+                       if settings.allow_agent_forwarding and downstream is not None else None)
         # Both legs' packet path (a no-op where already applied or not needed).
         for conn in (upstream, downstream):
             if conn is not None:
@@ -331,6 +339,9 @@ class _ClientFacingSession(asyncssh.SSHServerSession[bytes]):
                           term_modes=term_modes)
         else:
             kwargs["request_pty"] = False
+        agent = self._link._agent
+        if agent is not None and await agent.prepare_session():
+            self._link.stats.agent_forwarded = True
         try:
             up, _ = await self._link.upstream.create_session(
                 lambda: _UpstreamFacingSession(self), self._command, subsystem=self._subsystem,

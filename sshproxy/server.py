@@ -675,6 +675,7 @@ class ClientConnection(asyncssh.SSHServer):
                 "duration": round(time.monotonic() - self.started, 3),
                 "exit_status": stats.exit_status if stats else None,
                 "exit_signal": stats.exit_signal if stats else None,
+                "agent_forwarded": stats.agent_forwarded if stats else False,
                 "reason": self.reason or ("client disconnected" if exc is None else str(exc))})
 
 

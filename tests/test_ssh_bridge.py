@@ -807,11 +807,15 @@ def test_settings_from_config_and_validation() -> None:
     assert BridgeSettings.from_config(config_from_mapping({}).ssh) == BridgeSettings()
     with pytest.raises(ValueError, match="not an environment variable name"):
         BridgeSettings(client_env_name="BAD NAME")
-    with pytest.raises(ValueError, match="agent forwarding is not supported"):
-        BridgeSettings(allow_agent_forwarding=True)
+    agent_config = config_from_mapping({"ssh": {"allow_agent_forwarding": True}})
+    assert BridgeSettings.from_config(agent_config.ssh).allow_agent_forwarding
+    assert BridgeSettings(allow_agent_forwarding=True).server_options()["agent_forwarding"] is True
+    assert BridgeSettings().server_options()["agent_forwarding"] is False
 
 
-async def test_agent_forwarding_refused_session_still_works(front: Front, sshd: Sshd, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def ssh_agent_holding(key: Path, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
+    """A real ssh-agent holding ``key``; yields the environment a client uses it with."""
     agent_sock = tmp_path / "agent.sock"
     agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(agent_sock),
                                                  stdout=subprocess.DEVNULL)
@@ -821,14 +825,49 @@ async def test_agent_forwarding_refused_session_still_works(front: Front, sshd: 
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         env = {**os.environ, "SSH_AUTH_SOCK": str(agent_sock)}
+        added = await run(["ssh-add", str(key)], env=env)
+        assert added.returncode == 0, added.stderr
+        yield env
+    finally:
+        agent.terminate()
+        await agent.wait()
+
+
+def fingerprint(key: Path) -> bytes:
+    return subprocess.run(["ssh-keygen", "-l", "-f", f"{key}.pub"], check=True,
+                          capture_output=True).stdout.split()[1]
+
+
+async def test_agent_forwarding_refused_by_default_session_still_works(front: Front, sshd: Sshd,
+                                                                       tmp_path: Path) -> None:
+    async with ssh_agent_holding(sshd.client_key, tmp_path) as env:
         command = "echo ${SSH_AUTH_SOCK:-none}"
         direct = await run(direct_ssh_args(sshd, tmp_path, command, "-A"), env=env)
         assert direct.stdout.startswith(b"/tmp/")  # the backend does forward agents when asked
         through = await run(ssh_args(front, command, "-A"), env=env)
         assert (through.returncode, through.stdout) == (0, b"none\n")
-    finally:
-        agent.terminate()
-        await agent.wait()
+        assert not front.links[-1].stats.agent_forwarded
+
+
+@pytest.mark.parametrize("front", [BridgeSettings(allow_agent_forwarding=True)], indirect=True)
+async def test_agent_forwarding_lets_the_backend_use_the_clients_agent(front: Front, sshd: Sshd,
+                                                                       tmp_path: Path) -> None:
+    """``ssh -A`` through the proxy: on the backend, ssh-add lists the client's key and a second
+    hop (the backend logging in to an sshd that trusts only that key, as for a git pull) works
+    with no key file on the backend side."""
+    hop = (f"ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=no "
+           f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o IdentityFile=/nonexistent "
+           f"-p {sshd.port} root@127.0.0.1 echo second hop")
+    async with ssh_agent_holding(sshd.client_key, tmp_path) as env:
+        listed = await run(ssh_args(front, "ssh-add -l", "-A"), env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert fingerprint(sshd.client_key) in listed.stdout
+        assert front.links[-1].stats.agent_forwarded
+        hopped = await run(ssh_args(front, hop, "-A"), env=env)
+        assert (hopped.returncode, hopped.stdout) == (0, b"second hop\n"), hopped.stderr
+        without = await run(ssh_args(front, hop), env=env)  # no -A: the backend has no agent
+        assert without.returncode == 255 and b"second hop" not in without.stdout
+        assert not front.links[-1].stats.agent_forwarded
 
 
 async def test_fast_ciphers_negotiated_on_both_legs(front: Front) -> None:

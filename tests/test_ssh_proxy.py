@@ -473,6 +473,38 @@ async def test_key_login_to_real_sshd_maps_to_upstream_user_with_proxy_key(
     assert out == f"{me} from {ip} {port}\n" and ip == "127.0.0.1" and 1024 <= int(port) <= 65535
 
 
+async def test_agent_forwarding_when_enabled_reaches_the_backend(tmp_path: Path, keys: Path,
+                                                                 sshd: Sshd) -> None:
+    """``[ssh] allow_agent_forwarding``: ``ssh -A`` through the proxy gives the backend the client's
+    agent (ssh-add there lists the client's key); the connection's log line says so."""
+    me = os.environ.get("USER") or "root"
+    agent_sock = tmp_path / "agent.sock"
+    agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(agent_sock),
+                                                 stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not agent_sock.exists():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(agent_sock)}
+        key = keys / "user"
+        assert (await run("ssh-add", str(key), env=env))[0] == 0
+        fingerprint = (await run("ssh-keygen", "-l", "-f", f"{key}.pub"))[1].split()[1]
+        async for edge in make_edge(tmp_path, keys, allow_agent_forwarding=True):
+            await provision(edge, sshd, user="alice", upstream_username=me)
+            # IdentityAgent=none would also unset the agent that -A forwards.
+            args = edge.ssh_args("alice", key=key)
+            at = args.index("IdentityAgent=none")
+            del args[at - 1:at + 1]
+            rc, out, err = await run(*args[:-1], "-A", args[-1], "ssh-add -l", env=env)
+            assert rc == 0 and fingerprint in out, err
+            line = (await edge.log_lines())[-1]
+            assert line["agent_forwarded"] is True and line["outcome"] == "logged in"
+    finally:
+        agent.terminate()
+        await agent.wait()
+
+
 async def test_unknown_user_suspended_tenant_and_wrong_credentials_fail_alike(
         edge: Edge, backend: AsyncsshBackend, keys: Path) -> None:
     await provision(edge, backend)
