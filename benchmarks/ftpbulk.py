@@ -2,14 +2,15 @@
 proxy measured against a direct connection to the same pyftpdlib backend in the same run.
 
 ``.venv/bin/python -m benchmarks.ftpbulk [--mib 64] [--rounds 5] [--logins 300]
-[--baseline DIR]``
+[--idle 1000] [--baseline DIR] [--only retr,stor,ftplib,curl,latency,logins,idle]``
 
 Targets alternate round by round (direct, edge, and with ``--baseline DIR`` a second
 ``edge serve`` whose ``PYTHONPATH`` starts with DIR: a copy of the packages at another
 revision, for before/after comparisons in one run). Per round and target: RETR and STOR of
 ``--mib`` MiB with ftplib (64 KiB blocks) and with curl; ``--latency`` RETRs of a 1-byte file
 on one logged-in session (the fixed cost of a transfer: PASV, data connections, 150, 226);
-``--logins`` clients connecting and logging in all at once (connect, USER, PASS, QUIT).
+``--logins`` clients connecting and logging in all at once (connect, USER, PASS, QUIT);
+``--idle`` logged-in sessions held open (the server's memory per idle session).
 Printed: medians and ranges, ratios against direct, and the server's CPU (the edge process
 tree for edge targets, the backend for direct) per GB and per login. The backend is the
 harness's (:func:`benchmarks.backends.start_ftp_backend`), the directory a small SQLite fleet.
@@ -99,6 +100,49 @@ def tiny_latency(t: Target, count: int) -> list[float]:
     return out
 
 
+async def idle_sessions_kib(t: Target, count: int) -> float:
+    """KiB of server memory (RSS of the edge process tree; of the backend for direct) per idle
+    logged-in session: ``count`` sessions opened 50 at a time, held, then closed with QUIT."""
+    sessions: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def expect(reader: asyncio.StreamReader, code: bytes) -> None:
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 60)
+            if line[:3] != code:
+                raise RuntimeError(f"expected {code.decode()}, got {line[:80]!r}")
+            if line[3:4] == b" ":
+                return
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection(t.host, t.port)
+        sessions.append((reader, writer))
+        await expect(reader, b"220")
+        writer.write(f"USER {t.user}\r\nPASS {FTP_PASSWORD}\r\n".encode())
+        await expect(reader, b"331")
+        await expect(reader, b"230")
+
+    await asyncio.sleep(0.5)
+    before = t.server.rss_kib()
+    try:
+        for start in range(0, count, 50):
+            await asyncio.gather(*(one() for _ in range(min(50, count - start))))
+        await asyncio.sleep(1.0)
+        after = t.server.rss_kib()
+    finally:
+        for _reader, writer in sessions:
+            writer.write(b"QUIT\r\n")
+        for reader, writer in sessions:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+    return (after - before) / count
+
+
+def _rounds(values: list[float]) -> str:
+    """Per-round values, in round order: single rounds swing widely on a shared machine."""
+    return " ".join(f"{v:.2f}" for v in values)
+
+
 def _fmt(values: list[float], digits: int = 1) -> str:
     if not values:
         return "-"
@@ -170,14 +214,22 @@ async def _measure(args: argparse.Namespace, targets: list[Target], size: int,
     mbps: dict[tuple[str, str], list[float]] = defaultdict(list)
     cpu_gb: dict[tuple[str, str], list[float]] = defaultdict(list)
     lat: dict[str, list[float]] = defaultdict(list)
+    lat_p50: dict[str, list[float]] = defaultdict(list)  # per round
+    lat_cpu: dict[str, list[float]] = defaultdict(list)  # server CPU ms per transfer, per round
     burst_total: dict[str, list[float]] = defaultdict(list)
     burst_ms: dict[str, list[float]] = defaultdict(list)
     cpu_login: dict[str, list[float]] = defaultdict(list)
+    idle_kib: dict[str, list[float]] = defaultdict(list)
     ops: list[tuple[str, Callable[[Target, int], None]]] = [
         ("RETR ftplib", ftplib_retr), ("STOR ftplib", ftplib_stor),
         ("RETR curl", curl_retr), ("STOR curl", lambda t, n: curl_stor(t, n, payload))]
     ops = [op for op in ops if op[0].split()[0].lower() in args.only
            and op[0].split()[1] in args.only]
+    if "idle" in args.only:
+        # Once, first, on fresh processes: later, memory freed by earlier rounds' sessions
+        # is reused and RSS no longer grows.
+        for t in targets:
+            idle_kib[t.name].append(await idle_sessions_kib(t, args.idle))
     for rnd in range(args.rounds):
         order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
         for what, op in ops:
@@ -191,7 +243,11 @@ async def _measure(args: argparse.Namespace, targets: list[Target], size: int,
         if "latency" in args.only:
             for t in order:
                 try:
-                    lat[t.name] += await asyncio.to_thread(tiny_latency, t, args.latency)
+                    before = t.server.cpu()
+                    got = await asyncio.to_thread(tiny_latency, t, args.latency)
+                    lat_cpu[t.name].append((t.server.cpu() - before) / len(got) * 1000)
+                    lat[t.name] += got
+                    lat_p50[t.name].append(statistics.median(got))
                 except ftplib.Error as exc:  # e.g. a proxy out of passive ports: say which
                     print(f"  {t.name}: 1-byte RETRs failed: {exc}", file=sys.stderr)
         if "logins" in args.only:
@@ -208,25 +264,42 @@ async def _measure(args: argparse.Namespace, targets: list[Target], size: int,
               file=sys.stderr, flush=True)
     names = [t.name for t in targets]
     print(f"\nload average {os.getloadavg()}, {args.mib} MiB, {args.rounds} rounds; "
-          "median [min-max]; ratio = median of per-round target/direct")
+          "median [min-max]; ratio = median of per-round target/direct; server CPU: the "
+          "clock tick is 10 ms, so per-round values are coarse: the mean is over all rounds")
     for what, _ in ops:
         print(f"\n{what} MB/s")
         for n in names:
             ratios = [a / b for a, b in zip(mbps[(what, n)], mbps[(what, 'direct')], strict=True)]
             print(f"  {n:7} {_fmt(mbps[(what, n)], 0):>22}  ratio {_fmt(ratios, 2):>18}  "
-                  f"server CPU s/GB {_fmt(cpu_gb[(what, n)], 2)}")
+                  f"server CPU s/GB {_fmt(cpu_gb[(what, n)], 2)} "
+                  f"mean {statistics.fmean(cpu_gb[(what, n)]):.3f}")
+            if n != "direct":
+                print(f"          per-round ratios {_rounds(ratios)}")
     if lat:
         print(f"\n1-byte RETR on a logged-in session, ms ({args.latency} per round)")
         for n in names:
             print(f"  {n:7} p50 {percentile(lat[n], 50):6.2f}  p90 {percentile(lat[n], 90):6.2f}"
-                  f"  ratio p50 {percentile(lat[n], 50) / percentile(lat['direct'], 50):.2f}")
+                  f"  ratio p50 {percentile(lat[n], 50) / percentile(lat['direct'], 50):.2f}"
+                  f"  server CPU ms/transfer mean {statistics.fmean(lat_cpu[n]):.3f}")
+            if n != "direct" and len(lat_p50[n]) == len(lat_p50["direct"]):
+                print("          per-round p50 ratios "
+                      + _rounds([a / b for a, b in zip(lat_p50[n], lat_p50["direct"], strict=True)]))
     if burst_total:
         print(f"\n{args.logins} clients logging in at once")
         for n in names:
             ratios = [a / b for a, b in zip(burst_total[n], burst_total["direct"], strict=True)]
             print(f"  {n:7} total s {_fmt(burst_total[n], 3):>22}  ratio {_fmt(ratios, 2):>18}  "
                   f"p50 {percentile(burst_ms[n], 50):6.1f} ms  p99 {percentile(burst_ms[n], 99):6.1f}"
-                  f" ms  server CPU ms/login {_fmt(cpu_login[n], 2)}")
+                  f" ms  server CPU ms/login {_fmt(cpu_login[n], 2)} "
+                  f"mean {statistics.fmean(cpu_login[n]):.3f}")
+            if n != "direct":
+                print(f"          per-round ratios {_rounds(ratios)}")
+
+    if idle_kib:
+        print(f"\n{args.idle} idle logged-in sessions on fresh servers: RSS growth per session, "
+              "KiB (edge: the proxy's process tree, not the backend's sessions behind it)")
+        for n in names:
+            print(f"  {n:7} {statistics.median(idle_kib[n]):6.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,10 +308,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--latency", type=int, default=50, help="1-byte RETRs per round")
     parser.add_argument("--logins", type=int, default=300, help="clients in a login burst")
+    parser.add_argument("--idle", type=int, default=1000,
+                        help="idle logged-in sessions held to measure memory per session")
     parser.add_argument("--baseline", default="",
                         help="also run an edge serve with this directory first on PYTHONPATH")
-    parser.add_argument("--only", default="retr,stor,ftplib,curl,latency,logins",
-                        help="comma-separated subset: retr stor ftplib curl latency logins")
+    parser.add_argument("--only", default="retr,stor,ftplib,curl,latency,logins,idle",
+                        help="comma-separated subset: retr stor ftplib curl latency logins idle")
     args = parser.parse_args(argv)
     args.only = set(args.only.split(","))
     if {"ftplib", "curl"}.isdisjoint(args.only):

@@ -27,7 +27,6 @@ from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from edge import metrics as edge_metrics
 from edge.directory.directory import AccountRoute
 from edge.errors import DirectoryUnavailable
 from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, header_for_backend
@@ -394,7 +393,7 @@ class FtpSession(asyncio.Protocol):
         proxy, username, route = self.proxy, self.username, self.route
         verdict = proxy.limits.check_login(self.client_ip, username)
         if not verdict.allowed:
-            metrics.LOGINS.labels(result="banned").inc()
+            self.proxy.login_counters["banned"].inc()
             self._log_warning("login refused by failed-login limits", reason=verdict.reason)
             await self._login_failed(started, verdict.reason, count=False)
             return
@@ -403,14 +402,14 @@ class FtpSession(asyncio.Protocol):
             return
         host = route.host
         if host.state != "active":
-            metrics.LOGINS.labels(result="unavailable").inc()
+            self.proxy.login_counters["unavailable"].inc()
             notice = host.notice or "The server is in maintenance, please try again later."
             self._end(421, notice, "maintenance")
         task, self._prefetch = self._prefetch, None
         try:
             backend, reply = await (task if task is not None else self._prepare_backend(route))
         except (BackendError, BackendGone, TimeoutError) as exc:
-            metrics.LOGINS.labels(result="unavailable").inc()
+            self.proxy.login_counters["unavailable"].inc()
             self.proxy.logger.warning("ftp backend unavailable", extra={**self._fields(),
                                                                         "error": str(exc)})
             self._end(421, "Service not available, try again later.", "backend_unavailable")
@@ -419,18 +418,18 @@ class FtpSession(asyncio.Protocol):
             if reply.code == 331:
                 reply = await backend.command("PASS", password, REPLY_TIMEOUT)
         except (BackendGone, TimeoutError):
-            metrics.LOGINS.labels(result="unavailable").inc()
+            self.proxy.login_counters["unavailable"].inc()
             self._end(421, "Service not available, try again later.", "backend_unavailable")
         if 200 <= reply.code < 300:
             self.logged_in = True
             proxy.limits.login_succeeded(self.client_ip, username)
             self._release("unauth")
-            metrics.LOGINS.labels(result="ok").inc()
+            self.proxy.login_counters["ok"].inc()
             proxy.watch(self)
             self._forward_reply(reply)
             return
         if reply.code == 421:
-            metrics.LOGINS.labels(result="unavailable").inc()
+            self.proxy.login_counters["unavailable"].inc()
             self._end(421, "Service not available, try again later.", "backend_unavailable")
         backend.close()
         self.backend = None
@@ -442,7 +441,7 @@ class FtpSession(asyncio.Protocol):
         self._cancel_prefetch()
         verdict = proxy.limits.check_login(self.client_ip, self.username or None)
         if count:
-            metrics.LOGINS.labels(result="failed").inc()
+            self.proxy.login_counters["failed"].inc()
             verdict = proxy.limits.login_failed(self.client_ip, self.username or None)
         self.proxy.logger.info("ftp login failed", extra={**self._fields(), "reason": why})
         self.state = replace(self.state, routed_user=None, rejected_user=False)
@@ -753,8 +752,8 @@ class FtpSession(asyncio.Protocol):
             raise
         finally:
             duration = time.monotonic() - started
-            metrics.TRANSFERS.labels(kind=kind, result=result).inc()
-            metrics.TRANSFER_SECONDS.labels(kind=kind).observe(duration)
+            self.proxy.transfer_counters[(kind, result)].inc()
+            self.proxy.transfer_seconds[kind].observe(duration)
             self.transfers += 1
             self.proxy.logger.info("ftp transfer", extra={
                 **self._fields(), "command": cmd.verb, "path": cmd.argument[:256], "bytes": nbytes,
@@ -870,8 +869,8 @@ class FtpSession(asyncio.Protocol):
                     (up, down), reason = relay_or_counts, "eof"
             self.bytes_up += up
             self.bytes_down += down
-            edge_metrics.BYTES.labels(proxy="ftp", direction="upstream").inc(up)
-            edge_metrics.BYTES.labels(proxy="ftp", direction="downstream").inc(down)
+            self.proxy.bytes_up.inc(up)
+            self.proxy.bytes_down.inc(down)
             nbytes = up if kind == "upload" else down
             extra["relay"] = reason
             try:
