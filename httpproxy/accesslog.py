@@ -26,8 +26,7 @@ FLUSH_BYTES = 65536
 FLUSH_INTERVAL = 1.0
 Formatter = Callable[[tuple[Any, ...]], bytes]
 FLUSH_LINES = 256
-"""Lines added with :meth:`AccessLog.add` before a flush (each counts FLUSH_BYTES/FLUSH_LINES)."""
-_LINE_COST = FLUSH_BYTES // FLUSH_LINES
+"""Lines queued (:meth:`AccessLog.add`) before a flush."""
 
 
 class AccessLog:
@@ -69,12 +68,17 @@ class AccessLog:
     def add(self, values: tuple[Any, ...]) -> None:
         """Queue one line: ``formatter(values)``, called at the next flush (so the values must
         not change meanwhile: bytes, str, numbers, frozen objects)."""
-        self._buffer.append(values)
-        self._size += _LINE_COST
-        if self._size >= FLUSH_BYTES:
+        buffer = self._buffer
+        buffer.append(values)
+        # Once per request: only the line count decides (lines from write_line() count as
+        # lines here too, and their bytes there), and only the line that found the buffer
+        # empty arms the flush timer.
+        count = len(buffer)
+        if count == 1:
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+        elif count >= FLUSH_LINES:
             self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:

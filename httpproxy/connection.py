@@ -47,11 +47,15 @@ from httpproxy.cachepolicy import (
     request_cacheability,
     response_storability,
 )
-from httpproxy.rules import RequestHead, evaluate_filters
+from httpproxy.rules import RequestHead, evaluate_after_ip, evaluate_filters, ip_refusal
 from httpproxy.upstream import BackendConnection, BackendKey, is_close_delimited
 
+FILTER_MEMO_KEY_BYTES = 1024
+"""Target + User-Agent + Host bytes beyond which a request's filter outcome is not remembered
+(bounds :attr:`httpproxy.server.SiteState.filter_memo`'s memory)."""
+
 if TYPE_CHECKING:
-    from httpproxy.server import HttpEngine, Route, SiteState
+    from httpproxy.server import FilterMemoKey, HttpEngine, Route, SiteState
 
 __all__ = ["ClientConnection", "Request"]
 
@@ -139,20 +143,21 @@ class Request:
     capture_size = 0
     backend_key: BackendKey = ("", 0, b"", "")
     verdict: StoreVerdict | None = None
+    body_chunks: list[bytes] | None = None
+    """Request body bytes not yet forwarded (created on the first; most requests have none)."""
+    trailers: list[tuple[bytes, bytes]] | None = None
+    method = b""
+    """Set (with target, keep_alive, http10, started) once the head is complete; b"" before."""
+    target = b""
+    http10 = False
+    keep_alive = True
+    started = 0.0
 
-    def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
-                 http10: bool, keep_alive: bool, started: float) -> None:
-        self.method = method
-        self.target = target
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
         self.headers = headers
         """Every header as received (for filters and cache decisions)."""
         self.fwd: list[tuple[bytes, bytes]] = []
         """The headers forwarded as they are."""
-        self.http10 = http10
-        self.keep_alive = keep_alive
-        self.started = started
-        self.body_chunks: list[bytes] = []
-        self.trailers: list[tuple[bytes, bytes]] = []
 
     @property
     def body_pending(self) -> bool:
@@ -366,10 +371,15 @@ class ClientConnection(asyncio.Protocol):
             return
         except _Refused:
             return
-        if parsing_head and self._parsing is not None and not self._parsing.method:
-            self._head_seen += len(data)
-            if self._head_seen > self.engine.settings.max_header_size:
-                self._refuse(None, 431, "request head too large")
+        parsing = self._parsing
+        if parsing is not None and not parsing.method:
+            # A head begun but not complete: its timer (slowloris) runs from now on.
+            if self._timer_state != _HEAD:
+                self._set_timer(_HEAD, self.engine.settings.header_timeout)
+            if parsing_head:
+                self._head_seen += len(data)
+                if self._head_seen > self.engine.settings.max_header_size:
+                    self._refuse(None, 431, "request head too large")
 
     def _parse_error(self, exc: Exception) -> None:
         text = str(exc)
@@ -399,8 +409,9 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._head_seen = 0
         self._head_size = 0
-        self._parsing = Request(b"", b"", self._headers, False, True, 0.0)
-        self._set_timer(_HEAD, self.engine.settings.header_timeout)
+        self._parsing = Request(self._headers)
+        # The head timer starts in data_received(), only for a head that is not complete in
+        # the read that began it (most are: no clock read, no call per request here).
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -410,8 +421,11 @@ class ClientConnection(asyncio.Protocol):
         req = self._parsing
         assert req is not None
         if req.method:
-            req.trailers.append((name, value))
-            if len(req.trailers) > 100:
+            trailers = req.trailers
+            if trailers is None:
+                trailers = req.trailers = []
+            trailers.append((name, value))
+            if len(trailers) > 100:
                 self._refuse(None, 431, "too many trailer fields")
                 raise _Refused
             return
@@ -424,6 +438,9 @@ class ClientConnection(asyncio.Protocol):
             if len(_NAME_CODES) < _NAME_CODES_MAX:
                 _NAME_CODES[name] = code
         if code == _PLAIN:
+            req.fwd.append(pair)
+        elif code == _HOST and req.host_raw is None:  # every request has one: no call for it
+            req.host_raw = value
             req.fwd.append(pair)
         else:
             _special_header(req, code, pair, self.trusted)
@@ -472,6 +489,8 @@ class ClientConnection(asyncio.Protocol):
         if conn is not None and req is self.active:
             conn.write(data)
         else:
+            if req.body_chunks is None:
+                req.body_chunks = []
             req.body_chunks.append(data)
             if req.body_size > BODY_BUFFER_LIMIT:
                 self._pause_reading()
@@ -483,10 +502,12 @@ class ClientConnection(asyncio.Protocol):
             return
         req.complete = True
         if req.chunked:
-            tail = b"".join(b"%b: %b\r\n" % pair for pair in req.trailers)
+            tail = b"".join(b"%b: %b\r\n" % pair for pair in req.trailers or ())
             data = b"0\r\n" + tail + b"\r\n"
             if req.conn is not None and req is self.active:
                 req.conn.write(data)
+            elif req.body_chunks is None:
+                req.body_chunks = [data]
             else:
                 req.body_chunks.append(data)
         if self.active is not None:
@@ -630,18 +651,44 @@ class ClientConnection(asyncio.Protocol):
         head: RequestHead | None = None
         extra = b""
         if state.evaluate_filters:
-            # Only the headers the filters read are decoded (the cache decision below builds
-            # the full head when it needs one).
-            decision = evaluate_filters(
-                RequestHead.for_filters(req.method, req.target, req.host_raw, req.user_agent,
-                                        req.authorization),
-                self.client_ip, state.filters, scheme=self.scheme, site=site,
-                rate_limiter=state.limiter)
+            filter_key: FilterMemoKey | None = None
+            found = None
+            if state.memo_filters:
+                # The IP rules (their outcome is remembered per address in the compiled
+                # rules), then the rest, remembered per request shape (SiteState.filter_memo:
+                # only the inputs these rules read, not the client).
+                refused = (ip_refusal(self.client_ip, state.filters, scheme=self.scheme, site=site)
+                           if state.filters.has_ip_rules else None)
+                if refused is not None:
+                    self._refuse_status(req, refused.status, refused.reason, refused.headers)
+                    return
+                target, ua = req.target, req.user_agent if state.memo_user_agent else None
+                host_raw = req.host_raw if state.memo_host else None
+                if (len(target) + (len(ua) if ua is not None else 0)
+                        + (len(host_raw) if host_raw is not None else 0)) <= FILTER_MEMO_KEY_BYTES:
+                    filter_key = (self.scheme, req.method, target, ua, host_raw)
+                    found = state.filter_memo.get(filter_key)
+            if found is None:
+                # Only the headers the filters read are decoded (the cache decision below
+                # builds the full head when it needs one).
+                head_for_filters = RequestHead.for_filters(req.method, req.target, req.host_raw,
+                                                           req.user_agent, req.authorization)
+                if state.memo_filters:  # the IP rules passed above
+                    decision = evaluate_after_ip(head_for_filters, self.client_ip, state.filters,
+                                                 scheme=self.scheme, site=site)
+                else:
+                    decision = evaluate_filters(head_for_filters, self.client_ip, state.filters,
+                                                scheme=self.scheme, site=site,
+                                                rate_limiter=state.limiter)
+                found = (decision, b"".join(f"{k}: {v}\r\n".encode("latin-1")
+                                            for k, v in decision.headers)
+                         if decision.headers and not decision.status else b"")
+                if filter_key is not None:
+                    state.remember_filters(filter_key, found)
+            decision, extra = found
             if decision.status:
                 self._refuse_status(req, decision.status, decision.reason, decision.headers)
                 return
-            if decision.headers:
-                extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in decision.headers)
         accept_encoding: bytes | None = None
         cache = engine.cache
         if cache is not None and state.policy.mode != "off":
@@ -792,9 +839,10 @@ class ClientConnection(asyncio.Protocol):
     def _send(self, req: Request, conn: BackendConnection) -> None:
         req.conn = conn
         data = req.head_bytes
-        if req.body_chunks:
-            data += b"".join(req.body_chunks)
-            req.body_chunks.clear()
+        chunks = req.body_chunks
+        if chunks:
+            data += b"".join(chunks)
+            chunks.clear()
         conn.send(self, data, head_request=req.method == b"HEAD")
         if self._read_paused and len(self.queue) < QUEUE_LIMIT:
             self._resume_reading()
@@ -997,7 +1045,11 @@ class ClientConnection(asyncio.Protocol):
                 headers: tuple[tuple[str, str], ...] = ()) -> None:
         """Answer with ``status`` and close: the request stream can no longer be trusted."""
         if req is None:
-            req = self._parsing or Request(b"", b"", [], False, False, _clock())
+            req = self._parsing
+            if req is None:
+                req = Request([])
+                req.keep_alive = False
+                req.started = _clock()
             if (self.active is not None and self.active is not req) or req.status:
                 # A response is already under way: cut the connection rather than interleave.
                 log.info("closing %s: %s", self.client_ip, reason)

@@ -77,7 +77,9 @@ __all__ = [
     "Kind",
     "RequestHead",
     "SiteFlags",
+    "evaluate_after_ip",
     "evaluate_filters",
+    "ip_refusal",
     "normalise_path",
     "rate_limit_key",
 ]
@@ -508,18 +510,49 @@ def evaluate_filters(
     ``rate_limiter`` is the site's limiter (``compiled.new_rate_limiter()``); without one the
     rate limit is not applied. Never raises on any method, path, header or address text.
     """
-    hsts = _HSTS if site.hsts and scheme == "https" else ()
-
     # 1. IP deny / allow.
     if compiled.has_ip_rules:
-        verdict = _ip_verdict(compiled, client_ip)
-        if verdict == _IP_UNPARSEABLE:
-            return _refuse(Kind.DENY, 403, f"unparseable client address {client_ip[:64]!r}", (),
-                           hsts)
-        if verdict == _IP_DENIED:
-            return _refuse(Kind.DENY, 403, f"client {client_ip} in ip_deny", (), hsts)
-        if verdict == _IP_NOT_ALLOWED:
-            return _refuse(Kind.DENY, 403, f"client {client_ip} not in ip_allow", (), hsts)
+        refused = ip_refusal(client_ip, compiled, scheme=scheme, site=site)
+        if refused is not None:
+            return refused
+    return evaluate_after_ip(head, client_ip, compiled, scheme=scheme, site=site,
+                             rate_limiter=rate_limiter,
+                             maintenance_retry_after=maintenance_retry_after)
+
+
+def ip_refusal(client_ip: str, compiled: CompiledFilters, *, scheme: str,
+               site: SiteFlags) -> Decision | None:
+    """Step 1 of :func:`evaluate_filters` alone: the refusal the IP rules give ``client_ip``,
+    or None when they let it through (or there are none)."""
+    if not compiled.has_ip_rules:
+        return None
+    verdict = _ip_verdict(compiled, client_ip)
+    if verdict == _IP_PASS:
+        return None
+    hsts = _HSTS if site.hsts and scheme == "https" else ()
+    if verdict == _IP_UNPARSEABLE:
+        return _refuse(Kind.DENY, 403, f"unparseable client address {client_ip[:64]!r}", (), hsts)
+    if verdict == _IP_DENIED:
+        return _refuse(Kind.DENY, 403, f"client {client_ip} in ip_deny", (), hsts)
+    return _refuse(Kind.DENY, 403, f"client {client_ip} not in ip_allow", (), hsts)
+
+
+def evaluate_after_ip(
+    head: RequestHead,
+    client_ip: str,
+    compiled: CompiledFilters,
+    *,
+    scheme: str,
+    site: SiteFlags,
+    rate_limiter: RateLimiter | None = None,
+    maintenance_retry_after: int = MAINTENANCE_RETRY_AFTER,
+) -> Decision:
+    """Steps 2-8 of :func:`evaluate_filters` (everything after the IP rules).
+
+    Without ``rate_limiter`` the outcome does not depend on ``client_ip`` and is a pure
+    function of the scheme, the method, the target and the Host, User-Agent and
+    Authorization headers, so a caller may remember it per such request shape."""
+    hsts = _HSTS if site.hsts and scheme == "https" else ()
 
     # 2. Maintenance.
     if compiled.maintenance:

@@ -32,13 +32,15 @@ from httpproxy.cache import CacheEntry, ContentCache
 from httpproxy.cachepolicy import CachePolicy, cache_key
 from httpproxy.connection import ClientConnection, Request
 from httpproxy.metrics import BUCKETS, LocalStats
-from httpproxy.rules import CompiledFilters
+from httpproxy.rules import CompiledFilters, Decision
 from httpproxy.upstream import BackendConnection, BackendKey, BackendPool, is_close_delimited
 
 __all__ = ["HttpEngine", "HttpProxy", "Route", "SiteState", "shared_engine"]
 
 log = logging.getLogger("edge.http")
 _json_str = json.encoder.encode_basestring_ascii
+_perf_counter = time.perf_counter
+_time = time.time
 _ACCESS_LINE = (b'%b"ts":%.3f,"method":"%b","host_header":%b,"path":%b,%b,"status":%d,"bytes":%d,'
                 b'"request_bytes":%d,"duration_ms":%.3f,"cache":%b}\n')
 """One access-log line, built as bytes in one formatting operation (the method is an HTTP
@@ -71,13 +73,18 @@ SITE_STATES_MAX = 100_000
 MemoKey = tuple[bytes, bytes, str, bytes | None, str]
 CACHE_MEMO_MAX = 4096
 """Remembered cache decisions per site (see SiteState.cache_memo)."""
+FILTER_MEMO_MAX = 1024
+"""Remembered filter outcomes per site (see SiteState.filter_memo); cleared when full. With
+connection.FILTER_MEMO_KEY_BYTES this bounds the memo at about 1 MiB per site."""
+FilterMemoKey = tuple[str, bytes, bytes, bytes | None, bytes | None]
 
 
 class SiteState:
     """A site's compiled filters, rate limiter and cache policy (rebuilt when the site changes)."""
 
-    __slots__ = ("_log_route", "_log_route_for", "cache_memo", "evaluate_filters", "filters", "limiter",
-                 "policy", "site")
+    __slots__ = ("_log_route", "_log_route_for", "cache_memo", "evaluate_filters", "filter_memo",
+                 "filters", "limiter", "memo_filters", "memo_host", "memo_user_agent", "policy",
+                 "site")
 
     def __init__(self, site: Site) -> None:
         self.site = site
@@ -91,11 +98,28 @@ class SiteState:
         self.cache_memo: dict[MemoKey, tuple[Any, bytes, bytes]] = {}
         """(method, target, Host, Accept-Encoding, scheme) → (verdict, encoding variant, cache key) for
         requests without cache-relevant headers; cleared when full."""
+        # After the IP rules, evaluate_filters() is a pure function of the scheme, the method,
+        # the target and three headers, except for the rate limit (it spends a token, per
+        # client) and Basic auth (the memo would hold credentials): without those, that part's
+        # outcome is remembered per request shape (any client), and only the inputs the rules
+        # actually read are part of the key.
+        filters = self.filters
+        self.memo_filters = self.limiter is None and not filters.auth_areas
+        self.memo_user_agent = bool(filters.ua_deny)
+        self.memo_host = site.https_redirect
+        self.filter_memo: dict[FilterMemoKey, tuple[Decision, bytes]] = {}
+        """(scheme, method, target, User-Agent if read, Host if read) → (the decision of
+        :func:`httpproxy.rules.evaluate_after_ip`, the response headers it adds as bytes)."""
 
     def remember(self, key: MemoKey, value: tuple[Any, bytes, bytes]) -> None:
         if len(self.cache_memo) >= CACHE_MEMO_MAX:
             self.cache_memo.clear()
         self.cache_memo[key] = value
+
+    def remember_filters(self, key: FilterMemoKey, value: tuple[Decision, bytes]) -> None:
+        if len(self.filter_memo) >= FILTER_MEMO_MAX:
+            self.filter_memo.clear()
+        self.filter_memo[key] = value
 
     def log_route(self, tenant: Tenant, host: Host) -> bytes:
         """The access log's site/tenant/host fields, built once per route."""
@@ -269,7 +293,8 @@ class HttpEngine:
 
     def finished(self, conn: ClientConnection, req: Request) -> None:
         """Account for one answered request (access log, counters)."""
-        duration = time.perf_counter() - req.started if req.started else 0.0
+        started = req.started
+        duration = _perf_counter() - started if started else 0.0
         status = req.status
         stats = self.stats
         # LocalStats.observe() inlined: once per request.
@@ -279,12 +304,10 @@ class HttpEngine:
         traffic = conn._traffic
         traffic[0] += req.bytes_out
         traffic[1] += len(req.head_bytes) + req.body_size
-        if req.cache_result is not None:
-            stats.cache[req.cache_result] += 1
+        cache_result = req.cache_result
+        if cache_result is not None:
+            stats.cache[cache_result] += 1
         access_log = self.access_log
-        if not access_log.enabled:
-            return
-        site, tenant, host = req.site, req.tenant, req.host
         if access_log.buffered:
             # Formatted by hand: json.dumps of a dict costs several times more than this, and
             # this runs once per request. Names from the directory are validated hostnames
@@ -294,7 +317,7 @@ class HttpEngine:
             if resolved is not None:
                 route, host_json = resolved.log_route, resolved.host_json
             else:
-                state = req.state
+                state, site, tenant, host = req.state, req.site, req.tenant, req.host
                 if state is not None and tenant is not None and host is not None:
                     route = state.log_route(tenant, host)
                 elif site is not None:
@@ -302,9 +325,13 @@ class HttpEngine:
                 else:
                     route = b'"site":null,"tenant":null,"host":null'
                 host_json = None
-            access_log.add((conn._log_prefix, time.time(), req.method, host_json, req.host_raw, req.target,
-                            route, status, req.bytes_out, req.body_size, duration, req.cache_result))
+            access_log.add((conn._log_prefix, _time(), req.method, host_json, req.host_raw,
+                            req.target, route, status, req.bytes_out, req.body_size, duration,
+                            cache_result))
             return
+        if not access_log.enabled:
+            return
+        site, tenant, host = req.site, req.tenant, req.host
         access_log.record({
             "client": conn.client_ip, "scheme": conn.scheme, "method": req.method.decode("latin-1"),
             "host_header": req.host_header[:256], "path": req.target[:1024].decode("latin-1"),
@@ -312,7 +339,7 @@ class HttpEngine:
             "tenant": tenant.name if tenant is not None else None,
             "host": host.name if host is not None else None,
             "status": status, "bytes": req.bytes_out, "request_bytes": req.body_size,
-            "duration_ms": round(duration * 1000, 3), "cache": req.cache_result,
+            "duration_ms": round(duration * 1000, 3), "cache": cache_result,
         })
 
     # -- content cache -------------------------------------------------------------------------

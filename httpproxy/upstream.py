@@ -127,9 +127,10 @@ class BackendConnection(asyncio.Protocol):
         self.last_io = 0.0
         self.status = 0
         self.uses = 0
-        self._last_framing: tuple[bytes, int, bool] = (b"", -1, False)
-        """(a response head, its :func:`_simple_length`, whether it says Connection: close):
-        identical heads (same Date second) are examined once."""
+        self._last_framing: tuple[bytes, int, bool, int] = (b"", -1, False, 0)
+        """(a final response head, its :func:`_simple_length`, whether it says Connection:
+        close, its status): identical heads (same Date second) are examined once; the next
+        response with that head skips the status line checks too."""
         self.last_head: tuple[bytes, bytes] = (b"", b"")
         """(a response head as received, the same without hop-by-hop headers): a backend
         repeats identical heads within a second (same Date), so the sink strips each once."""
@@ -224,39 +225,47 @@ class BackendConnection(asyncio.Protocol):
                 self._message_done(not self._last_framing[2])
             return
         buf = self._buf + data if self._buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_RESPONSE_HEAD:
-                    self._fail("invalid")
-                else:
-                    self._buf = buf
-                return
-            if not buf.startswith(b"HTTP/1.") or buf[12:13] not in (b" ", b"\r"):
-                self._fail("invalid")
-                return
-            try:
-                status = int(buf[9:12])
-            except ValueError:
-                self._fail("invalid")
-                return
+        end = buf.find(b"\r\n\r\n")
+        framing = self._last_framing
+        head = buf[:end + 2] if end >= 0 else b""
+        if head == framing[0] and head and not self.head_request:
+            # The same head as this connection's previous response (validated then): most
+            # responses within a second.
+            status = framing[3]
             self.responded = True
-            if 100 <= status < 200 and status != 101:
-                informational = buf[:end + 4]
-                buf = buf[end + 4:]
-                sink.response_info(informational)
-                self._feed(informational)
+            length = framing[1]
+            if length >= 0:
+                # Framed by its Content-Length, as most are: the general path below, minus
+                # the checks this head already passed.
+                self._buf = b""
+                self._head_done = True
+                self.status = status
+                self._head = head
+                rest = buf[end + 4:]
+                remaining = length - len(rest)
+                if remaining < 0:  # more bytes than the response's length: dropped, no reuse
+                    sink.response_start(self, status, head, rest[:length])
+                    self._message_done(False)
+                    return
+                sink.response_start(self, status, head, rest)
                 if self.sink is None:
                     return
-                if not buf:
-                    self._buf = b""
-                    return
-                continue
-            break
+                if remaining > 0:
+                    self._remaining = remaining
+                else:
+                    self._message_done(not framing[2])
+                return
+        else:
+            status = self._read_status(sink, buf, end)
+            if status < 0:
+                return
+            buf = self._buf
+            end = buf.find(b"\r\n\r\n")
+            head = buf[:end + 2]
         self._buf = b""
         self._head_done = True
         self.status = status
-        head = self._head = buf[:end + 2]
+        self._head = head
         rest = buf[end + 4:]
         if status == 101:
             self.sink = None
@@ -267,10 +276,9 @@ class BackendConnection(asyncio.Protocol):
         if self.head_request:
             length = -1
         else:
-            framing = self._last_framing
             if head != framing[0]:
                 framing = self._last_framing = (head, _simple_length(head, status),
-                                                _CLOSE.search(head) is not None)
+                                                _CLOSE.search(head) is not None, status)
             length = framing[1]
         extra = False
         if length >= 0:
@@ -322,6 +330,42 @@ class BackendConnection(asyncio.Protocol):
                 self._parser.feed_data(rest)
             except httptools.HttpParserError:
                 self._fail("truncated")
+
+    def _read_status(self, sink: ResponseSink, buf: bytes, end: int) -> int:
+        """Check the status line of the response in ``buf`` (``end``: where its head ends, or
+        -1) and pass 1xx heads (not 101) on. Returns the final status with ``self._buf`` set to
+        the bytes from that response's head on, or -1 when there is nothing more to do now
+        (head incomplete, refused, or the sink went away)."""
+        while True:
+            if end < 0:
+                if len(buf) > MAX_RESPONSE_HEAD:
+                    self._fail("invalid")
+                else:
+                    self._buf = buf
+                return -1
+            if not buf.startswith(b"HTTP/1.") or buf[12:13] not in (b" ", b"\r"):
+                self._fail("invalid")
+                return -1
+            try:
+                status = int(buf[9:12])
+            except ValueError:
+                self._fail("invalid")
+                return -1
+            self.responded = True
+            if 100 <= status < 200 and status != 101:
+                informational = buf[:end + 4]
+                buf = buf[end + 4:]
+                sink.response_info(informational)
+                self._feed(informational)
+                if self.sink is None:
+                    return -1
+                if not buf:
+                    self._buf = b""
+                    return -1
+                end = buf.find(b"\r\n\r\n")
+                continue
+            self._buf = buf
+            return status
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -454,7 +498,8 @@ class BackendPool:
         if len(idle) >= self.size:
             conn.close()
             return
-        conn.idle_since = self.loop.time()
+        # The time of its response's last bytes is now, without another clock read.
+        conn.idle_since = conn.last_io or self.loop.time()
         idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.idle_timeout / 2 or 1.0, self._sweep)

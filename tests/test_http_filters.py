@@ -8,7 +8,8 @@ import base64
 import hashlib
 
 from edge.directory.service import DirectoryService
-from tests.test_http_support import running
+from edge.proxyproto import encode_v2
+from tests.test_http_support import http_config, running, statuses
 
 
 async def _filters(edge, service: DirectoryService, **rules: object) -> None:  # type: ignore[no-untyped-def]
@@ -97,3 +98,42 @@ async def test_rules_change_applies_on_next_request(service: DirectoryService) -
         assert (await edge.curl(path="/x")).status == 403
         await _filters(edge, service)
         assert (await edge.curl(path="/x")).status == 200
+
+
+async def test_remembered_filter_outcomes_never_cross_requests(service: DirectoryService) -> None:
+    """The proxy remembers the filters' outcome per request shape (not per client): another
+    client address, User-Agent, method or path on the same site gets its own answer, the
+    first time and when the outcomes are remembered."""
+    async with running(service.store, service,
+                       http=http_config(trusted_proxies=("127.0.0.0/8",))) as (edge, (a,)):
+        await _filters(edge, service, ip_deny=["10.0.0.0/8"], path_deny=[{"prefix": "/.git"}],
+                       methods=["GET"], user_agent_deny=["(?i)badbot"])
+
+        async def status(client: str, ua: str = "curl/8", path: str = "/ok",
+                         method: str = "GET") -> int:
+            header = encode_v2((client, 40000), ("127.0.0.1", edge.port))
+            raw = await edge.raw(header + (f"{method} {path} HTTP/1.1\r\nHost: www.a.test\r\n"
+                                           f"User-Agent: {ua}\r\nConnection: close\r\n\r\n").encode())
+            (got,) = statuses(raw)
+            return got
+
+        for _ in range(2):  # the second round is answered from what was remembered
+            assert await status("192.0.2.1") == 200
+            assert await status("10.1.2.3") == 403  # the same request from a denied network
+            assert await status("192.0.2.2", ua="BadBot/2") == 403
+            assert await status("192.0.2.1", path="/.git/config") == 403
+            assert await status("192.0.2.1", method="DELETE") == 405
+            assert await status("192.0.2.9") == 200
+        assert len(a.requests) == 4
+
+
+async def test_https_redirect_of_wildcard_site_keeps_each_host(service: DirectoryService) -> None:
+    """A wildcard site redirects each name to itself, also once the outcome is remembered."""
+    async with running(service.store, service) as (edge, (a,)):
+        await service.update_site("*.a.test", https_redirect=True)
+        await edge.sync()
+        for _ in range(2):
+            for name in ("x.a.test", "y.a.test"):
+                r = await edge.curl(path="/p", host=name)
+                assert r.status == 301 and r.headers["location"] == f"https://{name}/p"
+        assert a.requests == []

@@ -20,7 +20,9 @@ from httpproxy.rules import (
     Decision,
     Kind,
     RequestHead,
+    evaluate_after_ip,
     evaluate_filters,
+    ip_refusal,
     normalise_path,
     rate_limit_key,
 )
@@ -640,3 +642,30 @@ def test_filter_head_decides_like_the_full_head(method: str, target: str,
                                     scheme=scheme, site=site)
         for _ in range(2):  # the second time the client's IP outcome is remembered
             assert evaluate_filters(small, client, compiled, scheme=scheme, site=site) == expected
+
+
+_SPLIT_RULES = CompiledFilters.from_rules({
+    "ip_allow": ["0.0.0.0/0", "::/0"], "ip_deny": ["10.0.0.0/8", "2001:db8::/32"],
+    "path_deny": [{"prefix": "/.git"}, {"regex": r"\.php$"}], "methods": ["GET", "POST"],
+    "user_agent_deny": ["(?i)bot"], "maintenance": False,
+})
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(method=st.sampled_from(["GET", "HEAD", "POST", "PUT"]) | text, path=text, host=text,
+       ua=text, ip=ips, other_ip=ips, scheme=st.sampled_from(["http", "https"]),
+       redirect=st.booleans(), hsts=st.booleans(),
+       hostname=st.sampled_from(["example.com", "*.example.com"]))
+def test_ip_step_then_the_rest_decides_like_evaluate_filters(
+        method: str, path: str, host: str, ua: str, ip: str, other_ip: str, scheme: str,
+        redirect: bool, hsts: bool, hostname: str) -> None:
+    """The proxy checks the IP rules (ip_refusal) and remembers the rest (evaluate_after_ip)
+    per request shape, for any client: the split gives evaluate_filters' decision, and without
+    a rate limit the rest does not depend on the client address."""
+    h = RequestHead(method, path, {"host": host, "user-agent": ua})
+    site = FlagSite(hostname, redirect, hsts)
+    expected = evaluate_filters(h, ip, _SPLIT_RULES, scheme=scheme, site=site)
+    refused = ip_refusal(ip, _SPLIT_RULES, scheme=scheme, site=site)
+    rest = evaluate_after_ip(h, ip, _SPLIT_RULES, scheme=scheme, site=site)
+    assert (refused if refused is not None else rest) == expected
+    assert evaluate_after_ip(h, other_ip, _SPLIT_RULES, scheme=scheme, site=site) == rest

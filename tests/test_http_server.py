@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 from edge.directory.service import DirectoryService
+from httpproxy.accesslog import FLUSH_INTERVAL, FLUSH_LINES, AccessLog
 from tests.test_http_support import curl, http_config, running, start_edge, statuses
 
 
@@ -236,3 +238,21 @@ async def test_warm_route_is_remembered_logged_and_forgotten_on_any_change(
         (200, "host-b", "www.a.test:80"), (403, None, "www.a.test:80")]
     assert all(x["site"] == "www.a.test" for x in lines)
     assert [x["tenant"] for x in lines[:3]] == ["ta"] * 3
+
+
+async def test_access_log_file_written_every_256_lines_and_every_second(tmp_path: Path) -> None:
+    """Queued lines reach the file when FLUSH_LINES are waiting or a second after the first."""
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path), lambda values: b"%d\n" % values[0])
+    try:
+        for i in range(FLUSH_LINES - 1):
+            log.add((i,))
+        assert path.read_bytes() == b""
+        log.add((FLUSH_LINES - 1,))
+        assert path.read_bytes() == b"".join(b"%d\n" % i for i in range(FLUSH_LINES))
+        log.add((1000,))
+        log.add((1001,))
+        await asyncio.sleep(FLUSH_INTERVAL + 0.5)
+        assert path.read_bytes().endswith(b"%d\n1000\n1001\n" % (FLUSH_LINES - 1))
+    finally:
+        log.close()
