@@ -126,6 +126,23 @@ async def test_idle_keepalive_connection_closed(service: DirectoryService) -> No
         writer.close()
 
 
+async def test_silent_connection_and_late_unfinished_head_are_closed(service: DirectoryService) -> None:
+    """A connection that never sends a byte is closed, and so is one whose first bytes come
+    late and never finish the head (no per-connection timer may be skipped for them)."""
+    async with running(service.store, service,
+                       http=http_config(header_timeout=0.5, keepalive_timeout=0.5)) as (edge, (a,)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # EOF, well before the 10 s
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        await asyncio.sleep(0.3)
+        writer.write(b"GET / HTTP/1.1\r\nHost: www.a.test\r\n")
+        data = await asyncio.wait_for(reader.read(), 10)
+        assert statuses(data) in ([408], [])
+        writer.close()
+        assert a.requests == []
+
+
 async def test_bad_request_after_good_one_in_pipeline(service: DirectoryService) -> None:
     async with running(service.store, service) as (edge, (a,)):
         raw = await edge.raw(b"GET /ok HTTP/1.1\r\nHost: www.a.test\r\n\r\n"
