@@ -36,7 +36,9 @@ from edge.directory.store import SQLStore
 from edge.errors import ConfigError
 from edge.proxyproto import encode_v1, encode_v2
 from edge.registry import ProxyContext
+from httpproxy import tls_metrics
 from httpproxy.clienthello import alert_bytes
+from httpproxy.tls import HandshakeLatency
 from httpproxy.tls_server import HttpsProxy
 from tests.support_directory import feed_at_head, make_certificate
 
@@ -389,6 +391,70 @@ async def test_context_cache_is_bounded_and_counts(make_edge: EdgeFactory) -> No
     edge.proxy.export_metrics()
     assert metric("edge_https_context_cache_total", result="miss") == misses_before + 4
     assert metric("edge_https_context_cache_entries") == 2
+
+
+async def test_handshake_seconds_histogram_counts_established_handshakes(
+        make_edge: EdgeFactory) -> None:
+    # Counted in plain integers per handshake and published by export_metrics (once a second):
+    # what a scrape shows must be what per-handshake observe() calls would have shown.
+    edge = await make_edge()
+    a = await edge.add_cert("a", ["www.a.test"])
+    await edge.service.add_site("www.a.test", "acme", certificate_id=a)
+    name = "edge_https_handshake_seconds"
+    count, inf = metric(f"{name}_count"), metric(f"{name}_bucket", le="+Inf")
+    total, slow = metric(f"{name}_sum"), metric(f"{name}_bucket", le="10.0")
+    for _ in range(3):
+        await handshake(edge.port, "www.a.test")
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        await handshake(edge.port, "unknown.test")  # refused: no handshake time
+    assert edge.proxy._acceptor is not None
+    assert edge.proxy._acceptor.outcomes["ok"] == 3
+    edge.proxy.export_metrics()
+    assert metric(f"{name}_count") == count + 3
+    assert metric(f"{name}_bucket", le="+Inf") == inf + 3
+    assert metric(f"{name}_bucket", le="10.0") == slow + 3  # each took well under 10 s
+    assert 0 < metric(f"{name}_sum") - total < 3 * TIMEOUT
+    edge.proxy.export_metrics()  # nothing new since: nothing added twice
+    assert metric(f"{name}_count") == count + 3
+
+
+def test_handshake_latency_fills_the_buckets_observe_would(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    buckets = (0.001, 0.01, 0.1, 1.0)
+    counted = Histogram("counted", "", buckets=buckets, registry=CollectorRegistry())
+    observed = Histogram("observed", "", buckets=buckets, registry=CollectorRegistry())
+    monkeypatch.setattr(tls_metrics, "HANDSHAKE_SECONDS", counted)
+    latency = HandshakeLatency()
+    values = (0.0, 0.001, 0.0011, 0.01, 0.5, 1.0, 7.0, 0.02)  # bounds belong to their bucket
+    for value in values:
+        latency.observe(value)
+        observed.observe(value)
+
+    def samples(histogram: Histogram) -> list[tuple[str, dict[str, str], float]]:
+        return [(s.name.split("_", 1)[1], s.labels, s.value) for s in histogram.collect()[0].samples
+                if not s.name.endswith("_created")]
+
+    assert {value for _, _, value in samples(counted)} == {0.0}  # nothing until export()
+    latency.export()
+    latency.export()  # nothing new the second time
+    assert samples(counted) == samples(observed)
+
+
+def test_handshake_latency_observes_directly_without_histogram_internals(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[float] = []
+
+    class OtherHistogram:  # a prometheus_client whose Histogram is built differently
+        def observe(self, amount: float) -> None:
+            seen.append(amount)
+
+    monkeypatch.setattr(tls_metrics, "HANDSHAKE_SECONDS", OtherHistogram())
+    latency = HandshakeLatency()
+    latency.observe(0.25)
+    latency.export()
+    assert seen == [0.25]
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
