@@ -3,7 +3,7 @@ serve`` against a direct OpenSSH connection to the same sshd, in the same run.
 
 ``.venv/bin/python -m benchmarks.sshbulk [--mib 512] [--rounds 5] [--logins 20]
 [--baseline DIR] [--workers 1] [--also-workers N] [--parallel 1] [--only up,down,setup,phases]
-[--front-ab --variants ignore,all]``
+[--front-ab --variants all,fast]``
 
 The client is the stock ``ssh`` with the same algorithms on every path (the fair comparison:
 ``-c aes128-gcm@openssh.com -o KexAlgorithms=curve25519-sha256``). Per round and target
@@ -19,11 +19,12 @@ run, and with ``--also-workers N`` ``edge-wN``: this tree with N workers (scalin
 ``--front-ab`` measures instead the CPU of an in-process bridge front
 (:class:`sshproxy.bridge.SessionLink` between an asyncssh listener and the same sshd, uvloop,
 stock ``ssh`` as the client), alternating run by run between the packet-path fixes of
-:mod:`sshproxy.tuning` switched on one by one (the switches are that module's ``*_FIX_NEEDED``
-flags, read when a connection is tuned). Only this process's CPU is counted, so the figure is
-the relay's own cost per MiB.
+:mod:`sshproxy.tuning` switched on one by one and :mod:`sshproxy.fastpath` (the switches are
+``tuning``'s ``*_FIX_NEEDED`` flags and ``fastpath.ENABLED``, read when a connection or channel
+is tuned). Only this process's CPU is counted, so the figure is the relay's own cost per MiB.
 
-Printed: MiB/s medians and ranges, the per-round ratio against direct, the server's CPU ms per
+Printed: MiB/s medians and ranges, the per-round ratio against direct (and, with
+``--baseline``, of this tree against the baseline, speed and CPU), the server's CPU ms per
 MiB (the edge process tree for edge targets: both legs' crypto; sshd for direct) and per login,
 and the setup p50 with its difference from direct. CPU per unit is the robust figure on a shared
 machine; wall-clock figures move with the load. sshd, keys and the edge configuration come from
@@ -240,6 +241,13 @@ async def _measure(args: argparse.Namespace, targets: list[Target], key: Path, p
             ratios = [a / b for a, b in zip(mibps[(what, n)], mibps[(what, "direct")], strict=True)]
             print(f"  {n:7} {_fmt(mibps[(what, n)], 0):>20}  ratio {_fmt(ratios, 2):>18}  "
                   f"server CPU ms/MiB {_fmt(cpu_mib[(what, n)], 2)}")
+        if "base" in names:  # the before/after comparison, round by round
+            for n in names:
+                if n in ("direct", "base"):
+                    continue
+                speed = [a / b for a, b in zip(mibps[(what, n)], mibps[(what, "base")], strict=True)]
+                cpu = [a / b for a, b in zip(cpu_mib[(what, n)], cpu_mib[(what, "base")], strict=True)]
+                print(f"  {n:7} / base per round: MiB/s {_fmt(speed, 2)}  CPU ms/MiB {_fmt(cpu, 2)}")
     if setup_ms:
         print(f"\nsetup: ssh ... true, {args.logins} sequential per round, ms")
         for n in names:
@@ -256,13 +264,15 @@ async def _measure(args: argparse.Namespace, targets: list[Target], key: Path, p
         print(f"  {' '.join(f'{n:>7}' for n in names)}")
 
 
-FRONT_VARIANTS: dict[str, tuple[bool, bool, bool]] = {
-    # name: (IGNORE_PACKET_FIX_NEEDED, RECEIVE_FIX_NEEDED, GCM_FIX_NEEDED) -- each only if supported
-    "asyncssh": (False, False, False),
-    "ignore": (True, False, False),
-    "ignore+slices": (True, True, False),
-    "ignore+gcm": (True, False, True),
-    "all": (True, True, True),
+FRONT_VARIANTS: dict[str, tuple[bool, bool, bool, bool]] = {
+    # name: (tuning.IGNORE_PACKET_FIX_NEEDED, RECEIVE_FIX_NEEDED, GCM_FIX_NEEDED, fastpath.ENABLED)
+    # -- each only if supported
+    "asyncssh": (False, False, False, False),
+    "ignore": (True, False, False, False),
+    "ignore+slices": (True, True, False, False),
+    "ignore+gcm": (True, False, True, False),
+    "all": (True, True, True, False),
+    "fast": (True, True, True, True),
 }
 
 
@@ -316,9 +326,10 @@ class _BenchFront:
 async def front_ab(args: argparse.Namespace) -> None:
     import asyncssh
 
-    from sshproxy import tuning
+    from sshproxy import fastpath, tuning
     from sshproxy.bridge import BridgeSettings
-    supported = (tuning.IGNORE_PACKET_FIX_NEEDED, tuning.RECEIVE_FIX_NEEDED, tuning.GCM_FIX_NEEDED)
+    supported = (tuning.IGNORE_PACKET_FIX_NEEDED, tuning.RECEIVE_FIX_NEEDED, tuning.GCM_FIX_NEEDED,
+                 fastpath.FASTPATH_SUPPORTED)
     variants = [v for v in args.variants.split(",") if v]
     size = args.mib * MIB
     with tempfile.TemporaryDirectory(prefix="sshbulk-front-") as folder:
@@ -343,7 +354,8 @@ async def front_ab(args: argparse.Namespace) -> None:
                 for name in order:
                     flags = FRONT_VARIANTS[name]
                     (tuning.IGNORE_PACKET_FIX_NEEDED, tuning.RECEIVE_FIX_NEEDED,  # type: ignore[misc]
-                     tuning.GCM_FIX_NEEDED) = (a and b for a, b in zip(flags, supported, strict=True))
+                     tuning.GCM_FIX_NEEDED, fastpath.ENABLED) = (
+                        a and b for a, b in zip(flags, supported, strict=True))
                     for what, command, stdin, expect in (
                             ("up", "cat > /dev/null", payload, -1),
                             ("down", f"head -c {size} /dev/zero", None, size)):
@@ -358,7 +370,7 @@ async def front_ab(args: argparse.Namespace) -> None:
                       flush=True)
         finally:
             (tuning.IGNORE_PACKET_FIX_NEEDED, tuning.RECEIVE_FIX_NEEDED,  # type: ignore[misc]
-             tuning.GCM_FIX_NEEDED) = supported
+             tuning.GCM_FIX_NEEDED, fastpath.ENABLED) = supported
             acceptor.close()
             await asyncio.to_thread(sshd.stop)
     print(f"\nin-process front CPU ms per MiB relayed ({args.mib} MiB, {args.rounds} rounds, "
@@ -396,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated subset: up down setup phases")
     parser.add_argument("--front-ab", action="store_true",
                         help="CPU per MiB of an in-process bridge front, tuning variants alternated")
-    parser.add_argument("--variants", default="ignore,all",
+    parser.add_argument("--variants", default="all,fast",
                         help=f"--front-ab variants, first = reference: {', '.join(FRONT_VARIANTS)}")
     args = parser.parse_args(argv)
     args.only = set(args.only.split(","))

@@ -43,7 +43,7 @@ import asyncssh
 from asyncssh import ChannelOpenError
 from asyncssh.constants import OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED
 
-from sshproxy import tuning
+from sshproxy import fastpath, tuning
 from sshproxy.agent import AGENT_RELAY_SUPPORTED, AgentRelay
 
 log = logging.getLogger("edge.ssh.bridge")
@@ -305,6 +305,7 @@ class _ClientFacingSession(asyncssh.SSHServerSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
         tuning.bound_receive_window(chan)  # pausing must bound what is queued (see there)
+        fastpath.enable_channel(chan)  # channel data skips most of asyncssh (see there)
         self._link._sessions.add(self)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
@@ -483,6 +484,7 @@ class _UpstreamFacingSession(asyncssh.SSHClientSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
         self._chan = chan
         tuning.bound_receive_window(chan)
+        fastpath.enable_channel(chan)
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         self._twin.write_from_upstream(data, datatype)
@@ -530,6 +532,7 @@ class _TcpHalf(asyncssh.SSHTCPSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
         tuning.bound_receive_window(chan)
+        fastpath.enable_channel(chan)
         peer = self.peer
         assert peer is not None
         # The peer may have received data before this side's channel was confirmed.

@@ -32,7 +32,9 @@ that was ~14% of the proxy's CPU (py-spy). :func:`tune_receive_path` hands async
 of one read in slices of :data:`RECEIVE_SLICE` bytes -- exactly what a TCP stream delivering
 smaller segments would do, so the protocol handling cannot tell the difference -- which bounds
 each re-slice to about one packet. The same wrapper gives each AES-GCM key a reused ``AESGCM``
-object (asyncssh makes one per packet) and drops one copy of each received packet.
+object (asyncssh makes one per packet) and drops one copy of each received packet; it also
+gives :mod:`sshproxy.fastpath` (channel data between the two legs) a decrypt from a buffer slice
+and an encrypt straight into the buffer that is written.
 
 The handshake fix: while the first key exchange runs, the same wrapper sets TCP_QUICKACK after
 every read, so the client's back-to-back KEXINIT / KEX_ECDH_INIT and NEWKEYS / SERVICE_REQUEST
@@ -155,6 +157,7 @@ IGNORE_PACKET_FIX_NEEDED: Final = _sends_ignore_before_every_packet()
 
 _EMPTY_STRING: Final = b"\x00\x00\x00\x00"  # asyncssh.packet.String(b"")
 _GCM_TAG: Final = 16
+_HAS_ENCRYPT_INTO: Final = hasattr(AESGCM, "encrypt_into")  # not in older cryptography releases
 
 
 Connection = asyncssh.SSHClientConnection | asyncssh.SSHServerConnection
@@ -212,6 +215,7 @@ def _gcm_builds_a_key_per_packet() -> bool:
             and "AESGCM(self._key).decrypt(self._iv, data + mac, header)"
             in _source(GCMCipher.verify_and_decrypt)
             and "invocation + 1) & 0xffffffffffffffff" in _source(GCMCipher._update_iv)
+            and "self._iv = self._iv[:4] + invocation.to_bytes(8, 'big')" in _source(GCMCipher._update_iv)
             and "first[header_len:] + rest, mac" in _source(GCMEncryption.decrypt_packet)
             and "return self._cipher.encrypt_and_sign(header, packet)"
             in _source(GCMEncryption.encrypt_packet))
@@ -231,13 +235,22 @@ def _fast_gcm(encryption: object) -> bool:
     copies the received ciphertext twice before decrypting. Measured per 32 KiB packet: encrypt
     16 -> 11 us, decrypt 28 -> 16 us. The output, the IV sequence and a failed tag (``None``,
     which asyncssh turns into its MAC error) are exactly asyncssh's. Instance attributes on
-    this object only; a rekey makes a new object, tuned again when seen.
+    this object only; a rekey makes a new object, tuned again when seen. ``_edge_open`` and
+    ``_edge_seal`` are the same operations without asyncssh's packet split (for
+    :mod:`sshproxy.fastpath`).
     """
     if type(encryption) is not GCMEncryption or getattr(encryption, "_edge_tuned", False):
         return False
     cipher: Any = encryption._cipher
     aead = AESGCM(cipher._key)
-    update_iv: Callable[[], None] = cipher._update_iv
+    # GCMCipher._update_iv, without its method call and re-parse of the counter per packet:
+    # 4 fixed bytes + a 64-bit big-endian invocation counter (checked in _gcm_builds_a_key_per_packet).
+    fixed: bytes = cipher._iv[:4]
+    invocation = [int.from_bytes(cipher._iv[4:], "big")]
+
+    def update_iv() -> None:
+        invocation[0] = count = (invocation[0] + 1) & 0xFFFFFFFFFFFFFFFF
+        cipher._iv = fixed + count.to_bytes(8, "big")
 
     def encrypt_packet(seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
         sealed = aead.encrypt(cipher._iv, packet, header)
@@ -254,9 +267,32 @@ def _fast_gcm(encryption: object) -> bool:
         update_iv()
         return plain
 
+    def seal(header: bytes, packet: bytes) -> bytearray:
+        """``header + b"".join(encrypt_packet(seq, header, packet))`` -- the packet as sent --
+        built in one buffer: ``encrypt_packet``'s pair costs three more copies of the packet
+        (tag split, header join, asyncssh's ``packet + mac``). Used by :mod:`sshproxy.fastpath`."""
+        wire = bytearray(len(header) + len(packet) + _GCM_TAG)
+        wire[:len(header)] = header
+        aead.encrypt_into(cipher._iv, packet, header, memoryview(wire)[len(header):])
+        update_iv()
+        return wire
+
+    def open_packet(header: bytes, sealed: memoryview) -> bytes | None:
+        """``decrypt_packet`` for a packet whose ciphertext and tag are one buffer already (a
+        slice of the input): no join. Used by :mod:`sshproxy.fastpath`."""
+        try:
+            plain: bytes | None = aead.decrypt(cipher._iv, sealed, header)
+        except InvalidTag:
+            plain = None
+        update_iv()
+        return plain
+
     encryption_: Any = encryption
     encryption_.encrypt_packet = encrypt_packet
     encryption_.decrypt_packet = decrypt_packet
+    encryption_._edge_open = open_packet
+    if _HAS_ENCRYPT_INTO:
+        encryption_._edge_seal = seal
     encryption_._edge_tuned = True
     return True
 

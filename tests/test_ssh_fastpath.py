@@ -1,0 +1,263 @@
+"""The channel-data short path between the bridge's legs (sshproxy/fastpath.py).
+
+Same harness as tests/test_ssh_bridge.py: a minimal asyncssh front bridging to a real sshd,
+stock OpenSSH and asyncssh clients. What a user would notice if the short path were wrong:
+bytes lost, reordered or corrupted (checksums both ways, also while every leg rekeys), flow
+control gone (a pausing reader must still hold at most one window), or asyncssh's own path
+never being left (then nothing got faster: counted here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+from asyncssh.channel import SSHChannel
+
+from sshproxy import fastpath, tuning
+from tests.test_ssh_bridge import (
+    TIMEOUT,
+    Front,
+    FrontServer,
+    Sshd,
+    front,
+    run,
+    ssh_args,
+    sshd,
+)
+
+__all__ = ["front", "sshd"]  # fixtures shared with tests/test_ssh_bridge.py
+
+pytestmark = pytest.mark.skipif(not fastpath.FASTPATH_SUPPORTED,
+                                reason=f"no short path for asyncssh {asyncssh.__version__}")
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def accepted() -> Iterator[list[int]]:
+    """Counts calls of asyncssh's ``SSHChannel._accept_data``: every data packet asyncssh itself
+    dispatches to a channel goes through it, the short path's never do."""
+    calls = [0]
+    original = SSHChannel._accept_data
+
+    def counting(self: Any, data: bytes, datatype: Any = None) -> None:
+        calls[0] += 1
+        original(self, data, datatype)
+
+    SSHChannel._accept_data = counting  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        SSHChannel._accept_data = original  # type: ignore[method-assign]
+
+
+async def test_bulk_both_ways_intact_and_off_asyncssh_path(front: Front, accepted: list[int]) -> None:
+    """16 MiB up and down through stock ssh: checksums match, and (almost) no data packet took
+    asyncssh's dispatch (the 512 packets each way would otherwise all count)."""
+    data = os.urandom(16 * MIB)
+    up = await run(ssh_args(front, "sha256sum"), stdin=data)
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    down = await run(ssh_args(front, 'f=$(mktemp) && head -c 16777216 /dev/urandom > "$f" && '
+                                     'sha256sum < "$f" >&2 && cat "$f"; rm -f "$f"'))
+    assert down.returncode == 0 and len(down.stdout) == 16 * MIB
+    assert hashlib.sha256(down.stdout).hexdigest() == down.stderr.split()[0].decode()
+    # Four legs x 512 packets of 32 KiB went by; a few small ones (e.g. before the upstream
+    # channel existed) may still take asyncssh's path.
+    assert accepted[0] < 100, f"{accepted[0]} data packets went through asyncssh's dispatch"
+    assert front.links[0].stats.bytes_up == 16 * MIB and front.links[1].stats.bytes_down > 16 * MIB  # counted
+
+
+async def test_switched_off_everything_takes_asyncssh_path(front: Front, accepted: list[int],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counter above does see asyncssh's path (so the previous test means something)."""
+    monkeypatch.setattr(fastpath, "ENABLED", False)
+    data = os.urandom(4 * MIB)
+    result = await run(ssh_args(front, "sha256sum"), stdin=data)
+    assert result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    assert accepted[0] >= 128
+
+
+async def test_stdout_stderr_order_and_exit_status(front: Front) -> None:
+    """Extended data (stderr) takes asyncssh's path and data the short one: each stream keeps its
+    order, EOF and the exit status still come last."""
+    script = "for i in $(seq 1 200); do echo out$i; echo err$i >&2; done; head -c 3000000 /dev/zero; exit 3"
+    result = await run(ssh_args(front, script))
+    assert result.returncode == 3
+    lines = result.stdout[:-3000000].decode().split()
+    assert lines == [f"out{i}" for i in range(1, 201)]
+    assert result.stdout[-3000000:] == b"\0" * 3000000
+    assert result.stderr.decode().split() == [f"err{i}" for i in range(1, 201)]
+
+
+async def start_rekeying_front(sshd: Sshd, tmp_path: Path, every: int) -> tuple[Front, asyncssh.SSHAcceptor]:
+    """The test front with both of the proxy's legs rekeying every ``every`` bytes sent."""
+    from sshproxy.bridge import BridgeSettings
+
+    settings = BridgeSettings()
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    known_hosts = tmp_path / "known_hosts"
+    state = Front(0, known_hosts, sshd.client_key, settings=settings)
+    acceptor = await asyncssh.listen(
+        "127.0.0.1", 0, server_factory=lambda: FrontServer(state, sshd), server_host_keys=[host_key],
+        config=None, rekey_bytes=every, **settings.server_options())
+    state.port = acceptor.get_port()
+    known_hosts.write_text(f"[127.0.0.1]:{state.port} {host_key.export_public_key().decode().strip()}\n")
+    return state, acceptor
+
+
+@pytest.fixture
+async def rekeying_front(sshd: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Front]:
+    monkeypatch.setitem(tuning.CLIENT_OPTIONS, "rekey_bytes", 512 * 1024)  # the upstream leg
+    state, acceptor = await start_rekeying_front(sshd, tmp_path, 512 * 1024)
+    try:
+        yield state
+    finally:
+        acceptor.close()
+        for link in state.links:
+            link.close("test over")
+        await acceptor.wait_closed()
+
+
+async def test_proxy_legs_rekey_during_bulk_data(rekeying_front: Front) -> None:
+    """The short path sends nothing once a key exchange is due, so asyncssh starts it and holds
+    the data until it is done: 8 MiB each way with both proxy legs rekeying every 512 KiB."""
+    data = os.urandom(8 * MIB)
+    async with asyncssh.connect(
+            "127.0.0.1", rekeying_front.port, username="root", known_hosts=None, config=None,
+            client_keys=[str(rekeying_front.client_key)], agent_path=None, **tuning.CLIENT_OPTIONS) as conn:
+        await asyncio.wait_for(conn.run("true"), TIMEOUT)
+        link = rekeying_front.links[0]
+        legs = [link.upstream, link.downstream]
+        first_keys = [leg._send_encryption for leg in legs]  # type: ignore[union-attr]
+        up = await asyncio.wait_for(conn.run("sha256sum", input=data, encoding=None), TIMEOUT)
+        assert up.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+        down = await asyncio.wait_for(conn.run(
+            f'f=$(mktemp) && head -c {len(data)} /dev/urandom > "$f" && sha256sum < "$f" >&2 && cat "$f"; '
+            'rm -f "$f"', encoding=None), TIMEOUT)
+        assert down.exit_status == 0 and len(down.stdout) == len(data)
+        assert hashlib.sha256(down.stdout).hexdigest() == down.stderr.split()[0].decode()
+        for leg, keys in zip(legs, first_keys, strict=True):
+            assert leg._send_encryption is not keys, "no rekey happened"  # type: ignore[union-attr]
+            # Each rekey started as soon as it was due, not a window of short-path packets later.
+            assert leg._rekey_bytes_sent <= 512 * 1024 + 64 * 1024  # type: ignore[union-attr]
+
+
+class _StopAndGo(asyncssh.SSHServerSession[bytes]):
+    """A short-path channel that pauses after each packet for a moment (a slow leg behind it)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._resume: asyncio.TimerHandle | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self.chan = chan
+        tuning.bound_receive_window(chan)
+        assert fastpath.enable_channel(chan)
+        assert not fastpath.enable_channel(chan)  # a second call changes nothing
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self.received += len(data)
+        assert self.chan is not None
+        if self._resume is None:
+            self.chan.pause_reading()
+            self._resume = asyncio.get_running_loop().call_later(0.002, self._go)
+
+    def _go(self) -> None:
+        self._resume = None
+        assert self.chan is not None
+        self.chan.resume_reading()
+
+
+async def test_a_pausing_short_path_reader_holds_at_most_one_window() -> None:
+    """Data that arrives for a paused channel is queued by the short path as asyncssh would, and
+    window is granted back only as it is taken: never more than one window held."""
+    sessions: list[_StopAndGo] = []
+
+    class Server(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            tuning.tune_connection(conn)
+
+        def begin_auth(self, username: str) -> bool:
+            return False
+
+        def session_requested(self) -> _StopAndGo:
+            sessions.append(_StopAndGo())
+            return sessions[-1]
+
+    server = await asyncssh.listen("127.0.0.1", 0, server_factory=Server,
+                                   server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+                                   **tuning.SERVER_OPTIONS)
+    port = server.sockets[0].getsockname()[1]
+    size = 24 * MIB
+    peak = 0
+    try:
+        async with asyncssh.connect("127.0.0.1", port, username="u", known_hosts=None, config=None,
+                                    agent_path=None, **tuning.CLIENT_OPTIONS) as conn:
+            tuning.tune_connection(conn)
+            chan, _ = await conn.create_session(asyncssh.SSHClientSession, **tuning.SESSION_OPTIONS)
+            assert fastpath.enable_channel(chan)
+            chunk = b"\0" * (1 << 20)
+            for _ in range(size // len(chunk)):
+                chan.write(chunk)
+            deadline = time.monotonic() + TIMEOUT
+            while (session := sessions[0] if sessions else None) is None or session.received < size:
+                assert time.monotonic() < deadline, "the stop-and-go reader never got everything"
+                sent = size - chan.get_write_buffer_size()
+                peak = max(peak, sent - (session.received if session else 0))
+                await asyncio.sleep(0.001)
+            server_chan = sessions[0].chan
+            assert server_chan is not None and server_chan.__dict__.get("_edge_fast")
+            chan.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert sessions[0].received == size
+    assert peak <= tuning.WINDOW, f"{peak / MIB:.1f} MiB held behind a {tuning.WINDOW // MIB} MiB window"
+
+
+def test_other_asyncssh_versions_get_no_short_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replicated code is only trusted for the versions it was checked against."""
+    assert fastpath._replicates_installed_asyncssh()
+    monkeypatch.setattr(asyncssh, "__version__", "2.99.0")
+    assert not fastpath._replicates_installed_asyncssh()
+
+
+async def test_both_ways_at_once_stays_on_the_in_place_parser(front: Front) -> None:
+    """Data and window adjusts interleave on every leg when a command echoes its input: each
+    window adjust hands the rest of a read to asyncssh's parser, which then usually stops inside
+    a packet. The next read must come back to the in-place parser (not stay on asyncssh's), and
+    every byte must come back intact."""
+    data = os.urandom(8 * MIB)
+    async with asyncssh.connect(
+            "127.0.0.1", front.port, username="root", known_hosts=None, config=None,
+            client_keys=[str(front.client_key)], agent_path=None, **tuning.CLIENT_OPTIONS) as conn:
+        await asyncio.wait_for(conn.run("true"), TIMEOUT)
+        link = front.links[0]
+        parsed_by_asyncssh = [0]
+        for leg in (link.upstream, link.downstream):
+            assert leg is not None
+            inner = leg._recv_packet  # type: ignore[attr-defined]
+
+            def counted(inner: Any = inner) -> bool:
+                parsed_by_asyncssh[0] += 1
+                return bool(inner())
+
+            leg._recv_packet = counted  # type: ignore[attr-defined]
+        result = await asyncio.wait_for(conn.run("cat", input=data, encoding=None), TIMEOUT)
+        assert result.stdout == data
+    packets = 4 * len(data) // (32 * 1024)  # two directions, two legs each
+    assert link.upstream.get_extra_info("recv_cipher") == "aes128-gcm@openssh.com"
+    assert parsed_by_asyncssh[0] < packets // 3, f"{parsed_by_asyncssh[0]} of ~{packets} packets"
