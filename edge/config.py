@@ -101,6 +101,15 @@ class CacheConfig:
     negative_ttl: float = 30.0
     stale_if_error: float = 86_400.0
     """Seconds past expiry an answer is still served while the directory is unreachable."""
+    refresh_window: float = 60.0
+    """Seconds past expiry an answer in use is still served while one background query
+    refreshes it (0 = a request whose answer expired waits for the directory)."""
+    ttl_spread: float = 0.1
+    """Answers loaded together expire spread over the last this-fraction of `ttl` (0 = exactly `ttl`)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ttl_spread < 1.0:
+            raise ConfigError(f"[cache] ttl_spread: must be at least 0 and below 1; got {self.ttl_spread!r}")
     change_poll_interval: float = 1.0
     max_certificates: int = 10_000
 

@@ -86,6 +86,17 @@ _CONN_NAMES = re.compile(
 _FORWARDED_HEADERS = (b"X-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: %b\r\n"
                       b"X-Forwarded-Host: %b\r\nForwarded: for=%b;host=\"%b\";proto=%b\r\n")
 _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT"})
+
+
+class _NoCallbacks:
+    """The callbacks of :data:`_CLOSED_PARSER`: none."""
+
+
+_CLOSED_PARSER = httptools.HttpRequestParser(_NoCallbacks())
+"""What a closed connection's parser becomes. The parser holds the connection's bound
+callbacks and the connection holds the parser: while that cycle lasts, a finished connection
+(with its transport, TLS state and buffers) waits for the cyclic garbage collector, whose
+passes then took 80-290 ms every ~2,000 HTTPS handshakes (docs/tls.md)."""
 QUEUE_LIMIT = 32
 """Pipelined requests buffered per connection before reading pauses."""
 BODY_BUFFER_LIMIT = 1 << 20
@@ -280,6 +291,7 @@ class ClientConnection(asyncio.Protocol):
                 req.status = 499  # client went away before the response (nginx's code)
             self.engine.finished(self, req)
         self.queue.clear()
+        self._parser = _CLOSED_PARSER  # freed now by reference counting (see _CLOSED_PARSER)
         if self.relay is None:
             self.engine.closed(self)
 

@@ -147,3 +147,82 @@ async def test_evicted_or_cleared_while_loading_is_not_stored() -> None:
         assert cache.peek("k") is MISS, how
         assert await cache.get("k") == "new"
         assert cache.peek("k") == "new"
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_expired_answer_in_use_is_served_while_one_refresh_runs() -> None:
+    """Inside ``refresh_window`` past expiry, callers get the answer at once and one background
+    query replaces it; nobody waits for the directory."""
+    clock, source = FakeClock(), Source({"a": "A"})
+    cache = make(source, clock, refresh_window=30.0)
+    assert await cache.get("a") == "A"
+    clock.advance(61)
+    source.data["a"] = "A2"
+    source.gate = asyncio.Event()  # the refresh query hangs until released
+    assert cache.peek("a") == "A"
+    assert await asyncio.wait_for(cache.get("a"), 1) == "A"  # get() does not wait either
+    await settle()
+    assert source.calls == ["a", "a"] and cache.stats.refreshes == 1  # one query for both
+    source.gate.set()
+    await settle()
+    assert cache.peek("a") == "A2"
+    assert cache.stats.refreshes == 1 and source.calls == ["a", "a"]
+
+
+async def test_refresh_window_is_bounded_and_skips_unknown_names() -> None:
+    clock, source = FakeClock(), Source({"a": "A"})
+    cache = make(source, clock, refresh_window=30.0)
+    assert await cache.get("a") == "A"
+    assert await cache.get("ghost") is None
+    clock.advance(60 + 30)  # past the window: too old to serve
+    assert cache.peek("a") is MISS
+    assert cache.peek("ghost") is MISS  # negative answers are not served past their TTL
+    await settle()
+    assert source.calls == ["a", "ghost"] and cache.stats.refreshes == 0
+
+
+async def test_key_evicted_during_its_refresh_is_not_stored() -> None:
+    clock, source = FakeClock(), Source({"a": "A"})
+    cache = make(source, clock, refresh_window=30.0)
+    assert await cache.get("a") == "A"
+    clock.advance(61)
+    source.gate = asyncio.Event()
+    assert cache.peek("a") == "A"
+    cache.evict("a")  # the change feed: "a" changed while its refresh was running
+    source.data["a"] = "A2"
+    source.gate.set()
+    await settle()
+    assert cache.peek("a") is MISS
+    assert await cache.get("a") == "A2"
+
+
+async def test_failed_refresh_keeps_serving_inside_the_window() -> None:
+    clock, source = FakeClock(), Source({"a": "A"})
+    cache = make(source, clock, refresh_window=30.0)
+    assert await cache.get("a") == "A"
+    clock.advance(61)
+    source.down = True
+    assert cache.peek("a") == "A"
+    await settle()
+    assert cache.stats.errors == 1
+    assert cache.peek("a") == "A"  # still inside the window: served, another refresh tried
+    await settle()
+    assert cache.stats.errors == 2 and cache.stats.refreshes == 2
+
+
+async def test_ttl_spread_spreads_expiry_but_never_beyond_ttl() -> None:
+    clock, source = FakeClock(), Source({f"k{i}": "v" for i in range(200)})
+    cache = make(source, clock, ttl_spread=0.5)
+    for i in range(200):
+        assert await cache.get(f"k{i}") == "v"
+    clock.advance(45)  # between 30 s and 60 s: some expired, some not
+    expired = sum(cache.peek(f"k{i}") is MISS for i in range(200))
+    assert 20 < expired < 180
+    clock.advance(15.01)
+    assert all(cache.peek(f"k{i}") is MISS for i in range(200))
+    with pytest.raises(ValueError, match="ttl_spread"):
+        make(source, clock, ttl_spread=1.0)

@@ -76,6 +76,8 @@ def test_listen_refused(text: str) -> None:
     ({"cache": {"ttl": "5"}}, r"\[cache\] ttl: expected a number"),
     ({"cache": {"ttl": True}}, r"\[cache\] ttl: expected a number"),
     ({"cache": {"ttl": -1}}, r"\[cache\] ttl: must not be negative"),
+    ({"cache": {"refresh_window": -1}}, r"\[cache\] refresh_window: must not be negative"),
+    ({"cache": {"ttl_spread": 1}}, r"\[cache\] ttl_spread: must be at least 0 and below 1"),
     ({"serve": {"workers": 2.5}}, r"\[serve\] workers: expected an integer"),
     ({"serve": {"workers": True}}, r"\[serve\] workers: expected an integer"),
     ({"serve": {"workers": 0}}, r"\[serve\] workers: must be at least 1"),

@@ -28,7 +28,8 @@ from tests.support_directory import (
     seed,
 )
 
-CONFIG = CacheConfig(ttl=300, negative_ttl=30, stale_if_error=3600)
+# Exact TTLs: these tests are about expiry itself (refresh while serving: tests/test_cache.py).
+CONFIG = CacheConfig(ttl=300, negative_ttl=30, stale_if_error=3600, refresh_window=0, ttl_spread=0)
 
 
 @pytest.fixture
@@ -330,7 +331,7 @@ async def test_sqlite_stale_if_error_when_database_fails(sqlite_url: str,
 
 async def test_stale_answers_stop_after_stale_if_error(seeded: DirectoryService,
                                                        store: SQLStore, clock: FakeClock) -> None:
-    directory = Directory(store, CacheConfig(ttl=10, negative_ttl=5, stale_if_error=100),
+    directory = Directory(store, CacheConfig(ttl=10, negative_ttl=5, stale_if_error=100, refresh_window=0),
                           clock=clock)
     assert await directory.account("alice") is not None
     await store.close()  # from now on every query fails with DirectoryUnavailable

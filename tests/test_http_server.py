@@ -256,3 +256,26 @@ async def test_access_log_file_written_every_256_lines_and_every_second(tmp_path
         assert path.read_bytes().endswith(b"%d\n1000\n1001\n" % (FLUSH_LINES - 1))
     finally:
         log.close()
+
+
+async def test_finished_connections_are_freed_without_the_cycle_collector(service: DirectoryService) -> None:
+    """A closed client connection (with its transport and parser) is freed by reference counting
+    at once: with the cyclic GC off, none of 30 finished connections is left in memory. (When
+    they needed the collector, its passes stalled every connection: HTTPS p99 +50-200 ms.)"""
+    import gc
+
+    from httpproxy.connection import ClientConnection
+
+    request = b"GET / HTTP/1.1\r\nHost: www.a.test\r\nConnection: close\r\n\r\n"
+    async with running(service.store, service) as (edge, _):
+        assert statuses(await edge.raw(request)) == [200]  # warm: route and backend pool in place
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(30):
+                assert statuses(await edge.raw(request)) == [200]
+            await asyncio.sleep(0.2)  # the proxy's connection_lost callbacks have run
+            alive = [o for o in gc.get_objects() if isinstance(o, ClientConnection)]
+        finally:
+            gc.enable()
+        assert len(alive) <= 1, f"{len(alive)} finished client connections still in memory"

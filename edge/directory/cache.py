@@ -9,7 +9,14 @@ One :class:`LookupCache` per kind of object. Each is
   the query the others are waiting for;
 * **stale-if-error**: when the store raises :class:`DirectoryUnavailable`, an expired answer
   is served (counted in ``stats.stale``) for up to ``stale_if_error`` seconds past expiry; a
-  key never seen raises, and the proxy turns that into its "temporarily unavailable" error.
+  key never seen raises, and the proxy turns that into its "temporarily unavailable" error;
+* **refresh while serving** (``refresh_window``): an answer that expired less than
+  ``refresh_window`` seconds ago is still served, and the first such use starts one background
+  query for it (counted in ``stats.refreshes``), so a name in use never waits for the
+  directory when its TTL runs out; positive answers' TTLs are also spread over
+  ``[ttl * (1 - ttl_spread), ttl]``, so answers loaded together (a warm-up, a restart) do not all
+  expire in the same second. Both only shorten or bridge the TTL, which is the safety net
+  behind the change feed: the feed still evicts a changed key at once.
 
 Eviction is exact: :meth:`LookupCache.evict` is what the change feed calls. A load that was
 already running when its key was evicted still answers its waiters but is not stored, so an
@@ -19,6 +26,7 @@ answer read just before a change can never outlive the change.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -33,7 +41,8 @@ V = TypeVar("V")
 class CacheStats:
     """Plain counters (read by the metrics collector; no locks on the hot path)."""
 
-    __slots__ = ("errors", "evictions", "hits", "loads", "misses", "negative_hits", "stale")
+    __slots__ = ("errors", "evictions", "hits", "loads", "misses", "negative_hits", "refreshes",
+                 "stale")
 
     def __init__(self) -> None:
         self.hits = 0
@@ -41,6 +50,7 @@ class CacheStats:
         self.misses = 0
         self.loads = 0
         self.stale = 0
+        self.refreshes = 0
         self.errors = 0
         self.evictions = 0
 
@@ -82,13 +92,18 @@ class LookupCache(Generic[K, V]):
 
     def __init__(self, name: str, loader: Callable[[K], Awaitable[V | None]], *,
                  max_entries: int, ttl: float, negative_ttl: float, stale_if_error: float,
+                 refresh_window: float = 0.0, ttl_spread: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0.0 <= ttl_spread < 1.0:
+            raise ValueError(f"ttl_spread must be in [0, 1), got {ttl_spread!r}")
         self.name = name
         self._loader = loader
         self.max_entries = max_entries
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.stale_if_error = stale_if_error
+        self.refresh_window = refresh_window
+        self.ttl_spread = ttl_spread
         self._clock = clock
         self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._inflight: dict[K, asyncio.Task[V | None]] = {}
@@ -102,12 +117,15 @@ class LookupCache(Generic[K, V]):
         return len(self._entries)
 
     def peek(self, key: K) -> V | Miss | None:
-        """The fresh cached answer (possibly ``None``) or :data:`MISS`; never touches the store.
+        """The cached answer (possibly ``None``) or :data:`MISS`; never waits for the store.
 
-        Protocol-level code calls this first so a hit costs no coroutine.
+        Protocol-level code calls this first so a hit costs no coroutine. An answer inside its
+        refresh window counts as a hit and starts its background refresh (needs a running loop).
         """
         entry = self._entries.get(key)
-        if entry is None or entry.expires <= self._clock():
+        if entry is None:
+            return MISS
+        if entry.expires <= self._clock() and not self._refreshing(key, entry):
             return MISS
         self._entries.move_to_end(key)
         if entry.value is None:
@@ -115,6 +133,20 @@ class LookupCache(Generic[K, V]):
         else:
             self.stats.hits += 1
         return entry.value
+
+    def _refreshing(self, key: K, entry: _Entry[V]) -> bool:
+        """Whether the expired ``entry`` may still be served while a refresh of it runs."""
+        if entry.value is None or self._clock() >= entry.expires + self.refresh_window:
+            return False  # unknown names are cheap to ask again; too old to be served
+        if key not in self._inflight:
+            try:
+                task = asyncio.get_running_loop().create_task(self._load(key))
+            except RuntimeError:  # no event loop (a tool reading the cache): load in get()
+                return False
+            task.add_done_callback(_retrieve_exception)
+            self._inflight[key] = task
+            self.stats.refreshes += 1
+        return True
 
     async def get(self, key: K) -> V | None:
         """The answer for ``key``: cached if fresh, else loaded once for all concurrent callers."""
@@ -152,7 +184,12 @@ class LookupCache(Generic[K, V]):
 
     def put(self, key: K, value: V | None) -> None:
         """Store an answer (used by loaders that learn about several keys in one query)."""
-        ttl = self.ttl if value is not None else self.negative_ttl
+        if value is None:
+            ttl = self.negative_ttl
+        elif self.ttl_spread:
+            ttl = self.ttl * (1.0 - self.ttl_spread * random.random())
+        else:
+            ttl = self.ttl
         self._entries[key] = _Entry(value, self._clock() + ttl)
         self._entries.move_to_end(key)
         if len(self._entries) > self.max_entries:

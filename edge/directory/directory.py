@@ -59,7 +59,9 @@ class Directory:
             return LookupCache(name, loader,
                                max_entries=size or config.max_entries, ttl=config.ttl,
                                negative_ttl=config.negative_ttl,
-                               stale_if_error=config.stale_if_error, clock=clock)
+                               stale_if_error=config.stale_if_error,
+                               refresh_window=config.refresh_window,
+                               ttl_spread=config.ttl_spread, clock=clock)
 
         self.accounts: LookupCache[str, Account] = cache("account", store.fetch_account)
         self.tenants: LookupCache[str, Tenant] = cache("tenant", store.fetch_tenant)
