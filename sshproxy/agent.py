@@ -29,19 +29,13 @@ and why ``[ssh] allow_agent_forwarding`` is off by default.
 from __future__ import annotations
 
 import asyncio
-import inspect
-from typing import Any, Final
+from typing import Final
 
 import asyncssh
 from asyncssh.channel import SSHServerChannel
 from asyncssh.connection import SSHClientConnection, SSHServerConnection
 
-
-def _source(obj: Any) -> str:
-    try:
-        return inspect.getsource(obj)
-    except (OSError, TypeError):  # pragma: no cover - no source shipped
-        return ""
+from sshproxy.tuning import _source  # the one reader of asyncssh's source for these checks
 
 
 def _internals_as_expected() -> bool:

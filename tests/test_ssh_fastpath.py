@@ -27,6 +27,7 @@ from tests.test_ssh_bridge import (
     Front,
     FrontServer,
     Sshd,
+    _StopAndGoSession,
     front,
     run,
     ssh_args,
@@ -151,34 +152,16 @@ async def test_proxy_legs_rekey_during_bulk_data(rekeying_front: Front) -> None:
             assert leg._rekey_bytes_sent <= 512 * 1024 + 64 * 1024  # type: ignore[union-attr]
 
 
-class _StopAndGo(asyncssh.SSHServerSession[bytes]):
-    """A short-path channel that pauses after each packet for a moment (a slow leg behind it)."""
+class _StopAndGo(_StopAndGoSession):
+    """The bridge tests' stop-and-go reader (window bound on) with the short path on its channel."""
 
     def __init__(self) -> None:
-        self.received = 0
-        self.chan: asyncssh.SSHServerChannel[bytes] | None = None
-        self._resume: asyncio.TimerHandle | None = None
+        super().__init__(fixed=True)
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
-        self.chan = chan
-        tuning.bound_receive_window(chan)
+        super().connection_made(chan)
         assert fastpath.enable_channel(chan)
         assert not fastpath.enable_channel(chan)  # a second call changes nothing
-
-    def shell_requested(self) -> bool:
-        return True
-
-    def data_received(self, data: bytes, datatype: int | None) -> None:
-        self.received += len(data)
-        assert self.chan is not None
-        if self._resume is None:
-            self.chan.pause_reading()
-            self._resume = asyncio.get_running_loop().call_later(0.002, self._go)
-
-    def _go(self) -> None:
-        self._resume = None
-        assert self.chan is not None
-        self.chan.resume_reading()
 
 
 async def test_a_pausing_short_path_reader_holds_at_most_one_window() -> None:
@@ -218,7 +201,7 @@ async def test_a_pausing_short_path_reader_holds_at_most_one_window() -> None:
                 sent = size - chan.get_write_buffer_size()
                 peak = max(peak, sent - (session.received if session else 0))
                 await asyncio.sleep(0.001)
-            server_chan = sessions[0].chan
+            server_chan = sessions[0]._chan
             assert server_chan is not None and server_chan.__dict__.get("_edge_fast")
             chan.close()
     finally:
