@@ -18,9 +18,10 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
@@ -174,24 +175,25 @@ class FrontServer(asyncssh.SSHServer):
             self._upstream.cancel()
 
 
-async def start_front(sshd: Sshd, tmp_path: Path,
-                      settings: BridgeSettings) -> tuple[Front, asyncssh.SSHAcceptor]:
+async def start_front(sshd: Sshd, tmp_path: Path, settings: BridgeSettings,
+                      **listen_options: Any) -> tuple[Front, asyncssh.SSHAcceptor]:
+    """The test front on a free port; ``listen_options`` go to ``asyncssh.listen`` (e.g. rekey_bytes)."""
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     known_hosts = tmp_path / "known_hosts"
     front = Front(0, known_hosts, sshd.client_key, settings=settings)
     acceptor = await asyncssh.listen(
         "127.0.0.1", 0, server_factory=lambda: FrontServer(front, sshd), server_host_keys=[host_key],
-        config=None, **settings.server_options())
+        config=None, **settings.server_options(), **listen_options)
     front.port = acceptor.get_port()
     known_hosts.write_text(f"[127.0.0.1]:{front.port} {host_key.export_public_key().decode().strip()}\n")
     return front, acceptor
 
 
-@pytest.fixture
-async def front(sshd: Sshd, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Front]:
-    settings = getattr(request, "param", BridgeSettings(allow_local_forwarding=True,
-                                                        allow_remote_forwarding=True))
-    front, acceptor = await start_front(sshd, tmp_path, settings)
+@contextlib.asynccontextmanager
+async def running_front(sshd: Sshd, tmp_path: Path, settings: BridgeSettings,
+                        **listen_options: Any) -> AsyncIterator[Front]:
+    """:func:`start_front`, closed with its links at the end."""
+    front, acceptor = await start_front(sshd, tmp_path, settings, **listen_options)
     try:
         yield front
     finally:
@@ -199,6 +201,14 @@ async def front(sshd: Sshd, tmp_path: Path, request: pytest.FixtureRequest) -> A
         for link in front.links:
             link.close("test over")
         await acceptor.wait_closed()
+
+
+@pytest.fixture
+async def front(sshd: Sshd, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Front]:
+    settings = getattr(request, "param", BridgeSettings(allow_local_forwarding=True,
+                                                        allow_remote_forwarding=True))
+    async with running_front(sshd, tmp_path, settings) as front:
+        yield front
 
 
 def ssh_base(port: int, known_hosts: Path, key: Path, *extra: str) -> list[str]:
@@ -248,6 +258,17 @@ async def connect_client(front: Front, **kwargs: object) -> asyncssh.SSHClientCo
     options: dict[str, object] = {"known_hosts": str(front.known_hosts), "config": None,
                                   "client_keys": [str(front.client_key)], "agent_path": None, **kwargs}
     return await asyncssh.connect("127.0.0.1", front.port, username="root", **options)  # type: ignore[arg-type]
+
+
+async def both_ways_with_checksums(conn: asyncssh.SSHClientConnection, data: bytes) -> None:
+    """``data`` up to the backend's sha256sum, as many random bytes down; both checksums match."""
+    up = await asyncio.wait_for(conn.run("sha256sum", input=data, encoding=None), TIMEOUT)
+    assert up.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    down = await asyncio.wait_for(conn.run(
+        f'f=$(mktemp) && head -c {len(data)} /dev/urandom > "$f" && sha256sum < "$f" >&2 && cat "$f"; '
+        'rm -f "$f"', encoding=None), TIMEOUT)
+    assert down.exit_status == 0 and len(down.stdout) == len(data)
+    assert hashlib.sha256(down.stdout).hexdigest() == down.stderr.split()[0].decode()
 
 
 # -- exec, exit status, streams ------------------------------------------------------------------
@@ -916,13 +937,7 @@ async def test_tuned_legs_survive_rekeys_with_data_intact(front: Front) -> None:
             config=None, agent_path=None, rekey_bytes=256 * 1024, **tuning.CLIENT_OPTIONS) as conn:
         tuning.tune_connection(conn)
         first_keys = conn._send_encryption  # type: ignore[attr-defined]
-        up = await asyncio.wait_for(conn.run("sha256sum", input=data, encoding=None), TIMEOUT)
-        assert up.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
-        down = await asyncio.wait_for(conn.run(
-            f'f=$(mktemp) && head -c {len(data)} /dev/urandom > "$f" && sha256sum < "$f" >&2 && cat "$f"; '
-            'rm -f "$f"', encoding=None), TIMEOUT)
-        assert down.exit_status == 0 and len(down.stdout) == len(data)
-        assert hashlib.sha256(down.stdout).hexdigest() == down.stderr.split()[0].decode()
+        await both_ways_with_checksums(conn, data)
         keys = conn._send_encryption  # type: ignore[attr-defined]
         assert keys is not first_keys, "no rekey happened"
         if tuning.GCM_FIX_NEEDED:
@@ -980,16 +995,25 @@ class _StopAndGoSession(asyncssh.SSHServerSession[bytes]):
         self._chan.resume_reading()
 
 
-async def peak_bytes_held_by_a_pausing_reader(fixed: bool, size: int) -> int:
-    """Sends ``size`` bytes to a stop-and-go reader; returns the most bytes ever sent but not yet taken."""
+async def peak_bytes_held_by_a_pausing_reader(
+        fixed: bool, size: int, *, session: Callable[[], _StopAndGoSession] | None = None,
+        tune: Callable[[asyncssh.SSHClientConnection, asyncssh.SSHClientChannel[bytes]], None] | None = None,
+        ) -> tuple[int, list[_StopAndGoSession]]:
+    """Sends ``size`` bytes to a stop-and-go reader; returns the most bytes ever sent but not yet
+    taken, and the reader sessions. ``session`` makes the reader (default: ``_StopAndGoSession(fixed)``);
+    ``tune(conn, chan)`` is applied to the sending side (and the listener's connections are tuned too)."""
     sessions: list[_StopAndGoSession] = []
 
     class Server(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            if tune is not None:
+                tuning.tune_connection(conn)
+
         def begin_auth(self, username: str) -> bool:
             return False
 
         def session_requested(self) -> _StopAndGoSession:
-            sessions.append(_StopAndGoSession(fixed))
+            sessions.append(session() if session is not None else _StopAndGoSession(fixed))
             return sessions[-1]
 
     server = await asyncssh.listen("127.0.0.1", 0, server_factory=Server,
@@ -1001,20 +1025,23 @@ async def peak_bytes_held_by_a_pausing_reader(fixed: bool, size: int) -> int:
         async with asyncssh.connect("127.0.0.1", port, username="u", known_hosts=None, config=None,
                                     agent_path=None, **tuning.CLIENT_OPTIONS) as conn:
             chan, _ = await conn.create_session(asyncssh.SSHClientSession, **tuning.SESSION_OPTIONS)
+            if tune is not None:
+                tune(conn, chan)
             chunk = b"\0" * (1 << 20)
             for _ in range(size // len(chunk)):
                 chan.write(chunk)
             deadline = time.monotonic() + TIMEOUT
-            while (session := sessions[0] if sessions else None) is None or session.received < size:
+            while (reader := sessions[0] if sessions else None) is None or reader.received < size:
                 assert time.monotonic() < deadline, "the stop-and-go reader never got everything"
                 sent = size - chan.get_write_buffer_size()
-                peak = max(peak, sent - (session.received if session else 0))
+                peak = max(peak, sent - (reader.received if reader else 0))
                 await asyncio.sleep(0.001)
             chan.close()
     finally:
         server.close()
         await server.wait_closed()
-    return peak
+    assert sessions[0].received == size
+    return peak, sessions
 
 
 @pytest.mark.skipif(not tuning.WINDOW_FIX_NEEDED, reason="this asyncssh accounts the window differently")
@@ -1022,8 +1049,8 @@ async def test_a_pausing_reader_holds_at_most_one_window() -> None:
     """The bridge pauses a leg's channel while the other leg is slow; what that channel holds (and
     so the proxy's memory) must stay within the window it granted, however often it pauses."""
     size = 24 * 1024 * 1024
-    fixed = await peak_bytes_held_by_a_pausing_reader(True, size)
+    fixed, _ = await peak_bytes_held_by_a_pausing_reader(True, size)
     assert fixed <= tuning.WINDOW, f"{fixed / 2**20:.1f} MiB held behind a {tuning.WINDOW >> 20} MiB window"
     # asyncssh's own accounting re-grants the queued bytes on every resume: the same run holds more.
-    unfixed = await peak_bytes_held_by_a_pausing_reader(False, size)
+    unfixed, _ = await peak_bytes_held_by_a_pausing_reader(False, size)
     assert unfixed > 2 * tuning.WINDOW, f"{unfixed / 2**20:.1f} MiB: the test no longer shows the problem"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,17 @@ import pytest
 from asyncssh.channel import SSHChannel
 
 from sshproxy import fastpath, tuning
+from sshproxy.bridge import BridgeSettings
 from tests.test_ssh_bridge import (
     TIMEOUT,
     Front,
-    FrontServer,
     Sshd,
     _StopAndGoSession,
+    both_ways_with_checksums,
     front,
+    peak_bytes_held_by_a_pausing_reader,
     run,
+    running_front,
     ssh_args,
     sshd,
 )
@@ -99,33 +101,12 @@ async def test_stdout_stderr_order_and_exit_status(front: Front) -> None:
     assert result.stderr.decode().split() == [f"err{i}" for i in range(1, 201)]
 
 
-async def start_rekeying_front(sshd: Sshd, tmp_path: Path, every: int) -> tuple[Front, asyncssh.SSHAcceptor]:
-    """The test front with both of the proxy's legs rekeying every ``every`` bytes sent."""
-    from sshproxy.bridge import BridgeSettings
-
-    settings = BridgeSettings()
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    known_hosts = tmp_path / "known_hosts"
-    state = Front(0, known_hosts, sshd.client_key, settings=settings)
-    acceptor = await asyncssh.listen(
-        "127.0.0.1", 0, server_factory=lambda: FrontServer(state, sshd), server_host_keys=[host_key],
-        config=None, rekey_bytes=every, **settings.server_options())
-    state.port = acceptor.get_port()
-    known_hosts.write_text(f"[127.0.0.1]:{state.port} {host_key.export_public_key().decode().strip()}\n")
-    return state, acceptor
-
-
 @pytest.fixture
 async def rekeying_front(sshd: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Front]:
     monkeypatch.setitem(tuning.CLIENT_OPTIONS, "rekey_bytes", 512 * 1024)  # the upstream leg
-    state, acceptor = await start_rekeying_front(sshd, tmp_path, 512 * 1024)
-    try:
-        yield state
-    finally:
-        acceptor.close()
-        for link in state.links:
-            link.close("test over")
-        await acceptor.wait_closed()
+    # ... and the client-facing leg.
+    async with running_front(sshd, tmp_path, BridgeSettings(), rekey_bytes=512 * 1024) as front:
+        yield front
 
 
 async def test_proxy_legs_rekey_during_bulk_data(rekeying_front: Front) -> None:
@@ -139,13 +120,7 @@ async def test_proxy_legs_rekey_during_bulk_data(rekeying_front: Front) -> None:
         link = rekeying_front.links[0]
         legs = [link.upstream, link.downstream]
         first_keys = [leg._send_encryption for leg in legs]  # type: ignore[union-attr]
-        up = await asyncio.wait_for(conn.run("sha256sum", input=data, encoding=None), TIMEOUT)
-        assert up.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
-        down = await asyncio.wait_for(conn.run(
-            f'f=$(mktemp) && head -c {len(data)} /dev/urandom > "$f" && sha256sum < "$f" >&2 && cat "$f"; '
-            'rm -f "$f"', encoding=None), TIMEOUT)
-        assert down.exit_status == 0 and len(down.stdout) == len(data)
-        assert hashlib.sha256(down.stdout).hexdigest() == down.stderr.split()[0].decode()
+        await both_ways_with_checksums(conn, data)
         for leg, keys in zip(legs, first_keys, strict=True):
             assert leg._send_encryption is not keys, "no rekey happened"  # type: ignore[union-attr]
             # Each rekey started as soon as it was due, not a window of short-path packets later.
@@ -167,47 +142,15 @@ class _StopAndGo(_StopAndGoSession):
 async def test_a_pausing_short_path_reader_holds_at_most_one_window() -> None:
     """Data that arrives for a paused channel is queued by the short path as asyncssh would, and
     window is granted back only as it is taken: never more than one window held."""
-    sessions: list[_StopAndGo] = []
 
-    class Server(asyncssh.SSHServer):
-        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-            tuning.tune_connection(conn)
+    def tune(conn: asyncssh.SSHClientConnection, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        tuning.tune_connection(conn)
+        assert fastpath.enable_channel(chan)
 
-        def begin_auth(self, username: str) -> bool:
-            return False
-
-        def session_requested(self) -> _StopAndGo:
-            sessions.append(_StopAndGo())
-            return sessions[-1]
-
-    server = await asyncssh.listen("127.0.0.1", 0, server_factory=Server,
-                                   server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
-                                   **tuning.SERVER_OPTIONS)
-    port = server.sockets[0].getsockname()[1]
-    size = 24 * MIB
-    peak = 0
-    try:
-        async with asyncssh.connect("127.0.0.1", port, username="u", known_hosts=None, config=None,
-                                    agent_path=None, **tuning.CLIENT_OPTIONS) as conn:
-            tuning.tune_connection(conn)
-            chan, _ = await conn.create_session(asyncssh.SSHClientSession, **tuning.SESSION_OPTIONS)
-            assert fastpath.enable_channel(chan)
-            chunk = b"\0" * (1 << 20)
-            for _ in range(size // len(chunk)):
-                chan.write(chunk)
-            deadline = time.monotonic() + TIMEOUT
-            while (session := sessions[0] if sessions else None) is None or session.received < size:
-                assert time.monotonic() < deadline, "the stop-and-go reader never got everything"
-                sent = size - chan.get_write_buffer_size()
-                peak = max(peak, sent - (session.received if session else 0))
-                await asyncio.sleep(0.001)
-            server_chan = sessions[0]._chan
-            assert server_chan is not None and server_chan.__dict__.get("_edge_fast")
-            chan.close()
-    finally:
-        server.close()
-        await server.wait_closed()
-    assert sessions[0].received == size
+    peak, sessions = await peak_bytes_held_by_a_pausing_reader(True, 24 * MIB, session=_StopAndGo,
+                                                               tune=tune)
+    server_chan = sessions[0]._chan
+    assert server_chan is not None and server_chan.__dict__.get("_edge_fast")
     assert peak <= tuning.WINDOW, f"{peak / MIB:.1f} MiB held behind a {tuning.WINDOW // MIB} MiB window"
 
 
