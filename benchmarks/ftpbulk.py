@@ -181,7 +181,7 @@ async def ftp_setup(args: argparse.Namespace) -> AsyncIterator[tuple[list[Target
                 sub = workdir / name
                 sub.mkdir()
                 toml = ftp_edge_toml(url)
-                child = await _start_edge(sub, toml, pythonpath)
+                child = await start_edge(sub, toml, expect=["ftp"], pythonpath=pythonpath)
                 children.append(child)
                 targets.append(Target(name, "127.0.0.1", child.ports["ftp"], FTP_USER, child))
             yield targets, payload
@@ -193,20 +193,6 @@ async def ftp_setup(args: argparse.Namespace) -> AsyncIterator[tuple[list[Target
 async def main_async(args: argparse.Namespace) -> None:
     async with ftp_setup(args) as (targets, payload):
         await _measure(args, targets, args.mib << 20, payload)
-
-
-async def _start_edge(workdir: Path, toml: str, pythonpath: str) -> Child:
-    """``edge serve`` (one worker); with ``pythonpath`` first on its PYTHONPATH (a baseline)."""
-    saved = os.environ.get("PYTHONPATH")
-    if pythonpath:
-        os.environ["PYTHONPATH"] = pythonpath  # inherited by the spawned edge serve only
-    try:
-        return await start_edge(workdir, toml, workers=1, expect=["ftp"])
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
 
 
 async def _measure(args: argparse.Namespace, targets: list[Target], size: int,

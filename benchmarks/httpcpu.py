@@ -155,17 +155,7 @@ async def start_our_edge(workdir: Path, url: str, name: str, *, pythonpath: str 
     folder.mkdir()
     toml = edge_toml(url, {"http": {"listen": ["127.0.0.1:0"],
                                     "access_log": str(folder / "access.log")}})
-    saved = os.environ.get("PYTHONPATH")
-    try:
-        if pythonpath:
-            os.environ["PYTHONPATH"] = pythonpath
-        return await start_edge(folder, toml, workers=1, expect=["http"])
-    finally:
-        if pythonpath:
-            if saved is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved
+    return await start_edge(folder, toml, workers=1, expect=["http"], pythonpath=pythonpath)
 
 
 def _ms(value: str, unit: str) -> float:

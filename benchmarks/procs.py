@@ -290,17 +290,20 @@ def _toml_value(value: Any) -> str:
 
 
 async def start_edge(workdir: Path, toml: str, *, workers: int = 1, expect: Sequence[str] = (),
-                     limit: float = 60.0) -> Child:
+                     limit: float = 60.0, pythonpath: str = "") -> Child:
     """``edge serve --config ... --workers N``; returns once every proxy in ``expect`` has
     printed ``edge: NAME listening on HOST:PORT`` and accepts (``child.ports[NAME]``).
 
-    ``child.started_seconds`` is spawn → all listeners accepting.
+    ``child.started_seconds`` is spawn → all listeners accepting. ``pythonpath`` (e.g. a copy of
+    the packages at another revision, for the benchmarks' ``--baseline``) becomes the child's
+    ``PYTHONPATH``, so it imports that code instead of this tree's.
     """
     config = workdir / "edge.toml"
     config.write_text(toml)
     started = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
     child = spawn("edge", [*edge_command(), "serve", "--config", str(config),
-                           "--workers", str(workers)], workdir, stdout=subprocess.PIPE)
+                           "--workers", str(workers)], workdir, stdout=subprocess.PIPE, env=env)
     assert child.proc.stdout is not None
     stdout = child.proc.stdout
     wanted = set(expect) | {"admin"}

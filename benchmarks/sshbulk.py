@@ -52,7 +52,7 @@ from benchmarks.backends import host_key_line, start_sshd
 from benchmarks.core import percentile
 from benchmarks.fleet import BENCH_SECRET_KEY, FleetShape, attach_backends, provision_fleet
 from benchmarks.logins import Target, _service_call, ssh_argv, ssh_keygen
-from benchmarks.procs import Child, edge_toml, spawn, start_edge
+from benchmarks.procs import Child, edge_toml, start_edge
 from edge.directory.service import DirectoryService
 
 ALGORITHMS = ["-c", "aes128-gcm@openssh.com", "-o", "KexAlgorithms=curve25519-sha256"]
@@ -84,23 +84,6 @@ async def _ssh(t: Target, key: Path, command: str, *, stdin: Path | None = None,
             raise RuntimeError(f"{t.name}: ssh {command!r} exited {code}: {err.decode(errors='replace')}")
         if expect_bytes >= 0 and got != expect_bytes:
             raise RuntimeError(f"{t.name}: got {got} bytes, expected {expect_bytes}")
-
-
-async def _start_edge(workdir: Path, toml: str, pythonpath: str, workers: int) -> Child:
-    if not pythonpath:
-        return await start_edge(workdir, toml, workers=workers, expect=["ssh"])
-    # start_edge with the baseline packages first on the path.
-    env = {**os.environ, "PYTHONPATH": pythonpath}
-    import benchmarks.procs as procs
-    real_spawn = spawn
-
-    def spawn_with_env(name: str, argv: list[str], wd: Path, **kw: object) -> Child:
-        return real_spawn(name, argv, wd, env=env, **kw)  # type: ignore[arg-type]
-    procs.spawn = spawn_with_env  # type: ignore[assignment]
-    try:
-        return await start_edge(workdir, toml, workers=workers, expect=["ssh"])
-    finally:
-        procs.spawn = real_spawn
 
 
 @contextlib.asynccontextmanager
@@ -146,7 +129,7 @@ async def ssh_bench_setup(args: argparse.Namespace) -> AsyncIterator[tuple[list[
                     "limits": {"max_unauthenticated_per_ip": 10_000, "max_connections_per_ip": 10_000,
                                "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000}},
                     secret=BENCH_SECRET_KEY)
-                child = await _start_edge(sub, toml, pythonpath, workers)
+                child = await start_edge(sub, toml, workers=workers, expect=["ssh"], pythonpath=pythonpath)
                 children.append(child)
                 targets.append(Target(name, "127.0.0.1", child.ports["ssh"], "benchssh", child))
             for t in targets:  # warm up: first login fills the directory cache, loads keys
