@@ -14,7 +14,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from edge.metrics import BYTES
 
 __all__ = ["BUCKETS", "CACHE_BYTES", "CACHE_RESULTS", "LATENCY", "LOOKUPS", "REQUESTS",
-           "LocalStats"]
+           "LocalHistogram", "LocalStats"]
 
 REQUESTS = Counter("edge_http_requests", "HTTP requests answered, by status class (2xx...).",
                    ["status_class"])
@@ -31,15 +31,65 @@ CACHE_BYTES = Gauge("edge_http_cache_bytes", "Bytes held by the content cache, s
                     multiprocess_mode="livesum")
 
 
+class LocalHistogram:
+    """A Prometheus histogram observed in plain numbers; :meth:`export` adds what changed.
+
+    prometheus_client has no bulk observe, so :meth:`export` adds the deltas to the
+    histogram's own per-bucket values and sum (``_upper_bounds``, ``_buckets``, ``_sum``: its
+    structure since 0.4, checked against the installed 0.26; this keeps multiprocess mode
+    working). With a prometheus_client that lacks them, every value is observed directly.
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_direct", "_histogram", "_sent", "_sent_sum", "_sum",
+                 "counts", "sum")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        bounds = getattr(histogram, "_upper_bounds", None)
+        buckets = getattr(histogram, "_buckets", None)
+        total = getattr(histogram, "_sum", None)
+        self._direct = not (isinstance(bounds, list) and isinstance(buckets, list)
+                            and len(bounds) == len(buckets) and bounds and total is not None)
+        self._bounds: tuple[float, ...] = () if self._direct else tuple(bounds)  # type: ignore[arg-type]
+        self._buckets = buckets
+        self._sum = total
+        self.counts = [0] * len(self._bounds)
+        """Observations per bucket, not cumulative (index = first bound >= the value)."""
+        self.sum = 0.0
+        self._sent = [0] * len(self._bounds)
+        self._sent_sum = 0.0
+
+    def observe(self, value: float) -> None:
+        if self._direct:
+            self._histogram.observe(value)
+            return
+        self.sum += value
+        # The last bound is +Inf, so the index is always in range (Histogram.observe picks the
+        # same bucket: the first whose bound is >= the value).
+        self.counts[bisect_left(self._bounds, value)] += 1
+
+    def export(self) -> None:
+        """Add the observations since the last call to the Prometheus histogram."""
+        if self._direct:
+            return
+        assert self._buckets is not None and self._sum is not None
+        for i, count in enumerate(self.counts):
+            if count != self._sent[i]:
+                self._buckets[i].inc(count - self._sent[i])
+                self._sent[i] = count
+        if self.sum != self._sent_sum:
+            self._sum.inc(self.sum - self._sent_sum)
+            self._sent_sum = self.sum
+
+
 class LocalStats:
     """Plain counters the hot path increments; :meth:`export` publishes them."""
 
-    __slots__ = ("_sent", "buckets", "cache", "latency_sum", "lookups", "status", "traffic")
+    __slots__ = ("_sent", "cache", "latency", "lookups", "status", "traffic")
 
     def __init__(self) -> None:
         self.status = [0] * 6  # index: status // 100
-        self.buckets = [0] * (len(BUCKETS) + 1)  # non-cumulative; last = +Inf
-        self.latency_sum = 0.0
+        self.latency = LocalHistogram(LATENCY)
         self.cache: dict[str, int] = {"HIT": 0, "MISS": 0, "STALE": 0, "BYPASS": 0}
         self.lookups: dict[str, int] = {"cached": 0, "loaded": 0, "unknown": 0, "error": 0}
         self.traffic: dict[str, list[int]] = {"http": [0, 0], "https": [0, 0]}
@@ -49,8 +99,7 @@ class LocalStats:
 
     def observe(self, status: int, seconds: float) -> None:
         self.status[min(status // 100, 5)] += 1
-        self.latency_sum += seconds
-        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.latency.observe(seconds)
 
     def _delta(self, key: str, value: float) -> float:
         previous = self._sent.get(key, 0)
@@ -71,18 +120,7 @@ class LocalStats:
             delta = self._delta("l" + name, value)
             if delta:
                 LOOKUPS.labels(outcome=name).inc(delta)
-        # prometheus_client has no bulk observe: add to the histogram's own bucket and sum
-        # values (its documented structure since 0.4), which keeps multiprocess mode working.
-        buckets = getattr(LATENCY, "_buckets", None)
-        total = getattr(LATENCY, "_sum", None)
-        if buckets is not None and total is not None:
-            for i, value in enumerate(self.buckets):
-                delta = self._delta(f"b{i}", value)
-                if delta:
-                    buckets[i].inc(delta)
-            delta_sum = self._delta("sum", self.latency_sum)
-            if delta_sum:
-                total.inc(delta_sum)
+        self.latency.export()
         for proxy, counts in self.traffic.items():
             for direction, value in zip(("downstream", "upstream"), counts, strict=True):
                 delta = self._delta(f"y{proxy}{direction}", value)

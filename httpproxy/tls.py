@@ -37,7 +37,6 @@ import logging
 import math
 import socket
 import time
-from bisect import bisect_left
 from collections.abc import Callable
 
 from edge import metrics
@@ -45,6 +44,7 @@ from edge.directory.names import hostname_or_none
 from edge.proxyproto import MAX_V2_PAYLOAD, ProxyHeaderParser, ProxyHeaderPolicy, ProxyProtocolError
 from httpproxy import tls_metrics
 from httpproxy.clienthello import ClientHello, ClientHelloError, ClientHelloReader, alert_bytes
+from httpproxy.metrics import LocalHistogram
 
 __all__ = ["Acceptor", "OnHello", "PendingConnection", "plain_http_answer"]
 
@@ -460,56 +460,16 @@ class Acceptor:
             connection.close("closed")
 
 
-class HandshakeLatency:
-    """``edge_https_handshake_seconds`` counted in plain integers, exported once a second.
+class HandshakeLatency(LocalHistogram):
+    """``edge_https_handshake_seconds`` counted in plain numbers, exported once a second.
 
     ``Histogram.observe`` in prometheus_client's multiprocess mode (``edge serve``) takes a
     lock and writes two mmap'd values per call, each after a ``getpid()``: ~18 µs against
-    ~1 µs for a bucket count here, ~1.4 % of the worker's non-GC CPU per TLS handshake
-    (py-spy, 10 names cycling). prometheus_client has no bulk observe, so :meth:`export` adds
-    the deltas to the histogram's per-bucket values and its sum, as
-    :class:`httpproxy.metrics.LocalStats` does for the HTTP request histogram. Those private
-    attributes (``_upper_bounds``, ``_buckets``, ``_sum``) were checked against the installed
-    prometheus_client 0.26; if a version lacks them, every handshake is observed directly, as
-    before (tests/test_http_tls.py covers both).
+    ~1 µs for a bucket count, ~1.4 % of the worker's non-GC CPU per TLS handshake (py-spy,
+    10 names cycling).
     """
 
-    __slots__ = ("_bounds", "_buckets", "_direct", "_sent", "_sent_sum", "_sum", "counts", "sum")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        histogram = tls_metrics.HANDSHAKE_SECONDS
-        bounds = getattr(histogram, "_upper_bounds", None)
-        buckets = getattr(histogram, "_buckets", None)
-        total = getattr(histogram, "_sum", None)
-        self._direct = not (isinstance(bounds, list) and isinstance(buckets, list)
-                            and len(bounds) == len(buckets) and bounds and total is not None)
-        self._bounds: tuple[float, ...] = () if self._direct else tuple(bounds)  # type: ignore[arg-type]
-        self._buckets = buckets
-        self._sum = total
-        self.counts = [0] * len(self._bounds)
-        """Handshakes per bucket, not cumulative (index = first bound >= the seconds)."""
-        self.sum = 0.0
-        self._sent = [0] * len(self._bounds)
-        self._sent_sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        if self._direct:
-            tls_metrics.HANDSHAKE_SECONDS.observe(seconds)
-            return
-        self.sum += seconds
-        # The last bound is +Inf, so the index is always in range (observe() picks the same
-        # bucket: the first whose bound is >= the value).
-        self.counts[bisect_left(self._bounds, seconds)] += 1
-
-    def export(self) -> None:
-        """Add the observations since the last call to the Prometheus histogram."""
-        if self._direct:
-            return
-        assert self._buckets is not None and self._sum is not None
-        for i, count in enumerate(self.counts):
-            if count != self._sent[i]:
-                self._buckets[i].inc(count - self._sent[i])
-                self._sent[i] = count
-        if self.sum != self._sent_sum:
-            self._sum.inc(self.sum - self._sent_sum)
-            self._sent_sum = self.sum
+        super().__init__(tls_metrics.HANDSHAKE_SECONDS)
