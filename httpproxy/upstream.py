@@ -228,33 +228,11 @@ class BackendConnection(asyncio.Protocol):
         end = buf.find(b"\r\n\r\n")
         framing = self._last_framing
         head = buf[:end + 2] if end >= 0 else b""
-        if head == framing[0] and head and not self.head_request:
-            # The same head as this connection's previous response (validated then): most
-            # responses within a second.
+        if head and head == framing[0] and not self.head_request:
+            # The same head as this connection's previous response, whose status line was
+            # checked then (most responses within a second): only those checks are skipped.
             status = framing[3]
             self.responded = True
-            length = framing[1]
-            if length >= 0:
-                # Framed by its Content-Length, as most are: the general path below, minus
-                # the checks this head already passed.
-                self._buf = b""
-                self._head_done = True
-                self.status = status
-                self._head = head
-                rest = buf[end + 4:]
-                remaining = length - len(rest)
-                if remaining < 0:  # more bytes than the response's length: dropped, no reuse
-                    sink.response_start(self, status, head, rest[:length])
-                    self._message_done(False)
-                    return
-                sink.response_start(self, status, head, rest)
-                if self.sink is None:
-                    return
-                if remaining > 0:
-                    self._remaining = remaining
-                else:
-                    self._message_done(not framing[2])
-                return
         else:
             status = self._read_status(sink, buf, end)
             if status < 0:

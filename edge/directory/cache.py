@@ -125,7 +125,8 @@ class LookupCache(Generic[K, V]):
         entry = self._entries.get(key)
         if entry is None:
             return MISS
-        if entry.expires <= self._clock() and not self._refreshing(key, entry):
+        now = self._clock()
+        if entry.expires <= now and not self._refreshing(key, entry, now):
             return MISS
         self._entries.move_to_end(key)
         if entry.value is None:
@@ -134,9 +135,9 @@ class LookupCache(Generic[K, V]):
             self.stats.hits += 1
         return entry.value
 
-    def _refreshing(self, key: K, entry: _Entry[V]) -> bool:
+    def _refreshing(self, key: K, entry: _Entry[V], now: float) -> bool:
         """Whether the expired ``entry`` may still be served while a refresh of it runs."""
-        if entry.value is None or self._clock() >= entry.expires + self.refresh_window:
+        if entry.value is None or now >= entry.expires + self.refresh_window:
             return False  # unknown names are cheap to ask again; too old to be served
         if key not in self._inflight:
             try:
