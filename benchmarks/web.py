@@ -14,6 +14,7 @@ from typing import Any
 
 from benchmarks.backends import start_http_backend
 from benchmarks.core import Run, database_for, scenario, summary
+from benchmarks.cpuquota import CpuQuotas, children, quota_each, quota_missing
 from benchmarks.fleet import BENCH_SECRET_KEY, FleetShape, Zipf, attach_backends, provision_fleet
 from benchmarks.loadgen import (
     HandshakeLoad,
@@ -243,7 +244,36 @@ def _workers_arguments(parser: argparse.ArgumentParser) -> None:
     _load_arguments(parser)
     _access_log_argument(parser)
     parser.add_argument("--max-workers", type=int, default=0,
-                        help="largest --workers to try (default: number of CPUs)")
+                        help="largest --workers to try (default: number of CPUs, or 4 with "
+                             "--cpu-per-worker)")
+    parser.add_argument("--cpu-per-worker", type=float, default=0.0,
+                        help="give every worker process (edge and nginx) a CPU quota of this "
+                             "many cores, e.g. 0.2, so scaling shows on a machine whose cores "
+                             "the load generator and backend also need (benchmarks/cpuquota.py;"
+                             " needs root). 0 = no quota")
+
+
+async def _workers_of(child: Child, count: int, title_prefix: str = "") -> list[int]:
+    """The ``count`` worker processes of a pre-forking server, once all have started."""
+    deadline = time.monotonic() + 30
+    while True:
+        pids = children(child.pid, title_prefix=title_prefix)
+        if len(pids) == count:
+            return pids
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name}: expected {count} workers, found {pids}")
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def _budget(child: Child, count: int, cores: float,
+                  title_prefix: str = "") -> AsyncIterator[CpuQuotas | None]:
+    """Each worker of ``child`` limited to ``cores`` for the block (no limit if 0)."""
+    if not cores:
+        yield None
+        return
+    with quota_each(await _workers_of(child, count, title_prefix), cores) as quotas:
+        yield quotas
 
 
 @scenario("workers", "HTTP throughput vs edge serve --workers 1..N (nginx worker_processes "
@@ -255,10 +285,13 @@ async def workers(args: argparse.Namespace, run: Run) -> None:
     import os
 
     missing = tool_missing("wrk", "nginx")
+    if not missing and args.cpu_per_worker:
+        missing = quota_missing()
     if missing:
         run.skip("*", missing)
         return
-    top = args.max_workers or os.cpu_count() or 1
+    top = args.max_workers or (4 if args.cpu_per_worker else os.cpu_count() or 1)
+    cores = args.cpu_per_worker
     edge_missing = proxy_missing("http")
     if edge_missing:
         run.skip("edge", edge_missing)
@@ -275,26 +308,48 @@ async def workers(args: argparse.Namespace, run: Run) -> None:
                 toml = edge_toml(fleet.url, {"http": http_section(args, fleet.workdir)},
                                  secret=BENCH_SECRET_KEY)
                 async with await start_edge(fleet.workdir, toml, workers=n,
-                                            expect=["http"]) as edge:
+                                            expect=["http"]) as edge, \
+                        _budget(edge, n, cores) as quotas:
                     load = await measure(run, f"edge --workers {n}", edge, edge.ports["http"],
                                          script, args, connections=conns, threads=threads,
                                          names=len(sites))
-                    series["edge"][n] = load.as_dict()
+                    series["edge"][n] = _with_budget(load.as_dict(), quotas)
             async with await start_nginx_proxy(
                     fleet.workdir, routes, fleet.upstreams(), workers=n, name=f"nginx-w{n}",
-                    access_log=nginx_access_log(args, fleet.workdir, f"nginx-w{n}")) as nginx:
+                    access_log=nginx_access_log(args, fleet.workdir, f"nginx-w{n}")) as nginx, \
+                    _budget(nginx, n, cores, "nginx: worker") as quotas:
                 load = await measure(run, f"nginx worker_processes {n}", nginx,
                                      nginx.ports["http"], script, args, connections=conns,
                                      threads=threads, names=len(sites))
-                series["nginx"][n] = load.as_dict()
+                series["nginx"][n] = _with_budget(load.as_dict(), quotas)
+        budget = f", {cores:g} core each" if cores else ""
         for n in range(1, top + 1):
             peer = series["nginx"][n]["rps"]
             if n in series["edge"]:
-                run.row(f"edge --workers {n} requests/s", series["edge"][n]["rps"], "req/s",
-                        (f"nginx {n} workers", peer), digits=0)
+                run.row(f"edge --workers {n}{budget}, requests/s", series["edge"][n]["rps"],
+                        "req/s", (f"nginx {n} workers", peer), digits=0)
             else:
-                run.row(f"nginx worker_processes {n} requests/s", peer, "req/s", digits=0)
-        run.data.update(series=series, max_workers=top)
+                run.row(f"nginx worker_processes {n}{budget}, requests/s", peer, "req/s",
+                        digits=0)
+        # Scaling efficiency: throughput of ``top`` workers over ``top`` times one worker's. 1.0 is
+        # n-fold throughput from n workers (nothing shared holds them back).
+        efficiency = {name: points[top]["rps"] / (top * points[1]["rps"])
+                      for name, points in series.items()
+                      if top > 1 and 1 in points and top in points and points[1]["rps"]}
+        if "edge" in efficiency:
+            run.row(f"edge scaling efficiency, {top} workers vs {top} x 1", efficiency["edge"],
+                    "", ("nginx", efficiency["nginx"]), digits=2)
+        elif "nginx" in efficiency:
+            run.row(f"nginx scaling efficiency, {top} workers vs {top} x 1",
+                    efficiency["nginx"], "", digits=2)
+        run.data.update(series=series, max_workers=top, cpu_per_worker=cores,
+                        scaling_efficiency=efficiency)
+
+
+def _with_budget(result: dict[str, Any], quotas: CpuQuotas | None) -> dict[str, Any]:
+    if quotas is not None:
+        result.update(cpu_per_worker=quotas.cores, throttled_seconds=quotas.throttled_seconds())
+    return result
 
 
 # -- tls ------------------------------------------------------------------------------------
