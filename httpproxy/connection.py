@@ -564,7 +564,7 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(req, 400, "missing Host header")
                 return
         route = engine.routes.get(host_header)
-        if route is not None:
+        if route is not None and route.expires > engine.directory.clock():
             # The warm path: this exact Host was resolved before (see httpproxy.server.Route).
             req.host_header = route.host_str
             req.route = route
@@ -606,7 +606,7 @@ class ClientConnection(asyncio.Protocol):
         if tenant is None or host is None:
             self._refuse_status(req, 502, "site without tenant/host")
             return
-        self._routed(req, site, tenant, host, host_header)
+        self._routed(req, site, tenant, host, host_header, name)
 
     async def _route_slow(self, req: Request, name: str) -> None:
         engine = self.engine
@@ -629,8 +629,9 @@ class ClientConnection(asyncio.Protocol):
         self._routed(req, route.site, route.tenant, route.host)
 
     def _routed(self, req: Request, site: Site, tenant: Tenant, host: Host,
-                raw_host: bytes | None = None) -> None:
-        """Check the route's states; ``raw_host``: remember the route under these Host bytes."""
+                raw_host: bytes | None = None, name: str = "") -> None:
+        """Check the route's states; ``raw_host``: remember the route under these Host bytes
+        (``name``: the same, normalised, as the directory cache knows it)."""
         engine = self.engine
         req.site, req.tenant, req.host = site, tenant, host
         if self.sni_site is not None and site.hostname != self.sni_site.hostname:
@@ -651,7 +652,8 @@ class ClientConnection(asyncio.Protocol):
             backend_key = None
             if host.send_proxy_protocol == "off":
                 backend_key = self._backend_key(req, site, host, b"")
-            req.route = engine.remember_route(raw_host, req, site, tenant, host, state, backend_key)
+            req.route = engine.remember_route(raw_host, name, req, site, tenant, host, state,
+                                              backend_key)
         self._serve(req, state)
 
     def _serve(self, req: Request, state: SiteState) -> None:

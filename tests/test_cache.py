@@ -226,3 +226,17 @@ async def test_ttl_spread_spreads_expiry_but_never_beyond_ttl() -> None:
     assert all(cache.peek(f"k{i}") is MISS for i in range(200))
     with pytest.raises(ValueError, match="ttl_spread"):
         make(source, clock, ttl_spread=1.0)
+
+
+async def test_expiry_tells_when_an_answer_stops_being_fresh() -> None:
+    """What a caller keeping something derived from an answer (the HTTP proxy's remembered
+    routes) bounds it by: the answer's own expiry, negative answers included."""
+    clock, source = FakeClock(), Source({"a": "A"})
+    cache = make(source, clock)
+    assert cache.expiry("a") == float("-inf")  # nothing cached: nothing to keep
+    await cache.get("a")
+    await cache.get("unknown")
+    assert cache.expiry("a") == clock.now + 60.0
+    assert cache.expiry("unknown") == clock.now + 10.0
+    cache.evict("a")
+    assert cache.expiry("a") == float("-inf")

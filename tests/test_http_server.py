@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edge.directory.service import DirectoryService
 from httpproxy.accesslog import FLUSH_INTERVAL, FLUSH_LINES, AccessLog
+from tests.support_clock import FakeClock
 from tests.test_http_support import curl, http_config, running, start_edge, statuses
 
 
@@ -212,6 +213,37 @@ async def test_directory_down_cold_site_503_warm_site_served(service: DirectoryS
             assert edge.engine.stats.lookups["error"] >= 1
         finally:
             await service.store.open()
+
+
+async def test_remembered_route_lasts_no_longer_than_the_directory_cache_answers(
+        service: DirectoryService) -> None:
+    """A remembered route stops being used when the cached answers it came from expire: a
+    tenant moved while the change feed is silent is served from its new host once the
+    directory cache's TTL has run out, and not before (the feed is the fast path; the TTL the
+    safety net, for routes as for the cache)."""
+    clock = FakeClock()
+    async with running(service.store, service, backends=2, clock=clock) as (edge, _backends):
+        for _ in range(2):  # the first loads the answers, the second remembers the route
+            assert (await edge.curl(host="www.a.test")).json()["backend"] == "a"
+        route = edge.engine.routes[b"www.a.test"]
+        ttl = edge.config.cache.ttl
+        assert clock.now < route.expires <= clock.now + ttl
+        await service.move_tenant("ta", "host-b")  # not synced: this edge has not heard of it
+        clock.advance(ttl * 0.8)
+        assert (await edge.curl(host="www.a.test")).json()["backend"] == "a"
+        assert edge.engine.routes[b"www.a.test"] is route  # still the warm path
+        clock.advance(ttl * 0.2 + 1)  # every answer behind the route has now expired
+        backends = [(await edge.curl(host="www.a.test")).json()["backend"] for _ in range(2)]
+        # The first may still be served from the expired answer while it is refreshed in the
+        # background ([cache] refresh_window); the refreshed answer is used from then on.
+        for _ in range(100):
+            if backends[-1] == "b":
+                break
+            await asyncio.sleep(0.02)
+            backends.append((await edge.curl(host="www.a.test")).json()["backend"])
+        assert backends[-1] == "b", backends
+        assert (await edge.curl(host="www.a.test")).json()["backend"] == "b"
+        assert edge.engine.routes[b"www.a.test"].host.name == "host-b"  # remembered anew
 
 
 async def test_warm_route_is_remembered_logged_and_forgotten_on_any_change(

@@ -13,7 +13,8 @@ import json
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,9 +241,9 @@ def listening_socket() -> socket.socket:
 
 
 async def start_edge(store: SQLStore, service: DirectoryService, http: HttpConfig | None = None,
-                     ) -> Edge:
+                     *, clock: Callable[[], float] = time.monotonic) -> Edge:
     config = EdgeConfig(http=http or HttpConfig(access_log="off"))
-    directory = Directory(store, config.cache)
+    directory = Directory(store, config.cache, clock=clock)
     feed = ChangeFeed(directory, interval=3600)  # tests apply changes with Edge.sync()
     feed.cursor = await store.latest_change_id()
     feed.healthy = True
@@ -257,9 +258,11 @@ async def start_edge(store: SQLStore, service: DirectoryService, http: HttpConfi
 
 @contextlib.asynccontextmanager
 async def running(store: SQLStore, service: DirectoryService, *, http: HttpConfig | None = None,
-                  backends: int = 1) -> AsyncIterator[tuple[Edge, list[Backend]]]:
+                  backends: int = 1, clock: Callable[[], float] = time.monotonic,
+                  ) -> AsyncIterator[tuple[Edge, list[Backend]]]:
     """Backends a (and b), hosts host-a/host-b pointing at them, tenant ta on host-a with
-    site www.a.test and *.a.test, tenant tb on host-b with www.b.test."""
+    site www.a.test and *.a.test, tenant tb on host-b with www.b.test. ``clock``: the
+    directory cache's."""
     started = [await Backend(name).start() for name in ("a", "b")[:max(backends, 1)]]
     await service.add_host("host-a", "127.0.0.1", http_port=started[0].port)
     await service.add_tenant("ta", "host-a")
@@ -269,7 +272,7 @@ async def running(store: SQLStore, service: DirectoryService, *, http: HttpConfi
         await service.add_host("host-b", "127.0.0.1", http_port=started[1].port)
         await service.add_tenant("tb", "host-b")
         await service.add_site("www.b.test", "tb")
-    edge = await start_edge(service.store, service, http)
+    edge = await start_edge(service.store, service, http, clock=clock)
     try:
         yield edge, started
     finally:

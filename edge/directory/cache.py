@@ -135,6 +135,13 @@ class LookupCache(Generic[K, V]):
             self.stats.hits += 1
         return entry.value
 
+    def expiry(self, key: K) -> float:
+        """When the cached answer for ``key`` expires, on this cache's clock (``-inf`` if none
+        is cached). Lets a caller that keeps something derived from answers (the HTTP proxy's
+        remembered routes) keep it no longer than the answers themselves."""
+        entry = self._entries.get(key)
+        return entry.expires if entry is not None else float("-inf")
+
     def _refreshing(self, key: K, entry: _Entry[V], now: float) -> bool:
         """Whether the expired ``entry`` may still be served while a refresh of it runs."""
         if entry.value is None or now >= entry.expires + self.refresh_window:

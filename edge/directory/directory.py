@@ -51,6 +51,8 @@ class Directory:
                  keybox: KeyBox | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.clock = clock
+        """The clock every lookup cache's expiry times are on (see :meth:`route_expiry`)."""
         self.config = config = config or CacheConfig()
         self.keybox = keybox
 
@@ -132,6 +134,18 @@ class Directory:
             return exact
         parent = wildcard_parent(hostname)
         return None if parent is None else self.wildcards.peek(parent)
+
+    def route_expiry(self, hostname: str, site: Site, tenant: Tenant) -> float:
+        """When the first of the cached answers that resolved ``hostname`` (already
+        normalised) to ``site`` → ``tenant`` → its host expires, on :attr:`clock`: whatever is
+        derived from that route must not be used past it. For a wildcard match the exact
+        name's negative answer counts too."""
+        expires = min(self.sites.expiry(hostname), self.tenants.expiry(site.tenant),
+                      self.hosts.expiry(tenant.host))
+        if site.hostname != hostname:
+            parent = wildcard_parent(hostname)
+            expires = min(expires, self.wildcards.expiry(parent) if parent else float("-inf"))
+        return expires
 
     async def site(self, hostname: str) -> Site | None:
         """The site serving ``hostname``: exact match first, then ``*.parent`` (one label).
