@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 import time
 from typing import TYPE_CHECKING
 
@@ -78,11 +77,6 @@ _SPECIAL = {b"host": _HOST, b"transfer-encoding": _TE, b"content-length": _CL, b
 _NAME_CODES: dict[bytes, int] = {}
 """Raw header name → code, memoised (bounded) so a request costs one dict lookup per header."""
 _NAME_CODES_MAX = 4096
-_RESP_HOP = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection)[ \t]*:[^\r\n]*",
-                       re.IGNORECASE)
-# A Connection header naming more than keep-alive/close/upgrade: other headers to remove.
-_CONN_NAMES = re.compile(
-    rb"\r\nconnection[ \t]*:(?![ \t]*(?:keep-alive|close|upgrade)[ \t]*\r)", re.IGNORECASE)
 _FORWARDED_HEADERS = (b"X-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: %b\r\n"
                       b"X-Forwarded-Host: %b\r\nForwarded: for=%b;host=\"%b\";proto=%b\r\n")
 _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT"})
@@ -877,15 +871,6 @@ class ClientConnection(asyncio.Protocol):
             req.conn = None
             self._serve_stale_after_error(req)
             return
-        last = conn.last_head
-        if head == last[0]:
-            head = last[1]
-        else:
-            raw = head
-            stripped, hop_headers = _RESP_HOP.subn(b"", head)
-            if hop_headers:
-                head = _strip_response_hop(head) if _CONN_NAMES.search(head) is not None else stripped
-            conn.last_head = (raw, head)
         req.status = status
         if req.store:
             self._start_capture(req, status, head, rest)
@@ -1169,23 +1154,6 @@ def _host_name(value: bytes) -> str:
 
 _X_CACHE = {None: b"", "HIT": b"X-Cache: HIT\r\n", "MISS": b"X-Cache: MISS\r\n",
             "STALE": b"X-Cache: STALE\r\n", "BYPASS": b"X-Cache: BYPASS\r\n"}
-
-
-def _strip_response_hop(head: bytes) -> bytes:
-    """Remove Connection/Keep-Alive/Proxy-Connection and the headers Connection names."""
-    names: set[bytes] = set()
-    for match in _RESP_HOP.finditer(head):
-        line = match.group()[2:]
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"connection":
-            names.update(t.strip().lower() for t in value.split(b","))
-    head = _RESP_HOP.sub(b"", head)
-    names -= {b"close", b"keep-alive", b"upgrade", b""}
-    if names:
-        lines = head.split(b"\r\n")
-        head = b"\r\n".join(ln for i, ln in enumerate(lines)
-                            if i == 0 or ln.partition(b":")[0].strip().lower() not in names)
-    return head
 
 
 def _parse_head(head: bytes) -> dict[str, str]:

@@ -460,10 +460,9 @@ class _Refresh:
 
     def response_start(self, conn: BackendConnection, status: int, head: bytes, rest: bytes) -> None:
         from httpproxy.cachepolicy import response_storability
-        from httpproxy.connection import _parse_head, _strip_response_hop
+        from httpproxy.connection import _parse_head
 
         self.status = status
-        head = _strip_response_hop(head)
         assert self.state is not None
         verdict = response_storability(status, _parse_head(head), self.state.policy, time.time(),
                                        path=self.target.decode("latin-1"))

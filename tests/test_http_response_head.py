@@ -1,0 +1,98 @@
+"""``httpproxy.upstream.examine_head``: the one-scan examination of a backend's response head
+(body framing, ``Connection: close``, hop-by-hop stripping) against a reference written the
+way the proxy used to do it, with one regex per question, on generated heads that include
+the shapes smuggling and response splitting are made of."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from httpproxy.upstream import examine_head, strip_hop_headers
+
+# -- the reference: five separate scans, as before examine_head ------------------------------
+
+_FRAMING = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.IGNORECASE)
+_CLOSE = re.compile(rb"\r\nconnection[ \t]*:[^\r\n]*\bclose\b", re.IGNORECASE)
+_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]{1,15})[ \t]*\r\n", re.IGNORECASE)
+_RESP_HOP = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection)[ \t]*:[^\r\n]*",
+                       re.IGNORECASE)
+
+
+def reference_length(head: bytes, status: int) -> int:
+    if status in (204, 304) or not head.startswith(b"HTTP/1.1 "):
+        return -1
+    match = _LENGTH.search(head)
+    if match is None or len(_FRAMING.findall(head)) != 1:
+        return -1
+    return int(match.group(1))
+
+
+def reference_strip(head: bytes) -> bytes:
+    names: set[bytes] = set()
+    for match in _RESP_HOP.finditer(head):
+        name, _, value = match.group()[2:].partition(b":")
+        if name.strip().lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b","))
+    head = _RESP_HOP.sub(b"", head)
+    names -= {b"close", b"keep-alive", b"upgrade", b""}
+    if names:
+        lines = head.split(b"\r\n")
+        head = b"\r\n".join(ln for i, ln in enumerate(lines)
+                            if i == 0 or ln.partition(b":")[0].strip().lower() not in names)
+    return head
+
+
+# -- generated heads ------------------------------------------------------------------------
+
+NAMES = [b"Content-Length", b"content-length", b"CONTENT-LENGTH ", b"Transfer-Encoding",
+         b"Connection", b"connection", b"Keep-Alive", b"Proxy-Connection", b"X-Secret",
+         b"x-secret", b"Date", b"Server", b"Set-Cookie", b"Upgrade"]
+VALUES = [b"0", b"12", b" 1024 ", b"\t7\t", b"12, 12", b"-1", b"1e3", b"1234567890123456",
+          b"chunked", b"close", b"keep-alive", b"Keep-Alive, close", b"x-secret", b"upgrade",
+          b"X-Secret, close", b"foo-close", b"timeout=5", b"", b"12\nX: y", b"a\rb",
+          b"Mon, 23 Nov 2026 00:00:00 GMT"]
+STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK", b"HTTP/1.1 204 No Content",
+                b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 404 Not Found"]
+
+fields = st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from([b":", b" :", b": ", b":\t"]),
+                            st.sampled_from(VALUES)), max_size=8)
+
+
+def build(status_line: bytes, parts: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    return status_line + b"\r\n" + b"".join(n + sep + v + b"\r\n" for n, sep, v in parts)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.sampled_from(STATUS_LINES), fields)
+def test_examine_head_agrees_with_one_scan_per_question(status_line: bytes,
+                                                        parts: list[tuple[bytes, bytes, bytes]]) -> None:
+    head = build(status_line, parts)
+    status = int(head[9:12])
+    raw, length, close, seen_status, stripped = examine_head(head, status)
+    assert raw is head and seen_status == status
+    assert length == reference_length(head, status)
+    assert close == (_CLOSE.search(head) is not None)
+    assert stripped == reference_strip(head)
+
+
+def test_what_a_client_is_sent_and_how_the_body_is_framed() -> None:
+    """The cases by name: what reaches the client, and whether the proxy counts the body."""
+    head = (b"HTTP/1.1 200 OK\r\nDate: x\r\nConnection: keep-alive, X-Secret\r\n"
+            b"X-Secret: internal\r\nKeep-Alive: timeout=5\r\nContent-Length: 5\r\n")
+    _, length, close, _, stripped = examine_head(head, 200)
+    assert (length, close) == (5, False)
+    assert stripped == b"HTTP/1.1 200 OK\r\nDate: x\r\nContent-Length: 5\r\n"
+    # Two lengths, or a length beside chunked: llhttp decides (and refuses), never us.
+    assert examine_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n", 200)[1] == -1
+    assert examine_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+                        b"Transfer-Encoding: chunked\r\n", 200)[1] == -1
+    assert examine_head(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n", 200)[1] == -1
+    assert examine_head(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n", 204)[1] == -1
+    # A bare LF inside the value is not a plain length.
+    assert examine_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\nX: y\r\n", 200)[1] == -1
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n"
+    assert examine_head(closing, 200)[2] is True
+    assert strip_hop_headers(closing) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
