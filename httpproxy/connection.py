@@ -49,9 +49,10 @@ from httpproxy.cachepolicy import (
 from httpproxy.rules import RequestHead, evaluate_after_ip, evaluate_filters, ip_refusal
 from httpproxy.upstream import BackendConnection, BackendKey, is_close_delimited
 
-FILTER_MEMO_KEY_BYTES = 1024
-"""Target + User-Agent + Host bytes beyond which a request's filter outcome is not remembered
-(bounds :attr:`httpproxy.server.SiteState.filter_memo`'s memory)."""
+MEMO_KEY_BYTES = 1024
+"""Target + the other request bytes in a memo key beyond which a request's filter outcome or
+cache decision is not remembered (bounds :attr:`httpproxy.server.SiteState.filter_memo` and
+``cache_memo`` per entry; :data:`httpproxy.server.MEMO_ENTRIES_MAX` bounds the count)."""
 
 if TYPE_CHECKING:
     from httpproxy.server import FilterMemoKey, HttpEngine, Route, SiteState
@@ -665,15 +666,21 @@ class ClientConnection(asyncio.Protocol):
                 # The IP rules (their outcome is remembered per address in the compiled
                 # rules), then the rest, remembered per request shape (SiteState.filter_memo:
                 # only the inputs these rules read, not the client).
-                refused = (ip_refusal(self.client_ip, state.filters, scheme=self.scheme, site=site)
-                           if state.filters.has_ip_rules else None)
+                refused = None
+                if state.filters.has_ip_rules:
+                    verdicts = state.filters.ip_verdicts
+                    known = len(verdicts)
+                    refused = ip_refusal(self.client_ip, state.filters, scheme=self.scheme,
+                                         site=site)
+                    if len(verdicts) > known:
+                        engine.memo_grew()
                 if refused is not None:
                     self._refuse_status(req, refused.status, refused.reason, refused.headers)
                     return
                 target, ua = req.target, req.user_agent if state.memo_user_agent else None
                 host_raw = req.host_raw if state.memo_host else None
                 if (len(target) + (len(ua) if ua is not None else 0)
-                        + (len(host_raw) if host_raw is not None else 0)) <= FILTER_MEMO_KEY_BYTES:
+                        + (len(host_raw) if host_raw is not None else 0)) <= MEMO_KEY_BYTES:
                     filter_key = (self.scheme, req.method, target, ua, host_raw)
                     found = state.filter_memo.get(filter_key)
             if found is None:
@@ -685,14 +692,18 @@ class ClientConnection(asyncio.Protocol):
                     decision = evaluate_after_ip(head_for_filters, self.client_ip, state.filters,
                                                  scheme=self.scheme, site=site)
                 else:
+                    verdicts = state.filters.ip_verdicts
+                    known = len(verdicts)
                     decision = evaluate_filters(head_for_filters, self.client_ip, state.filters,
                                                 scheme=self.scheme, site=site,
                                                 rate_limiter=state.limiter)
+                    if len(verdicts) > known:
+                        engine.memo_grew()
                 found = (decision, b"".join(f"{k}: {v}\r\n".encode("latin-1")
                                             for k, v in decision.headers)
                          if decision.headers and not decision.status else b"")
                 if filter_key is not None:
-                    state.remember_filters(filter_key, found)
+                    engine.remember_filters(state, filter_key, found)
             decision, extra = found
             if decision.status:
                 self._refuse_status(req, decision.status, decision.reason, decision.headers)
@@ -702,7 +713,8 @@ class ClientConnection(asyncio.Protocol):
         if cache is not None and state.policy.mode != "off":
             memo_key = None
             memo = None
-            if not req.cache_sensitive:
+            if not req.cache_sensitive and (len(req.target) + len(req.host_header) + len(
+                    req.accept_encoding or b"")) <= MEMO_KEY_BYTES:
                 # Without Authorization/Cookie/Range/Cache-Control/Pragma the decision and the
                 # key depend only on these values: remember them per site.
                 memo_key = (req.method, req.target, req.host_header, req.accept_encoding,
@@ -716,7 +728,7 @@ class ClientConnection(asyncio.Protocol):
                 memo = (verdict, encoding_variant(ae).encode("ascii"),
                         engine.cache_key(req, head.path, ae, self.scheme))
                 if memo_key is not None:
-                    state.remember(memo_key, memo)
+                    engine.remember_cache(state, memo_key, memo)
             verdict = memo[0]
             if verdict.action is RequestAction.BYPASS or req.http10:
                 # HTTP/1.0 clients cannot read stored chunked bodies, and what their backend

@@ -71,10 +71,15 @@ SITE_STATES_MAX = 100_000
 """Compiled per-site states kept per worker (oldest dropped first)."""
 MemoKey = tuple[bytes, bytes, str, bytes | None, str]
 CACHE_MEMO_MAX = 4096
-"""Remembered cache decisions per site (see SiteState.cache_memo)."""
+"""Remembered cache decisions per site (see SiteState.cache_memo); cleared when full."""
 FILTER_MEMO_MAX = 1024
-"""Remembered filter outcomes per site (see SiteState.filter_memo); cleared when full. With
-connection.FILTER_MEMO_KEY_BYTES this bounds the memo at about 1 MiB per site."""
+"""Remembered filter outcomes per site (see SiteState.filter_memo); cleared when full."""
+MEMO_ENTRIES_MAX = 262_144
+"""Entries all sites' memos together (cache decisions, filter outcomes, IP-rule verdicts) may
+gain in one worker before every site's memos are forgotten (:meth:`HttpEngine.memo_grew`).
+Each site's own bound alone would let a scan over many sites, with many distinct URLs or
+client addresses, grow them with the number of sites; with the key bound
+(``connection.MEMO_KEY_BYTES``) this keeps them under a few hundred MiB whatever arrives."""
 FilterMemoKey = tuple[str, bytes, bytes, bytes | None, bytes | None]
 
 
@@ -110,15 +115,14 @@ class SiteState:
         """(scheme, method, target, User-Agent if read, Host if read) → (the decision of
         :func:`httpproxy.rules.evaluate_after_ip`, the response headers it adds as bytes)."""
 
-    def remember(self, key: MemoKey, value: tuple[Any, bytes, bytes]) -> None:
-        if len(self.cache_memo) >= CACHE_MEMO_MAX:
-            self.cache_memo.clear()
-        self.cache_memo[key] = value
+    def memo_entries(self) -> int:
+        """Entries in this site's memos (cache decisions, filter outcomes, IP verdicts)."""
+        return len(self.cache_memo) + len(self.filter_memo) + len(self.filters.ip_verdicts)
 
-    def remember_filters(self, key: FilterMemoKey, value: tuple[Decision, bytes]) -> None:
-        if len(self.filter_memo) >= FILTER_MEMO_MAX:
-            self.filter_memo.clear()
-        self.filter_memo[key] = value
+    def forget_memos(self) -> None:
+        self.cache_memo.clear()
+        self.filter_memo.clear()
+        self.filters.ip_verdicts.clear()
 
     def log_route(self, tenant: Tenant, host: Host) -> bytes:
         """The access log's site/tenant/host fields, built once per route."""
@@ -192,6 +196,9 @@ class HttpEngine:
         self._trusted = {"http": ProxyHeaderPolicy("off", trusted).networks,
                          "https": ProxyHeaderPolicy("off", self.config.https.trusted_proxies).networks}
         self._sites: dict[str, SiteState] = {}
+        self.memo_entries = 0
+        """Entries added to per-site memos since they were last all forgotten."""
+        self.memo_resets = 0
         self.routes: dict[bytes, Route] = {}
         """Raw Host header → :class:`Route` (the warm path skips decoding and three lookups)."""
         self.connections: set[ClientConnection] = set()
@@ -289,6 +296,35 @@ class HttpEngine:
                 self._sites.pop(next(iter(self._sites)))
             state = self._sites[site.hostname] = SiteState(site)
         return state
+
+    def remember_cache(self, state: SiteState, key: MemoKey, value: tuple[Any, bytes, bytes]) -> None:
+        """Remember a cache decision for ``state``'s site (see :attr:`SiteState.cache_memo`)."""
+        memo = state.cache_memo
+        if len(memo) >= CACHE_MEMO_MAX:
+            memo.clear()
+        memo[key] = value
+        self.memo_grew()
+
+    def remember_filters(self, state: SiteState, key: FilterMemoKey,
+                         value: tuple[Decision, bytes]) -> None:
+        """Remember a filter outcome for ``state``'s site (see :attr:`SiteState.filter_memo`)."""
+        memo = state.filter_memo
+        if len(memo) >= FILTER_MEMO_MAX:
+            memo.clear()
+        memo[key] = value
+        self.memo_grew()
+
+    def memo_grew(self, entries: int = 1) -> None:
+        """Count entries added to any site's memos; at :data:`MEMO_ENTRIES_MAX` forget them
+        all (every site state, including those only remembered routes still hold)."""
+        self.memo_entries += entries
+        if self.memo_entries >= MEMO_ENTRIES_MAX:
+            self.memo_entries = 0
+            self.memo_resets += 1
+            for state in self._sites.values():
+                state.forget_memos()
+            for route in self.routes.values():
+                route.state.forget_memos()
 
     def remember_route(self, raw: bytes, name: str, req: Request, site: Site, tenant: Tenant,
                        host: Host, state: SiteState, backend_key: BackendKey | None) -> Route:
