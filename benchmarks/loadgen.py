@@ -206,12 +206,18 @@ async def tls_handshakes(port: int, names: Sequence[str], *, count: int, seconds
 
 async def tls_handshakes_multi(port: int, names: Sequence[str], *, count: int, seconds: float,
                                concurrency: int = 16, clients: int = 1,
-                               host: str = "127.0.0.1") -> HandshakeLoad:
+                               host: str = "127.0.0.1", offset: int = 0) -> HandshakeLoad:
     """:func:`tls_handshakes` from ``clients`` processes at once (one Python client process
-    tops out at a few hundred handshakes/s), results merged."""
+    tops out at a few hundred handshakes/s), results merged.
+
+    The ``count`` handshakes use the names from position ``offset`` on (cyclically), split into
+    one contiguous slice per client: ``count = len(names)`` visits every name once, and a
+    caller that advances ``offset`` by ``count`` each time keeps cycling through all of them."""
     if clients <= 1:
-        return await tls_handshakes(port, names, count=count, seconds=seconds,
-                                    concurrency=concurrency, host=host)
+        start = offset % len(names)
+        return await tls_handshakes(port, [*names[start:], *names[:start]], count=count,
+                                    seconds=seconds, concurrency=concurrency, host=host)
+    share = max(1, count // clients)
     import sys
     import tempfile
 
@@ -220,9 +226,9 @@ async def tls_handshakes_multi(port: int, names: Sequence[str], *, count: int, s
     try:
         procs = [await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.loadgen", "tls", "--host", host, "--port",
-            str(port), "--names", handle.name, "--count", str(max(1, count // clients)),
+            str(port), "--names", handle.name, "--count", str(share),
             "--seconds", str(seconds), "--concurrency", str(max(1, concurrency // clients)),
-            "--offset", str(i * 7919), stdout=subprocess.PIPE) for i in range(clients)]
+            "--offset", str(offset + i * share), stdout=subprocess.PIPE) for i in range(clients)]
         outputs = await asyncio.gather(*(asyncio.wait_for(p.communicate(), seconds + 60)
                                          for p in procs))
     finally:
