@@ -88,6 +88,76 @@ def examine_head(head: bytes, status: int) -> HeadFacts:
     return (head, length, close, status, stripped)
 
 
+TEMPLATE_TRIES = 4
+"""Heads in a row that may miss a connection's :class:`HeadTemplate` before it stops making one."""
+_DATE_VALUE = re.compile(rb"\r\ndate[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r\n", re.IGNORECASE)
+
+
+class HeadTemplate:
+    """A backend's next response head is usually its last one with another ``Date`` and
+    another ``Content-Length``: this recognises exactly that case and derives the head's
+    facts from the last :func:`examine_head` in ~1 µs instead of ~3.5.
+
+    The last head is kept as the bytes around those two values (``pre`` | date | ``mid`` |
+    digits | ``post``). A new head matches only if it is those same bytes around a date of
+    the same length without CR or LF, and 1-15 ASCII digits. It then has the same header
+    lines in the same order, so the same framing (one plain Content-Length), the same
+    ``Connection`` verdict and the same hop-by-hop lines, each inside one of the three parts
+    (a value never spans a line break). Anything else is examined in full. A head whose
+    ``Connection`` names other headers to drop gets no template (one of those could be
+    ``Date``)."""
+
+    __slots__ = ("close", "date_at", "date_len", "mid", "post", "pre", "status", "stripped")
+
+    def __init__(self, pre: bytes, date_len: int, mid: bytes, post: bytes, close: bool,
+                 status: int, stripped: tuple[bytes, bytes, bytes]) -> None:
+        self.pre = pre
+        self.date_at = len(pre)
+        self.date_len = date_len
+        self.mid = mid
+        self.post = post
+        self.close = close
+        self.status = status
+        self.stripped = stripped
+
+    @classmethod
+    def of(cls, facts: HeadFacts) -> HeadTemplate | None:
+        """The template of an examined head, or None if it is not of the usual kind."""
+        head, length, close, status, _ = facts
+        if length < 0 or _CONN_NAMES.search(head) is not None:
+            return None
+        value = _LENGTH.search(head)
+        if value is None:
+            return None
+        length_at, length_end = value.span(1)
+        date = _DATE_VALUE.search(head, 0, length_at)  # a Date line before Content-Length
+        if date is not None and len(_DATE_VALUE.findall(head)) == 1:
+            date_at, date_end = date.span(1)
+        else:
+            date_at = date_end = length_at  # no Date to vary: only the length may
+        pre, mid, post = head[:date_at], head[date_end:length_at], head[length_end:]
+        return cls(pre, date_end - date_at, mid, post, close, status,
+                   (_HOP.sub(b"", pre), _HOP.sub(b"", mid), _HOP.sub(b"", post)))
+
+    def match(self, head: bytes) -> HeadFacts | None:
+        """The facts of ``head`` if it is this template's head with another date and length."""
+        pre, post = self.pre, self.post
+        if not head.startswith(pre) or not head.endswith(post):
+            return None
+        mid_at = self.date_at + self.date_len
+        digits_at = mid_at + len(self.mid)
+        digits = head[digits_at:len(head) - len(post)]
+        if (not 0 < len(digits) <= 15 or not digits.isdigit()
+                or head[mid_at:digits_at] != self.mid):
+            return None
+        date = head[self.date_at:mid_at]
+        if b"\r" in date or b"\n" in date:
+            return None
+        spre, smid, spost = self.stripped
+        return (head, int(digits), self.close, self.status,
+                b"".join((spre, date, smid, digits, spost)))
+
+
 def strip_hop_headers(head: bytes) -> bytes:
     """``head`` without its hop-by-hop headers (see :func:`examine_head`)."""
     return examine_head(head, 0)[4]
@@ -137,7 +207,8 @@ class BackendConnection(asyncio.Protocol):
     """One keep-alive connection to a backend; serves one request at a time."""
 
     __slots__ = ("_buf", "_checking", "_head", "_head_done", "_held_end", "_last_framing", "_loop",
-                 "_parser", "_remaining", "_timer", "close_delimited", "closed", "head_request",
+                 "_misfits", "_parser", "_remaining", "_template", "_timer", "close_delimited",
+                 "closed", "head_request",
                  "idle_since", "key", "last_io", "pool", "responded", "sink", "status",
                  "transport", "uses")
 
@@ -168,6 +239,9 @@ class BackendConnection(asyncio.Protocol):
         self.last_io = 0.0
         self.status = 0
         self.uses = 0
+        self._template: HeadTemplate | None = None
+        self._misfits = 0
+        """Heads in a row that did not fit the template (templates stop after TEMPLATE_TRIES)."""
         self._last_framing: HeadFacts = (b"", -1, False, 0, b"")
         """:func:`examine_head` of this connection's last final response head: identical
         heads (same Date second) are examined once; the next response with that head skips the
@@ -290,7 +364,7 @@ class BackendConnection(asyncio.Protocol):
             sink.response_upgrade(self, head, rest)
             return
         if head != framing[0]:
-            framing = self._last_framing = examine_head(head, status)
+            framing = self._last_framing = self._examine(head, status)
         length = -1 if self.head_request else framing[1]
         extra = False
         if length >= 0:
@@ -342,6 +416,21 @@ class BackendConnection(asyncio.Protocol):
                 self._parser.feed_data(rest)
             except httptools.HttpParserError:
                 self._fail("truncated")
+
+    def _examine(self, head: bytes, status: int) -> HeadFacts:
+        """:func:`examine_head`, through this connection's :class:`HeadTemplate` when it fits."""
+        template = self._template
+        if template is not None:
+            facts = template.match(head)
+            if facts is not None and facts[3] == status:
+                self._misfits = 0
+                return facts
+            self._misfits += 1
+        facts = examine_head(head, status)
+        # A backend whose heads differ in more than Date and Content-Length (ETag, cookies)
+        # would pay for a template per response: stop trying after a few misfits in a row.
+        self._template = HeadTemplate.of(facts) if self._misfits < TEMPLATE_TRIES else None
+        return facts
 
     def _read_status(self, sink: ResponseSink, buf: bytes, end: int) -> int:
         """Check the status line of the response in ``buf`` (``end``: where its head ends, or

@@ -10,13 +10,15 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from httpproxy.upstream import examine_head, strip_hop_headers
+from httpproxy.upstream import HeadTemplate, examine_head, strip_hop_headers
 
 # -- the reference: five separate scans, as before examine_head ------------------------------
 
 _FRAMING = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.IGNORECASE)
 _CLOSE = re.compile(rb"\r\nconnection[ \t]*:[^\r\n]*\bclose\b", re.IGNORECASE)
 _LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]{1,15})[ \t]*\r\n", re.IGNORECASE)
+_CONN_NAMES = re.compile(
+    rb"\r\nconnection[ \t]*:(?![ \t]*(?:keep-alive|close|upgrade)[ \t]*\r)", re.IGNORECASE)
 _RESP_HOP = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection)[ \t]*:[^\r\n]*",
                        re.IGNORECASE)
 
@@ -97,3 +99,48 @@ def test_what_a_client_is_sent_and_how_the_body_is_framed() -> None:
     closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n"
     assert examine_head(closing, 200)[2] is True
     assert strip_hop_headers(closing) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+
+
+# -- the per-connection template (HeadTemplate) ----------------------------------------------
+
+DATES = st.binary(min_size=29, max_size=29) | st.sampled_from(
+    [b"Tue, 24 Nov 2026 02:14:01 GMT", b"Tue, 24 Nov 2026\r\nX: 1:01 GMT",
+     b"Tue, 24 Nov 2026 02:1\n:01 GMT", b"0\r\nTransfer-Encoding: chunked",
+     b"\r\nConnection: close, x-secret", b"\r\nContent-Length: 5\r\nX-Y: zzz"])
+LENGTHS = st.sampled_from([b"0", b"7", b"1234", b"999999999999999", b"1234567890123456", b"",
+                           b"12a", b" 12", b"\xd9\xa3", b"12\r\nTransfer-Encoding: chunked"])
+
+
+def _with_values(head: bytes, date: bytes | None, length: bytes) -> bytes:
+    """``head`` with its first Date value (unless ``date`` is None) and its Content-Length
+    digits replaced."""
+    date_match = re.search(rb"\r\nDate: ([^\r\n]*)\r\n", head)
+    if date_match is not None and date is not None:
+        head = head[:date_match.start(1)] + date + head[date_match.end(1):]
+    length_match = re.search(rb"\r\nContent-Length: ([0-9]+)\r\n", head)
+    if length_match is not None:
+        head = head[:length_match.start(1)] + length + head[length_match.end(1):]
+    return head
+
+
+@settings(max_examples=3000, deadline=None)
+@given(fields, st.booleans(), DATES, LENGTHS, st.sampled_from(STATUS_LINES), fields)
+def test_a_template_answers_as_examine_head_would_or_not_at_all(
+        before: list[tuple[bytes, bytes, bytes]], with_date: bool, date: bytes, length: bytes,
+        other_status: bytes, other: list[tuple[bytes, bytes, bytes]]) -> None:
+    base = [(b"Date", b": ", b"Tue, 24 Nov 2026 02:14:00 GMT")] if with_date else []
+    first = build(b"HTTP/1.1 200 OK", [*base, *before, (b"Content-Length", b": ", b"47")])
+    template = HeadTemplate.of(examine_head(first, 200))
+    if template is None:  # e.g. a second framing header among the generated ones
+        assert examine_head(first, 200)[1] == -1 or _CONN_NAMES.search(first)
+        return
+    for head in (_with_values(first, date, length), build(other_status, other)):
+        status = int(head[9:12])
+        facts = template.match(head)
+        assert facts is None or facts == examine_head(head, status), head
+    if not any(name.strip().lower() == b"date" for name, _, _ in before):
+        # The usual case, one Date line and a new length, does fit (a second Date line
+        # leaves the date out of the template: only the length may vary then).
+        plain = _with_values(first, b"Wed, 25 Nov 2026 03:15:01 GMT" if with_date else None,
+                             b"1234")
+        assert template.match(plain) == examine_head(plain, 200)
