@@ -46,7 +46,7 @@ from httpproxy.cachepolicy import (
     request_cacheability,
     response_storability,
 )
-from httpproxy.rules import RequestHead, evaluate_after_ip, evaluate_filters, ip_refusal
+from httpproxy.rules import RequestHead, evaluate_after_ip, ip_refusal
 from httpproxy.upstream import BackendConnection, BackendKey, is_close_delimited
 
 MEMO_KEY_BYTES = 1024
@@ -660,23 +660,22 @@ class ClientConnection(asyncio.Protocol):
         head: RequestHead | None = None
         extra = b""
         if state.evaluate_filters:
-            filter_key: FilterMemoKey | None = None
-            found = None
-            if state.memo_filters:
-                # The IP rules (their outcome is remembered per address in the compiled
-                # rules), then the rest, remembered per request shape (SiteState.filter_memo:
-                # only the inputs these rules read, not the client).
-                refused = None
-                if state.filters.has_ip_rules:
-                    verdicts = state.filters.ip_verdicts
-                    known = len(verdicts)
-                    refused = ip_refusal(self.client_ip, state.filters, scheme=self.scheme,
-                                         site=site)
-                    if len(verdicts) > known:
-                        engine.memo_grew()
+            # The IP rules first: their outcome is remembered per address in the compiled
+            # rules (counted against server.MEMO_ENTRIES_MAX like the other memos).
+            if state.filters.has_ip_rules:
+                verdicts = state.filters.ip_verdicts
+                known = len(verdicts)
+                refused = ip_refusal(self.client_ip, state.filters, scheme=self.scheme, site=site)
+                if len(verdicts) > known:
+                    engine.memo_grew()
                 if refused is not None:
                     self._refuse_status(req, refused.status, refused.reason, refused.headers)
                     return
+            filter_key: FilterMemoKey | None = None
+            found = None
+            if state.memo_filters:
+                # The rest is remembered per request shape (SiteState.filter_memo: only the
+                # inputs these rules read, not the client).
                 target, ua = req.target, req.user_agent if state.memo_user_agent else None
                 host_raw = req.host_raw if state.memo_host else None
                 if (len(target) + (len(ua) if ua is not None else 0)
@@ -685,20 +684,12 @@ class ClientConnection(asyncio.Protocol):
                     found = state.filter_memo.get(filter_key)
             if found is None:
                 # Only the headers the filters read are decoded (the cache decision below
-                # builds the full head when it needs one).
+                # builds the full head when it needs one). No rate limiter when memo_filters.
                 head_for_filters = RequestHead.for_filters(req.method, req.target, req.host_raw,
                                                            req.user_agent, req.authorization)
-                if state.memo_filters:  # the IP rules passed above
-                    decision = evaluate_after_ip(head_for_filters, self.client_ip, state.filters,
-                                                 scheme=self.scheme, site=site)
-                else:
-                    verdicts = state.filters.ip_verdicts
-                    known = len(verdicts)
-                    decision = evaluate_filters(head_for_filters, self.client_ip, state.filters,
-                                                scheme=self.scheme, site=site,
-                                                rate_limiter=state.limiter)
-                    if len(verdicts) > known:
-                        engine.memo_grew()
+                decision = evaluate_after_ip(head_for_filters, self.client_ip, state.filters,
+                                             scheme=self.scheme, site=site,
+                                             rate_limiter=state.limiter)
                 found = (decision, b"".join(f"{k}: {v}\r\n".encode("latin-1")
                                             for k, v in decision.headers)
                          if decision.headers and not decision.status else b"")

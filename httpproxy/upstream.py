@@ -158,11 +158,6 @@ class HeadTemplate:
                 b"".join((spre, date, smid, digits, spost)))
 
 
-def strip_hop_headers(head: bytes) -> bytes:
-    """``head`` without its hop-by-hop headers (see :func:`examine_head`)."""
-    return examine_head(head, 0)[4]
-
-
 def is_close_delimited(head: bytes, status: int) -> bool:
     """True if a response with this head (to a non-HEAD request) ends when the connection
     closes: no Content-Length, no Transfer-Encoding, and a status that has a body."""
@@ -421,8 +416,8 @@ class BackendConnection(asyncio.Protocol):
         """:func:`examine_head`, through this connection's :class:`HeadTemplate` when it fits."""
         template = self._template
         if template is not None:
-            facts = template.match(head)
-            if facts is not None and facts[3] == status:
+            facts = template.match(head)  # its status line is part of the template
+            if facts is not None:
                 self._misfits = 0
                 return facts
             self._misfits += 1
