@@ -145,7 +145,11 @@ class HttpConfig(ProxyListenerConfig):
     header_timeout: float = 10.0
     """Seconds to receive a whole request head once it started (slowloris) → 408."""
     keepalive_timeout: float = 75.0
-    """Seconds an idle client keep-alive connection is kept between requests."""
+    """Seconds an idle client keep-alive connection is kept between requests (a new connection
+    gets ``header_timeout`` for its first byte)."""
+    max_connections_per_ip: int = 256
+    """Open client connections (plain and TLS together, per worker) from one client address,
+    after PROXY protocol; more are answered 429 and closed. 0 = no cap."""
     backend_connect_timeout: float = 5.0
     backend_timeout: float = 60.0
     """Seconds without any byte from the backend while a response is due → 504."""

@@ -97,6 +97,8 @@ QUEUE_LIMIT = 32
 BODY_BUFFER_LIMIT = 1 << 20
 """Bytes of not-yet-forwarded request body buffered before reading pauses."""
 
+_LINGER = 2.0
+"""Seconds a connection turned away (429) waits for its client to close before we close."""
 # Client timer states.
 _IDLE, _HEAD, _BODY, _BUSY = 0, 1, 2, 3
 
@@ -195,6 +197,7 @@ class ClientConnection(asyncio.Protocol):
         "_traffic",
         "_url",
         "active",
+        "cap_key",
         "client_ip",
         "client_port",
         "closed",
@@ -221,6 +224,8 @@ class ClientConnection(asyncio.Protocol):
         """Our address of the client connection, looked up only for a PROXY header to a backend
         (a getsockname() syscall saved on every other connection)."""
         self.trusted = False
+        self.cap_key: str | None = None
+        """The client address holding a slot of ``engine.per_address`` (released on close)."""
         self._parser = httptools.HttpRequestParser(self)
         self._proxy_parser: ProxyHeaderParser | None = None
         self._url = b""
@@ -260,7 +265,26 @@ class ClientConnection(asyncio.Protocol):
         if self.scheme == "http" and engine.proxy_policy is not None:
             self._proxy_parser = engine.proxy_policy.parser_for(peer_ip)
         engine.opened(self)
-        self._set_timer(_IDLE, engine.settings.keepalive_timeout)
+        # Until its first request a connection has cost its client nothing: it gets
+        # header_timeout, not keepalive_timeout (a crowd of silent sockets is a slowloris).
+        self._set_timer(_IDLE, engine.settings.header_timeout)
+        if self._proxy_parser is None and not engine.admit(self):
+            self._turn_away()
+
+    def _turn_away(self) -> None:
+        """Over the per-address cap: answer 429 at once, drop what the client sends, close
+        when it has read the answer and closes (or after a short linger: an unread request
+        left in the socket would make the close a reset that can destroy the answer)."""
+        self.closing = True
+        if self.transport is None:
+            return
+        self.transport.write(pages.response(
+            429, self.engine.settings.error_page_brand, headers=(("Retry-After", "10"),),
+            close=True, text="Too many connections from your address; please try again later."))
+        if self._timer is not None:  # armed for header_timeout: the linger is shorter
+            self._timer.cancel()
+            self._timer = None
+        self._set_timer(_IDLE, min(_LINGER, self.engine.settings.header_timeout))
 
     def _set_client_bytes(self) -> None:
         self._fwd_host = None
@@ -354,6 +378,9 @@ class ClientConnection(asyncio.Protocol):
                 self.client_ip, self.client_port = header.source
                 self.trusted = self.engine.is_trusted(self.scheme, self.client_ip)
                 self._set_client_bytes()
+            if not self.engine.admit(self):  # counted by the address the balancer saw
+                self._turn_away()
+                return
             data = result.remaining
             if not data:
                 return
@@ -406,6 +433,18 @@ class ClientConnection(asyncio.Protocol):
         if req is not None:
             req.upgrade_data += data[offset:]
             self._pause_reading()
+            return
+        last = self.queue[-1] if self.queue else self.active
+        if self.closing or (last is not None and (last.method == b"CONNECT" or last.bad is not None)):
+            # Refused (or to be): nothing after it is read as a request.
+            self._pause_reading()
+            return
+        # An Upgrade we do not relay (anything but WebSocket, see _websocket_upgrade): that
+        # request is served as a plain one, so what follows it is HTTP again. llhttp stopped
+        # at its end; a new parser goes on from there.
+        self._parser = httptools.HttpRequestParser(self)
+        if offset < len(data):
+            self.data_received(data[offset:])
 
     # httptools callbacks ------------------------------------------------------------------
 
@@ -459,14 +498,20 @@ class ClientConnection(asyncio.Protocol):
         if self._head_size > self.engine.settings.max_header_size:
             self._refuse(None, 431, "request head too large")
             raise _Refused
-        req.method = parser.get_method()
+        method = req.method = parser.get_method()
         req.target = self._url
         keep_alive = req.keep_alive = parser.should_keep_alive()
         # llhttp keeps an HTTP/1.0 connection alive only when a Connection header asks for it,
         # so without one a kept-alive request is 1.1 (no version string to build and compare).
         req.http10 = (not keep_alive or req.conn_tokens is not None) and parser.get_http_version() == "1.0"
         req.started = _clock()
-        req.upgrade = parser.should_upgrade()
+        if parser.should_upgrade() and method != b"CONNECT":
+            req.upgrade = _websocket_upgrade(req)
+            if not req.upgrade and (req.chunked or req.content_length > 0):
+                # llhttp skips the body of any upgrade request (it takes the bytes after the
+                # head for the new protocol), so this body cannot be framed: never read it
+                # as requests, never forward a head without its body.
+                req.bad = (400, f"Upgrade: {req.upgrade_value[:40]!r} with a request body")
         if self.closing or self.engine.draining:
             req.keep_alive = False
         if req.chunked or req.content_length > 0:
@@ -701,7 +746,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         accept_encoding: bytes | None = None
         cache = engine.cache
-        if cache is not None and state.policy.mode != "off":
+        if cache is not None and state.policy.mode != "off" and not req.upgrade:
             memo_key = None
             memo = None
             if not req.cache_sensitive and (len(req.target) + len(req.host_header) + len(
@@ -786,7 +831,7 @@ class ClientConnection(asyncio.Protocol):
         if req.chunked:
             head += b"Transfer-Encoding: chunked\r\n"
         if req.upgrade:
-            head += b"Connection: upgrade\r\nUpgrade: " + req.upgrade_value + b"\r\n"
+            head += b"Connection: upgrade\r\nUpgrade: websocket\r\n"
         elif req.http10:
             head += b"Connection: close\r\n"
         req.head_bytes = head + b"\r\n"
@@ -1172,6 +1217,18 @@ def _parse_head(head: bytes) -> dict[str, str]:
     return headers
 
 
+def _websocket_upgrade(req: Request) -> bool:
+    """Whether ``req`` is a WebSocket opening handshake (RFC 6455 §4.1): the only upgrade
+    relayed. Any other (``h2c``, ``TLS/1.0``, ...) would open a tunnel past every filter and
+    cache decision, so its Upgrade/Connection are dropped and it is served as a plain request,
+    as RFC 9110 §7.8 lets a server do (nginx, without its opt-in, does the same)."""
+    if (req.method != b"GET" or req.http10 or req.chunked or req.content_length > 0
+            or req.upgrade_value.strip().lower() != b"websocket"):
+        return False
+    names = {name.lower() for name, _ in req.headers}
+    return b"sec-websocket-key" in names and b"sec-websocket-version" in names
+
+
 def _special_header(req: Request, code: int, pair: tuple[bytes, bytes], trusted: bool) -> None:
     """Record a header that is not simply forwarded (see ``_SPECIAL``)."""
     value = pair[1]
@@ -1196,7 +1253,8 @@ def _special_header(req: Request, code: int, pair: tuple[bytes, bytes], trusted:
         tokens = {t.strip().lower() for t in value.split(b",")}
         req.conn_tokens = tokens if req.conn_tokens is None else req.conn_tokens | tokens
     elif code == _UPGRADE:
-        req.upgrade_value = value
+        # Repeats are joined, so "websocket" plus a second protocol is not a WebSocket upgrade.
+        req.upgrade_value = value if not req.upgrade_value else req.upgrade_value + b", " + value
     elif code == _XFF:
         if trusted:
             req.prior_xff = value if not req.prior_xff else req.prior_xff + b", " + value

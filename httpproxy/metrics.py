@@ -13,8 +13,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from edge.metrics import BYTES
 
-__all__ = ["BUCKETS", "CACHE_BYTES", "CACHE_RESULTS", "LATENCY", "LOOKUPS", "REQUESTS",
-           "LocalHistogram", "LocalStats"]
+__all__ = ["BUCKETS", "CACHE_BYTES", "CACHE_RESULTS", "CONNECTIONS_REFUSED", "LATENCY", "LOOKUPS",
+           "REQUESTS", "LocalHistogram", "LocalStats"]
 
 REQUESTS = Counter("edge_http_requests", "HTTP requests answered, by status class (2xx...).",
                    ["status_class"])
@@ -27,6 +27,9 @@ CACHE_RESULTS = Counter("edge_http_cache_results",
 LOOKUPS = Counter("edge_http_site_lookups",
                   "Site lookups per request: cached (no I/O), loaded (awaited the directory), "
                   "unknown (404), error (directory unreachable).", ["outcome"])
+CONNECTIONS_REFUSED = Counter("edge_http_connections_refused",
+                              "Client connections turned away before any request was read: "
+                              "per_ip_cap (over [http] max_connections_per_ip).", ["reason"])
 CACHE_BYTES = Gauge("edge_http_cache_bytes", "Bytes held by the content cache, summed over workers.",
                     multiprocess_mode="livesum")
 
@@ -85,13 +88,14 @@ class LocalHistogram:
 class LocalStats:
     """Plain counters the hot path increments; :meth:`export` publishes them."""
 
-    __slots__ = ("_sent", "cache", "latency", "lookups", "status", "traffic")
+    __slots__ = ("_sent", "cache", "latency", "lookups", "refused", "status", "traffic")
 
     def __init__(self) -> None:
         self.status = [0] * 6  # index: status // 100
         self.latency = LocalHistogram(LATENCY)
         self.cache: dict[str, int] = {"HIT": 0, "MISS": 0, "STALE": 0, "BYPASS": 0}
         self.lookups: dict[str, int] = {"cached": 0, "loaded": 0, "unknown": 0, "error": 0}
+        self.refused: dict[str, int] = {"per_ip_cap": 0}
         self.traffic: dict[str, list[int]] = {"http": [0, 0], "https": [0, 0]}
         """proxy → [downstream bytes, upstream bytes], exported to ``edge_bytes`` (edge.metrics);
         a connection keeps its proxy's list so counting costs two list additions."""
@@ -120,6 +124,10 @@ class LocalStats:
             delta = self._delta("l" + name, value)
             if delta:
                 LOOKUPS.labels(outcome=name).inc(delta)
+        for name, value in self.refused.items():
+            delta = self._delta("r" + name, value)
+            if delta:
+                CONNECTIONS_REFUSED.labels(reason=name).inc(delta)
         self.latency.export()
         for proxy, counts in self.traffic.items():
             for direction, value in zip(("downstream", "upstream"), counts, strict=True):

@@ -23,7 +23,7 @@ from typing import Any
 
 from edge import metrics as edge_metrics
 from edge.directory.model import Change, Host, Site, Tenant
-from edge.limits import RateLimiter
+from edge.limits import ConnectionCap, RateLimiter
 from edge.proxyproto import ProxyHeaderPolicy, is_trusted
 from edge.registry import ProxyContext
 from httpproxy.accesslog import AccessLog
@@ -201,6 +201,9 @@ class HttpEngine:
         self.memo_resets = 0
         self.routes: dict[bytes, Route] = {}
         """Raw Host header → :class:`Route` (the warm path skips decoding and three lookups)."""
+        cap = self.settings.max_connections_per_ip
+        self.per_address: ConnectionCap | None = ConnectionCap(cap) if cap else None
+        """Open client connections per client address (slowloris crowds from one address)."""
         self.connections: set[ClientConnection] = set()
         self._open_by_scheme: dict[str, int] = {"http": 0, "https": 0}
         self.draining = False
@@ -266,7 +269,21 @@ class HttpEngine:
         if conn.scheme == "http":  # the TLS listener counts its own connections
             edge_metrics.CONNECTIONS.labels(proxy="http").inc()
 
+    def admit(self, conn: ClientConnection) -> bool:
+        """Take a slot for ``conn``'s client address; False (counted) when it has its cap."""
+        cap = self.per_address
+        if cap is None:
+            return True
+        if cap.try_acquire(conn.client_ip):
+            conn.cap_key = conn.client_ip
+            return True
+        self.stats.refused["per_ip_cap"] += 1
+        return False
+
     def closed(self, conn: ClientConnection) -> None:
+        if conn.cap_key is not None and self.per_address is not None:
+            self.per_address.release(conn.cap_key)
+            conn.cap_key = None
         if conn in self.connections:
             self.connections.discard(conn)
             self._open_by_scheme[conn.scheme] -= 1
