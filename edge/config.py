@@ -182,8 +182,13 @@ class HttpsConfig(ProxyListenerConfig):
     """"1.2" or "1.3"."""
     ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
     """OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's, all AEAD)."""
-    session_tickets: bool = True
-    """Issue session tickets (keys are per worker process and per certificate context)."""
+    session_tickets: bool = False
+    """Issue session tickets. Off (Mozilla's advice): Python cannot set or rotate ticket keys,
+    so they would be per worker and live as long as it (no forward secrecy for resumed
+    sessions). TLS 1.2 sessions still resume from each worker's session-ID cache."""
+    groups: tuple[str, ...] = ("X25519MLKEM768", "X25519", "P-256", "P-384")
+    """Key-exchange groups offered, preferred first (OpenSSL names). X25519MLKEM768 is left
+    out where OpenSSL lacks it (before 3.5); any other unknown name is a startup error."""
     max_pending_handshakes: int = 10000
     """Connections per worker still before an established TLS session; more are closed."""
     defer_accept: bool = True

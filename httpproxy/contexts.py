@@ -1,8 +1,9 @@
 """SSLContexts for the HTTPS edge: one factory, one bounded LRU keyed by certificate.
 
 Every context is built by :class:`ContextFactory` from the ``[https]`` section, so ALPN
-(``http/1.1`` only: the forwarder speaks HTTP/1.1), cipher list, minimum version, options and
-session-ticket policy are identical for every site; only the certificate chain differs.
+(``http/1.1`` only: the forwarder speaks HTTP/1.1), cipher list, key-exchange groups
+(:mod:`httpproxy.tls_groups`), minimum version, options and session-ticket policy are
+identical for every site; only the certificate chain differs.
 
 **Private keys never touch a filesystem in plaintext.** :meth:`ssl.SSLContext.load_cert_chain`
 only reads paths, so the decrypted chain + key are written to an anonymous ``memfd`` (RAM
@@ -27,6 +28,7 @@ from collections import OrderedDict
 from edge.config import HttpsConfig
 from edge.directory.model import Certificate, Change
 from edge.errors import EdgeError
+from httpproxy.tls_groups import available_groups, set_groups
 
 __all__ = ["ContextCache", "ContextFactory", "TlsCertificateError"]
 
@@ -45,6 +47,7 @@ class ContextFactory:
     def __init__(self, config: HttpsConfig) -> None:
         self.config = config
         self.minimum_version = _VERSIONS[config.min_tls_version]
+        self.groups = available_groups(config.groups)  # raises TlsGroupsError: fail at start
         self.builds = 0
 
     def new_context(self) -> ssl.SSLContext:
@@ -53,6 +56,7 @@ class ContextFactory:
         ctx.minimum_version = self.minimum_version
         ctx.set_ciphers(self.config.ciphers)
         ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+        set_groups(ctx, self.groups)
         # PROTOCOL_TLS_SERVER already sets NO_COMPRESSION, SINGLE_(EC)DH_USE and
         # CIPHER_SERVER_PREFERENCE; renegotiation is a DoS lever and HTTP/1.1 does not need it.
         ctx.options |= ssl.OP_NO_RENEGOTIATION
