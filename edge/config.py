@@ -186,6 +186,9 @@ class HttpsConfig(ProxyListenerConfig):
     """Issue session tickets. Off (Mozilla's advice): Python cannot set or rotate ticket keys,
     so they would be per worker and live as long as it (no forward secrecy for resumed
     sessions). TLS 1.2 sessions still resume from each worker's session-ID cache."""
+    session_cache_size: int = 256
+    """TLS sessions kept for resumption per certificate context and worker (OpenSSL's default,
+    20,480, times context_cache_size contexts could pin hundreds of MiB under a flood)."""
     groups: tuple[str, ...] = ("X25519MLKEM768", "X25519", "P-256", "P-384")
     """Key-exchange groups offered, preferred first (OpenSSL names). X25519MLKEM768 is left
     out where OpenSSL lacks it (before 3.5); any other unknown name is a startup error."""
@@ -203,6 +206,8 @@ class HttpsConfig(ProxyListenerConfig):
                               f"{self.min_tls_version!r}")
         if self.context_cache_size < 1:
             raise ConfigError("[https] context_cache_size: must be at least 1")
+        if self.session_cache_size < 1:
+            raise ConfigError("[https] session_cache_size: must be at least 1")
         if self.max_client_hello < 512:
             raise ConfigError("[https] max_client_hello: must be at least 512 bytes "
                               "(real ClientHellos are 200-2000 bytes)")

@@ -2,7 +2,7 @@
 
 Every context is built by :class:`ContextFactory` from the ``[https]`` section, so ALPN
 (``http/1.1`` only: the forwarder speaks HTTP/1.1), cipher list, key-exchange groups
-(:mod:`httpproxy.tls_groups`), minimum version, options and session-ticket policy are
+(:mod:`httpproxy.tls_openssl`), minimum version, options and session-ticket policy are
 identical for every site; only the certificate chain differs.
 
 **Private keys never touch a filesystem in plaintext.** :meth:`ssl.SSLContext.load_cert_chain`
@@ -28,7 +28,7 @@ from collections import OrderedDict
 from edge.config import HttpsConfig
 from edge.directory.model import Certificate, Change
 from edge.errors import EdgeError
-from httpproxy.tls_groups import available_groups, set_groups
+from httpproxy.tls_openssl import available_groups, set_groups, set_session_cache_size
 
 __all__ = ["ContextCache", "ContextFactory", "TlsCertificateError"]
 
@@ -47,7 +47,7 @@ class ContextFactory:
     def __init__(self, config: HttpsConfig) -> None:
         self.config = config
         self.minimum_version = _VERSIONS[config.min_tls_version]
-        self.groups = available_groups(config.groups)  # raises TlsGroupsError: fail at start
+        self.groups = available_groups(config.groups)  # raises OpenSslSettingError: fail at start
         self.builds = 0
 
     def new_context(self) -> ssl.SSLContext:
@@ -63,6 +63,7 @@ class ContextFactory:
         if not self.config.session_tickets:
             ctx.options |= ssl.OP_NO_TICKET
             ctx.num_tickets = 0
+        set_session_cache_size(ctx, self.config.session_cache_size)
         return ctx
 
     def build(self, certificate: Certificate) -> ssl.SSLContext:

@@ -12,7 +12,7 @@ import pytest
 
 from edge.config import HttpsConfig
 from httpproxy.contexts import ContextFactory
-from httpproxy.tls_groups import TlsGroupsError, set_groups
+from httpproxy.tls_openssl import OpenSslSettingError, session_cache_size, set_groups
 from tests import test_http_tls
 from tests.test_http_tls import TIMEOUT, EdgeFactory
 
@@ -74,14 +74,16 @@ async def test_tls12_sessions_resume_without_tickets(make_edge: EdgeFactory) -> 
 
 
 def test_unknown_group_and_unusable_context_fail_loudly() -> None:
-    with pytest.raises(TlsGroupsError, match="does not know the group 'ffdhe9999'"):
+    with pytest.raises(OpenSslSettingError, match="does not know the group 'ffdhe9999'"):
         ContextFactory(HttpsConfig(groups=("X25519", "ffdhe9999")))
     factory = ContextFactory(HttpsConfig())
     assert "X25519" in factory.groups and "ffdhe8192" not in factory.groups
 
     class NotAContext:
         options = 0
-    with pytest.raises(TlsGroupsError):
+    with pytest.raises(OpenSslSettingError):
         set_groups(NotAContext(), ("X25519",))  # type: ignore[arg-type]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     set_groups(ctx, ("P-384",))  # a context of the real ssl module is accepted
+    assert session_cache_size(ctx) == 20 * 1024  # OpenSSL's default ...
+    assert session_cache_size(factory.new_context()) == 256  # ... bounded on ours
