@@ -41,6 +41,7 @@ from collections.abc import Callable
 
 from edge import metrics
 from edge.directory.names import hostname_or_none
+from edge.limits import ConnectionCap
 from edge.proxyproto import MAX_V2_PAYLOAD, ProxyHeaderParser, ProxyHeaderPolicy, ProxyProtocolError
 from httpproxy import tls_metrics
 from httpproxy.clienthello import ClientHello, ClientHelloError, ClientHelloReader, alert_bytes
@@ -109,8 +110,8 @@ class PendingConnection:
     """One accepted connection before its TLS session is established."""
 
     __slots__ = ("_acceptor", "_lowat", "_parser", "_plain", "_reader", "_reading", "_timer",
-                 "client_address", "closed", "deadline", "fed", "outcome", "peer", "sock",
-                 "started")
+                 "cap_key", "client_address", "closed", "deadline", "fed", "outcome", "peer",
+                 "sock", "started")
 
     def __init__(self, acceptor: Acceptor, sock: socket.socket, peer: tuple[str, int],
                  parser: ProxyHeaderParser | None) -> None:
@@ -129,6 +130,8 @@ class PendingConnection:
         self._plain: bytearray | None = None
         self.closed = False
         self.outcome: str | None = None
+        self.cap_key: str | None = None
+        """The client address holding a slot of the acceptor's per-address cap."""
         self._timer: asyncio.TimerHandle | None = None  # see arm_deadline()
 
     # -- reading the first bytes ---------------------------------------------------------
@@ -148,7 +151,9 @@ class PendingConnection:
         except OSError:
             self.close("closed")
             return
-        if not data:
+        if not data or len(data) <= self.fed:
+            # Woken without new bytes: SO_RCVLOWAT asks for one more than were buffered, so
+            # this is EOF after a partial hello (peeking would find the same bytes forever).
             self.close("closed")
             return
         if self._parser is not None:
@@ -198,6 +203,9 @@ class PendingConnection:
         header = result.header
         if header is not None and header.source is not None:
             self.client_address = header.source
+        if not self._acceptor.admit(self):  # counted by the address the balancer saw
+            self.close("per_ip_cap")
+            return
         if result.remaining:
             self.on_readable()
         else:
@@ -331,13 +339,14 @@ class Acceptor:
 
     ``on_hello`` receives each complete hello (see :data:`OnHello`). ``policy`` says who may
     send a PROXY header. At most ``max_pending`` connections per acceptor are before an
-    established TLS session; further ones are closed at once. ``defer_accept`` sets
-    ``TCP_DEFER_ACCEPT`` (``timeout`` seconds) on the listening sockets.
+    established TLS session, and at most ``max_pending_per_address`` (0: no cap) from one
+    client address (after a PROXY header); further ones are closed at once. ``defer_accept``
+    sets ``TCP_DEFER_ACCEPT`` (``timeout`` seconds) on the listening sockets.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, on_hello: OnHello, timeout: float,
                  max_client_hello: int, max_pending: int, policy: ProxyHeaderPolicy,
-                 defer_accept: bool = True) -> None:
+                 defer_accept: bool = True, max_pending_per_address: int = 0) -> None:
         self.loop = loop
         self.defer_accept = defer_accept
         self.on_hello = on_hello
@@ -346,6 +355,7 @@ class Acceptor:
         self.max_pending = max_pending
         self.policy = policy
         self.pending: set[PendingConnection] = set()
+        self.per_address = ConnectionCap(max_pending_per_address) if max_pending_per_address else None
         # Plain counters on the hot path; export_metrics() copies them to Prometheus.
         self.outcomes = dict.fromkeys(tls_metrics.OUTCOMES, 0)
         self.accepted = 0
@@ -416,11 +426,28 @@ class Acceptor:
         connection = PendingConnection(self, sock, peer, self.policy.parser_for(peer[0]))
         self.pending.add(connection)
         self._idle.clear()
+        if connection._parser is None and not self.admit(connection):
+            connection.close("per_ip_cap")
+            return
         connection.on_readable()
+
+    def admit(self, connection: PendingConnection) -> bool:
+        """Take a per-address slot for ``connection`` (released when it stops pending)."""
+        cap = self.per_address
+        if cap is None:
+            return True
+        key = connection.client_address[0]
+        if not cap.try_acquire(key):
+            return False
+        connection.cap_key = key
+        return True
 
     def finished(self, connection: PendingConnection, outcome: str) -> None:
         """Bookkeeping when a connection leaves the pending set (called by ``finish``)."""
         self.pending.discard(connection)
+        if connection.cap_key is not None and self.per_address is not None:
+            self.per_address.release(connection.cap_key)
+            connection.cap_key = None
         if not self.pending:
             self._idle.set()
         self.outcomes[outcome] += 1

@@ -15,11 +15,12 @@ no TLS version >= [https] min_tls_version: alert), tls_error (OpenSSL refused th
 handshake), timeout, closed (client left before finishing), unavailable (directory down and
 SNI not cached: alert internal_error), certificate_error (stored certificate unusable),
 proxy_header (bad PROXY protocol header from a trusted peer), overloaded
-([https] max_pending_handshakes reached)."""
+([https] max_pending_handshakes reached), per_ip_cap (the client address already has
+[http] max_connections_per_ip connections in the handshake: closed at once)."""
 
 OUTCOMES = ("ok", "default_certificate", "unrecognized_name", "plain_http", "bad_hello",
             "protocol_version", "tls_error", "timeout", "closed", "unavailable",
-            "certificate_error", "proxy_header", "overloaded")
+            "certificate_error", "proxy_header", "overloaded", "per_ip_cap")
 
 HANDSHAKE_SECONDS = Histogram(
     "edge_https_handshake_seconds",

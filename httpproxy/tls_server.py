@@ -116,7 +116,9 @@ class HttpsProxy:
                                   timeout=self.config.handshake_timeout,
                                   max_client_hello=self.config.max_client_hello,
                                   max_pending=self.config.max_pending_handshakes,
-                                  policy=self.policy, defer_accept=self.config.defer_accept)
+                                  policy=self.policy, defer_accept=self.config.defer_accept,
+                                  max_pending_per_address=(
+                                      self.context.config.http.max_connections_per_ip))
         self._acceptor.start(sockets)
         self._exporter = asyncio.create_task(self._export_loop(), name="edge-https-metrics")
 
