@@ -384,27 +384,32 @@ class ClientConnection(asyncio.Protocol):
             data = result.remaining
             if not data:
                 return
-        req = self.active
-        if req is not None and req.upgrade and req.complete:
-            # Bytes after an Upgrade request, before the backend's 101: they belong upstream.
-            req.upgrade_data += data
-            self._pause_reading()
-            return
-        if self.closing:
-            return  # a refused request closes the connection; ignore what follows
-        if self._timer_state == _BODY:
-            self._deadline = self._loop.time() + self.engine.settings.backend_timeout
-        parsing_head = self._parsing is None or not self._parsing.method
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._upgrade_leftover(data, exc)
-            return
-        except httptools.HttpParserError as exc:
-            self._parse_error(exc)
-            return
-        except _Refused:
-            return
+        while True:  # more than once only after an Upgrade that is not relayed
+            req = self.active
+            if req is not None and req.upgrade and req.complete:
+                # Bytes after an Upgrade request, before the backend's 101: they belong upstream.
+                req.upgrade_data += data
+                self._pause_reading()
+                return
+            if self.closing:
+                return  # a refused request closes the connection; ignore what follows
+            if self._timer_state == _BODY:
+                self._deadline = self._loop.time() + self.engine.settings.backend_timeout
+            parsing_head = self._parsing is None or not self._parsing.method
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                rest = self._upgrade_leftover(data, exc)
+                if not rest:
+                    return
+                data = rest  # served as plain HTTP: parse what follows with the new parser
+                continue
+            except httptools.HttpParserError as exc:
+                self._parse_error(exc)
+                return
+            except _Refused:
+                return
+            break
         parsing = self._parsing
         if parsing is not None and not parsing.method:
             # A head begun but not complete: its timer (slowloris) runs from now on.
@@ -425,7 +430,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._refuse(None, 400, f"malformed request: {text}")
 
-    def _upgrade_leftover(self, data: bytes, exc: httptools.HttpParserUpgrade) -> None:
+    def _upgrade_leftover(self, data: bytes, exc: httptools.HttpParserUpgrade) -> bytes:
+        """Where llhttp stopped at an upgrade request's end: the bytes still to parse as HTTP
+        (b"" when there are none or they are not HTTP)."""
         offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
         req = self.active if self.active is not None and self.active.upgrade else None
         if req is None and self.queue and self.queue[-1].upgrade:
@@ -433,18 +440,17 @@ class ClientConnection(asyncio.Protocol):
         if req is not None:
             req.upgrade_data += data[offset:]
             self._pause_reading()
-            return
+            return b""
         last = self.queue[-1] if self.queue else self.active
         if self.closing or (last is not None and (last.method == b"CONNECT" or last.bad is not None)):
             # Refused (or to be): nothing after it is read as a request.
             self._pause_reading()
-            return
+            return b""
         # An Upgrade we do not relay (anything but WebSocket, see _websocket_upgrade): that
         # request is served as a plain one, so what follows it is HTTP again. llhttp stopped
         # at its end; a new parser goes on from there.
         self._parser = httptools.HttpRequestParser(self)
-        if offset < len(data):
-            self.data_received(data[offset:])
+        return data[offset:]
 
     # httptools callbacks ------------------------------------------------------------------
 
