@@ -83,6 +83,8 @@ class AsyncsshBackend:
     server: Any = None
     port: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    refusal_delay: float = 0.0
+    """Seconds before a wrong password is refused."""
     password_method: bool = True
     """False: passwords only through keyboard-interactive, like a PAM-only sshd."""
 
@@ -102,9 +104,12 @@ class AsyncsshBackend:
             def password_auth_supported(self) -> bool:
                 return backend.password_method
 
-            def validate_password(self, username: str, password: str) -> bool:
+            async def validate_password(self, username: str, password: str) -> bool:
                 backend.password_attempts.append((username, password))
-                return backend.passwords.get(username) == password
+                if backend.passwords.get(username) == password:
+                    return True
+                await asyncio.sleep(backend.refusal_delay)  # like sshd with PAM: slow to say no
+                return False
 
             def public_key_auth_supported(self) -> bool:
                 return True
