@@ -948,9 +948,9 @@ async def test_every_offered_key_is_tried(sshd_edge: Edge, keys: Path) -> None:
     assert (rc, out) == (0, "in\n"), err
 
 
-async def test_per_user_ban_stops_guessing_one_account_but_not_others(
+async def test_address_and_user_ban_stops_guessing_one_account_but_not_others(
         tmp_path: Path, keys: Path, backend: AsyncsshBackend) -> None:
-    limits = LimitsConfig(max_failures_per_user=2, max_failures_per_ip=100)
+    limits = LimitsConfig(max_failures_per_ip_user=2, max_failures_per_ip=100)
     async for edge in make_edge(tmp_path, keys, limits=limits):
         await provision(edge, backend)
         await edge.service.add_account("bob", "acme", protocols=["ssh"])
@@ -960,7 +960,8 @@ async def test_per_user_ban_stops_guessing_one_account_but_not_others(
         assert rc == 255 and "Permission denied" in err
         rc, out, err = await edge.ssh("bob", "whoami", password="bob-pw")
         assert (rc, out) == (0, "backend-a bob\n"), err
-        assert (await edge.log_lines())[-2]["reason"] == "too many failed logins for user 'alice'"
+        assert (await edge.log_lines())[-2]["reason"] == \
+            "too many failed logins for user 'alice' from 127.0.0.1"
 
 
 async def test_backend_down_is_a_clear_disconnect_not_permission_denied(
