@@ -121,7 +121,7 @@ async def test_unknown_user_and_wrong_password_take_the_same_time(
     backend = refusing_backend
     async for edge in make_edge(tmp_path, keys, limits=NO_LIMITS):
         await provision(edge, backend)
-        result, unknown, wrong = await inseparable(lambda: failure_times(edge))
+        result, unknown, wrong = await inseparable(lambda e=edge: failure_times(e))
         summary = (f"unknown user {sorted(unknown)[15]:.3f} s (median), wrong password "
                    f"{sorted(wrong)[15]:.3f} s: KS {result}")
         assert result.pvalue > 0.05, summary
@@ -188,7 +188,7 @@ async def test_wrong_password_ends_in_permission_denied_after_the_clients_prompt
                                  env=_askpass_env(edge, "nope"), time_limit=25)
         elapsed = time.monotonic() - started
         assert rc == 255 and out == "", err
-        assert f"alice@127.0.0.1: Permission denied (publickey,keyboard-interactive,password)." in err
+        assert "alice@127.0.0.1: Permission denied (publickey,keyboard-interactive,password)." in err
         assert elapsed < 15, f"{elapsed:.1f} s"
         assert len(fast_backend.password_attempts) == 2  # each prompt one backend login
         failures = [r.__dict__ for r in edge.records if getattr(r, "event", "") == "ssh_login_failed"]
