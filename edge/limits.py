@@ -25,6 +25,7 @@ from typing import Protocol
 __all__ = [
     "ConnectionCap",
     "ConnectionCapExceeded",
+    "DelayMimic",
     "FailureBan",
     "FailurePacer",
     "LoginLimitSettings",
@@ -381,6 +382,27 @@ class FailurePacer:
         """Seconds from the attempt's start to answer a failure that is known ``elapsed`` s in."""
         base = max(self.deadline(), elapsed)
         return base + self._random.uniform(0.0, self.JITTER * base)
+
+
+class DelayMimic:
+    """Recent durations of a real step, to give a faked step (for an unknown user) the same
+    duration: each fake draws one of the last ``samples`` real ones (0 before any was seen).
+
+    Drawing from what was observed, rather than waiting for a maximum as :class:`FailurePacer`
+    does, because this step is on the way to successful logins too: real ones are not slowed.
+    """
+
+    __slots__ = ("_random", "_recent")
+
+    def __init__(self, samples: int = 32, rng: random.Random | None = None) -> None:
+        self._recent: deque[float] = deque(maxlen=samples)
+        self._random = rng or random.SystemRandom()
+
+    def record(self, seconds: float) -> None:
+        self._recent.append(max(0.0, seconds))
+
+    def draw(self) -> float:
+        return self._random.choice(self._recent) if self._recent else 0.0
 
 
 class _LimitsConfigLike(Protocol):

@@ -35,7 +35,7 @@ from edge import metrics as edge_metrics
 from edge.directory.directory import AccountRoute
 from edge.directory.model import Change
 from edge.errors import DirectoryUnavailable
-from edge.limits import ConnectionCap, LoginLimits, LoginLimitSettings
+from edge.limits import ConnectionCap, DelayMimic, LoginLimits, LoginLimitSettings
 from edge.proxyproto import ProxyHeaderParser, ProxyHeaderPolicy, ProxyProtocolError
 from edge.registry import ProxyContext
 from sshproxy import metrics
@@ -89,6 +89,9 @@ class SshProxy:
         self.limits = LoginLimits(LoginLimitSettings.from_config(context.config.limits),
                                   failure_delay=config.auth_failure_delay)
         self.user_sessions = ConnectionCap(max(1, config.max_sessions_per_user))
+        # How long backends take to show their first keyboard-interactive prompt, so the fake
+        # prompt for an unknown user comes as late (else the prompt's speed names accounts).
+        self.kbdint_prompt = DelayMimic()
         self.bridge_settings = BridgeSettings.from_config(config)
         self.authorized_keys = AuthorizedKeysCache()
         self.proxy_policy = (ProxyHeaderPolicy("optional", config.trusted_proxies)
@@ -462,12 +465,16 @@ class ClientConnection(asyncssh.SSHServer):
         if not self._may_try():
             # Ask like a real backend would, then fail: the same dialogue as a wrong password.
             self._fake_kbdint = True
+            await asyncio.sleep(self.proxy.kbdint_prompt.draw())
             return _FAKE_CHALLENGE
         self._fake_kbdint = False
         relay = KbdIntRelay()
         task = asyncio.ensure_future(self._connect(Credential(relay=relay)))
         self._kbdint = (relay, task)
-        return await self._kbdint_step(started)
+        answer = await self._kbdint_step(started)
+        if not isinstance(answer, bool):
+            self.proxy.kbdint_prompt.record(time.monotonic() - started)
+        return answer
 
     async def validate_kbdint_response(self, username: str,  # type: ignore[override]
                                        responses: list[str]) -> Challenge | bool:

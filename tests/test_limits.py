@@ -9,6 +9,7 @@ import pytest
 from edge.limits import (
     ConnectionCap,
     ConnectionCapExceeded,
+    DelayMimic,
     FailureBan,
     FailurePacer,
     LoginLimits,
@@ -296,3 +297,12 @@ def test_failure_deadline_covers_the_slowest_recent_refusal_within_floor_and_cap
     assert 1.0 <= min(answers) < 1.02 and 1.08 < max(answers) <= 1.1  # 0-10% jitter
     assert 3.0 <= pace.answer_after(3.0) <= 3.3  # a refusal past the deadline: when it came
 
+
+
+def test_delay_mimic_draws_only_what_it_saw_lately() -> None:
+    mimic = DelayMimic(samples=3, rng=random.Random(3))
+    assert mimic.draw() == 0.0  # nothing seen: no delay rather than a guess
+    for seconds in (5.0, 0.2, 0.3, 0.4):
+        mimic.record(seconds)
+    draws = {mimic.draw() for _ in range(100)}
+    assert draws == {0.2, 0.3, 0.4}  # the oldest aged out

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -96,21 +97,25 @@ async def password_attempt(port: int, user: str, password: str, source: str = "1
     return True, elapsed
 
 
-async def failure_times(edge: Edge, lanes: int = 6, rounds: int = 10) -> tuple[list[float], list[float]]:
-    """30 unknown-user and 30 wrong-password failures, interleaved over ``lanes`` concurrent
-    clients (load affects both kinds alike)."""
+async def interleaved(measure: Callable[[str], Awaitable[float]], lanes: int = 6,
+                      rounds: int = 10) -> tuple[list[float], list[float]]:
+    """``measure(user)`` 30 times for unknown users and 30 for alice, interleaved over
+    ``lanes`` concurrent clients (load affects both kinds alike)."""
     samples: dict[str, list[float]] = {UNKNOWN: [], WRONG: []}
 
     async def lane(index: int) -> None:
         for i in range(rounds):
             kind = (UNKNOWN, WRONG)[(index + i) % 2]
-            user = f"nobody{index}x{i}" if kind == UNKNOWN else "alice"
-            ok, elapsed = await password_attempt(edge.port, user, "nope")
-            assert not ok
-            samples[kind].append(elapsed)
+            samples[kind].append(await measure(f"nobody{index}x{i}" if kind == UNKNOWN else "alice"))
 
     await asyncio.gather(*(lane(i) for i in range(lanes)))
     return samples[UNKNOWN], samples[WRONG]
+
+
+async def failure_time(port: int, user: str) -> float:
+    ok, elapsed = await password_attempt(port, user, "nope")
+    assert not ok
+    return elapsed
 
 
 @pytest.mark.slow
@@ -121,7 +126,8 @@ async def test_unknown_user_and_wrong_password_take_the_same_time(
     backend = refusing_backend
     async for edge in make_edge(tmp_path, keys, limits=NO_LIMITS):
         await provision(edge, backend)
-        result, unknown, wrong = await inseparable(lambda e=edge: failure_times(e))
+        result, unknown, wrong = await inseparable(
+            partial(interleaved, partial(failure_time, edge.port)))
         summary = (f"unknown user {sorted(unknown)[15]:.3f} s (median), wrong password "
                    f"{sorted(wrong)[15]:.3f} s: KS {result}")
         assert result.pvalue > 0.05, summary
@@ -166,6 +172,57 @@ async def test_attacker_cannot_lock_a_user_out(tmp_path: Path, keys: Path,  # no
         assert ok  # slowed (1 s), never locked out
         reasons = [line["reason"] for line in await edge.log_lines()]
         assert "too many failed logins from 127.0.0.1" in reasons
+
+
+class _KbdIntClient(asyncssh.SSHClient):
+    """Times the keyboard-interactive prompt: from asking for the method to the challenge."""
+
+    def __init__(self) -> None:
+        self.asked = 0.0
+        self.prompt_after = 0.0
+
+    def kbdint_auth_requested(self) -> str | None:
+        if self.asked:
+            return None
+        self.asked = time.monotonic()
+        return ""
+
+    def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
+                                  prompts: Any) -> list[str] | None:
+        if not self.prompt_after:
+            self.prompt_after = time.monotonic() - self.asked
+        return ["nope"] * len(prompts)
+
+
+async def prompt_time(port: int, user: str) -> float:
+    client = _KbdIntClient()
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncio.wait_for(asyncssh.connect(
+            "127.0.0.1", port, username=user, known_hosts=None, client_factory=lambda: client,
+            preferred_auth="keyboard-interactive", client_keys=None, agent_path=None,
+            config=None), 60)
+    assert client.prompt_after
+    return client.prompt_after
+
+
+@pytest.mark.slow
+async def test_keyboard_interactive_prompt_comes_as_late_for_unknown_users(
+        tmp_path: Path, keys: Path) -> None:  # noqa: F811
+    """A backend that takes 0.3 s to show its first prompt (PAM starting): unknown users got
+    their fake prompt at once, a tell before any password was typed."""
+    backend = AsyncsshBackend("backend-a", upstream_key(keys), challenge_delay=0.3)
+    await backend.start()
+    try:
+        async for edge in make_edge(tmp_path, keys, limits=NO_LIMITS):
+            await provision(edge, backend)
+
+            result, unknown, known = await inseparable(
+                partial(interleaved, partial(prompt_time, edge.port)))
+            summary = (f"prompt for unknown user {sorted(unknown)[15]:.3f} s (median), known "
+                       f"{sorted(known)[15]:.3f} s: KS {result}")
+            assert result.pvalue > 0.05, summary
+    finally:
+        await backend.stop()
 
 
 def _askpass_env(edge: Edge, password: str) -> dict[str, str]:

@@ -85,6 +85,8 @@ class AsyncsshBackend:
     options: dict[str, Any] = field(default_factory=dict)
     refusal_delay: float = 0.0
     """Seconds before a wrong password is refused."""
+    challenge_delay: float = 0.0
+    """Seconds before the first keyboard-interactive prompt."""
     password_method: bool = True
     """False: passwords only through keyboard-interactive, like a PAM-only sshd."""
 
@@ -120,7 +122,8 @@ class AsyncsshBackend:
             def kbdint_auth_supported(self) -> bool:
                 return True
 
-            def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
+            async def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
+                await asyncio.sleep(backend.challenge_delay)  # like PAM starting up
                 self.stage = 0
                 backend.kbdint_prompts.append("Password: ")
                 return "", "", "", [("Password: ", False)]
