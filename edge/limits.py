@@ -345,43 +345,70 @@ class FailurePacer:
     Without it a proxy leaks which accounts exist: it refuses an unknown user by itself, but a
     known user's wrong password only when the backend says so, and backends take their time
     (sshd with PAM ~2.7 s, pyftpdlib 3 s). So every failure, real or not, is answered at one
-    deadline from the attempt's start: the slowest of the last ``samples`` real refusals seen
-    (any backend), at least ``floor`` and at most ``cap``, plus a random 0-10%. A real refusal
-    slower than that deadline is answered when it comes (plus the same jitter) and raises the
-    deadline for what follows; so the two kinds of failure differ only while the proxy has not
-    yet seen a backend refuse, or when a backend beats its own record.
+    deadline from the attempt's start: the slowest real refusal seen lately (any backend), at
+    least ``floor`` and at most ``cap``, plus a random 0-10%. A real refusal slower than that
+    deadline is answered when it comes (plus the same jitter) and raises the deadline for what
+    follows; so the two kinds of failure differ only while the proxy has not yet seen a backend
+    refuse, or when a backend beats its own record.
 
     The maximum rather than a mean: any real refusal later than the deadline is a tell, and the
     price of a high deadline is only that a mistyped password costs a few seconds more.
+    "Lately" is the last ``samples`` refusals *and* every refusal of the last
+    ``window_seconds``: not time alone, or the first slow refusal after a quiet spell would
+    stand out; not count alone, or an attacker could flush a slow backend's refusals out with
+    quick failures on an account of their own just before probing a name.
     """
 
-    __slots__ = ("_cap", "_floor", "_random", "_recent")
+    __slots__ = ("_cap", "_clock", "_floor", "_random", "_recent", "_samples", "_window")
 
     JITTER = 0.1
     """Fraction of the deadline drawn at random per answer: blurs the little left (event-loop
     wake-ups, a record refusal) that could tell failures apart."""
+    MAX_KEPT = 4096
+    """Refusals kept at most (a flood within the window keeps its slowest plus the newest)."""
 
-    def __init__(self, floor: float, cap: float, samples: int = 32,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, floor: float, cap: float, samples: int = 32, window_seconds: float = 300.0,
+                 rng: random.Random | None = None, *, clock: Clock = time.monotonic) -> None:
         if floor < 0:
             raise ValueError(f"the failure delay must be at least 0, got {floor!r}")
+        _check_positive("samples", samples)
         self._floor = float(floor)
         self._cap = max(float(cap), self._floor)
-        self._recent: deque[float] = deque(maxlen=samples)
+        self._samples = samples
+        self._window = float(window_seconds)
+        self._clock = clock
+        # (time, seconds), oldest first.
+        self._recent: deque[tuple[float, float]] = deque()
         self._random = rng or random.SystemRandom()
 
     def record_refusal(self, seconds: float) -> None:
         """A backend refused a login ``seconds`` after the attempt started."""
-        self._recent.append(min(max(0.0, seconds), self._cap))
+        now = self._clock()
+        self._expire(now)
+        recent = self._recent
+        if len(recent) >= self.MAX_KEPT:
+            # Drop the quickest of the old half: the maximum is what matters.
+            old = list(recent)[: len(recent) // 2]
+            quickest = min(range(len(old)), key=lambda i: old[i][1])
+            del recent[quickest]
+        recent.append((now, min(max(0.0, seconds), self._cap)))
 
     def deadline(self) -> float:
         """Seconds from an attempt's start at which failures are answered now (no jitter)."""
-        return min(self._cap, max(self._floor, max(self._recent, default=0.0)))
+        self._expire(self._clock())
+        slowest = max((seconds for _, seconds in self._recent), default=0.0)
+        return min(self._cap, max(self._floor, slowest))
 
     def answer_after(self, elapsed: float = 0.0) -> float:
         """Seconds from the attempt's start to answer a failure that is known ``elapsed`` s in."""
         base = max(self.deadline(), elapsed)
         return base + self._random.uniform(0.0, self.JITTER * base)
+
+    def _expire(self, now: float) -> None:
+        recent = self._recent
+        horizon = now - self._window
+        while len(recent) > self._samples and recent[0][0] <= horizon:
+            recent.popleft()
 
 
 class DelayMimic:
@@ -514,7 +541,8 @@ class LoginLimits:
         self.by_user = RecentFailures(
             s.failure_window, s.max_failures_per_user + steps, s.max_keys, clock=clock
         )
-        self.pace = FailurePacer(failure_delay, s.failure_delay_max)
+        self.pace = FailurePacer(failure_delay, s.failure_delay_max,
+                                 window_seconds=s.failure_window, clock=clock)
         self.unauthenticated = ConnectionCap(s.max_unauthenticated_per_ip)
 
     def check_login(self, ip: str, username: str | None = None) -> LoginVerdict:

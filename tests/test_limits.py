@@ -282,7 +282,9 @@ def test_settings_from_config_section() -> None:
 
 
 def test_failure_deadline_covers_the_slowest_recent_refusal_within_floor_and_cap() -> None:
-    pace = FailurePacer(floor=1.0, cap=5.0, samples=3, rng=random.Random(7))
+    clock = FakeClock()
+    pace = FailurePacer(floor=1.0, cap=5.0, samples=3, window_seconds=300.0,
+                        rng=random.Random(7), clock=clock)
     assert pace.deadline() == 1.0  # nothing seen yet: the configured delay
     pace.record_refusal(0.2)
     assert pace.deadline() == 1.0  # fast backends: the floor
@@ -290,13 +292,31 @@ def test_failure_deadline_covers_the_slowest_recent_refusal_within_floor_and_cap
     assert pace.deadline() == 2.7
     pace.record_refusal(60.0)
     assert pace.deadline() == 5.0  # a backend hanging for a minute does not set the pace
+    for _ in range(10):
+        pace.record_refusal(0.1)
+    # Quick failures (an attacker's own account) do not flush the slow ones within the window.
+    assert pace.deadline() == 5.0
+    clock.advance(301)
+    assert pace.deadline() == 1.0  # older than the window and not among the last 3: gone
+    pace.record_refusal(2.7)
+    clock.advance(3600)
+    assert pace.deadline() == 2.7  # a quiet spell forgets nothing: the last 3 always count
     for _ in range(3):
         pace.record_refusal(0.1)
-    assert pace.deadline() == 1.0  # the slow ones aged out of the samples
+    assert pace.deadline() == 1.0
     answers = [pace.answer_after() for _ in range(200)]
     assert 1.0 <= min(answers) < 1.02 and 1.08 < max(answers) <= 1.1  # 0-10% jitter
     assert 3.0 <= pace.answer_after(3.0) <= 3.3  # a refusal past the deadline: when it came
 
+
+def test_failure_pacer_memory_is_bounded_and_keeps_the_slowest() -> None:
+    clock = FakeClock()
+    pace = FailurePacer(floor=0.1, cap=10.0, clock=clock)
+    pace.record_refusal(4.0)
+    for _ in range(2 * FailurePacer.MAX_KEPT):
+        pace.record_refusal(0.2)
+    assert len(pace._recent) <= FailurePacer.MAX_KEPT
+    assert pace.deadline() == 4.0
 
 
 def test_delay_mimic_draws_only_what_it_saw_lately() -> None:
