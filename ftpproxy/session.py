@@ -462,8 +462,9 @@ class FtpSession(asyncio.Protocol):
             await asyncio.sleep(delay)
         self.reply(530, LOGIN_INCORRECT)
         if not verdict.allowed:
+            # The session goes on as after any failure (its next PASS fails the same way, the
+            # login grace time ends it): hanging up would tell the client it is banned.
             self.result = "banned"
-            raise _SessionEnd
 
     async def _connect_backend(self, route: AccountRoute) -> BackendControl:
         """Connect, send the PROXY header, read the greeting, and do AUTH TLS if configured."""

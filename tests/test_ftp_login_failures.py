@@ -40,13 +40,17 @@ INCORRECT = b"530 Login incorrect.\r\n"
 
 
 def attempt(edge: Edge, user: str, password: str, source: str = "127.0.0.1") -> tuple[bytes, float]:
-    """One login on a fresh control connection: (PASS reply, seconds from PASS to reply)."""
+    """One login on a fresh control connection: (PASS reply, seconds from PASS to reply).
+    After a 530 the session must go on like after any failure (a hang-up says "banned")."""
     with raw(edge.port, source) as c:
         c.reply()
         assert c.cmd(f"USER {user}").startswith(b"331")
         started = time.monotonic()
         reply = c.cmd(f"PASS {password}")
-        return reply, time.monotonic() - started
+        elapsed = time.monotonic() - started
+        if reply.startswith(b"530"):
+            assert c.cmd("USER again").startswith(b"331"), "the session ended after a 530"
+        return reply, elapsed
 
 
 async def failure_times(edge: Edge, lanes: int = 6, rounds: int = 10) -> tuple[list[float], list[float]]:
