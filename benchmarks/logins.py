@@ -248,7 +248,8 @@ async def ssh_setup(run: Run, url: str, shape: FleetShape, workdir: Path, worker
             "ssh": {"listen": ["127.0.0.1:0"], "host_key_dir": str(host_keys),
                     "max_sessions_per_user": 10_000},
             "limits": {"max_unauthenticated_per_ip": 10_000, "max_connections_per_ip": 10_000,
-                       "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000}}
+                       "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000,
+                       "max_failures_per_ip_user": 10_000}}
         for name, values in (extra_toml or {}).items():
             sections.setdefault(name, {}).update(values)
         toml = edge_toml(url, sections, secret=BENCH_SECRET_KEY)
@@ -322,7 +323,8 @@ def ftp_edge_toml(url: str) -> str:
     return edge_toml(url, {
         "ftp": {"listen": ["127.0.0.1:0"], "passive_ports": [low, low + 999]},
         "limits": {"max_unauthenticated_per_ip": 10_000, "max_connections_per_ip": 10_000,
-                   "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000}},
+                   "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000,
+                   "max_failures_per_ip_user": 10_000}},
         secret=BENCH_SECRET_KEY)
 
 

@@ -127,7 +127,8 @@ async def ssh_bench_setup(args: argparse.Namespace) -> AsyncIterator[tuple[list[
                     "ssh": {"listen": ["127.0.0.1:0"], "host_key_dir": str(host_keys),
                             "max_sessions_per_user": 10_000},
                     "limits": {"max_unauthenticated_per_ip": 10_000, "max_connections_per_ip": 10_000,
-                               "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000}},
+                               "max_failures_per_ip": 10_000, "max_failures_per_user": 10_000,
+                               "max_failures_per_ip_user": 10_000}},
                     secret=BENCH_SECRET_KEY)
                 child = await start_edge(sub, toml, workers=workers, expect=["ssh"], pythonpath=pythonpath)
                 children.append(child)

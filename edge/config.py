@@ -118,6 +118,13 @@ class CacheConfig:
 class LimitsConfig:
     max_failures_per_ip: int = 10
     max_failures_per_user: int = 5
+    """Failures for one username (any addresses) before its password logins are slowed."""
+    max_failures_per_ip_user: int = 5
+    """Failures for one username from one address before that pair is banned."""
+    user_slowdown_max: float = 8.0
+    """Cap in seconds of the per-user slowdown (1, 2, 4 ... s per further failure)."""
+    failure_delay_max: float = 10.0
+    """Cap in seconds of the failure deadline learned from backends' refusal times."""
     failure_window: float = 300.0
     ban_seconds: float = 600.0
     max_unauthenticated_per_ip: int = 20

@@ -13,6 +13,8 @@ lenient direction (a forgotten key starts afresh), which is the price of the bou
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
@@ -23,11 +25,14 @@ from typing import Protocol
 __all__ = [
     "ConnectionCap",
     "ConnectionCapExceeded",
+    "DelayMimic",
     "FailureBan",
+    "FailurePacer",
     "LoginLimitSettings",
     "LoginLimits",
     "LoginVerdict",
     "RateLimiter",
+    "RecentFailures",
 ]
 
 Clock = Callable[[], float]
@@ -278,18 +283,173 @@ class ConnectionCap:
             self.release(key)
 
 
+class RecentFailures:
+    """How many failures each key had within the last ``window_seconds`` (counted up to
+    ``max_count``; more would not change any decision). Bounded like the other tables."""
+
+    __slots__ = ("_clock", "_failures", "_max_count", "_max_keys", "_window")
+
+    def __init__(self, window_seconds: float, max_count: int, max_keys: int = DEFAULT_MAX_KEYS,
+                 *, clock: Clock = time.monotonic) -> None:
+        _check_positive("window_seconds", window_seconds)
+        _check_positive("max_count", max_count)
+        _check_positive("max_keys", max_keys)
+        self._window = float(window_seconds)
+        self._max_count = max_count
+        self._max_keys = max_keys
+        self._clock = clock
+        # key -> recent failure times; ordered by latest failure (oldest first).
+        self._failures: OrderedDict[Hashable, deque[float]] = OrderedDict()
+
+    def record(self, key: Hashable) -> int:
+        """Count a failure; returns the failures now within the window."""
+        now = self._clock()
+        self._expire(now)
+        failures = self._failures.pop(key, None)
+        if failures is None:
+            if len(self._failures) >= self._max_keys:
+                self._failures.popitem(last=False)
+            failures = deque(maxlen=self._max_count)
+        failures.append(now)
+        self._failures[key] = failures
+        return self._trim(failures, now)
+
+    def count(self, key: Hashable) -> int:
+        now = self._clock()
+        self._expire(now)
+        failures = self._failures.get(key)
+        return 0 if failures is None else self._trim(failures, now)
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def _trim(self, failures: deque[float], now: float) -> int:
+        horizon = now - self._window
+        while failures and failures[0] <= horizon:
+            failures.popleft()
+        return len(failures)
+
+    def _expire(self, now: float) -> None:
+        failures = self._failures
+        horizon = now - self._window
+        while failures:
+            latest = next(iter(failures.values()))[-1]
+            if latest > horizon:
+                break
+            failures.popitem(last=False)
+
+
+class FailurePacer:
+    """When a failed login is answered, so that every failure looks the same from outside.
+
+    Without it a proxy leaks which accounts exist: it refuses an unknown user by itself, but a
+    known user's wrong password only when the backend says so, and backends take their time
+    (sshd with PAM ~2.7 s, pyftpdlib 3 s). So every failure, real or not, is answered at one
+    deadline from the attempt's start: the slowest real refusal seen lately (any backend), at
+    least ``floor`` and at most ``cap``, plus a random 0-10%. A real refusal slower than that
+    deadline is answered when it comes (plus the same jitter) and raises the deadline for what
+    follows; so the two kinds of failure differ only while the proxy has not yet seen a backend
+    refuse, or when a backend beats its own record.
+
+    The maximum rather than a mean: any real refusal later than the deadline is a tell, and the
+    price of a high deadline is only that a mistyped password costs a few seconds more.
+    "Lately" is the last ``samples`` refusals *and* every refusal of the last
+    ``window_seconds``: not time alone, or the first slow refusal after a quiet spell would
+    stand out; not count alone, or an attacker could flush a slow backend's refusals out with
+    quick failures on an account of their own just before probing a name.
+    """
+
+    __slots__ = ("_cap", "_clock", "_floor", "_random", "_recent", "_samples", "_window")
+
+    JITTER = 0.1
+    """Fraction of the deadline drawn at random per answer: blurs the little left (event-loop
+    wake-ups, a record refusal) that could tell failures apart."""
+    MAX_KEPT = 4096
+    """Refusals kept at most (a flood within the window keeps its slowest plus the newest)."""
+
+    def __init__(self, floor: float, cap: float, samples: int = 32, window_seconds: float = 300.0,
+                 rng: random.Random | None = None, *, clock: Clock = time.monotonic) -> None:
+        if floor < 0:
+            raise ValueError(f"the failure delay must be at least 0, got {floor!r}")
+        _check_positive("samples", samples)
+        self._floor = float(floor)
+        self._cap = max(float(cap), self._floor)
+        self._samples = samples
+        self._window = float(window_seconds)
+        self._clock = clock
+        # (time, seconds), oldest first.
+        self._recent: deque[tuple[float, float]] = deque()
+        self._random = rng or random.SystemRandom()
+
+    def record_refusal(self, seconds: float) -> None:
+        """A backend refused a login ``seconds`` after the attempt started."""
+        now = self._clock()
+        self._expire(now)
+        recent = self._recent
+        if len(recent) >= self.MAX_KEPT:
+            # Drop the quickest of the old half: the maximum is what matters.
+            old = list(recent)[: len(recent) // 2]
+            quickest = min(range(len(old)), key=lambda i: old[i][1])
+            del recent[quickest]
+        recent.append((now, min(max(0.0, seconds), self._cap)))
+
+    def deadline(self) -> float:
+        """Seconds from an attempt's start at which failures are answered now (no jitter)."""
+        self._expire(self._clock())
+        slowest = max((seconds for _, seconds in self._recent), default=0.0)
+        return min(self._cap, max(self._floor, slowest))
+
+    def answer_after(self, elapsed: float = 0.0) -> float:
+        """Seconds from the attempt's start to answer a failure that is known ``elapsed`` s in."""
+        base = max(self.deadline(), elapsed)
+        return base + self._random.uniform(0.0, self.JITTER * base)
+
+    def _expire(self, now: float) -> None:
+        recent = self._recent
+        horizon = now - self._window
+        while len(recent) > self._samples and recent[0][0] <= horizon:
+            recent.popleft()
+
+
+class DelayMimic:
+    """Recent durations of a real step, to give a faked step (for an unknown user) the same
+    duration: each fake draws one of the last ``samples`` real ones (0 before any was seen).
+
+    Drawing from what was observed, rather than waiting for a maximum as :class:`FailurePacer`
+    does, because this step is on the way to successful logins too: real ones are not slowed.
+    """
+
+    __slots__ = ("_random", "_recent")
+
+    def __init__(self, samples: int = 32, rng: random.Random | None = None) -> None:
+        self._recent: deque[float] = deque(maxlen=samples)
+        self._random = rng or random.SystemRandom()
+
+    def record(self, seconds: float) -> None:
+        self._recent.append(max(0.0, seconds))
+
+    def draw(self) -> float:
+        return self._random.choice(self._recent) if self._recent else 0.0
+
+
 class _LimitsConfigLike(Protocol):
     # Structural view of edge.config.LimitsConfig, so this module does not import the config.
     @property
     def max_failures_per_ip(self) -> int: ...
     @property
+    def max_failures_per_ip_user(self) -> int: ...
+    @property
     def max_failures_per_user(self) -> int: ...
+    @property
+    def user_slowdown_max(self) -> float: ...
     @property
     def failure_window(self) -> float: ...
     @property
     def ban_seconds(self) -> float: ...
     @property
     def max_unauthenticated_per_ip(self) -> int: ...
+    @property
+    def failure_delay_max(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,11 +462,19 @@ class LoginLimitSettings:
     max_failures_per_ip: int = 10
     """Failed logins from one IP (any usernames) within ``failure_window`` before a ban."""
     max_failures_per_user: int = 5
-    """Failed logins for one username (from any IPs) within ``failure_window``."""
+    """Failed logins for one username (from any IPs) within ``failure_window`` after which
+    that user's password logins are slowed down (never locked: see ``user_slowdown_max``)."""
     failure_window: float = 300.0
     ban_seconds: float = 600.0
     max_unauthenticated_per_ip: int = 20
     """Connections from one IP that have not logged in yet (password spraying in parallel)."""
+    max_failures_per_ip_user: int = 5
+    """Failed logins for one username from one IP within ``failure_window`` before that pair
+    is banned (the same address may still log in as other users until its own limit)."""
+    user_slowdown_max: float = 8.0
+    """Cap in seconds on the per-user slowdown (1 s, 2 s, 4 s ... per further failure)."""
+    failure_delay_max: float = 10.0
+    """Cap in seconds on the learned failure deadline (:class:`FailurePacer`)."""
     max_keys: int = DEFAULT_MAX_KEYS
     """Per table; bounds memory under address scans."""
 
@@ -340,29 +508,41 @@ class LoginLimits:
     Per connection::
 
         if not limits.unauthenticated.try_acquire(ip): refuse the connection
-        ... on USER / begin_auth:  verdict = limits.check_login(ip, username)
+        ... per password attempt:  sleep limits.user_delay(username) first, then
+                                   verdict = limits.check_login(ip, username)
         ... on the answer:         limits.login_failed(ip, username) / login_succeeded(...)
+                                   failures answered per limits.pace
         release the unauthenticated slot on login success or on disconnect (once).
 
-    Bans are both per IP (one address guessing many accounts) and per username (many
-    addresses guessing one account). A per-user ban also locks the real user out for
-    ``ban_seconds``; that is the usual trade for stopping distributed guessing.
-    Usernames are used as given; normalise them first if the directory does.
+    Bans are per source only: per IP (one address guessing many accounts) and per IP and
+    username (one address guessing one account). Many addresses guessing one account slow
+    that account's password logins down instead (:meth:`user_delay`): a ban per username
+    would let anyone lock any user out with a few wrong passwords. Key logins are never
+    slowed (a key cannot be guessed). Usernames are used as given; normalise them first if
+    the directory does.
     """
 
-    __slots__ = ("by_ip", "by_user", "settings", "unauthenticated")
+    __slots__ = ("by_ip", "by_ip_user", "by_user", "pace", "settings", "unauthenticated")
 
     def __init__(
-        self, settings: LoginLimitSettings | None = None, *, clock: Clock = time.monotonic
+        self, settings: LoginLimitSettings | None = None, *, failure_delay: float = 1.0,
+        clock: Clock = time.monotonic
     ) -> None:
         s = settings or LoginLimitSettings()
         self.settings = s
         self.by_ip = FailureBan(
             s.max_failures_per_ip, s.failure_window, s.ban_seconds, s.max_keys, clock=clock
         )
-        self.by_user = FailureBan(
-            s.max_failures_per_user, s.failure_window, s.ban_seconds, s.max_keys, clock=clock
+        self.by_ip_user = FailureBan(
+            s.max_failures_per_ip_user, s.failure_window, s.ban_seconds, s.max_keys, clock=clock
         )
+        # Counted up to where the slowdown reaches its cap; more changes nothing.
+        steps = max(1, math.ceil(math.log2(max(1.0, s.user_slowdown_max))) + 1)
+        self.by_user = RecentFailures(
+            s.failure_window, s.max_failures_per_user + steps, s.max_keys, clock=clock
+        )
+        self.pace = FailurePacer(failure_delay, s.failure_delay_max,
+                                 window_seconds=s.failure_window, clock=clock)
         self.unauthenticated = ConnectionCap(s.max_unauthenticated_per_ip)
 
     def check_login(self, ip: str, username: str | None = None) -> LoginVerdict:
@@ -371,20 +551,43 @@ class LoginLimits:
         if seconds > 0:
             return LoginVerdict(False, f"too many failed logins from {ip}", seconds)
         if username is not None:
-            seconds = self.by_user.banned_for(username)
+            seconds = self.by_ip_user.banned_for((ip, username))
             if seconds > 0:
-                return LoginVerdict(False, f"too many failed logins for user {username!r}", seconds)
+                return LoginVerdict(
+                    False, f"too many failed logins for user {username!r} from {ip}", seconds
+                )
         return _ALLOWED
+
+    def user_delay(self, username: str | None) -> float:
+        """Seconds to hold a password attempt for ``username`` before it is checked: 0 until
+        ``max_failures_per_user`` recent failures, then 1, 2, 4 ... up to ``user_slowdown_max``.
+
+        Applied to every password attempt for the name (known or not, banned or not, right or
+        wrong), so it slows guessing without telling anything, and costs the real user at most
+        the cap.
+        """
+        if username is None:
+            return 0.0
+        s = self.settings
+        excess = self.by_user.count(username) - s.max_failures_per_user
+        if excess < 0:
+            return 0.0
+        return float(min(s.user_slowdown_max, 2.0 ** min(excess, 32)))
 
     def login_failed(self, ip: str, username: str | None = None) -> LoginVerdict:
         """Record a failed login; returns the verdict for the next attempt (disconnect now
         if it is not allowed)."""
         self.by_ip.record_failure(ip)
         if username is not None:
-            self.by_user.record_failure(username)
+            self.by_ip_user.record_failure((ip, username))
+            self.by_user.record(username)
         return self.check_login(ip, username)
 
     def login_succeeded(self, ip: str, username: str) -> None:
-        """Record a successful login: clears the failure counts of the IP and the user."""
+        """Record a successful login: clears the failure counts of the IP (an active ban stays).
+
+        The per-user count stays: the real user logging in must not reset an attacker's
+        slowdown elsewhere; it fades with ``failure_window``.
+        """
         self.by_ip.record_success(ip)
-        self.by_user.record_success(username)
+        self.by_ip_user.record_success((ip, username))

@@ -52,7 +52,8 @@ class FtpProxy:
         self.directory = context.directory
         self.logger = context.logger
         limits = context.config.limits
-        self.limits = LoginLimits(LoginLimitSettings.from_config(limits))
+        self.limits = LoginLimits(LoginLimitSettings.from_config(limits),
+                                  failure_delay=self.config.login_failure_delay)
         self.connection_cap = ConnectionCap(limits.max_connections_per_ip)
         self.login_grace_time = limits.login_grace_time
         self.header_policy = ProxyHeaderPolicy(

@@ -389,8 +389,13 @@ class FtpSession(asyncio.Protocol):
             task.result()[0].abort()
 
     async def _pass(self, password: str) -> None:
-        started = time.monotonic()
         proxy, username, route = self.proxy, self.username, self.route
+        # Many addresses guessing one account slow it down (never lock it): for every name,
+        # known or not, before anything is checked, so the wait itself tells nothing.
+        hold = proxy.limits.user_delay(username or None)
+        if hold > 0:
+            await asyncio.sleep(hold)
+        started = time.monotonic()
         verdict = proxy.limits.check_login(self.client_ip, username)
         if not verdict.allowed:
             self.proxy.login_counters["banned"].inc()
@@ -433,10 +438,12 @@ class FtpSession(asyncio.Protocol):
             self._end(421, "Service not available, try again later.", "backend_unavailable")
         backend.close()
         self.backend = None
-        await self._login_failed(started, f"backend answered {reply.code}")
+        await self._login_failed(started, f"backend answered {reply.code}", refused=True)
 
-    async def _login_failed(self, started: float, why: str, *, count: bool = True) -> None:
-        """The one answer to every failed login: ``530`` no sooner than the configured delay."""
+    async def _login_failed(self, started: float, why: str, *, count: bool = True,
+                            refused: bool = False) -> None:
+        """The one answer to every failed login: ``530`` at the common failure deadline
+        (``edge.limits.FailurePacer``), which a backend's refusal (``refused``) teaches."""
         proxy = self.proxy
         self._cancel_prefetch()
         verdict = proxy.limits.check_login(self.client_ip, self.username or None)
@@ -446,13 +453,18 @@ class FtpSession(asyncio.Protocol):
         self.proxy.logger.info("ftp login failed", extra={**self._fields(), "reason": why})
         self.state = replace(self.state, routed_user=None, rejected_user=False)
         self.route = None
-        delay = started + proxy.config.login_failure_delay - time.monotonic()
+        pace = proxy.limits.pace
+        elapsed = time.monotonic() - started
+        if refused:
+            pace.record_refusal(elapsed)
+        delay = pace.answer_after(elapsed) - elapsed
         if delay > 0:
             await asyncio.sleep(delay)
         self.reply(530, LOGIN_INCORRECT)
         if not verdict.allowed:
+            # The session goes on as after any failure (its next PASS fails the same way, the
+            # login grace time ends it): hanging up would tell the client it is banned.
             self.result = "banned"
-            raise _SessionEnd
 
     async def _connect_backend(self, route: AccountRoute) -> BackendControl:
         """Connect, send the PROXY header, read the greeting, and do AUTH TLS if configured."""

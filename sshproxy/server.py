@@ -35,7 +35,7 @@ from edge import metrics as edge_metrics
 from edge.directory.directory import AccountRoute
 from edge.directory.model import Change
 from edge.errors import DirectoryUnavailable
-from edge.limits import ConnectionCap, LoginLimits, LoginLimitSettings
+from edge.limits import ConnectionCap, DelayMimic, LoginLimits, LoginLimitSettings
 from edge.proxyproto import ProxyHeaderParser, ProxyHeaderPolicy, ProxyProtocolError
 from edge.registry import ProxyContext
 from sshproxy import metrics
@@ -86,8 +86,12 @@ class SshProxy:
         self.host_keys = load_host_keys(config)
         load_upstream_key(config)  # fail at start-up, not at the first public-key login
         self.user_ca_keys = load_user_ca_keys(config.user_ca_keys)
-        self.limits = LoginLimits(LoginLimitSettings.from_config(context.config.limits))
+        self.limits = LoginLimits(LoginLimitSettings.from_config(context.config.limits),
+                                  failure_delay=config.auth_failure_delay)
         self.user_sessions = ConnectionCap(max(1, config.max_sessions_per_user))
+        # How long backends take to show their first keyboard-interactive prompt, so the fake
+        # prompt for an unknown user comes as late (else the prompt's speed names accounts).
+        self.kbdint_prompt = DelayMimic()
         self.bridge_settings = BridgeSettings.from_config(config)
         self.authorized_keys = AuthorizedKeysCache()
         self.proxy_policy = (ProxyHeaderPolicy("optional", config.trusted_proxies)
@@ -434,13 +438,13 @@ class ClientConnection(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:
-        started = time.monotonic()
+        started = await self._password_attempt()
         if not self._may_try():
             return await self._failed("password", started)
         try:
             self.upstream = await self._connect(Credential(password=password))
         except UpstreamAuthFailed:
-            return await self._failed("password", started)
+            return await self._failed("password", started, refused=True)
         except UpstreamError as exc:
             self._refuse("upstream_error", str(exc), exc.public, asyncssh.DISC_SERVICE_NOT_AVAILABLE,
                          method="password")
@@ -454,19 +458,23 @@ class ClientConnection(asyncssh.SSHServer):
 
     async def get_kbdint_challenge(self, username: str, lang: str,
                                    submethods: str) -> Challenge | bool:
-        started = time.monotonic()
+        started = await self._password_attempt()
         if self._kbdint is not None:
             self._kbdint[1].cancel()
             self._kbdint = None
         if not self._may_try():
             # Ask like a real backend would, then fail: the same dialogue as a wrong password.
             self._fake_kbdint = True
+            await asyncio.sleep(self.proxy.kbdint_prompt.draw())
             return _FAKE_CHALLENGE
         self._fake_kbdint = False
         relay = KbdIntRelay()
         task = asyncio.ensure_future(self._connect(Credential(relay=relay)))
         self._kbdint = (relay, task)
-        return await self._kbdint_step(started)
+        answer = await self._kbdint_step(started)
+        if not isinstance(answer, bool):
+            self.proxy.kbdint_prompt.record(time.monotonic() - started)
+        return answer
 
     async def validate_kbdint_response(self, username: str,  # type: ignore[override]
                                        responses: list[str]) -> Challenge | bool:
@@ -487,7 +495,7 @@ class ClientConnection(asyncssh.SSHServer):
         try:
             self.upstream = task.result()
         except UpstreamAuthFailed:
-            return await self._failed("keyboard-interactive", started)
+            return await self._failed("keyboard-interactive", started, refused=True)
         except UpstreamError as exc:
             self._refuse("upstream_error", str(exc), exc.public,
                          asyncssh.DISC_SERVICE_NOT_AVAILABLE, method="keyboard-interactive")
@@ -495,6 +503,19 @@ class ClientConnection(asyncssh.SSHServer):
         return self._admit("keyboard-interactive")
 
     # -- shared steps ----------------------------------------------------------------------
+
+    async def _password_attempt(self) -> float:
+        """Start a guessable attempt (password, keyboard-interactive): wait out the user's
+        slowdown, take up a ban placed since ``begin_auth``; returns the attempt's start for
+        the failure deadline."""
+        limits = self.proxy.limits
+        delay = limits.user_delay(self.username or None)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        verdict = limits.check_login(self.client[0], self.username or None)
+        if not verdict.allowed and not self.banned:
+            self.banned = verdict.reason
+        return time.monotonic()
 
     def _may_try(self) -> bool:
         """A login may go on: known routable account, not banned, connection not refused."""
@@ -569,10 +590,18 @@ class ClientConnection(asyncssh.SSHServer):
         self._holds_user_slot = True
         return True
 
-    async def _failed(self, method: str, started: float) -> bool:
-        """A failed attempt: count it, wait out the common delay, answer False."""
+    async def _failed(self, method: str, started: float, *, refused: bool = False) -> bool:
+        """A failed attempt: count it, answer False at the common failure deadline.
+
+        ``refused``: the backend said no (its time teaches the deadline); otherwise the proxy
+        decided alone (unknown user, ban) and must look exactly like such a refusal.
+        """
         self._fail_count(method)
-        delay = self.proxy.config.auth_failure_delay - (time.monotonic() - started)
+        pace = self.proxy.limits.pace
+        elapsed = time.monotonic() - started
+        if refused:
+            pace.record_refusal(elapsed)
+        delay = pace.answer_after(elapsed) - elapsed
         if delay > 0:
             await asyncio.sleep(delay)
         return False
@@ -584,6 +613,11 @@ class ClientConnection(asyncssh.SSHServer):
         self.outcome = "login failed"
         self.reason = self.banned or ("unknown user or not allowed" if self.route is None
                                       else "wrong credentials")
+        # One line per failed attempt (the connection's line comes only at its end): operators
+        # see each guess. Never the password.
+        self.proxy.log.info("ssh login failed", extra={
+            "event": "ssh_login_failed", "user": self.username, "auth_method": method,
+            "client": f"{self.client[0]}:{self.client[1]}", "reason": self.reason})
         verdict = self.proxy.limits.login_failed(self.client[0], self.username or None)
         if not verdict.allowed and not self.banned:
             self.banned = verdict.reason

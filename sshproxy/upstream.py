@@ -112,6 +112,12 @@ class _UpstreamClient(asyncssh.SSHClient):
         self._offered.add(kind)
         return credential
 
+    def _take_once(self, kind: str) -> bool:
+        if kind in self._offered:
+            return False
+        self._offered.add(kind)
+        return True
+
     def auth_completed(self) -> None:
         self._authenticated = True
 
@@ -130,7 +136,10 @@ class _UpstreamClient(asyncssh.SSHClient):
     async def kbdint_auth_requested(self) -> str | None:
         credential = await asyncio.shield(self._credential)
         if credential.relay is not None:
-            return ""
+            # One relayed round per client attempt: asyncssh would start keyboard-interactive
+            # again after a refusal, relaying endless prompts into the client's one attempt
+            # (unlimited guesses, never "Permission denied").
+            return "" if self._take_once("kbdint-relay") else None
         # A password goes over keyboard-interactive only to backends without the password
         # method: never try the same password twice (it would count twice against the user).
         return "" if credential.password is not None and "password" not in self._offered else None

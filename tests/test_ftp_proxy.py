@@ -901,11 +901,11 @@ async def test_proxy_protocol_towards_backend(edges: EdgeFactory, backends: Back
     assert headers == [repr(("127.0.0.1", client[1])).encode()]
 
 
-async def test_failed_login_limits_per_user_and_per_ip(edges: EdgeFactory, backends: Backends,
-                                                       ) -> None:
+async def test_failed_login_limits_per_address_and_user_and_per_ip(
+        edges: EdgeFactory, backends: Backends) -> None:
     backend = await backends.start()
     await provision(edges.service, backend)
-    limits = LimitsConfig(max_failures_per_user=2, max_failures_per_ip=4, ban_seconds=60)
+    limits = LimitsConfig(max_failures_per_ip_user=2, max_failures_per_ip=4, ban_seconds=60)
     edge = await edges.start(limits=limits)
 
     def login(user: str, password: str, source: str = "127.0.0.1") -> bytes:
@@ -917,14 +917,15 @@ async def test_failed_login_limits_per_user_and_per_ip(edges: EdgeFactory, backe
     def scenario() -> None:
         assert login(USER, "wrong1").startswith(b"530")
         assert login(USER, "wrong2").startswith(b"530")
-        # Banned user: even the right password fails, from any address, and looks the same.
-        assert login(USER, PASSWORD, "127.0.0.5") == b"530 Login incorrect.\r\n"
+        # This address is banned for this user: even the right password fails, looking the same.
+        assert login(USER, PASSWORD) == b"530 Login incorrect.\r\n"
         # Per IP: 127.0.0.1 has 2 failures; two more (any users) ban the address.
         assert login("x1", "p").startswith(b"530")
         assert login("x2", "p").startswith(b"530")
         assert login("x3", "p") == b"530 Login incorrect.\r\n"
-        # Another address is unaffected.
+        # Another address is unaffected, alice included.
         assert login("x4", "p", "127.0.0.6").startswith(b"530")
+        assert login(USER, PASSWORD, "127.0.0.5").startswith(b"230")
 
     await run(scenario)
     assert edge.log.find("ftp: login refused by failed-login limits", user=USER)

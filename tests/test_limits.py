@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from edge.limits import (
     ConnectionCap,
     ConnectionCapExceeded,
+    DelayMimic,
     FailureBan,
+    FailurePacer,
     LoginLimits,
     LoginLimitSettings,
     RateLimiter,
@@ -192,23 +196,42 @@ def test_connection_cap_context_manager() -> None:
 
 def test_login_limits_defaults_are_safe() -> None:
     s = LoginLimitSettings()
-    assert (s.max_failures_per_ip, s.max_failures_per_user) == (10, 5)
+    assert (s.max_failures_per_ip, s.max_failures_per_user, s.max_failures_per_ip_user) == (10, 5, 5)
+    assert (s.user_slowdown_max, s.failure_delay_max) == (8.0, 10.0)
     assert (s.failure_window, s.ban_seconds) == (300.0, 600.0)
     assert s.max_unauthenticated_per_ip == 20
     assert LoginLimits().unauthenticated.max_per_key == 20
 
 
-def test_per_user_ban_stops_distributed_guessing() -> None:
+def test_many_addresses_guessing_one_user_slow_it_down_but_never_lock_it_out() -> None:
+    """Anyone could lock alice out by failing five times; now failures from many addresses
+    only slow her password logins (1, 2, 4 ... s, capped), and nobody is banned for them."""
     clock = FakeClock()
-    limits = LoginLimits(clock=clock)
-    for i in range(5):
-        assert limits.check_login(f"198.51.100.{i}", "alice").allowed
+    limits = LoginLimits(LoginLimitSettings(user_slowdown_max=8.0), clock=clock)
+    delays = []
+    for i in range(12):
+        delays.append(limits.user_delay("alice"))
         limits.login_failed(f"198.51.100.{i}", "alice")
-    verdict = limits.check_login("203.0.113.7", "alice")
-    assert not verdict.allowed
-    assert "alice" in verdict.reason
+    assert delays == [0, 0, 0, 0, 0, 1, 2, 4, 8, 8, 8, 8]
+    for ip in ("203.0.113.7", "198.51.100.0"):
+        assert limits.check_login(ip, "alice").allowed  # slowed, not locked out
+    assert limits.user_delay("bob") == 0.0  # other users unaffected
+    limits.login_succeeded("203.0.113.7", "alice")
+    assert limits.user_delay("alice") == 8.0  # alice's success does not lift an attack's slowdown
+    clock.advance(301)
+    assert limits.user_delay("alice") == 0.0  # it fades with the window
+
+
+def test_one_address_guessing_one_user_bans_that_pair_only() -> None:
+    clock = FakeClock()
+    limits = LoginLimits(LoginLimitSettings(max_failures_per_ip_user=3), clock=clock)
+    verdicts = [limits.login_failed("192.0.2.9", "alice") for _ in range(3)]
+    assert [v.allowed for v in verdicts] == [True, True, False]
+    verdict = limits.check_login("192.0.2.9", "alice")
+    assert not verdict.allowed and "alice" in verdict.reason and "192.0.2.9" in verdict.reason
     assert verdict.retry_after == 600.0
-    assert limits.check_login("203.0.113.7", "bob").allowed  # other users unaffected
+    assert limits.check_login("192.0.2.9", "bob").allowed  # same address, another user
+    assert limits.check_login("192.0.2.10", "alice").allowed  # alice from elsewhere
 
 
 def test_per_ip_ban_stops_one_address_guessing_many_users() -> None:
@@ -226,7 +249,7 @@ def test_per_ip_ban_stops_one_address_guessing_many_users() -> None:
 
 def test_success_clears_counts_and_window_expires() -> None:
     clock = FakeClock()
-    limits = LoginLimits(LoginLimitSettings(max_failures_per_user=3), clock=clock)
+    limits = LoginLimits(LoginLimitSettings(max_failures_per_ip_user=3), clock=clock)
     limits.login_failed("192.0.2.1", "carol")
     limits.login_failed("192.0.2.1", "carol")
     limits.login_succeeded("192.0.2.1", "carol")
@@ -247,6 +270,59 @@ def test_settings_from_config_section() -> None:
         max_unauthenticated_per_ip = 4
         max_connections_per_ip = 200
         login_grace_time = 30.0
+        max_failures_per_ip_user = 2
+        user_slowdown_max = 4.0
+        failure_delay_max = 5.0
 
     settings = LoginLimitSettings.from_config(Section())
-    assert settings == LoginLimitSettings(3, 2, 60.0, 30.0, 4)
+    assert settings == LoginLimitSettings(3, 2, 60.0, 30.0, 4, 2, 4.0, 5.0)
+
+
+# -- FailurePacer ----------------------------------------------------------------------------
+
+
+def test_failure_deadline_covers_the_slowest_recent_refusal_within_floor_and_cap() -> None:
+    clock = FakeClock()
+    pace = FailurePacer(floor=1.0, cap=5.0, samples=3, window_seconds=300.0,
+                        rng=random.Random(7), clock=clock)
+    assert pace.deadline() == 1.0  # nothing seen yet: the configured delay
+    pace.record_refusal(0.2)
+    assert pace.deadline() == 1.0  # fast backends: the floor
+    pace.record_refusal(2.7)  # sshd with PAM
+    assert pace.deadline() == 2.7
+    pace.record_refusal(60.0)
+    assert pace.deadline() == 5.0  # a backend hanging for a minute does not set the pace
+    for _ in range(10):
+        pace.record_refusal(0.1)
+    # Quick failures (an attacker's own account) do not flush the slow ones within the window.
+    assert pace.deadline() == 5.0
+    clock.advance(301)
+    assert pace.deadline() == 1.0  # older than the window and not among the last 3: gone
+    pace.record_refusal(2.7)
+    clock.advance(3600)
+    assert pace.deadline() == 2.7  # a quiet spell forgets nothing: the last 3 always count
+    for _ in range(3):
+        pace.record_refusal(0.1)
+    assert pace.deadline() == 1.0
+    answers = [pace.answer_after() for _ in range(200)]
+    assert 1.0 <= min(answers) < 1.02 and 1.08 < max(answers) <= 1.1  # 0-10% jitter
+    assert 3.0 <= pace.answer_after(3.0) <= 3.3  # a refusal past the deadline: when it came
+
+
+def test_failure_pacer_memory_is_bounded_and_keeps_the_slowest() -> None:
+    clock = FakeClock()
+    pace = FailurePacer(floor=0.1, cap=10.0, clock=clock)
+    pace.record_refusal(4.0)
+    for _ in range(2 * FailurePacer.MAX_KEPT):
+        pace.record_refusal(0.2)
+    assert len(pace._recent) <= FailurePacer.MAX_KEPT
+    assert pace.deadline() == 4.0
+
+
+def test_delay_mimic_draws_only_what_it_saw_lately() -> None:
+    mimic = DelayMimic(samples=3, rng=random.Random(3))
+    assert mimic.draw() == 0.0  # nothing seen: no delay rather than a guess
+    for seconds in (5.0, 0.2, 0.3, 0.4):
+        mimic.record(seconds)
+    draws = {mimic.draw() for _ in range(100)}
+    assert draws == {0.2, 0.3, 0.4}  # the oldest aged out

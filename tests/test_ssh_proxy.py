@@ -83,6 +83,10 @@ class AsyncsshBackend:
     server: Any = None
     port: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    refusal_delay: float = 0.0
+    """Seconds before a wrong password is refused."""
+    challenge_delay: float = 0.0
+    """Seconds before the first keyboard-interactive prompt."""
     password_method: bool = True
     """False: passwords only through keyboard-interactive, like a PAM-only sshd."""
 
@@ -102,9 +106,12 @@ class AsyncsshBackend:
             def password_auth_supported(self) -> bool:
                 return backend.password_method
 
-            def validate_password(self, username: str, password: str) -> bool:
+            async def validate_password(self, username: str, password: str) -> bool:
                 backend.password_attempts.append((username, password))
-                return backend.passwords.get(username) == password
+                if backend.passwords.get(username) == password:
+                    return True
+                await asyncio.sleep(backend.refusal_delay)  # like sshd with PAM: slow to say no
+                return False
 
             def public_key_auth_supported(self) -> bool:
                 return True
@@ -115,7 +122,8 @@ class AsyncsshBackend:
             def kbdint_auth_supported(self) -> bool:
                 return True
 
-            def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
+            async def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
+                await asyncio.sleep(backend.challenge_delay)  # like PAM starting up
                 self.stage = 0
                 backend.kbdint_prompts.append("Password: ")
                 return "", "", "", [("Password: ", False)]
@@ -943,9 +951,9 @@ async def test_every_offered_key_is_tried(sshd_edge: Edge, keys: Path) -> None:
     assert (rc, out) == (0, "in\n"), err
 
 
-async def test_per_user_ban_stops_guessing_one_account_but_not_others(
+async def test_address_and_user_ban_stops_guessing_one_account_but_not_others(
         tmp_path: Path, keys: Path, backend: AsyncsshBackend) -> None:
-    limits = LimitsConfig(max_failures_per_user=2, max_failures_per_ip=100)
+    limits = LimitsConfig(max_failures_per_ip_user=2, max_failures_per_ip=100)
     async for edge in make_edge(tmp_path, keys, limits=limits):
         await provision(edge, backend)
         await edge.service.add_account("bob", "acme", protocols=["ssh"])
@@ -955,7 +963,8 @@ async def test_per_user_ban_stops_guessing_one_account_but_not_others(
         assert rc == 255 and "Permission denied" in err
         rc, out, err = await edge.ssh("bob", "whoami", password="bob-pw")
         assert (rc, out) == (0, "backend-a bob\n"), err
-        assert (await edge.log_lines())[-2]["reason"] == "too many failed logins for user 'alice'"
+        assert (await edge.log_lines())[-2]["reason"] == \
+            "too many failed logins for user 'alice' from 127.0.0.1"
 
 
 async def test_backend_down_is_a_clear_disconnect_not_permission_denied(
