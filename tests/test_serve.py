@@ -320,6 +320,43 @@ def test_sigterm_lets_an_open_session_finish(start: Callable[..., EdgeServe],
     server.stop()
 
 
+def test_sigterm_serves_connections_already_queued(start: Callable[..., EdgeServe],
+                                                   db_url: str) -> None:
+    # Connections the kernel completed before SIGTERM wait in the listener's backlog; closing
+    # the listener would reset them. The worker is stopped so they cannot be accepted early.
+    server = start(config_text(db_url, grace=10))
+    server.wait_ready()
+    probe = Echo(server.port)
+    worker = probe.pid
+    probe.close()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        queued = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                  for _ in range(5)]
+        server.signal(signal.SIGTERM)
+        time.sleep(0.5)  # the master closed its copies of the listener and signalled
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    for sock in queued:
+        with sock, sock.makefile("rb") as lines:
+            assert lines.readline().startswith(b"hello worker=0"), "queued connection reset"
+            sock.sendall(b"ping\n")
+            assert lines.readline() == b"echo ping\n"
+
+    def refused() -> bool:
+        try:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        except ConnectionRefusedError:
+            return True
+        with sock, sock.makefile("rb") as lines:  # came in while the worker still accepted
+            assert lines.readline().startswith(b"hello worker=0"), "late connection reset"
+        return False
+
+    wait_for(refused, 5, "new connections refused")
+    assert server.proc.wait(15) == 0
+    server.stop()
+
+
 def test_session_beyond_the_grace_period_is_closed(start: Callable[..., EdgeServe],
                                                   db_url: str) -> None:
     server = start(config_text(db_url, grace=1))

@@ -9,7 +9,9 @@ in a backlog is lost.
 
 Signals to the master:
 
-* SIGTERM / SIGINT: forwarded to the workers as SIGTERM (each drains, waits up to
+* SIGTERM / SIGINT: the master closes its copies of the listening sockets at once and
+  forwards the signal to the workers as SIGTERM (each accepts what is already queued, closes
+  its listening socket, so new connections are refused, then drains, waits up to
   ``[serve] grace_period`` for sessions, closes the rest); the master returns 0 when all
   workers have exited (workers still alive ``grace_period + 10`` s later are killed). A
   second signal kills the workers at once.
@@ -270,6 +272,11 @@ class Supervisor:
             self._kill_all(signal.SIGKILL)
             return
         self.stopping = True
+        # Stop listening at once: while the master holds a copy of a listening socket the
+        # kernel keeps queueing connections nobody will accept (reset when we exit), instead
+        # of refusing them so that clients and load balancers retry elsewhere. Each worker
+        # closes its own copy once its backlog is accepted (worker.stop_listening).
+        self.pool.close()
         live = list(self._by_pid.values())
         log.info("%s: stopping", why, extra={"workers": len(live)})
         if not live:

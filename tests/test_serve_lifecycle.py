@@ -1,0 +1,201 @@
+"""Stopping and reloading ``edge serve`` under HTTP traffic, with real processes on loopback.
+
+``edge serve`` runs the real HTTP proxy (two workers) in front of a threaded Python HTTP
+backend; clients are ``http.client`` connections that keep their connection alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from edge.directory.service import DirectoryService
+from edge.directory.stores import store_for_url
+from tests.test_serve import EdgeServe, http_get, make_db, wait_for
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+SITE = "www.a.test"
+SLOW_SECONDS = 4.0
+
+
+class _Backend(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path == "/slow":
+            time.sleep(SLOW_SECONDS)
+        body = b"x" * 2000 + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def backend() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def edge_http(tmp_path: Path, backend: int) -> Iterator[Callable[..., EdgeServe]]:
+    db_url = make_db(tmp_path / "directory.sqlite3")
+
+    async def provision() -> None:
+        store = store_for_url(db_url)
+        await store.open()
+        service = DirectoryService(store, None)
+        await service.add_host("web", "127.0.0.1", http_port=backend)
+        await service.add_tenant("ta", "web")
+        await service.add_site(SITE, "ta")
+        await store.close()
+
+    asyncio.run(provision())
+    started: list[EdgeServe] = []
+
+    def _start(workers: int = 2, grace: float = 10.0) -> EdgeServe:
+        config = (f'[database]\nurl = "{db_url}"\n[admin]\nlisten = ["127.0.0.1:0"]\n'
+                  f"[serve]\nworkers = {workers}\ngrace_period = {grace}\n"
+                  '[http]\nlisten = ["127.0.0.1:0"]\naccess_log = "off"\n')
+        server = EdgeServe(tmp_path, config, env={"EDGE_PROXY_OVERRIDES": ""})
+        started.append(server)
+        server.wait_line("admin")
+        server.wait_line("http")
+        server.wait_ready()
+        return server
+
+    yield _start
+    for server in started:
+        server.kill()
+
+
+def get(conn: http.client.HTTPConnection, path: str = "/") -> http.client.HTTPResponse:
+    conn.request("GET", path, headers={"Host": SITE})
+    response = conn.getresponse()
+    response.read()
+    return response
+
+
+@dataclass
+class Load:
+    """Client threads: each opens a connection, sends three keep-alive requests, repeats.
+
+    Like curl and browsers (RFC 9112 section 9.3.1), a request on a *reused* connection that
+    the server closed before any response byte is sent again on a new connection: a server
+    may close an idle keep-alive connection at any time. Anything else is an error.
+    """
+
+    port: int
+    requests: int = 0
+    retried: int = 0
+    connections: int = 0
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 30  # bounded even if the test forgets to stop us
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            self.connections += 1
+            try:
+                for _ in range(3):
+                    response = self.get(conn)
+                    if response.status != 200:
+                        self.errors.append(f"status {response.status}")
+                    self.requests += 1
+            except (OSError, http.client.HTTPException) as exc:
+                self.errors.append(repr(exc))
+            finally:
+                conn.close()
+
+    def get(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+        reused = conn.sock is not None
+        try:
+            return get(conn)
+        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+            if not reused:
+                raise
+        self.retried += 1
+        conn.close()
+        return get(conn)
+
+
+def test_sighup_under_http_load_loses_nothing(edge_http: Callable[..., EdgeServe]) -> None:
+    server = edge_http()
+    port = server.listeners["http"][0][1]
+    load = Load(port)
+    threads = [threading.Thread(target=load.run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: load.requests > 50, 15, "traffic before the reload")
+        server.signal(signal.SIGHUP)
+        wait_for(lambda: any(r.get("msg") == "configuration reloaded" for r in server.records()),
+                 30, "reload")
+        before = load.requests
+        wait_for(lambda: load.requests > before + 50, 15, "traffic after the reload")
+    finally:
+        load.stop.set()
+        for thread in threads:
+            thread.join(15)
+    assert load.errors == [], load.errors[:5]
+    assert server.stop() == 0
+
+
+def test_sigterm_refuses_new_connections_and_finishes_keepalive_requests(
+        edge_http: Callable[..., EdgeServe]) -> None:
+    server = edge_http()
+    port = server.listeners["http"][0][1]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    assert get(conn).status == 200  # a kept-alive connection
+    slow: dict[str, object] = {}
+
+    def slow_request() -> None:
+        try:
+            response = get(conn, "/slow")
+            slow.update(status=response.status, connection=response.getheader("Connection"),
+                        length=response.length)
+        except Exception as exc:
+            slow["error"] = repr(exc)
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(0.5)  # the request reached the backend
+    server.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_for(refused, 3, "new connections refused")
+    refused_after = time.monotonic() - signalled
+    # Refused while the slow request is still being served: the node is draining, not gone.
+    assert server.proc.poll() is None
+    assert refused_after < SLOW_SECONDS - 1
+    status, body = http_get(server.url("/readyz"))
+    assert status == 503 and "shutting down" in body
+    thread.join(SLOW_SECONDS + 10)
+    assert slow == {"status": 200, "connection": "close", "length": 0}, slow
+    assert server.stop() == 0
