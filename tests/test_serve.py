@@ -258,31 +258,32 @@ def test_two_workers_share_the_port_and_metrics_sum(start: Callable[..., EdgeSer
     assert server.stop() == 0
 
 
-def test_readyz_503_when_directory_unreachable(start: Callable[..., EdgeServe],
-                                               tmp_path: Path) -> None:
+def test_directory_unreachable_is_not_unready(start: Callable[..., EdgeServe],
+                                              tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/gone/directory.sqlite3"
     server = start(config_text(url))
     assert http_get(server.url("/healthz"))[0] == 200
-    time.sleep(1.5)
-    status, body = http_get(server.url("/readyz"))
-    assert status == 503
-    assert "directory unreachable" in body
-    # Workers keep running (no crash loop) and still accept connections.
+    # Workers keep running (no crash loop) and accept connections: the node can serve.
+    server.wait_ready()
     session = Echo(server.port)
     assert session.echo("x") == "echo x"
     session.close()
+    status, body = http_get(server.url("/healthz/directory"))
+    assert status == 503 and body.startswith("directory unreachable"), body
+    assert metric_value(http_get(server.url("/metrics"))[1], "edge_directory_up") == 0
     assert not [r for r in server.records() if r["msg"].startswith("worker died")]
     assert server.stop() == 0
 
 
-def test_readyz_503_when_mysql_port_is_closed(start: Callable[..., EdgeServe]) -> None:
+def test_mysql_port_closed_is_reported_by_healthz_directory(
+        start: Callable[..., EdgeServe]) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = start(config_text(f"mysql://edge:x@127.0.0.1:{port}/edge"))
-    _, body = wait_for(lambda: (r := http_get(server.url("/readyz")))[0] == 503 and r, 10,
-                            "readyz 503")
-    assert "directory unreachable" in body
+    server.wait_ready()
+    status, body = http_get(server.url("/healthz/directory"))
+    assert status == 503 and "directory unreachable" in body, body
     session = Echo(server.port)
     assert session.echo("x") == "echo x"
     session.close()
@@ -291,13 +292,14 @@ def test_readyz_503_when_mysql_port_is_closed(start: Callable[..., EdgeServe]) -
 
 def test_workers_read_the_replica(start: Callable[..., EdgeServe], db_url: str,
                                   tmp_path: Path) -> None:
-    # The primary (for the CLI's writes) is unreachable; the proxies read the replica and are
-    # ready. A stub setting would show 503 here.
+    # The primary (for the CLI's writes) is unreachable; the proxies read the replica and the
+    # directory is healthy. A stub setting would show 503 here.
     dead_primary = f"sqlite:///{tmp_path}/gone/primary.sqlite3"
     text = config_text(dead_primary).replace(
         "[admin]", f'replica_url = "{db_url}"\n[admin]', 1)
     server = start(text)
-    wait_for(lambda: http_get(server.url("/readyz"))[0] == 200, 10, "readyz 200 via replica")
+    wait_for(lambda: http_get(server.url("/healthz/directory"))[0] == 200, 10,
+             "directory healthy via the replica")
     session = Echo(server.port)
     assert session.echo("x") == "echo x"
     session.close()

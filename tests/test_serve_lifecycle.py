@@ -21,7 +21,7 @@ import pytest
 
 from edge.directory.service import DirectoryService
 from edge.directory.stores import store_for_url
-from tests.test_serve import EdgeServe, http_get, make_db, wait_for
+from tests.test_serve import EdgeServe, http_get, make_db, metric_value, wait_for
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 SITE = "www.a.test"
@@ -57,7 +57,8 @@ def backend() -> Iterator[int]:
 
 @pytest.fixture
 def edge_http(tmp_path: Path, backend: int) -> Iterator[Callable[..., EdgeServe]]:
-    db_url = make_db(tmp_path / "directory.sqlite3")
+    (tmp_path / "db").mkdir()
+    db_url = make_db(tmp_path / "db" / "directory.sqlite3")
 
     async def provision() -> None:
         store = store_for_url(db_url)
@@ -198,4 +199,30 @@ def test_sigterm_refuses_new_connections_and_finishes_keepalive_requests(
     assert status == 503 and "shutting down" in body
     thread.join(SLOW_SECONDS + 10)
     assert slow == {"status": 200, "connection": "close", "length": 0}, slow
+    assert server.stop() == 0
+
+
+def test_database_outage_keeps_the_node_ready_while_warm_traffic_is_served(
+        edge_http: Callable[..., EdgeServe], tmp_path: Path) -> None:
+    server = edge_http()
+    port = server.listeners["http"][0][1]
+    for _ in range(10):  # warm both workers' caches (new connections spread over them)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        assert get(conn).status == 200
+        conn.close()
+    assert http_get(server.url("/healthz/directory")) == (200, "directory ok\n")
+    (tmp_path / "db").rename(tmp_path / "db-away")  # the database is unreachable by path
+    try:
+        status, body = http_get(server.url("/healthz/directory"))
+        assert status == 503 and body.startswith("directory unreachable"), body
+        assert metric_value(http_get(server.url("/metrics"))[1], "edge_directory_up") == 0
+        for _ in range(20):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            assert get(conn).status == 200
+            conn.close()
+            assert http_get(server.url("/readyz")) == (200, "ready\n")
+    finally:
+        (tmp_path / "db-away").rename(tmp_path / "db")
+    assert http_get(server.url("/healthz/directory"))[0] == 200
+    assert metric_value(http_get(server.url("/metrics"))[1], "edge_directory_up") == 1
     assert server.stop() == 0
