@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ from aiohttp import web
 
 from edge.config import DatabaseConfig, ListenAddress
 from edge.directory.stores import store_for_url
+from edge.ports import in_use_message
 
 log = logging.getLogger("edge.admin")
 
@@ -188,7 +190,9 @@ def _bind_tcp(address: ListenAddress) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"[admin] listen {address}: {exc.strerror}") from None
+        why = (in_use_message(address.host, address.port) if exc.errno == errno.EADDRINUSE
+               else f"{address}: {exc.strerror}")
+        raise OSError(exc.errno, f"[admin] listen: {why}") from None
     return sock
 
 

@@ -462,6 +462,74 @@ def test_listener_without_proxy_is_a_startup_error(start: Callable[..., EdgeServ
                                "installed/built yet")
 
 
+def test_second_serve_on_the_same_port_refuses_and_names_the_first(
+        start: Callable[..., EdgeServe], db_url: str, tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a fixed port: the second instance must find it taken
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = config_text(db_url, workers=2, ssh=f"127.0.0.1:{port}")
+    first = start(text)
+    first.wait_ready()
+    (tmp_path / "second").mkdir()
+    began = time.monotonic()
+    second = EdgeServe(tmp_path / "second", text)
+    try:
+        code = second.proc.wait(20)
+        log = second.log()
+    finally:
+        second.kill()
+    assert code != 0 and time.monotonic() - began < 15
+    errors = [line for line in log.splitlines() if line.startswith("edge: error:")]
+    assert len(errors) == 1, log
+    assert re.fullmatch(rf"edge: error: \[ssh\] listen: 127\.0\.0\.1:{port} is in use by "
+                        rf"pid {first.proc.pid} \(python\S* .*serve .*\)", errors[0]), errors
+    assert second.lines.empty()  # it never said "listening"
+    for _ in range(6):  # the first still serves on both workers, alone
+        session = Echo(first.port)
+        assert session.echo("x") == "echo x"
+        assert Path(f"/proc/{session.pid}/stat").read_text().split()[3] == str(first.proc.pid)
+        session.close()
+    assert first.stop() == 0
+
+
+def test_demo_refuses_to_start_next_to_a_process_on_its_backend_ports(tmp_path: Path) -> None:
+    port = 8081  # demo-a's HTTP backend (docs, tests/test_demo.py)
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", port))
+    except OSError:
+        holder.close()
+        pytest.skip(f"port {port} is busy (another demo running?)")
+    with holder:
+        holder.listen(1)
+        # Its own session: if the demo does start (the bug), its backends are stopped with it.
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from edge.cli.main import main; sys.exit(main())",
+             "demo", "--dir", str(tmp_path / "demo"), "--duration", "3"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert err.strip() == (f"edge: error: demo backend: 127.0.0.1:{port} is in use by "
+                           f"pid {os.getpid()} ({_own_command()})"), err
+    assert "listening" not in out
+
+
+def _own_command() -> str:
+    from edge.ports import find_holder
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        holder = find_holder(sock.getsockname()[1])
+    assert holder is not None and holder.pid == os.getpid()
+    return holder.command
+
+
 def test_worker_rejecting_its_config_stops_serve_instead_of_restarting(
         start: Callable[..., EdgeServe], db_url: str) -> None:
     server = start(config_text(db_url), "--workers", "2", wait=(),

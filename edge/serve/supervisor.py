@@ -52,6 +52,7 @@ from pathlib import Path
 from edge.admin import AdminServer
 from edge.config import EdgeConfig, ListenAddress, load_config
 from edge.errors import ConfigError, EdgeError
+from edge.ports import AddressInUse, check_free
 from edge.registry import Proxy, enabled_listeners, load_proxy
 from edge.serve.worker import CONFIG_EXIT, WorkerSpec, run_worker
 
@@ -121,8 +122,10 @@ class SocketPool:
                ) -> list[tuple[str, str, int]]:
         """Bind what is missing; returns ``(name, host, port)`` of newly bound addresses.
 
-        Raises :class:`EdgeError` naming ``[name] listen ADDRESS`` if a bind fails (sockets
-        bound by this call are closed again, so a failed reload leaves nothing behind).
+        Raises :class:`EdgeError` naming ``[name] listen ADDRESS`` if a bind fails, or the
+        process holding the address if another one listens there (``SO_REUSEPORT`` would let
+        us share it silently); sockets bound by this call are closed again, so a failed
+        reload leaves nothing behind.
         """
         added: list[tuple[str, str, int]] = []
         created: list[tuple[ListenerKey, int]] = []
@@ -132,6 +135,11 @@ class SocketPool:
                     key = (name, address)
                     have = self.sockets.setdefault(key, [])
                     before = len(have)
+                    if before == 0:
+                        try:
+                            check_free(address.host, address.port)
+                        except AddressInUse as exc:
+                            raise EdgeError(f"[{name}] listen: {exc}") from None
                     try:
                         while len(have) < workers:
                             port = have[0].getsockname()[1] if have else address.port
@@ -244,9 +252,12 @@ class Supervisor:
         except OSError as exc:
             raise EdgeError(str(exc.strerror or exc)) from None
         try:
+            # Bind every listener before announcing any: a start that fails (an address in
+            # use) prints only its error, no "listening" line a script could take at its word.
+            added = self.pool.ensure(self.plan.listeners, self.plan.workers)
             for host, port in bound:
                 announce("admin", host, port)
-            for name, host, port in self.pool.ensure(self.plan.listeners, self.plan.workers):
+            for name, host, port in added:
                 announce(name, host, port)
             if not self.plan.proxies:
                 log.warning("no proxy enabled: serving only the admin listener")
