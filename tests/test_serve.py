@@ -449,6 +449,51 @@ def test_killed_worker_is_restarted(start: Callable[..., EdgeServe], db_url: str
     assert server.stop() == 0
 
 
+def test_worker_killed_under_load_costs_only_its_own_sessions(
+        start: Callable[..., EdgeServe], db_url: str) -> None:
+    server = start(config_text(db_url), "--workers", "2")
+    server.wait_ready()
+    stop = threading.Event()
+    served: dict[int, int] = {}  # worker pid -> sessions completed
+    failures: list[tuple[int | None, str]] = []  # (pid from the greeting, or None; error)
+
+    def client() -> None:
+        deadline = time.monotonic() + 40  # bounded even if the test fails early
+        while not stop.is_set() and time.monotonic() < deadline:
+            pid = None
+            try:
+                session = Echo(server.port)
+                pid = session.pid
+                for n in range(3):
+                    assert session.echo(f"ping {n}") == f"echo ping {n}"
+                session.close()
+                served[pid] = served.get(pid, 0) + 1
+            except (OSError, AssertionError) as exc:
+                failures.append((pid, repr(exc)))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(served) == 2 and min(served.values()) > 20, 20, "both workers busy")
+        victim, survivor = sorted(served)
+        os.kill(victim, signal.SIGKILL)
+        survivor_before = served[survivor]
+        wait_for(lambda: set(served) - {victim, survivor}, 20, "the restarted worker serving")
+        wait_for(lambda: served[survivor] > survivor_before + 20, 20, "the survivor serving")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(20)
+    # Only sessions the killed worker had accepted may fail (one per client at most); a
+    # session greeted by any other worker, and every connection queued meanwhile, is served.
+    assert [f for f in failures if f[0] not in (None, victim)] == []
+    assert len(failures) <= len(threads), failures
+    assert len(served) >= 3  # the victim, the survivor, the restarted worker
+    server.wait_ready()
+    assert server.stop() == 0
+
+
 def test_listener_without_proxy_is_a_startup_error(start: Callable[..., EdgeServe],
                                                    db_url: str) -> None:
     # Whether httpproxy is built yet or not, point [http] at a module that does not exist.
