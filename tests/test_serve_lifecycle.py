@@ -226,3 +226,43 @@ def test_database_outage_keeps_the_node_ready_while_warm_traffic_is_served(
     assert http_get(server.url("/healthz/directory"))[0] == 200
     assert metric_value(http_get(server.url("/metrics"))[1], "edge_directory_up") == 1
     assert server.stop() == 0
+
+
+def test_sigterm_closes_the_ssh_listener_while_sessions_drain(tmp_path: Path) -> None:
+    # The SSH proxy's drain stops its accept loop but leaves the socket to the worker: every
+    # copy of a listener must be closed, or the kernel keeps queueing connections to reset.
+    from edge.config import SshConfig
+    from sshproxy.hostkeys import ensure_keys
+
+    ensure_keys(SshConfig(host_key_dir=str(tmp_path / "hostkeys")))
+    db_url = make_db(tmp_path / "directory.sqlite3")
+    config = (f'[database]\nurl = "{db_url}"\n[admin]\nlisten = ["127.0.0.1:0"]\n'
+              "[serve]\nworkers = 2\ngrace_period = 10\n[limits]\nlogin_grace_time = 30\n"
+              f'[ssh]\nlisten = ["127.0.0.1:0"]\nhost_key_dir = "{tmp_path / "hostkeys"}"\n')
+    server = EdgeServe(tmp_path, config, env={"EDGE_PROXY_OVERRIDES": ""})
+    try:
+        server.wait_line("admin")
+        _, port = server.wait_line("ssh")
+        server.wait_ready(30)
+        # Sessions on both workers (still logging in), so both drain for a while.
+        sessions = []
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert sock.recv(64).startswith(b"SSH-2.0-")
+            sessions.append(sock)
+        server.signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        wait_for(refused, 5, "new SSH connections refused")
+        assert server.proc.poll() is None  # still draining the sessions above
+        for sock in sessions:
+            sock.close()
+        assert server.proc.wait(20) == 0
+    finally:
+        server.kill()
