@@ -5,7 +5,9 @@ worker* on the same port with ``SO_REUSEPORT`` (the first with the configured po
 may be 0; the others with the port the kernel picked), so the kernel spreads connections
 over the workers. Worker ``i`` always gets socket ``i``; a restarted worker or the worker
 of the same slot in a new generation takes the same socket over, so no connection waiting
-in a backlog is lost.
+in a backlog is lost. ``SO_REUSEPORT`` would also let another process of the same user
+share a port silently, so the first bind of a fixed address is preceded by a probe without
+it (:func:`edge.ports.check_free`), which fails naming the process that listens there.
 
 Signals to the master:
 
