@@ -1,17 +1,23 @@
 """The admin listener of ``edge serve`` (runs in the master process, loopback by default).
 
 * ``GET /healthz`` → 200 ``ok`` while the master runs (a liveness probe: restart me if not).
-* ``GET /readyz`` → 200 ``ready`` when the directory answers a ping within
-  :data:`PING_TIMEOUT` seconds and every worker of the current generation is alive and
-  serving; otherwise 503 with one line per reason (a readiness probe: send me no traffic).
+* ``GET /readyz`` → 200 ``ready`` when every worker of the current generation is alive and
+  accepting and the node is not draining (SIGTERM); otherwise 503 with one line per reason
+  (a readiness probe: send me no traffic). The directory is deliberately not part of it:
+  workers serve warm traffic from their caches while the database is away, and a load
+  balancer that took every node out on a database blip would turn it into a total outage.
+* ``GET /healthz/directory`` → 200 ``directory ok`` when the directory answers a ping within
+  :data:`PING_TIMEOUT` seconds, else 503 with the reason (for alerting, not for routing).
 * ``GET /metrics`` → Prometheus text format, summed over all workers (multiprocess mode,
-  see :mod:`edge.metrics`) plus the master's own ``edge_workers_expected``.
+  see :mod:`edge.metrics`) plus the master's own ``edge_workers_expected`` and
+  ``edge_directory_up`` (the same ping as ``/healthz/directory``, taken at scrape time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -21,6 +27,7 @@ from aiohttp import web
 
 from edge.config import DatabaseConfig, ListenAddress
 from edge.directory.stores import store_for_url
+from edge.ports import in_use_message
 
 log = logging.getLogger("edge.admin")
 
@@ -31,7 +38,8 @@ WorkersCheck = Callable[[], str | None]
 """Returns ``None`` when all workers are alive and ready, else why not (one line)."""
 
 
-def render_metrics(multiproc_dir: str | None = None, expected_workers: int | None = None) -> bytes:
+def render_metrics(multiproc_dir: str | None = None, expected_workers: int | None = None,
+                   directory_up: bool | None = None) -> bytes:
     """Prometheus text exposition aggregating every worker's files in ``multiproc_dir``."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily
@@ -41,18 +49,23 @@ def render_metrics(multiproc_dir: str | None = None, expected_workers: int | Non
     path = multiproc_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path:
         MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    # Collectors, not Gauges: in multiprocess mode a Gauge would create a value file for the
+    # master's pid, which would then count as a live worker.
+    families = []
     if expected_workers is not None:
-        # A collector, not a Gauge: in multiprocess mode a Gauge would create a value file
-        # for the master's pid, which would then count as a live worker.
-        family = GaugeMetricFamily("edge_workers_expected",
-                                   "Worker processes the master wants running.",
-                                   value=expected_workers)
+        families.append(GaugeMetricFamily("edge_workers_expected",
+                                          "Worker processes the master wants running.",
+                                          value=expected_workers))
+    if directory_up is not None:
+        families.append(GaugeMetricFamily(
+            "edge_directory_up", "1 if the directory database answered a ping from the master "
+            f"within {PING_TIMEOUT:g} s at scrape time, else 0.", value=int(directory_up)))
 
-        class _Expected:
-            def collect(self) -> list[GaugeMetricFamily]:
-                return [family]
+    class _Master:
+        def collect(self) -> list[GaugeMetricFamily]:
+            return families
 
-        registry.register(_Expected())
+    registry.register(_Master())
     return generate_latest(registry)
 
 
@@ -93,7 +106,7 @@ class AdminServer:
         self.addresses: tuple[ListenAddress, ...] = ()
         self.bound: list[tuple[str, int]] = []
         self.pinging = 0
-        """Directory pings in flight (see :meth:`readyz`)."""
+        """Directory pings in flight (see :meth:`ping`)."""
         self.sockets: list[socket.socket] = []
         """The listening sockets (a forked worker closes its copies)."""
 
@@ -101,6 +114,7 @@ class AdminServer:
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/healthz/directory", self.directory_health)
         app.router.add_get("/metrics", self.metrics)
         return app
 
@@ -109,22 +123,27 @@ class AdminServer:
         return web.Response(text="ok\n")
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """200 ``ready`` or 503 with the reasons, one per line."""
-        reasons = []
+        """200 ``ready`` or 503 with the reason: workers (see the module doc), not the database."""
         workers = self._workers()
         if workers:
-            reasons.append(workers)
+            return web.Response(status=503, text=f"not ready: {workers}\n")
+        return web.Response(text="ready\n")
+
+    async def directory_health(self, request: web.Request) -> web.Response:
+        """200 ``directory ok`` or 503 with why the directory did not answer."""
+        problem = await self.ping()
+        if problem:
+            return web.Response(status=503, text=f"{problem}\n")
+        return web.Response(text="directory ok\n")
+
+    async def ping(self) -> str | None:
+        """:func:`ping_directory` with the current settings; ``None`` when it answered."""
         # The supervisor does not fork while this runs: an SQLite ping uses a helper thread.
         self.pinging += 1
         try:
-            directory = await ping_directory(self._database())
+            return await ping_directory(self._database())
         finally:
             self.pinging -= 1
-        if directory:
-            reasons.append(directory)
-        if reasons:
-            return web.Response(status=503, text="not ready: " + "\n".join(reasons) + "\n")
-        return web.Response(text="ready\n")
 
     async def metrics(self, request: web.Request) -> web.Response:
         """The aggregated metrics (reads a few small mmap files per worker pid).
@@ -132,7 +151,8 @@ class AdminServer:
         Built in the loop rather than a thread: the master forks workers and should not carry
         idle threads into them.
         """
-        body = render_metrics(self._multiproc_dir, self._expected())
+        directory_up = await self.ping() is None
+        body = render_metrics(self._multiproc_dir, self._expected(), directory_up)
         return web.Response(body=body, headers={
             "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -170,7 +190,9 @@ def _bind_tcp(address: ListenAddress) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"[admin] listen {address}: {exc.strerror}") from None
+        why = (in_use_message(address.host, address.port) if exc.errno == errno.EADDRINUSE
+               else f"{address}: {exc.strerror}")
+        raise OSError(exc.errno, f"[admin] listen: {why}") from None
     return sock
 
 

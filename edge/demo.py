@@ -22,11 +22,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from edge.config import load_config
 from edge.directory.secrets import KeyBox, generate_key
 from edge.directory.service import DirectoryService
 from edge.directory.stores import store_for_url
+from edge.errors import EdgeError
+from edge.ports import AddressInUse, check_free
 
 DEMO_PARTS = ("httpproxy.demo:demo_part", "sshproxy.demo:demo_part", "ftpproxy.demo:demo_part")
 """Where each proxy's demo contribution lives; a missing module is simply not shown."""
@@ -104,11 +107,35 @@ async def _provision(db_url: str, keybox: KeyBox, parts: list[DemoPart]) -> None
         await store.close()
 
 
+class DemoHost(NamedTuple):
+    name: str
+    ssh_port: int
+    ftp_port: int
+    http_port: int
+    https_port: int
+
+
+DEMO_HOSTS = (DemoHost("demo-a", 2201, 2101, 8081, 8443), DemoHost("demo-b", 2202, 2102, 8082, 8444))
+"""The demo's backend hosts; each proxy's demo part runs a backend on its protocol's port
+(HTTPS goes to the plain HTTP backend, so nothing listens on ``https_port``)."""
+
+
+def _check_backend_ports() -> None:
+    """Refuse to start a second demo (or one next to something else on its ports): its
+    backends would die on ``Address already in use`` while the edge shares its listeners."""
+    for host in DEMO_HOSTS:
+        for port in (host.ssh_port, host.ftp_port, host.http_port):
+            try:
+                check_free("127.0.0.1", port)
+            except AddressInUse as exc:
+                raise EdgeError(f"demo backend: {exc}") from None
+
+
 async def _provision_base(service: DirectoryService) -> None:
-    await service.add_host("demo-a", "127.0.0.1", ssh_port=2201, ftp_port=2101,
-                           http_port=8081, https_port=8443)
-    await service.add_host("demo-b", "127.0.0.1", ssh_port=2202, ftp_port=2102,
-                           http_port=8082, https_port=8444)
+    for host in DEMO_HOSTS:
+        await service.add_host(host.name, "127.0.0.1", ssh_port=host.ssh_port,
+                               ftp_port=host.ftp_port, http_port=host.http_port,
+                               https_port=host.https_port)
     await service.add_tenant("demo", "demo-a")
     await service.add_tenant("other", "demo-b")
     await service.add_account("demo", "demo")
@@ -142,6 +169,7 @@ def run_demo(args: argparse.Namespace) -> int:
         key_file.chmod(0o600)
     db_url = f"sqlite:///{demo_dir / 'edge.sqlite3'}"
     admin_port = _free_port()
+    _check_backend_ports()
     parts = load_parts(demo_dir)
     processes = [proc for part in parts for proc in part.processes]
     try:

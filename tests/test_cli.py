@@ -261,3 +261,112 @@ def test_changes_list_and_prune(edge: Edge) -> None:
     assert [c["id"] for c in edge.json("changes", "list")] == [top]  # type: ignore[union-attr]
     edge.run("tenant", "move", "acme", "--to", "web1")
     assert edge.json("changes", "list")[0]["id"] > top  # type: ignore[index]
+
+
+
+class InProcess:
+    """``edge.cli.main.main`` called in this process (no interpreter start-up per command),
+    against one database; returns what an operator sees: exit code, stdout, stderr."""
+
+    def __init__(self, database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+        self.url = database_url
+        self.capsys = capsys
+
+    def __call__(self, *args: str) -> tuple[int, str, str]:
+        from edge.cli.main import main
+
+        self.capsys.readouterr()
+        code = main([*args, "--database", self.url])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def ok(self, *args: str) -> str:
+        code, out, err = self(*args)
+        assert code == 0, err
+        return out
+
+
+@pytest.fixture
+def cli(database_url: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> InProcess:
+    for key in [k for k in os.environ if k.startswith("EDGE_")]:
+        monkeypatch.delenv(key)
+    run = InProcess(database_url, capsys)
+    run.ok("init")
+    return run
+
+
+# Each row runs once without and once with --json ("{m}" becomes "text"/"json", so a write
+# that succeeds does so in both modes); the exit code must not depend on the mode.
+EXIT_CODE_TABLE: list[tuple[int, tuple[str, ...]]] = [
+    (0, ("host", "list")),
+    (0, ("host", "add", "new-{m}", "--address", "10.0.0.9")),
+    (0, ("route", "www.acme.example")),
+    (0, ("tenant", "show", "acme")),
+    (2, ("host", "add", "bad-{m}", "--address", "not an address!")),
+    (2, ("site", "add", "a..example", "--tenant", "acme")),
+    (2, ("changes", "prune", "--older-than", "soon")),
+    (2, ("tenant", "move", "acme", "--to", "web1")),
+    (3, ("route", "unknown.example")),
+    (3, ("route", "--account", "nobody")),
+    (3, ("host", "show", "ghost")),
+    (3, ("account", "remove", "nobody")),
+    (3, ("tenant", "move", "acme", "--to", "ghost")),
+    (4, ("host", "add", "web1", "--address", "10.0.0.1")),
+    (4, ("tenant", "move", "acme", "--to", "dead")),
+]
+
+
+def test_exit_codes_do_not_depend_on_json(cli: InProcess) -> None:
+    cli.ok("host", "add", "web1", "--address", "127.0.0.1")
+    cli.ok("host", "add", "dead", "--address", "127.0.0.2")
+    cli.ok("host", "set-state", "dead", "down")
+    cli.ok("tenant", "add", "acme", "--host", "web1")
+    cli.ok("site", "add", "www.acme.example", "--tenant", "acme")
+    for expected, args in EXIT_CODE_TABLE:
+        text = cli(*(a.format(m="text") for a in args))
+        as_json = cli(*(a.format(m="json") for a in args), "--json")
+        assert (text[0], as_json[0]) == (expected, expected), (args, text, as_json)
+        if expected:  # the same one error line in both modes, nothing on stdout
+            assert text[1] == as_json[1] == ""
+            assert text[2] == as_json[2] and text[2].startswith("edge: error: ")
+        else:
+            json.loads(as_json[1])
+
+
+def test_tenant_move_onto_a_host_not_active_needs_force(cli: InProcess) -> None:
+    cli.ok("host", "add", "web1", "--address", "127.0.0.1")
+    cli.ok("host", "add", "web2", "--address", "127.0.0.2")
+    cli.ok("tenant", "add", "acme", "--host", "web1")
+    changes = json.loads(cli.ok("changes", "list", "--json"))
+    for state in ("down", "maintenance"):
+        cli.ok("host", "set-state", "web2", state)
+        for mode in ((), ("--json",)):
+            code, out, err = cli("tenant", "move", "acme", "--to", "web2", *mode)
+            assert (code, out) == (4, ""), (code, out, err)
+            assert err == (f"edge: error: host 'web2' is {state}: moving tenant 'acme' there "
+                           "would turn its users away (--force to move anyway)\n")
+    # Nothing written: still on web1, no change row but the two host state changes.
+    shown = json.loads(cli.ok("tenant", "show", "acme", "--json"))
+    assert shown["tenant"]["host"] == "web1" and shown["tenant"]["previous_host"] is None
+    after = json.loads(cli.ok("changes", "list", "--json"))
+    assert [(c["entity"], c["name"]) for c in after[:-len(changes)]] == [("host", "web2")] * 2
+    moved = json.loads(cli.ok("tenant", "move", "acme", "--to", "web2", "--force", "--json"))
+    assert moved["host"] == "web2" and moved["drain_seconds"] == 300
+
+
+def test_tenant_move_drains_for_300_seconds_by_default(cli: InProcess) -> None:
+    import time
+
+    cli.ok("host", "add", "web1", "--address", "127.0.0.1")
+    cli.ok("host", "add", "web2", "--address", "127.0.0.2")
+    cli.ok("tenant", "add", "acme", "--host", "web1")
+    before = time.time()
+    text = cli.ok("tenant", "move", "acme", "--to", "web2")
+    assert "sessions on web1 are closed after 300 s (at " in text, text
+    deadline = json.loads(cli.ok("tenant", "show", "acme", "--json"))["tenant"]["drain_deadline"]
+    assert before + 299 <= deadline <= time.time() + 301
+    moved = json.loads(cli.ok("tenant", "move", "acme", "--to", "web1", "--drain", "15m",
+                              "--json"))
+    assert moved["drain_seconds"] == 900
+    assert "closed after 0 s" in cli.ok("tenant", "move", "acme", "--to", "web2", "--drain", "0")

@@ -75,8 +75,8 @@ def test_shipped_alert_rules_use_only_exported_metrics() -> None:
                 if family.type == "counter":
                     exported.add(family.name + "_total")
     # The master adds its own families to the exposition.
-    exported.update(re.findall(r"^# TYPE (\S+)", render_metrics(expected_workers=1).decode(),
-                               re.MULTILINE))
+    exposition = render_metrics(expected_workers=1, directory_up=True).decode()
+    exported.update(re.findall(r"^# TYPE (\S+)", exposition, re.MULTILINE))
     rules = (Path(__file__).resolve().parent.parent / "config" / "prometheus" /
              "edge-alerts.yml").read_text()
     used = set(re.findall(r"\b(edge_[a-z_]+)\b", rules))

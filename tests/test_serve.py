@@ -258,31 +258,32 @@ def test_two_workers_share_the_port_and_metrics_sum(start: Callable[..., EdgeSer
     assert server.stop() == 0
 
 
-def test_readyz_503_when_directory_unreachable(start: Callable[..., EdgeServe],
-                                               tmp_path: Path) -> None:
+def test_directory_unreachable_is_not_unready(start: Callable[..., EdgeServe],
+                                              tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/gone/directory.sqlite3"
     server = start(config_text(url))
     assert http_get(server.url("/healthz"))[0] == 200
-    time.sleep(1.5)
-    status, body = http_get(server.url("/readyz"))
-    assert status == 503
-    assert "directory unreachable" in body
-    # Workers keep running (no crash loop) and still accept connections.
+    # Workers keep running (no crash loop) and accept connections: the node can serve.
+    server.wait_ready()
     session = Echo(server.port)
     assert session.echo("x") == "echo x"
     session.close()
+    status, body = http_get(server.url("/healthz/directory"))
+    assert status == 503 and body.startswith("directory unreachable"), body
+    assert metric_value(http_get(server.url("/metrics"))[1], "edge_directory_up") == 0
     assert not [r for r in server.records() if r["msg"].startswith("worker died")]
     assert server.stop() == 0
 
 
-def test_readyz_503_when_mysql_port_is_closed(start: Callable[..., EdgeServe]) -> None:
+def test_mysql_port_closed_is_reported_by_healthz_directory(
+        start: Callable[..., EdgeServe]) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = start(config_text(f"mysql://edge:x@127.0.0.1:{port}/edge"))
-    _, body = wait_for(lambda: (r := http_get(server.url("/readyz")))[0] == 503 and r, 10,
-                            "readyz 503")
-    assert "directory unreachable" in body
+    server.wait_ready()
+    status, body = http_get(server.url("/healthz/directory"))
+    assert status == 503 and "directory unreachable" in body, body
     session = Echo(server.port)
     assert session.echo("x") == "echo x"
     session.close()
@@ -291,13 +292,14 @@ def test_readyz_503_when_mysql_port_is_closed(start: Callable[..., EdgeServe]) -
 
 def test_workers_read_the_replica(start: Callable[..., EdgeServe], db_url: str,
                                   tmp_path: Path) -> None:
-    # The primary (for the CLI's writes) is unreachable; the proxies read the replica and are
-    # ready. A stub setting would show 503 here.
+    # The primary (for the CLI's writes) is unreachable; the proxies read the replica and the
+    # directory is healthy. A stub setting would show 503 here.
     dead_primary = f"sqlite:///{tmp_path}/gone/primary.sqlite3"
     text = config_text(dead_primary).replace(
         "[admin]", f'replica_url = "{db_url}"\n[admin]', 1)
     server = start(text)
-    wait_for(lambda: http_get(server.url("/readyz"))[0] == 200, 10, "readyz 200 via replica")
+    wait_for(lambda: http_get(server.url("/healthz/directory"))[0] == 200, 10,
+             "directory healthy via the replica")
     session = Echo(server.port)
     assert session.echo("x") == "echo x"
     session.close()
@@ -317,6 +319,43 @@ def test_sigterm_lets_an_open_session_finish(start: Callable[..., EdgeServe],
     session.close()
     assert server.proc.wait(10) == 0
     assert time.monotonic() - began < 8  # did not sit out the whole grace period
+    server.stop()
+
+
+def test_sigterm_serves_connections_already_queued(start: Callable[..., EdgeServe],
+                                                   db_url: str) -> None:
+    # Connections the kernel completed before SIGTERM wait in the listener's backlog; closing
+    # the listener would reset them. The worker is stopped so they cannot be accepted early.
+    server = start(config_text(db_url, grace=10))
+    server.wait_ready()
+    probe = Echo(server.port)
+    worker = probe.pid
+    probe.close()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        queued = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                  for _ in range(5)]
+        server.signal(signal.SIGTERM)
+        time.sleep(0.5)  # the master closed its copies of the listener and signalled
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    for sock in queued:
+        with sock, sock.makefile("rb") as lines:
+            assert lines.readline().startswith(b"hello worker=0"), "queued connection reset"
+            sock.sendall(b"ping\n")
+            assert lines.readline() == b"echo ping\n"
+
+    def refused() -> bool:
+        try:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        except ConnectionRefusedError:
+            return True
+        with sock, sock.makefile("rb") as lines:  # came in while the worker still accepted
+            assert lines.readline().startswith(b"hello worker=0"), "late connection reset"
+        return False
+
+    wait_for(refused, 5, "new connections refused")
+    assert server.proc.wait(15) == 0
     server.stop()
 
 
@@ -410,6 +449,51 @@ def test_killed_worker_is_restarted(start: Callable[..., EdgeServe], db_url: str
     assert server.stop() == 0
 
 
+def test_worker_killed_under_load_costs_only_its_own_sessions(
+        start: Callable[..., EdgeServe], db_url: str) -> None:
+    server = start(config_text(db_url), "--workers", "2")
+    server.wait_ready()
+    stop = threading.Event()
+    served: dict[int, int] = {}  # worker pid -> sessions completed
+    failures: list[tuple[int | None, str]] = []  # (pid from the greeting, or None; error)
+
+    def client() -> None:
+        deadline = time.monotonic() + 40  # bounded even if the test fails early
+        while not stop.is_set() and time.monotonic() < deadline:
+            pid = None
+            try:
+                session = Echo(server.port)
+                pid = session.pid
+                for n in range(3):
+                    assert session.echo(f"ping {n}") == f"echo ping {n}"
+                session.close()
+                served[pid] = served.get(pid, 0) + 1
+            except (OSError, AssertionError) as exc:
+                failures.append((pid, repr(exc)))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(served) == 2 and min(served.values()) > 20, 20, "both workers busy")
+        victim, survivor = sorted(served)
+        os.kill(victim, signal.SIGKILL)
+        survivor_before = served[survivor]
+        wait_for(lambda: set(served) - {victim, survivor}, 20, "the restarted worker serving")
+        wait_for(lambda: served[survivor] > survivor_before + 20, 20, "the survivor serving")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(20)
+    # Only sessions the killed worker had accepted may fail (one per client at most); a
+    # session greeted by any other worker, and every connection queued meanwhile, is served.
+    assert [f for f in failures if f[0] not in (None, victim)] == []
+    assert len(failures) <= len(threads), failures
+    assert len(served) >= 3  # the victim, the survivor, the restarted worker
+    server.wait_ready()
+    assert server.stop() == 0
+
+
 def test_listener_without_proxy_is_a_startup_error(start: Callable[..., EdgeServe],
                                                    db_url: str) -> None:
     # Whether httpproxy is built yet or not, point [http] at a module that does not exist.
@@ -421,6 +505,74 @@ def test_listener_without_proxy_is_a_startup_error(start: Callable[..., EdgeServ
     assert len(lines) == 1, lines
     assert lines[0].startswith("edge: error: [http] listen is set but the http proxy is not "
                                "installed/built yet")
+
+
+def test_second_serve_on_the_same_port_refuses_and_names_the_first(
+        start: Callable[..., EdgeServe], db_url: str, tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a fixed port: the second instance must find it taken
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = config_text(db_url, workers=2, ssh=f"127.0.0.1:{port}")
+    first = start(text)
+    first.wait_ready()
+    (tmp_path / "second").mkdir()
+    began = time.monotonic()
+    second = EdgeServe(tmp_path / "second", text)
+    try:
+        code = second.proc.wait(20)
+        log = second.log()
+    finally:
+        second.kill()
+    assert code != 0 and time.monotonic() - began < 15
+    errors = [line for line in log.splitlines() if line.startswith("edge: error:")]
+    assert len(errors) == 1, log
+    assert re.fullmatch(rf"edge: error: \[ssh\] listen: 127\.0\.0\.1:{port} is in use by "
+                        rf"pid {first.proc.pid} \(python\S* .*serve .*\)", errors[0]), errors
+    assert second.lines.empty()  # it never said "listening"
+    for _ in range(6):  # the first still serves on both workers, alone
+        session = Echo(first.port)
+        assert session.echo("x") == "echo x"
+        assert Path(f"/proc/{session.pid}/stat").read_text().split()[3] == str(first.proc.pid)
+        session.close()
+    assert first.stop() == 0
+
+
+def test_demo_refuses_to_start_next_to_a_process_on_its_backend_ports(tmp_path: Path) -> None:
+    port = 8081  # demo-a's HTTP backend (docs, tests/test_demo.py)
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", port))
+    except OSError:
+        holder.close()
+        pytest.skip(f"port {port} is busy (another demo running?)")
+    with holder:
+        holder.listen(1)
+        # Its own session: if the demo does start (the bug), its backends are stopped with it.
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from edge.cli.main import main; sys.exit(main())",
+             "demo", "--dir", str(tmp_path / "demo"), "--duration", "3"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert err.strip() == (f"edge: error: demo backend: 127.0.0.1:{port} is in use by "
+                           f"pid {os.getpid()} ({_own_command()})"), err
+    assert "listening" not in out
+
+
+def _own_command() -> str:
+    from edge.ports import find_holder
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        holder = find_holder(sock.getsockname()[1])
+    assert holder is not None and holder.pid == os.getpid()
+    return holder.command
 
 
 def test_worker_rejecting_its_config_stops_serve_instead_of_restarting(

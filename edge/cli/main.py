@@ -3,6 +3,10 @@
 Every command has ``--help``, prints one line ``edge: error: ...`` and exits non-zero on bad
 input (nothing half-written: each write is one transaction in
 :class:`~edge.directory.service.DirectoryService`), and takes ``--json`` for scripts.
+
+Exit codes come only from the :class:`~edge.errors.EdgeError` a command raises (never from
+what it returns), so they are the same with and without ``--json``; ``--json`` changes only
+how a result is printed.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.cli.output import emit_json, table
+from edge.cli.output import emit_json, table, to_jsonable
 from edge.config import EdgeConfig, load_config
 from edge.directory.model import HOST_STATES, TENANT_STATES
 from edge.directory.secrets import KeyBox, generate_key
-from edge.directory.service import DirectoryService, iso
+from edge.directory.service import DEFAULT_MOVE_DRAIN, DirectoryService, iso
 from edge.directory.store import SQLStore
 from edge.directory.stores import store_for_url
 from edge.errors import EdgeError, NotFoundError, SecretsError, ValidationError
@@ -210,12 +214,15 @@ async def cmd_tenant_show(ctx: Context) -> Any:
 
 
 async def cmd_tenant_move(ctx: Context) -> Any:
-    tenant = await ctx.service().move_tenant(ctx.args.name, ctx.args.to, drain=ctx.args.drain)
+    drain = parse_duration(ctx.args.drain)
+    tenant = await ctx.service().move_tenant(ctx.args.name, ctx.args.to, drain=drain,
+                                             force=ctx.args.force)
     if ctx.json:
-        return tenant
+        return {**to_jsonable(tenant), "drain_seconds": drain}
     return (f"tenant {tenant.name} moved {tenant.previous_host} -> {tenant.host}; new sessions go "
             f"to {tenant.host} within ~{ctx.config.cache.change_poll_interval:g} s, sessions on "
-            f"{tenant.previous_host} are closed after {ctx.args.drain:g} s")
+            f"{tenant.previous_host} are closed after {drain:g} s "
+            f"(at {iso(tenant.drain_deadline or 0)})")
 
 
 async def cmd_tenant_set_state(ctx: Context) -> Any:
@@ -351,8 +358,6 @@ async def cmd_route(ctx: Context) -> Any:
         route = await directory.route_for_site(target)
         what = f"site {target}"
     if route is None:
-        if ctx.json:
-            return {"target": target, "found": False}
         raise NotFoundError(f"{what} is not in the directory (a proxy would refuse it)")
     host = route.host
     if ctx.json:
@@ -502,8 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
               "move a tenant to another host; every proxy routes there within ~1 s")
     p.add_argument("name")
     p.add_argument("--to", required=True, metavar="HOST")
-    p.add_argument("--drain", type=float, default=0.0, metavar="SECONDS",
-                   help="close sessions still open on the old host after this long (0)")
+    p.add_argument("--drain", default=f"{DEFAULT_MOVE_DRAIN:g}s", metavar="DURATION",
+                   help="close sessions still open on the old host after this long, e.g. 0, "
+                        f"90s, 15m ({DEFAULT_MOVE_DRAIN:g}s)")
+    p.add_argument("--force", action="store_true",
+                   help="move even onto a host that is down or in maintenance")
     p = _leaf(ts, "set-state", cmd_tenant_set_state, "suspend or re-activate a tenant")
     p.add_argument("name")
     p.add_argument("state", choices=TENANT_STATES)

@@ -38,6 +38,10 @@ from edge.directory.secrets import KeyBox
 from edge.directory.store import HOST_COLUMNS, SQLStore, Tx, append_change, host_from_row
 from edge.errors import ConflictError, NotFoundError, ValidationError
 
+DEFAULT_MOVE_DRAIN = 300.0
+"""Seconds ``edge tenant move`` leaves sessions on the old host by default: long enough for
+most uploads and deploys to finish, short enough that the old host can be emptied."""
+
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
@@ -267,10 +271,12 @@ class DirectoryService:
             raise NotFoundError(f"tenant {name!r} does not exist")
         return tenant
 
-    async def move_tenant(self, name: str, to_host: str, *, drain: float = 0.0) -> Tenant:
+    async def move_tenant(self, name: str, to_host: str, *, drain: float = 0.0,
+                          force: bool = False) -> Tenant:
         """Point a tenant at another host. One row and one change-feed entry, however many
         sites and accounts it has. Sessions still open on the old host are closed by the
-        proxies after ``drain`` seconds."""
+        proxies after ``drain`` seconds. A host that is not ``active`` (down, in
+        maintenance) would turn every user away, so it is refused unless ``force``."""
         if drain < 0:
             raise ValidationError("--drain must not be negative")
         async with self.store.transaction() as tx:
@@ -278,9 +284,15 @@ class DirectoryService:
             if row is None:
                 raise NotFoundError(f"tenant {name!r} does not exist")
             tenant_id, old_host_id = row
-            new_host_id = await self._id(tx, "hosts", "name", to_host, "host")
+            target = await tx.fetchone("SELECT id, state FROM hosts WHERE name = ?", (to_host,))
+            if target is None:
+                raise NotFoundError(f"host {to_host!r} does not exist")
+            new_host_id, state = int(target[0]), str(target[1])
             if new_host_id == old_host_id:
                 raise ValidationError(f"tenant {name!r} is already on host {to_host!r}")
+            if state != "active" and not force:
+                raise ConflictError(f"host {to_host!r} is {state}: moving tenant {name!r} there "
+                                    "would turn its users away (--force to move anyway)")
             await tx.execute(
                 "UPDATE tenants SET host_id = ?, previous_host_id = ?, drain_deadline = ? "
                 "WHERE id = ?", (new_host_id, old_host_id, time.time() + drain, tenant_id))

@@ -5,11 +5,15 @@ worker* on the same port with ``SO_REUSEPORT`` (the first with the configured po
 may be 0; the others with the port the kernel picked), so the kernel spreads connections
 over the workers. Worker ``i`` always gets socket ``i``; a restarted worker or the worker
 of the same slot in a new generation takes the same socket over, so no connection waiting
-in a backlog is lost.
+in a backlog is lost. ``SO_REUSEPORT`` would also let another process of the same user
+share a port silently, so the first bind of a fixed address is preceded by a probe without
+it (:func:`edge.ports.check_free`), which fails naming the process that listens there.
 
 Signals to the master:
 
-* SIGTERM / SIGINT: forwarded to the workers as SIGTERM (each drains, waits up to
+* SIGTERM / SIGINT: the master closes its copies of the listening sockets at once and
+  forwards the signal to the workers as SIGTERM (each accepts what is already queued, closes
+  its listening socket, so new connections are refused, then drains, waits up to
   ``[serve] grace_period`` for sessions, closes the rest); the master returns 0 when all
   workers have exited (workers still alive ``grace_period + 10`` s later are killed). A
   second signal kills the workers at once.
@@ -50,6 +54,7 @@ from pathlib import Path
 from edge.admin import AdminServer
 from edge.config import EdgeConfig, ListenAddress, load_config
 from edge.errors import ConfigError, EdgeError
+from edge.ports import AddressInUse, check_free
 from edge.registry import Proxy, enabled_listeners, load_proxy
 from edge.serve.worker import CONFIG_EXIT, WorkerSpec, run_worker
 
@@ -119,8 +124,10 @@ class SocketPool:
                ) -> list[tuple[str, str, int]]:
         """Bind what is missing; returns ``(name, host, port)`` of newly bound addresses.
 
-        Raises :class:`EdgeError` naming ``[name] listen ADDRESS`` if a bind fails (sockets
-        bound by this call are closed again, so a failed reload leaves nothing behind).
+        Raises :class:`EdgeError` naming ``[name] listen ADDRESS`` if a bind fails, or the
+        process holding the address if another one listens there (``SO_REUSEPORT`` would let
+        us share it silently); sockets bound by this call are closed again, so a failed
+        reload leaves nothing behind.
         """
         added: list[tuple[str, str, int]] = []
         created: list[tuple[ListenerKey, int]] = []
@@ -130,6 +137,11 @@ class SocketPool:
                     key = (name, address)
                     have = self.sockets.setdefault(key, [])
                     before = len(have)
+                    if before == 0:
+                        try:
+                            check_free(address.host, address.port)
+                        except AddressInUse as exc:
+                            raise EdgeError(f"[{name}] listen: {exc}") from None
                     try:
                         while len(have) < workers:
                             port = have[0].getsockname()[1] if have else address.port
@@ -242,9 +254,12 @@ class Supervisor:
         except OSError as exc:
             raise EdgeError(str(exc.strerror or exc)) from None
         try:
+            # Bind every listener before announcing any: a start that fails (an address in
+            # use) prints only its error, no "listening" line a script could take at its word.
+            added = self.pool.ensure(self.plan.listeners, self.plan.workers)
             for host, port in bound:
                 announce("admin", host, port)
-            for name, host, port in self.pool.ensure(self.plan.listeners, self.plan.workers):
+            for name, host, port in added:
                 announce(name, host, port)
             if not self.plan.proxies:
                 log.warning("no proxy enabled: serving only the admin listener")
@@ -270,6 +285,11 @@ class Supervisor:
             self._kill_all(signal.SIGKILL)
             return
         self.stopping = True
+        # Stop listening at once: while the master holds a copy of a listening socket the
+        # kernel keeps queueing connections nobody will accept (reset when we exit), instead
+        # of refusing them so that clients and load balancers retry elsewhere. Each worker
+        # closes its own copy once its backlog is accepted (worker.stop_listening).
+        self.pool.close()
         live = list(self._by_pid.values())
         log.info("%s: stopping", why, extra={"workers": len(live)})
         if not live:

@@ -7,7 +7,8 @@ Life of a worker (entered right after ``os.fork()`` in the master, never returns
    (lookups answer DirectoryUnavailable meanwhile) instead of exiting, so a database outage
    never turns into a restart loop;
 3. start the change feed and each proxy on its sockets, then write ``R`` to the ready pipe;
-4. on SIGTERM: drain (stop accepting), wait up to ``[serve] grace_period`` for sessions,
+4. on SIGTERM: accept what the kernel already queued, close every listening socket (new
+   connections are refused from then on), drain, wait up to ``[serve] grace_period`` for sessions,
    close the rest with each protocol's goodbye, exit 0. SIGINT is ignored: Ctrl-C reaches
    the whole process group and the master turns it into an orderly SIGTERM.
 
@@ -23,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +46,11 @@ log = logging.getLogger("edge.serve.worker")
 
 STORE_RETRY_MAX = 10.0
 """Longest wait (seconds) between attempts to open an unreachable directory store."""
+BACKLOG_WAIT = 1.0
+"""Longest wait (seconds) on SIGTERM for the proxies to accept connections already queued."""
+_BACKLOG_POLL = 0.005
+_TCPI_UNACKED = 24
+"""Offset of ``tcpi_unacked`` in ``struct tcp_info``: a listener's accept queue length."""
 
 
 @dataclass
@@ -202,8 +209,7 @@ async def _main(spec: WorkerSpec) -> int:
     grace = config.serve.grace_period
     log.info("worker draining", extra={"grace_period": grace,
                                         "sessions": sum(p.active_sessions() for p in proxies.values())})
-    for proxy in proxies.values():
-        await proxy.drain()
+    await stop_listening(spec.sockets, proxies)
     await asyncio.gather(*(p.wait_closed(grace) for p in proxies.values()))
     left = sum(p.active_sessions() for p in proxies.values())
     if left:
@@ -217,6 +223,40 @@ async def _main(spec: WorkerSpec) -> int:
         await store.close()
     log.info("worker stopped")
     return 0
+
+
+def accept_queue(sock: socket.socket) -> int:
+    """Connections the kernel completed on listener ``sock`` that nobody accepted yet."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_UNACKED + 4)
+    except OSError:
+        return 0
+    return int(struct.unpack_from("I", info, _TCPI_UNACKED)[0])
+
+
+async def stop_listening(sockets: dict[str, list[socket.socket]],
+                         proxies: dict[str, Proxy]) -> None:
+    """Close this worker's listening sockets without resetting connections already queued.
+
+    Closing the last copy of a listener resets whatever waits in its accept queue, so let the
+    proxies accept that first (bounded by :data:`BACKLOG_WAIT`). The master closed its copies
+    already, so once we close ours the kernel refuses new connections.
+    """
+    listeners = [sock for socks in sockets.values() for sock in socks]
+    for _ in range(int(BACKLOG_WAIT / _BACKLOG_POLL)):
+        if not any(accept_queue(s) for s in listeners if s.fileno() >= 0):
+            break
+        await asyncio.sleep(_BACKLOG_POLL)
+    for proxy in proxies.values():
+        await proxy.drain()
+    # A listener still open after drain() is one the proxy leaves to us: close it, or the
+    # kernel keeps queueing connections that are reset when the worker exits. First let
+    # cancelled accept tasks run their clean-up (it refers to the fd number).
+    for _ in range(3):
+        await asyncio.sleep(0)
+    for sock in listeners:
+        if sock.fileno() >= 0:
+            sock.close()
 
 
 async def _export_loop(spec: WorkerSpec, directory: Directory, feed: ChangeFeed,
@@ -239,4 +279,4 @@ async def _export_loop(spec: WorkerSpec, directory: Directory, feed: ChangeFeed,
         await asyncio.sleep(1.0)
 
 
-__all__ = ["CONFIG_EXIT", "WorkerSpec", "run_worker"]
+__all__ = ["CONFIG_EXIT", "WorkerSpec", "accept_queue", "run_worker", "stop_listening"]
