@@ -299,6 +299,7 @@ class FtpSession(asyncio.Protocol):
             raise _SessionEnd
         state, action = login_step(self.state, event)
         self.state = state
+        self._events.extendleft(reversed(self._reader.after(event, action)))
         if isinstance(action, Respond):
             if event.verb == "PASS" and action.code == 530:
                 await self._login_failed(time.monotonic(), "malformed user name")
