@@ -1349,3 +1349,160 @@ async def test_a_burst_of_connections_is_queued_not_dropped(edges: EdgeFactory,
     finally:
         for sock in clients:
             sock.close()
+
+
+# == hostile input and refused AUTH (issue 13) ==================================================
+
+
+async def test_bare_lf_does_not_end_a_command(edges: EdgeFactory, backends: Backends) -> None:
+    # pyftpdlib reached directly reads `PASS secret<LF>DELE hello.txt` as one (wrong) password;
+    # the proxy once split it at the LF, logged in and deleted the file.
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    edge = await edges.start()
+    (backend.root / "hello.txt").write_bytes(b"keep me")
+
+    def session() -> list[bytes]:
+        with raw(edge.port) as c:
+            c.reply()
+            user = c.cmd(f"USER {USER}")
+            injected = c.cmd(f"PASS {PASSWORD}\nDELE hello.txt")
+            return [user, injected, c.cmd("LIST"), c.cmd(f"PASS {PASSWORD}"), c.cmd("TYPE I"),
+                    c.cmd("SIZE hello.txt")]
+
+    user, injected, listing, login, _, size = await run(session)
+    assert user.startswith(b"331 ")
+    assert injected == b"500 Syntax error: bare LF in command line.\r\n"
+    assert listing.startswith(b"530 ")  # not logged in by it
+    assert login.startswith(b"230 ") and size == b"213 7\r\n"  # and the session goes on
+    assert (backend.root / "hello.txt").read_bytes() == b"keep me"
+
+
+async def test_refused_auth_tls_leaves_the_session_answering(edges: EdgeFactory,
+                                                             backends: Backends) -> None:
+    # No FTPS certificate: AUTH TLS is refused (502) and every later command is answered, sent
+    # one by one or pipelined in one segment behind the AUTH (the reader paused after AUTH and
+    # was never resumed: lftp's OPTS UTF8 ON and USER waited forever).
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    edge = await edges.start()
+
+    def session() -> list[bytes]:
+        with raw(edge.port) as c:
+            c.reply()
+            replies = [c.cmd("AUTH TLS"), c.cmd("OPTS UTF8 ON"), c.cmd("AUTH SSL")]
+            c.send(f"AUTH TLS\r\nFEAT\r\nUSER {USER}\r\nPASS {PASSWORD}\r\nAUTH TLS\r\nPWD\r\n".encode())
+            replies += [c.reply() for _ in range(6)]
+            return replies
+
+    replies = await run(session)
+    assert [r[:3] for r in replies] == [b"502", b"200", b"502", b"502", b"211", b"331",
+                                        b"230", b"502", b"257"], replies
+    assert b"AUTH TLS" not in replies[4]  # FEAT does not offer what is refused
+
+
+async def lftp(port: int, script: str, *settings: str) -> tuple[int, str, str]:
+    """Stock lftp, bounded: one try, 20 s network timeout, killed after 90 s."""
+    command = "; ".join(["set net:max-retries 1", "set net:timeout 20",
+                         "set net:reconnect-interval-base 1", *settings, script, "quit"])
+    process = await asyncio.create_subprocess_exec(
+        "lftp", "-e", command, "-u", f"{USER},{PASSWORD}", f"ftp://127.0.0.1:{port}",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "HOME": os.environ.get("HOME", "/tmp")})
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 90)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError("lftp hung") from None
+    assert process.returncode is not None
+    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+@pytest.mark.skipif(shutil.which("lftp") is None, reason="Debian package lftp (in .ci/run)")
+async def test_lftp_with_and_without_ftps(edges: EdgeFactory, backends: Backends, proxy_pem: Pem,
+                                          tmp_path: Path) -> None:
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    (backend.root / "listed.txt").write_bytes(b"lftp sees me")
+    # No certificate: lftp tries AUTH TLS (ssl-allow), gets 502 and goes on in plain FTP.
+    plain = await edges.start()
+    started = time.monotonic()
+    code, out, err = await lftp(plain.port, "ls; get listed.txt -o " + str(tmp_path / "got.txt"),
+                                "set ftp:ssl-allow yes")
+    assert code == 0 and "listed.txt" in out, (code, out, err)
+    assert (tmp_path / "got.txt").read_bytes() == b"lftp sees me"
+    assert time.monotonic() - started < 60
+    # With a certificate lftp uses TLS, control and data (forced: no silent fallback).
+    ftps = await edges.start(certificate_file=proxy_pem.cert, key_file=proxy_pem.key)
+    code, out, err = await lftp(ftps.port, "ls", "set ftp:ssl-force yes",
+                                "set ftp:ssl-protect-data yes", f"set ssl:ca-file {proxy_pem.cert}")
+    assert code == 0 and "listed.txt" in out, (code, out, err)
+    listings = ftps.log.find("ftp transfer", result="ok")
+    assert listings and all(getattr(r, "client_tls", None) for r in listings)
+
+
+async def test_backend_killed_mid_upload(edges: EdgeFactory, backends: Backends) -> None:
+    # The backend process is SIGKILLed while the client is still sending: the client gets an
+    # error reply on the control connection (never a 226 for the truncated file), not a hang.
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    edge = await edges.start()
+    total, chunk = 32 << 20, os.urandom(1 << 16)
+    half_sent = asyncio.Event()
+    killed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def session() -> tuple[str, int]:
+        ftp = connect(edge.port)
+        conn = ftp.transfercmd("STOR up.bin")
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent < total:
+                conn.sendall(chunk)
+                sent += len(chunk)
+                if sent == 4 << 20:
+                    loop.call_soon_threadsafe(half_sent.set)
+                    assert asyncio.run_coroutine_threadsafe(killed.wait(), loop).result(60)
+        conn.close()
+        return ftp.getline(), sent
+
+    task = asyncio.ensure_future(run(session))
+    await asyncio.wait_for(half_sent.wait(), 60)
+    await backend.stop(signal.SIGKILL)
+    killed.set()
+    answer, _ = await asyncio.wait_for(task, 90)
+    assert answer[:1] in ("4", "5"), answer
+    assert (backend.root / "up.bin").stat().st_size < total
+    assert edge.log.find("ftp transfer", command="STOR", result="aborted")
+
+
+async def test_backend_that_never_greets_gives_421_in_bounded_time(edges: EdgeFactory) -> None:
+    # A backend host that accepts TCP and never sends its 220: the login gets 421 once
+    # backend_connect_timeout (connect and greeting) has passed, not a hang.
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    loop = asyncio.get_running_loop()
+    accepting = loop.run_in_executor(None, lambda: accepted.append(silent.accept()[0]))
+    await edges.service.add_host("host-a", "127.0.0.1", ftp_port=silent.getsockname()[1])
+    await edges.service.add_tenant("t1", "host-a")
+    await edges.service.add_account(USER, "t1", protocols=["ftp"], upstream_username=BACKEND_USER)
+    edge = await edges.start(backend_connect_timeout=1.5)
+
+    def login() -> tuple[bytes, bytes, float]:
+        with raw(edge.port) as c:
+            c.reply()
+            user = c.cmd(f"USER {USER}")
+            started = time.monotonic()
+            return user, c.cmd(f"PASS {PASSWORD}"), time.monotonic() - started
+
+    try:
+        user, answer, waited = await run(login)
+    finally:
+        await asyncio.wait_for(accepting, 30)
+        for sock in (*accepted, silent):
+            sock.close()
+    assert user.startswith(b"331 ")
+    assert answer == b"421 Service not available, try again later.\r\n"
+    assert waited < 15  # the configured 1.5 s (+ load), not the 30 s login grace time
+    assert edge.log.find("ftp session", result="backend_unavailable")
