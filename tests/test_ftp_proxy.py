@@ -1215,6 +1215,7 @@ def test_ftps_through_edge_serve_with_two_workers(tmp_path: Path, proxy_pem: Pem
     ({"key_file": "k.pem"}, "key_file: set certificate_file too"),
     ({"masquerade_address": "::1"}, "not an IPv4 address"),
     ({"transfer_timeout": 0}, "transfer_timeout: must be greater than 0"),
+    ({"backend_reply_timeout": -1}, "backend_reply_timeout: must be greater than 0"),
     ({"passive_ports": [80, 90]}, "1024 <= LOW <= HIGH"),
 ])
 def test_ftp_config_refuses_unsafe_settings(section: dict[str, Any], message: str) -> None:
@@ -1679,3 +1680,29 @@ async def test_backend_reply_with_bare_lf_cannot_inject_a_reply(edges: EdgeFacto
     user, answer = await run(login)
     assert user.startswith(b"331 ")
     assert answer == b"421 Service not available, try again later.\r\n"
+
+
+async def test_backend_that_stops_answering_gives_421_in_bounded_time(edges: EdgeFactory,
+                                                                      backends: Backends) -> None:
+    # A backend frozen (SIGSTOP: its TCP stays up, nothing answers) after login: the next
+    # command gets 421 after backend_reply_timeout, not a hang of a fixed minute.
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    edge = await edges.start(backend_reply_timeout=1.5)
+
+    def frozen_command() -> tuple[bytes, bytes, float]:
+        with raw(edge.port) as c:
+            c.reply()
+            c.cmd(f"USER {USER}")
+            assert c.cmd(f"PASS {PASSWORD}").startswith(b"230 ")
+            backend.process.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            return c.cmd("PWD"), c.file.read(), time.monotonic() - started
+
+    try:
+        answer, rest, waited = await run(frozen_command)
+    finally:
+        backend.process.send_signal(signal.SIGCONT)
+    assert answer == b"421 Backend connection lost, closing control connection.\r\n"
+    assert rest == b"" and waited < 15
+    assert edge.log.find("ftp session", result="backend_lost")
