@@ -1215,7 +1215,7 @@ def test_ftps_through_edge_serve_with_two_workers(tmp_path: Path, proxy_pem: Pem
     ({"key_file": "k.pem"}, "key_file: set certificate_file too"),
     ({"masquerade_address": "::1"}, "not an IPv4 address"),
     ({"transfer_timeout": 0}, "transfer_timeout: must be greater than 0"),
-    ({"backend_reply_timeout": -1}, "backend_reply_timeout: must be greater than 0"),
+    ({"backend_reply_timeout": 0}, "backend_reply_timeout: must be greater than 0"),
     ({"passive_ports": [80, 90]}, "1024 <= LOW <= HIGH"),
 ])
 def test_ftp_config_refuses_unsafe_settings(section: dict[str, Any], message: str) -> None:
