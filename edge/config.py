@@ -274,12 +274,15 @@ class FtpConfig(ProxyListenerConfig):
     transfer_timeout: float = 300.0
     """Seconds a data transfer may make no progress before it is aborted (426)."""
     backend_connect_timeout: float = 10.0
+    """Seconds to reach a backend host and get its 220 greeting (then the login gets 421)."""
     login_failure_delay: float = 2.0
     """Every failed login answers 530 no sooner than this after PASS, known user or not."""
     backend_tls_verify: bool = True
     """Verify FTPS backends' certificates (hosts with backend_tls) against backend_ca_file."""
     backend_ca_file: str = ""
     """CA bundle for backend certificates; "" = the system's trust store."""
+    backend_reply_timeout: float = 60.0
+    """Seconds the proxy waits for a backend's answer to a command (then 421, session ends)."""
 
     def __post_init__(self) -> None:
         if self.require_tls and not self.certificate_file:
@@ -292,7 +295,8 @@ class FtpConfig(ProxyListenerConfig):
             except ValueError:
                 raise ConfigError(f"[ftp] masquerade_address: {self.masquerade_address!r} is not an "
                                   "IPv4 address (PASV replies can only carry IPv4)") from None
-        for name in ("data_connect_timeout", "transfer_timeout", "backend_connect_timeout"):
+        for name in ("data_connect_timeout", "transfer_timeout", "backend_connect_timeout",
+                     "backend_reply_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"[ftp] {name}: must be greater than 0")
 

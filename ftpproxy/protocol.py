@@ -19,8 +19,9 @@ rule is unit-tested alone. The connection code wires it up roughly like this::
 
 Security rules encoded here (see DESIGN.md, FTP):
 
-* Command lines longer than :data:`MAX_COMMAND_LINE` bytes are refused whole; Telnet IAC
-  sequences are stripped; NUL and stray CR inside a line are refused (CRLF injection); commands
+* Command lines end at CRLF only and longer than :data:`MAX_COMMAND_LINE` bytes are refused
+  whole; Telnet IAC sequences are stripped; NUL, stray CR and bare LF inside a line are refused
+  (CRLF injection); backend replies follow the same line rule (:class:`ReplyReader`); commands
   the proxy builds itself go through :func:`format_command`, which refuses CR/LF/NUL.
 * The reader pauses after every ``AUTH`` command so that plaintext pipelined behind it can be
   dropped with :meth:`CommandReader.discard_buffered` before TLS starts.
@@ -143,7 +144,9 @@ class CommandReader:
     """Incremental parser for the client's control stream.
 
     :meth:`feed` returns the events completed by the new bytes; feeding a stream in any chunking
-    yields the same event sequence. Lines end with CRLF or a bare LF. Telnet IAC sequences are
+    yields the same event sequence. Lines end with CRLF only (RFC 959): a bare LF does not end a
+    line, it makes the line a :class:`BadCommand` (a proxy that split ``PASS x\nDELE f`` in two
+    would run a command the backend, reached directly, refuses). Telnet IAC sequences are
     removed first (``IAC IAC`` is a literal 0xFF byte; ``IAC WILL/WONT/DO/DONT x`` and ``IAC x``
     for any other ``x`` are dropped; subnegotiation is not supported: ``IAC SB`` is dropped as a
     two-byte sequence). The line limit counts bytes after IAC removal and excludes the
@@ -158,7 +161,8 @@ class CommandReader:
         self._raw = bytearray()  # received, not yet looked at (only non-empty while paused)
         self._line = bytearray()  # current line, IAC sequences removed
         self._telnet = _T_DATA
-        self._discarding = False  # inside a too-long line: drop up to the next LF
+        self._discarding = False  # inside a too-long line: drop up to the next CRLF
+        self._last_cr = False  # the last line byte seen (kept or discarded) was CR
         self._paused = False
 
     @property
@@ -183,6 +187,21 @@ class CommandReader:
         self._paused = False
         return self._pump()
 
+    def after(self, command: Command, action: Action) -> list[CommandEvent]:
+        """Tell the reader what :func:`login_step` made of ``command``; returns the commands
+        this releases (to be handled next, before anything read later).
+
+        Every handled command must come back here: an ``AUTH`` that did not start TLS (no
+        certificate, unknown mechanism, after USER, TLS already on) resumes reading — left
+        paused, every later command would wait unanswered (lftp's ``AUTH TLS``, ``502``, then
+        silence). :class:`StartTls` keeps the pause for :meth:`discard_buffered`. Commands
+        before the ``AUTH`` (read in the same segment) leave the pause alone: the reader stops
+        right after the ``AUTH``, so the one handled while paused is that one.
+        """
+        if self._paused and command.verb == "AUTH" and not isinstance(action, StartTls):
+            return self.resume()
+        return []
+
     def discard_buffered(self) -> int:
         """Drop every byte received but not yet turned into an event; return how many.
 
@@ -195,6 +214,7 @@ class CommandReader:
         self._line.clear()
         self._telnet = _T_DATA
         self._discarding = False
+        self._last_cr = False
         self._paused = False
         return dropped
 
@@ -214,8 +234,10 @@ class CommandReader:
                 i += 1
                 if raw[stop] == _IAC:
                     self._telnet = _T_IAC
-                else:
+                elif self._last_cr:
                     self._end_line(events)
+                else:
+                    self._append(b"\n", events)  # bare LF: part of the line, refused at its end
             elif self._telnet == _T_IAC:
                 byte = raw[i]
                 i += 1
@@ -233,7 +255,10 @@ class CommandReader:
         return events
 
     def _append(self, chunk: bytes | bytearray, events: list[CommandEvent]) -> None:
-        if self._discarding or not chunk:
+        if not chunk:
+            return
+        self._last_cr = chunk[-1] == 0x0D
+        if self._discarding:
             return
         self._line += chunk
         # One extra byte may be the CR of a CRLF terminator.
@@ -245,6 +270,7 @@ class CommandReader:
     def _end_line(self, events: list[CommandEvent]) -> None:
         line = bytes(self._line)
         self._line.clear()
+        self._last_cr = False
         if self._discarding:
             self._discarding = False
             return
@@ -264,6 +290,8 @@ def _parse_command_line(line: bytes) -> Command | BadCommand:
         return BadCommand("NUL byte in command line")
     if b"\r" in line:
         return BadCommand("stray CR in command line")
+    if b"\n" in line:
+        return BadCommand("bare LF in command line")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -318,8 +346,10 @@ _REPLY_START_RE = re.compile(rb"([1-5][0-9][0-9])([ -]|$)")
 class ReplyReader:
     """Incremental parser for the backend's replies (RFC 959 §4.2, multi-line included).
 
-    Raises :class:`ProtocolError` on a malformed first line, NUL or stray CR in a line, or a
-    reply (or pending line) larger than :data:`MAX_REPLY_BYTES`.
+    Lines end at CRLF only. Raises :class:`ProtocolError` on a malformed first line, NUL, stray
+    CR or bare LF in a line, or a reply (or pending line) larger than :data:`MAX_REPLY_BYTES`:
+    a backend reply that echoes a name holding LF (``257 "/a<LF>226 x"``) must not become two
+    replies, which would put the client's replies out of step with its commands.
     """
 
     def __init__(self, max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
@@ -334,23 +364,25 @@ class ReplyReader:
         self._buffer += data
         replies: list[Reply] = []
         while True:
-            lf = self._buffer.find(b"\n")
+            lf = self._buffer.find(b"\r\n")
             if lf < 0:
+                if b"\n" in self._buffer:  # at once: a backend ending lines with LF never ends one
+                    raise ProtocolError("bare LF in reply line")
                 if self._size + len(self._buffer) > self._max:
                     raise ProtocolError("reply too long")
                 return replies
-            raw = bytes(self._buffer[: lf + 1])
-            del self._buffer[: lf + 1]
+            raw = bytes(self._buffer[: lf + 2])
+            del self._buffer[: lf + 2]
             self._size += len(raw)
             if self._size > self._max:
                 raise ProtocolError("reply too long")
-            reply = self._line(raw[:-1].removesuffix(b"\r"))
+            reply = self._line(raw[:-2])
             if reply is not None:
                 replies.append(reply)
 
     def _line(self, line: bytes) -> Reply | None:
-        if b"\x00" in line or b"\r" in line:
-            raise ProtocolError("NUL or stray CR in reply line")
+        if b"\x00" in line or b"\r" in line or b"\n" in line:
+            raise ProtocolError("NUL, stray CR or bare LF in reply line")
         if self._code is None:
             match = _REPLY_START_RE.match(line)
             if match is None:

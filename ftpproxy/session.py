@@ -79,8 +79,6 @@ __all__ = ["FtpSession"]
 
 TRANSFER_KINDS = {"RETR": "download", "STOR": "upload", "APPE": "upload", "STOU": "upload",
                   "LIST": "listing", "NLST": "listing", "MLSD": "listing"}
-#: Seconds the proxy waits for a backend's answer to an ordinary command.
-REPLY_TIMEOUT = 60.0
 #: Client commands queued before the proxy stops reading the control connection.
 MAX_QUEUED_EVENTS = 32
 GREETING = "FTP proxy ready."
@@ -212,6 +210,11 @@ class FtpSession(asyncio.Protocol):
             self.transport.resume_reading()
         return event
 
+    @property
+    def _reply_wait(self) -> float:
+        """Seconds to wait for a backend's answer to a command (``backend_reply_timeout``)."""
+        return self.proxy.config.backend_reply_timeout
+
     # -- output --------------------------------------------------------------------------------
 
     def reply(self, code: int, text: str | list[str]) -> None:
@@ -299,6 +302,7 @@ class FtpSession(asyncio.Protocol):
             raise _SessionEnd
         state, action = login_step(self.state, event)
         self.state = state
+        self._events.extendleft(reversed(self._reader.after(event, action)))
         if isinstance(action, Respond):
             if event.verb == "PASS" and action.code == 530:
                 await self._login_failed(time.monotonic(), "malformed user name")
@@ -373,7 +377,7 @@ class FtpSession(asyncio.Protocol):
         """Connect to the account's host and replay USER; returns the backend's answer."""
         backend = await self._connect_backend(route)
         try:
-            reply = await backend.command("USER", route.account.backend_username, REPLY_TIMEOUT)
+            reply = await backend.command("USER", route.account.backend_username, self._reply_wait)
         except BaseException:
             backend.abort()
             raise
@@ -421,7 +425,7 @@ class FtpSession(asyncio.Protocol):
         self.backend = backend
         try:
             if reply.code == 331:
-                reply = await backend.command("PASS", password, REPLY_TIMEOUT)
+                reply = await backend.command("PASS", password, self._reply_wait)
         except (BackendGone, TimeoutError):
             self.proxy.login_counters["unavailable"].inc()
             self._end(421, "Service not available, try again later.", "backend_unavailable")
@@ -544,7 +548,7 @@ class FtpSession(asyncio.Protocol):
         try:
             backend.send(cmd.verb, cmd.argument)
             while True:
-                reply = await backend.reply(REPLY_TIMEOUT)
+                reply = await backend.reply(self._reply_wait)
                 self._forward_reply(reply)
                 if reply.code >= 200:
                     if cmd.verb == "QUIT":
@@ -559,7 +563,7 @@ class FtpSession(asyncio.Protocol):
         """The backend's features, with the proxy's own TLS and data-channel ones."""
         backend = self._backend()
         try:
-            reply = await backend.command("FEAT", "", REPLY_TIMEOUT)
+            reply = await backend.command("FEAT", "", self._reply_wait)
         except (BackendGone, TimeoutError):
             self._end(421, "Backend connection lost, closing control connection.", "backend_lost")
         if reply.code != 211 or len(reply.lines) < 2:
@@ -718,7 +722,7 @@ class FtpSession(asyncio.Protocol):
 
     async def _backend_passive_reply(self, backend: BackendControl) -> tuple[str, int]:
         """The backend's answer to PASV/EPSV, checked (see :meth:`_ask_backend_passive`)."""
-        reply = await backend.final_reply(REPLY_TIMEOUT)
+        reply = await backend.final_reply(self._reply_wait)
         if reply.code == 227:
             ip, port = parse_pasv_reply(reply.text)
         elif reply.code == 229:
@@ -838,7 +842,7 @@ class FtpSession(asyncio.Protocol):
             # 4. The command itself.
             try:
                 backend.send(cmd.verb, cmd.argument)
-                reply = await backend.reply(REPLY_TIMEOUT)
+                reply = await backend.reply(self._reply_wait)
             except (BackendGone, TimeoutError):
                 self.reply(426, "Backend connection lost; transfer aborted.")
                 raise _SessionEnd from None
@@ -925,7 +929,7 @@ class FtpSession(asyncio.Protocol):
                              why: str) -> tuple[str, int, dict[str, Any]]:
         backend_side[0].abort()
         with contextlib.suppress(BackendGone, TimeoutError):
-            await self._backend().final_reply(REPLY_TIMEOUT)
+            await self._backend().final_reply(self._reply_wait)
         self.reply(426, f"{why}; transfer aborted.")
         return "aborted", 0, {"error": why}
 

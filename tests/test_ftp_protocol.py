@@ -58,18 +58,20 @@ def feed_bytewise(data: bytes) -> list[object]:
     ("data", "expected"),
     [
         (b"USER alice\r\n", [Command("USER", "alice")]),
-        (b"user alice\n", [Command("USER", "alice")]),
+        (b"user alice\r\n", [Command("USER", "alice")]),
+        (b"user alice\n", []),  # a bare LF does not end a line
         (b"NOOP\r\n", [Command("NOOP", "")]),
         (b"STOR my file.txt\r\n", [Command("STOR", "my file.txt")]),
         (b"CWD  two spaces\r\n", [Command("CWD", " two spaces")]),
         ("RETR ファイル.txt\r\n".encode(), [Command("RETR", "ファイル.txt")]),
-        (b"NOOP\r\nSYST\nQUIT\r\n", [Command("NOOP"), Command("SYST"), Command("QUIT")]),
+        (b"NOOP\r\nSYST\nQUIT\r\n", [Command("NOOP"), BadCommand("bare LF in command line")]),
         (b"NOOP", []),  # incomplete line: nothing yet
         (b"\r\n", [BadCommand("empty command line")]),
         (b"NO\r\n", [BadCommand("malformed command verb")]),
         (b"XXXXX\r\n", [BadCommand("malformed command verb")]),
         (b"US3R a\r\n", [BadCommand("malformed command verb")]),
-        (b"RETR \xff\xfe\r\n", [Command("RETR", "")]),  # IAC DONT... stripped: see IAC tests
+        (b"RETR \xff\xfe\x01\r\n", [Command("RETR", "")]),  # IAC DONT x stripped: see IAC tests
+        (b"RETR \xff\xfe\r\n", []),  # IAC DONT takes the CR as its option: the LF is bare
     ],
 )
 def test_command_table(data: bytes, expected: list[object]) -> None:
@@ -112,6 +114,12 @@ def test_iac_iac_is_a_literal_ff_byte() -> None:
         (b"USER a\rPASS b\r\n", "stray CR in command line"),
         (b"USER a\r\r\n", "stray CR in command line"),
         (b"RETR \xc3\x28\r\n", "command line is not valid UTF-8 (RFC 2640)"),
+        # A bare LF never ends a command: the whole line up to CRLF is one refused line.
+        (b"PASS secret\nDELE hello.txt\r\n", "bare LF in command line"),
+        (b"USER a\n\r\n", "bare LF in command line"),
+        (b"\nDELE x\r\n", "bare LF in command line"),
+        (b"NOOP\xff\r\nDELE x\r\n", "bare LF in command line"),  # IAC CR: the CR is telnet's
+        (b"NOOP\r\xff\xff\nDELE x\r\n", "stray CR in command line"),  # CR, literal 0xFF, LF
     ],
 )
 def test_injection_refused(data: bytes, reason: str) -> None:
@@ -119,7 +127,7 @@ def test_injection_refused(data: bytes, reason: str) -> None:
     assert feed_bytewise(data) == [BadCommand(reason)]
 
 
-@pytest.mark.parametrize("terminator", [b"\r\n", b"\n"])
+@pytest.mark.parametrize("terminator", [b"\r\n", b"\r\xff\xf1\n"])
 def test_line_limit_boundary(terminator: bytes) -> None:
     ok = b"STOR " + b"a" * (MAX_COMMAND_LINE - 5)
     assert len(ok) == MAX_COMMAND_LINE
@@ -247,7 +255,6 @@ def test_format_command_round_trips(verb: str, argument: str) -> None:
     [
         (b"220 Welcome\r\n", [Reply(220, ["Welcome"])]),
         (b"200\r\n", [Reply(200, [""])]),
-        (b"331 Password required\n", [Reply(331, ["Password required"])]),
         (b"211-Features:\r\n EPRT\r\n UTF8\r\n211 End\r\n",
          [Reply(211, ["Features:", " EPRT", " UTF8", "End"])]),
         (b"230-Hello\r\n230-more\r\n230 Done\r\n", [Reply(230, ["Hello", "230-more", "Done"])]),
@@ -266,7 +273,11 @@ def test_reply_table(data: bytes, expected: list[Reply]) -> None:
 
 
 @pytest.mark.parametrize("data", [b"hello\r\n", b"22 x\r\n", b"620 x\r\n", b"220x\r\n", b"220 a\x00\r\n",
-                                  b"220 a\rb\r\n"])
+                                  b"220 a\rb\r\n",
+                                  # a bare LF never ends a reply line: no reply can be injected
+                                  b"331 Password required\n",
+                                  b'257 "/a\n226 Transfer complete." created\r\n',
+                                  b"211-x\r\n a\n211 End\r\n"])
 def test_malformed_reply(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         ReplyReader().feed(data)
@@ -277,7 +288,7 @@ def test_reply_size_limit() -> None:
     reader.feed(b"211-start\r\n")
     with pytest.raises(ProtocolError):
         for _ in range(MAX_REPLY_BYTES // 10 + 1):
-            reader.feed(b"line line\n")
+            reader.feed(b"line lin\r\n")
     with pytest.raises(ProtocolError):
         ReplyReader().feed(b"220 " + b"x" * MAX_REPLY_BYTES)  # no terminator yet, already too big
     # a large reply under the limit is fine, and the counter resets per reply
@@ -572,3 +583,37 @@ def test_login_invariants(steps: list[tuple[str, str]]) -> None:
             assert state.tls
         if isinstance(action, StartTls):
             assert not before.tls and not before.routed
+
+
+# --- reader + login state machine together -----------------------------------------------------
+
+login_lines = st.sampled_from([
+    "AUTH TLS", "AUTH SSL", "AUTH GSSAPI", "AUTH", "auth tls", "USER alice", "USER bad/name", "USER",
+    "PASS x", "OPTS UTF8 ON", "OPTS MLST type", "FEAT", "SYST", "NOOP", "PBSZ 0", "PBSZ x", "PROT P",
+    "PROT S", "CCC", "REIN", "LIST", "RETR f", "PASV", "PORT 1,2,3,4,5,6", "ABOR", "SITE HELP", "QUIT",
+])
+
+
+@given(st.lists(login_lines, max_size=15), st.sampled_from([(True, False), (True, True), (False, False)]))
+def test_every_pipelined_command_gets_exactly_one_action(lines: list[str],
+                                                         tls: tuple[bool, bool]) -> None:
+    """However a client pipelines its login (one segment, as lftp does), each command yields one
+    action, in order, until TLS starts or the session closes: none is left waiting unanswered
+    (a refused AUTH once left the reader paused and the client without any further reply)."""
+    reader = CommandReader()
+    state = LoginState(tls_available=tls[0], tls_required=tls[1])
+    pending = list(reader.feed(b"".join(line.encode() + b"\r\n" for line in lines)))
+    handled: list[str] = []
+    ended = False  # TLS started (the rest is discarded) or the session closed
+    while pending and not ended:
+        event = pending.pop(0)
+        assert isinstance(event, Command)
+        state, action = login_step(state, event)
+        handled.append(f"{event.verb} {event.argument}".strip())
+        if isinstance(action, Respond | StartTls | Close):
+            assert 100 <= action.code <= 599
+        pending[:0] = reader.after(event, action)
+        ended = isinstance(action, StartTls | Close)
+    assert [h.upper() for h in handled] == [line.upper() for line in lines[:len(handled)]]
+    if not ended:
+        assert len(handled) == len(lines) and not reader.paused

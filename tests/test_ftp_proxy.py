@@ -1216,6 +1216,7 @@ def test_ftps_through_edge_serve_with_two_workers(tmp_path: Path, proxy_pem: Pem
     ({"key_file": "k.pem"}, "key_file: set certificate_file too"),
     ({"masquerade_address": "::1"}, "not an IPv4 address"),
     ({"transfer_timeout": 0}, "transfer_timeout: must be greater than 0"),
+    ({"backend_reply_timeout": 0}, "backend_reply_timeout: must be greater than 0"),
     ({"passive_ports": [80, 90]}, "1024 <= LOW <= HIGH"),
 ])
 def test_ftp_config_refuses_unsafe_settings(section: dict[str, Any], message: str) -> None:
@@ -1350,3 +1351,359 @@ async def test_a_burst_of_connections_is_queued_not_dropped(edges: EdgeFactory,
     finally:
         for sock in clients:
             sock.close()
+
+
+# == hostile input and refused AUTH (issue 13) ==================================================
+
+
+async def test_bare_lf_does_not_end_a_command(edges: EdgeFactory, backends: Backends) -> None:
+    # pyftpdlib reached directly reads `PASS secret<LF>DELE hello.txt` as one (wrong) password;
+    # the proxy once split it at the LF, logged in and deleted the file.
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    edge = await edges.start()
+    (backend.root / "hello.txt").write_bytes(b"keep me")
+
+    def session() -> list[bytes]:
+        with raw(edge.port) as c:
+            c.reply()
+            user = c.cmd(f"USER {USER}")
+            injected = c.cmd(f"PASS {PASSWORD}\nDELE hello.txt")
+            return [user, injected, c.cmd("LIST"), c.cmd(f"PASS {PASSWORD}"), c.cmd("TYPE I"),
+                    c.cmd("SIZE hello.txt")]
+
+    user, injected, listing, login, _, size = await run(session)
+    assert user.startswith(b"331 ")
+    assert injected == b"500 Syntax error: bare LF in command line.\r\n"
+    assert listing.startswith(b"530 ")  # not logged in by it
+    assert login.startswith(b"230 ") and size == b"213 7\r\n"  # and the session goes on
+    assert (backend.root / "hello.txt").read_bytes() == b"keep me"
+
+
+async def test_refused_auth_tls_leaves_the_session_answering(edges: EdgeFactory,
+                                                             backends: Backends) -> None:
+    # No FTPS certificate: AUTH TLS is refused (502) and every later command is answered, sent
+    # one by one or pipelined in one segment behind the AUTH (the reader paused after AUTH and
+    # was never resumed: lftp's OPTS UTF8 ON and USER waited forever).
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    edge = await edges.start()
+
+    def session() -> list[bytes]:
+        with raw(edge.port) as c:
+            c.reply()
+            replies = [c.cmd("AUTH TLS"), c.cmd("OPTS UTF8 ON"), c.cmd("AUTH SSL")]
+            c.send(f"AUTH TLS\r\nFEAT\r\nUSER {USER}\r\nPASS {PASSWORD}\r\nAUTH TLS\r\nPWD\r\n".encode())
+            replies += [c.reply() for _ in range(6)]
+            return replies
+
+    replies = await run(session)
+    assert [r[:3] for r in replies] == [b"502", b"200", b"502", b"502", b"211", b"331",
+                                        b"230", b"502", b"257"], replies
+    assert b"AUTH TLS" not in replies[4]  # FEAT does not offer what is refused
+
+
+async def lftp(port: int, script: str, *settings: str) -> tuple[int, str, str]:
+    """Stock lftp, bounded: one try, 20 s network timeout, killed after 90 s."""
+    command = "; ".join(["set net:max-retries 1", "set net:timeout 20",
+                         "set net:reconnect-interval-base 1", *settings, script, "quit"])
+    process = await asyncio.create_subprocess_exec(
+        "lftp", "-e", command, "-u", f"{USER},{PASSWORD}", f"ftp://127.0.0.1:{port}",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "HOME": os.environ.get("HOME", "/tmp")})
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 90)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError("lftp hung") from None
+    assert process.returncode is not None
+    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+@pytest.mark.skipif(shutil.which("lftp") is None, reason="Debian package lftp (in .ci/run)")
+async def test_lftp_with_and_without_ftps(edges: EdgeFactory, backends: Backends, proxy_pem: Pem,
+                                          tmp_path: Path) -> None:
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    (backend.root / "listed.txt").write_bytes(b"lftp sees me")
+    # No certificate: lftp tries AUTH TLS (ssl-allow), gets 502 and goes on in plain FTP.
+    plain = await edges.start()
+    started = time.monotonic()
+    code, out, err = await lftp(plain.port, "ls; get listed.txt -o " + str(tmp_path / "got.txt"),
+                                "set ftp:ssl-allow yes")
+    assert code == 0 and "listed.txt" in out, (code, out, err)
+    assert (tmp_path / "got.txt").read_bytes() == b"lftp sees me"
+    assert time.monotonic() - started < 60
+    # With a certificate lftp uses TLS, control and data (forced: no silent fallback).
+    ftps = await edges.start(certificate_file=proxy_pem.cert, key_file=proxy_pem.key)
+    code, out, err = await lftp(ftps.port, "ls", "set ftp:ssl-force yes",
+                                "set ftp:ssl-protect-data yes", f"set ssl:ca-file {proxy_pem.cert}")
+    assert code == 0 and "listed.txt" in out, (code, out, err)
+    listings = ftps.log.find("ftp transfer", result="ok")
+    assert listings and all(getattr(r, "client_tls", None) for r in listings)
+
+
+async def test_backend_killed_mid_upload(edges: EdgeFactory, backends: Backends) -> None:
+    # The backend process is SIGKILLed while the client is still sending: the client gets an
+    # error reply on the control connection (never a 226 for the truncated file), not a hang.
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    edge = await edges.start()
+    total, chunk = 32 << 20, os.urandom(1 << 16)
+    half_sent = asyncio.Event()
+    killed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def session() -> tuple[str, int]:
+        ftp = connect(edge.port)
+        conn = ftp.transfercmd("STOR up.bin")
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent < total:
+                conn.sendall(chunk)
+                sent += len(chunk)
+                if sent == 4 << 20:
+                    loop.call_soon_threadsafe(half_sent.set)
+                    assert asyncio.run_coroutine_threadsafe(killed.wait(), loop).result(60)
+        conn.close()
+        return ftp.getline(), sent
+
+    task = asyncio.ensure_future(run(session))
+    await asyncio.wait_for(half_sent.wait(), 60)
+    await backend.stop(signal.SIGKILL)
+    killed.set()
+    answer, _ = await asyncio.wait_for(task, 90)
+    assert answer[:1] in ("4", "5"), answer
+    assert (backend.root / "up.bin").stat().st_size < total
+    assert edge.log.find("ftp transfer", command="STOR", result="aborted")
+
+
+async def test_backend_that_never_greets_gives_421_in_bounded_time(edges: EdgeFactory) -> None:
+    # A backend host that accepts TCP and never sends its 220: the login gets 421 once
+    # backend_connect_timeout (connect and greeting) has passed, not a hang.
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    loop = asyncio.get_running_loop()
+    accepting = loop.run_in_executor(None, lambda: accepted.append(silent.accept()[0]))
+    await edges.service.add_host("host-a", "127.0.0.1", ftp_port=silent.getsockname()[1])
+    await edges.service.add_tenant("t1", "host-a")
+    await edges.service.add_account(USER, "t1", protocols=["ftp"], upstream_username=BACKEND_USER)
+    edge = await edges.start(backend_connect_timeout=1.5)
+
+    def login() -> tuple[bytes, bytes, float]:
+        with raw(edge.port) as c:
+            c.reply()
+            user = c.cmd(f"USER {USER}")
+            started = time.monotonic()
+            return user, c.cmd(f"PASS {PASSWORD}"), time.monotonic() - started
+
+    try:
+        user, answer, waited = await run(login)
+    finally:
+        await asyncio.wait_for(accepting, 30)
+        for sock in (*accepted, silent):
+            sock.close()
+    assert user.startswith(b"331 ")
+    assert answer == b"421 Service not available, try again later.\r\n"
+    assert waited < 15  # the configured 1.5 s (+ load), not the 30 s login grace time
+    assert edge.log.find("ftp session", result="backend_unavailable")
+
+
+class RecordingShim:
+    """TCP shim between the proxy and a real backend that records what the proxy sends on
+    control connections (data connections go straight to the backend's passive ports)."""
+
+    def __init__(self, backend_port: int) -> None:
+        self.backend_port = backend_port
+        self.sent = bytearray()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> RecordingShim:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bool) -> None:
+            while data := await src.read(65536):
+                if record:
+                    self.sent += data
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False),
+                             return_exceptions=True)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """One row: bytes sent in one segment → reply codes, and what must (not) reach the backend.
+
+    ``then``: the code of a ``PWD`` sent afterwards (the session is still in step; ``None``: the
+    connection must be closed). ``login``: log in first; ``early``: send before the greeting.
+    """
+
+    send: bytes
+    replies: tuple[str, ...]
+    never: tuple[bytes, ...] = ()
+    gets: bytes = b""
+    then: str | None = "257"
+    login: bool = True
+    early: bool = False
+
+
+LOGIN = f"USER {USER}\r\n".encode()
+HOSTILE: dict[str, Hostile] = {
+    # CR/LF/NUL injection: a line ends at CRLF only; anything else inside it is a 500.
+    "bare LF in PASS": Hostile(LOGIN + f"PASS {PASSWORD}\nDELE hello.txt\r\n".encode(),
+                               ("331", "500"), never=(b"PASS", b"DELE"), then="530", login=False),
+    "bare LF after login": Hostile(b"NOOP\nDELE hello.txt\r\n", ("500",), never=(b"DELE",)),
+    "bare LF first": Hostile(b"\nDELE hello.txt\r\n", ("500",), never=(b"DELE",)),
+    "stray CR": Hostile(b"NOOP\rDELE hello.txt\r\n", ("500",), never=(b"DELE",)),
+    "CR eaten by IAC": Hostile(b"RNFR hello.txt\xff\r\nDELE hello.txt\r\n", ("500",),
+                               never=(b"RNFR", b"DELE")),
+    "LF inside RNTO": Hostile(b"RNFR hello.txt\r\nRNTO x\nDELE hello.txt\r\n", ("350", "500"),
+                              never=(b"RNTO", b"DELE")),
+    "NUL": Hostile(b"DELE hello.txt\x00.bak\r\n", ("500",), never=(b"DELE",)),
+    "not UTF-8": Hostile(b"DELE hello\xc3(.txt\r\n", ("500",), never=(b"DELE",)),
+    "IAC IAC is a literal 0xFF": Hostile(b"DELE hello\xff\xff.txt\r\n", ("500",), never=(b"DELE",)),
+    "Telnet IP DM before ABOR": Hostile(b"\xff\xf4\xff\xf2ABOR\r\n", ("225",), gets=b"ABOR\r\n"),
+    "Telnet WILL mid-verb": Hostile(b"NO\xff\xfb\x01OP\r\n", ("200",), gets=b"NOOP\r\n"),
+    "empty line": Hostile(b"\r\n", ("500",)),
+    "five-letter verb": Hostile(b"DELEX hello.txt\r\n", ("500",), never=(b"DELEX",)),
+    # Over-long lines: refused whole, their tail never read as a command.
+    "over-long": Hostile(b"DELE " + b"a" * 3000 + b"\r\nNOOP\r\n", ("500", "200"), never=(b"DELE",)),
+    "over-long tail": Hostile(b"SITE " + b"x" * 5000 + b"DELE hello.txt\r\n", ("500",),
+                              never=(b"SITE", b"DELE")),
+    # PORT/EPRT: the backend never sees them (it is always used passively); no bounce.
+    "PORT to port 21": Hostile(b"PORT 127,0,0,1,0,21\r\n", ("504",), never=(b"PORT",)),
+    "PORT elsewhere": Hostile(b"PORT 10,0,0,1,195,80\r\n", ("200",), never=(b"PORT",)),
+    "EPRT to port 25": Hostile(b"EPRT |1|127.0.0.1|25|\r\n", ("504",), never=(b"EPRT",)),
+    "EPRT protocol 3": Hostile(b"EPRT |3|1.2.3.4|5000|\r\n", ("501",), never=(b"EPRT",)),
+    "PORT short": Hostile(b"PORT 1,2,3,4,5\r\n", ("501",)),
+    "PORT port 0": Hostile(b"PORT 1,2,3,4,0,0\r\n", ("501",)),
+    "PORT byte 256": Hostile(b"PORT 1,2,3,4,256,1\r\n", ("501",)),
+    "PORT after EPSV ALL": Hostile(b"EPSV ALL\r\nPORT 127,0,0,1,195,80\r\nPASV\r\n",
+                                   ("200", "503", "503")),
+    # PASV abuse: each answered in order, one listener at a time.
+    "PASV x20": Hostile(b"PASV\r\n" * 20, ("227",) * 20),
+    "EPSV protocol 3": Hostile(b"EPSV 3\r\n", ("522",)),
+    "RETR without PASV": Hostile(b"RETR hello.txt\r\n", ("425",), never=(b"RETR",)),
+    # REST / ABOR edge cases: the backend's answers, in step.
+    "REST negative": Hostile(b"REST -1\r\n", ("501",)),
+    "REST garbage": Hostile(b"REST abc\r\n", ("501",)),
+    "ABOR without transfer": Hostile(b"ABOR\r\n", ("225",)),
+    "ABOR before login": Hostile(b"ABOR\r\n", ("530",), never=(b"ABOR",), then="530", login=False),
+    # SITE: passed on re-formatted; the backend decides.
+    "SITE HELP": Hostile(b"SITE HELP\r\n", ("214",), gets=b"SITE HELP\r\n"),
+    "SITE EXEC": Hostile(b"SITE EXEC id\r\n", ("500",), gets=b"SITE EXEC id\r\n"),
+    # TLS verbs the proxy owns (no certificate here) and refused ones.
+    "AUTH TLS after login": Hostile(b"AUTH TLS\r\nNOOP\r\n", ("502", "200"), never=(b"AUTH",)),
+    "CCC REIN PBSZ PROT": Hostile(b"CCC\r\nREIN\r\nPBSZ 0\r\nPROT P\r\n", ("533", "502", "503", "503"),
+                                  never=(b"CCC", b"REIN", b"PBSZ", b"PROT")),
+    # Login sequencing.
+    "after QUIT": Hostile(b"QUIT\r\nDELE hello.txt\r\n", ("221",), never=(b"DELE",), then=None),
+    "QUIT before login": Hostile(b"QUIT\r\nUSER alice\r\n", ("221",), never=(b"USER",), then=None,
+                                 login=False),
+    "pipelined failed login": Hostile(LOGIN + b"PASS wrong\r\nDELE hello.txt\r\n", ("331", "530", "530"),
+                                      never=(b"DELE",), then="530", login=False),
+    "before the greeting": Hostile(LOGIN + f"PASS {PASSWORD}\r\nPWD\r\n".encode(),
+                                   ("220", "331", "230", "257"), login=False, early=True),
+    "PASV before login": Hostile(b"PASV\r\nPORT 127,0,0,1,195,80\r\n", ("530", "530"), then="530",
+                                 login=False),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+async def test_hostile_input_catalogue(name: str, edges: EdgeFactory, backends: Backends) -> None:
+    row = HOSTILE[name]
+    backend = await backends.start()
+    shim = await RecordingShim(backend.port).start()
+    await edges.service.add_host("host-a", "127.0.0.1", ftp_port=shim.port)
+    await edges.service.add_tenant("t1", "host-a")
+    await edges.service.add_account(USER, "t1", protocols=["ftp"], upstream_username=BACKEND_USER)
+    edge = await edges.start()
+    (backend.root / "hello.txt").write_bytes(b"keep me")
+
+    def session() -> tuple[list[bytes], bytes | None]:
+        with raw(edge.port) as c:
+            if row.early:
+                c.send(row.send)
+            else:
+                c.reply()
+                if row.login:
+                    assert c.cmd(f"USER {USER}").startswith(b"331 ")
+                    assert c.cmd(f"PASS {PASSWORD}").startswith(b"230 ")
+                    shim.sent.clear()
+                c.send(row.send)
+            replies = [c.reply() for _ in row.replies]
+            after = c.cmd("PWD") if row.then is not None else c.file.read()
+            return replies, after
+
+    try:
+        replies, after = await run(session)
+    finally:
+        shim.close()
+    assert [r[:3].decode() for r in replies] == list(row.replies), replies
+    if row.then is None:
+        assert after == b""
+    else:
+        assert after is not None and after[:3].decode() == row.then, after
+    for forbidden in row.never:
+        assert forbidden not in bytes(shim.sent), bytes(shim.sent)
+    assert row.gets in bytes(shim.sent)
+    assert (backend.root / "hello.txt").read_bytes() == b"keep me"
+
+
+async def test_backend_reply_with_bare_lf_cannot_inject_a_reply(edges: EdgeFactory,
+                                                                backends: Backends) -> None:
+    # A greeting holding a bare LF (pyftpdlib sends its banner as given) was read as two
+    # replies: the second, "230", taken for the answer to USER, logged the client in without
+    # the backend ever seeing PASS. A line ends at CRLF only: the backend is refused (421).
+    backend = await backends.start("x\n230 Login successful")
+    await provision(edges.service, backend)
+    edge = await edges.start()
+
+    def login() -> tuple[bytes, bytes]:
+        with raw(edge.port) as c:
+            c.reply()
+            return c.cmd(f"USER {USER}"), c.cmd("PASS wrong")
+
+    user, answer = await run(login)
+    assert user.startswith(b"331 ")
+    assert answer == b"421 Service not available, try again later.\r\n"
+
+
+async def test_backend_that_stops_answering_gives_421_in_bounded_time(edges: EdgeFactory,
+                                                                      backends: Backends) -> None:
+    # A backend frozen (SIGSTOP: its TCP stays up, nothing answers) after login: the next
+    # command gets 421 after backend_reply_timeout, not a hang of a fixed minute.
+    backend = await backends.start()
+    await provision(edges.service, backend)
+    edge = await edges.start(backend_reply_timeout=1.5)
+
+    def frozen_command() -> tuple[bytes, bytes, float]:
+        with raw(edge.port) as c:
+            c.reply()
+            c.cmd(f"USER {USER}")
+            assert c.cmd(f"PASS {PASSWORD}").startswith(b"230 ")
+            backend.process.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            return c.cmd("PWD"), c.file.read(), time.monotonic() - started
+
+    try:
+        answer, rest, waited = await run(frozen_command)
+    finally:
+        backend.process.send_signal(signal.SIGCONT)
+    assert answer == b"421 Backend connection lost, closing control connection.\r\n"
+    assert rest == b"" and waited < 15
+    assert edge.log.find("ftp session", result="backend_lost")
