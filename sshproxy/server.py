@@ -42,7 +42,7 @@ from sshproxy import metrics
 from sshproxy.auth import AuthorizedKeysCache, key_allowed, load_user_ca_keys
 from sshproxy.bridge import BridgeSettings, SessionLink
 from sshproxy.hostkeys import load_host_keys, load_upstream_key
-from sshproxy.tuning import tune_connection
+from sshproxy.tuning import host_key_pairs, tune_connection
 from sshproxy.upstream import (
     Challenge,
     Credential,
@@ -83,7 +83,7 @@ class SshProxy:
         if context.config.log.level != "debug":
             # One line per connection is ours (below); asyncssh's several per connection are noise.
             asyncssh.set_log_level(logging.WARNING)
-        self.host_keys = load_host_keys(config)
+        self.host_keys = host_key_pairs(load_host_keys(config))
         load_upstream_key(config)  # fail at start-up, not at the first public-key login
         self.user_ca_keys = load_user_ca_keys(config.user_ca_keys)
         self.limits = LoginLimits(LoginLimitSettings.from_config(context.config.limits))

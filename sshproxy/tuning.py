@@ -67,6 +67,8 @@ from asyncssh.mac import get_mac_algs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from edge.errors import ConfigError
+
 MIB: Final = 1024 * 1024
 
 WINDOW: Final = 2 * MIB
@@ -86,13 +88,21 @@ def _available(names: tuple[str, ...], installed: list[bytes]) -> tuple[str, ...
     return tuple(name for name in names if name in have)
 
 
+# OpenSSH's default lists minus what ssh-audit fails (docs/ssh.md "Algorithms"): no NIST-curve
+# ECDH, no SHA-1 anything, and no group exchange -- asyncssh answers a group-exchange request
+# for 1024 bits with a 1024-bit group (sshd's minimum is 2048), and the fixed 2048-8192-bit
+# groups below cover every client that cannot do curve25519.
 KEX_ALGS: Final = _available((
     "curve25519-sha256", "curve25519-sha256@libssh.org",
-    "mlkem768x25519-sha256",
-    "ecdh-sha2-nistp256", "ecdh-sha2-nistp384", "ecdh-sha2-nistp521",
-    "diffie-hellman-group-exchange-sha256",
+    "mlkem768x25519-sha256", "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com",
     "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512", "diffie-hellman-group14-sha256",
 ), get_kex_algs())
+
+HOST_KEY_ALGS: Final = ("ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256")
+"""Host-key signature algorithms the listener offers, in order: OpenSSH's defaults minus ECDSA
+(NIST curves) and ``ssh-rsa`` (SHA-1); asyncssh would also offer ``ssh-rsa`` and the
+``ssh-rsa-sha2-*@ssh.com`` variants for an RSA key. An ECDSA host key may stay on disk; it is
+not offered."""
 
 
 # Used only with AES-CTR (the GCM ciphers carry their own tag). A stock OpenSSH client lists
@@ -133,6 +143,28 @@ CLIENT_OPTIONS: Final[dict[str, Any]] = {
 
 SESSION_OPTIONS: Final[dict[str, Any]] = {"window": WINDOW, "max_pktsize": MAX_PACKET, "encoding": None}
 """Keyword arguments for every session channel the bridge opens upstream (``create_session``)."""
+
+
+def host_key_pairs(keys: list[asyncssh.SSHKey]) -> list[asyncssh.SSHKeyPair]:
+    """``keys`` as key pairs that sign only with :data:`HOST_KEY_ALGS` (keys that cannot are left
+    out), to pass as ``server_host_keys``.
+
+    asyncssh offers every algorithm a key can sign with and has no server option to narrow that;
+    a key pair's ``host_key_algorithms`` is what it offers, and asyncssh keeps key pair objects
+    as given when it re-derives its options for each connection. Raises ``ConfigError`` when no
+    key is left (only an ECDSA host key was found).
+    """
+    allowed = [name.encode("ascii") for name in HOST_KEY_ALGS]
+    pairs = []
+    for pair in asyncssh.load_keypairs(keys):
+        algs = [alg for alg in allowed if alg in pair.host_key_algorithms]
+        if algs:
+            pair.host_key_algorithms = algs
+            pairs.append(pair)
+    if not pairs:
+        raise ConfigError(f"[ssh] no host key for any of {', '.join(HOST_KEY_ALGS)}: "
+                         "run `edge init` to create an ed25519 or RSA host key")
+    return pairs
 
 
 def _source(obj: Any) -> str:
@@ -452,8 +484,8 @@ def _cbc(conn: Connection) -> bool:
 
 
 __all__ = [
-    "CLIENT_OPTIONS", "GCM_FIX_NEEDED", "IGNORE_PACKET_FIX_NEEDED", "KEX_ALGS", "MAX_PACKET",
+    "CLIENT_OPTIONS", "GCM_FIX_NEEDED", "HOST_KEY_ALGS", "IGNORE_PACKET_FIX_NEEDED", "KEX_ALGS", "MAX_PACKET",
     "RECEIVE_FIX_NEEDED", "RECEIVE_SLICE", "SERVER_OPTIONS", "SESSION_OPTIONS", "WINDOW",
-    "WINDOW_FIX_NEEDED", "bound_receive_window", "drop_redundant_ignore_packets", "tune_connection",
-    "tune_receive_path",
+    "WINDOW_FIX_NEEDED", "bound_receive_window", "drop_redundant_ignore_packets",
+    "host_key_pairs", "tune_connection", "tune_receive_path",
 ]

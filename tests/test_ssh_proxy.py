@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -994,3 +996,41 @@ async def test_stock_ssh_two_factor_prompts_are_relayed(edge: Edge, backend: Asy
     assert (rc, out) == (0, "backend-a carol\n"), err
     prompts = _read(Path(f"{askpass}.prompts"))
     assert "Password:" in prompts and "Verification code:" in prompts
+
+
+# -- algorithms: nothing ssh-audit fails (SHA-1, NIST curves, small DH groups, CBC) -----------
+
+SSH_AUDIT = str(Path(sys.executable).with_name("ssh-audit"))
+
+
+def _failures(report: dict[str, Any]) -> list[str]:
+    """Every algorithm ssh-audit marks as a failure, as ``"section alg: why"``."""
+    return [f"{section} {entry['algorithm']}: {'; '.join(entry['notes']['fail'])}"
+            for section in ("kex", "key", "enc", "mac")
+            for entry in report.get(section, [])
+            if entry.get("notes", {}).get("fail")]
+
+
+async def test_ssh_audit_finds_no_failures_on_the_listener(edge: Edge) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        SSH_AUDIT, "--json", "--skip-rate-test", "--timeout", "20", "-p", str(edge.port), "127.0.0.1",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    report = json.loads(out)
+    assert report.get("kex") and report.get("key"), (out, err)
+    assert _failures(report) == []
+    offered = {entry["algorithm"] for entry in report["key"]}
+    assert offered == {"ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256"}
+
+
+async def test_client_offering_only_sha1_rsa_host_keys_cannot_connect(
+        edge: Edge, backend: AsyncsshBackend) -> None:
+    await provision(edge, backend)
+    rc, out, err = await run(*edge.ssh_args("alice")[:-1], "-o", "HostKeyAlgorithms=ssh-rsa",
+                             "-o", "PreferredAuthentications=publickey", "-i", str(edge.user_key),
+                             "alice@127.0.0.1", "whoami", time_limit=60)
+    assert rc == 255 and out == ""
+    assert "no matching host key type found" in err
+    # The stock client with its defaults still logs in.
+    rc, out, err = await edge.ssh("alice", "whoami")
+    assert (rc, out) == (0, "backend-a alice\n"), err
