@@ -1034,3 +1034,48 @@ async def test_client_offering_only_sha1_rsa_host_keys_cannot_connect(
     # The stock client with its defaults still logs in.
     rc, out, err = await edge.ssh("alice", "whoami")
     assert (rc, out) == (0, "backend-a alice\n"), err
+
+
+# -- a backend that accepts and never answers --------------------------------------------------
+
+
+async def test_silent_backend_is_reported_within_upstream_connect_timeout(
+        tmp_path: Path, keys: Path, backend: AsyncsshBackend) -> None:
+    """TCP accepted, not one byte back (a hung sshd, a full accept queue behind a firewall):
+    the user hears "backend unavailable" after upstream_connect_timeout, not a bare
+    "Connection closed" at the login grace time."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    accepted: list[socket.socket] = []
+    loop = asyncio.get_running_loop()
+    silent.setblocking(False)
+
+    async def accept() -> None:
+        while True:
+            sock, _ = await loop.sock_accept(silent)
+            accepted.append(sock)  # held open, never written to
+
+    acceptor = asyncio.ensure_future(accept())
+    try:
+        async for edge in make_edge(tmp_path, keys, upstream_connect_timeout=2.0,
+                                    limits=LimitsConfig(login_grace_time=60.0)):
+            await provision(edge, backend)
+            await edge.service.update_host("web1", ssh_port=silent.getsockname()[1])
+            await host_settled(edge, "web1", ssh_port=silent.getsockname()[1])
+            for login in (edge.ssh("alice", "whoami"), edge.ssh("alice", "whoami", password="alice-pw")):
+                started = time.monotonic()
+                rc, out, err = await login
+                took = time.monotonic() - started
+                assert rc == 255 and out == ""
+                assert "backend unavailable, try again later" in err and "Permission denied" not in err
+                assert took < 30, f"the client waited {took:.1f} s"
+            lines = await edge.log_lines()
+            assert [line["outcome"] for line in lines[-2:]] == ["upstream_error"] * 2
+            assert "did not complete the SSH handshake within 2 s" in lines[-1]["reason"]
+            assert accepted
+    finally:
+        acceptor.cancel()
+        for sock in accepted:
+            sock.close()
+        silent.close()
