@@ -43,7 +43,7 @@ from sshproxy.auth import AuthorizedKeysCache, key_allowed, load_user_ca_keys
 from sshproxy.bridge import BridgeSettings, SessionLink
 from sshproxy.hostkeys import load_host_keys, load_upstream_key
 from sshproxy.patches import report_patches
-from sshproxy.tuning import host_key_pairs, tune_connection
+from sshproxy.tuning import host_key_pairs, release_connection, tune_connection
 from sshproxy.upstream import (
     Challenge,
     Credential,
@@ -188,8 +188,12 @@ class SshProxy:
         self._admissions[peer] = _Admission(client, release)
         try:
             conn = await asyncssh.run_server(sock, options=self._options)
-        except (asyncssh.Error, OSError, TimeoutError):
-            return  # the ClientConnection logged why (login failed, timed out, client left)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            # The ClientConnection logged why (login failed, timed out, client left). asyncssh
+            # keeps this exception in the dead connection's waiter, and its traceback holds
+            # asyncssh's frame holding the connection: a cycle (see release_connection).
+            exc.__traceback__ = None
+            return
         finally:
             self._admissions.pop(peer, None)
             # Idempotent: after a login the slot is already free; after a failure before
@@ -322,6 +326,9 @@ class ClientConnection(asyncssh.SSHServer):
         self.admission_release()
         self._log_close(exc)
         self.proxy._closed(self)
+        if self.conn is not None:
+            release_connection(self.conn)
+            self.conn = None
 
     async def begin_auth(self, username: str) -> bool:
         self.username = username

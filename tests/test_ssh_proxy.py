@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from edge.directory.stores import store_for_url
 from edge.proxyproto import encode_v1
 from edge.registry import ProxyContext
 from sshproxy.hostkeys import ensure_keys, host_key_path, pinned_lines, upstream_key_path
-from sshproxy.server import SshProxy
+from sshproxy.server import ClientConnection, SshProxy
 from tests.support_directory import TcpForwarder
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")
@@ -1079,3 +1081,62 @@ async def test_silent_backend_is_reported_within_upstream_connect_timeout(
         for sock in accepted:
             sock.close()
         silent.close()
+
+
+# -- memory: closed connections are freed without the cyclic GC -------------------------------
+
+
+async def test_abandoned_connections_are_freed_without_the_cyclic_gc(
+        tmp_path: Path, keys: Path, backend: AsyncsshBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    async for edge in make_edge(tmp_path, keys, limits=LimitsConfig(max_unauthenticated_per_ip=1000)):
+        await _flood_then_count_survivors(edge, backend, monkeypatch)
+
+
+async def _flood_then_count_survivors(edge: Edge, backend: AsyncsshBackend,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of connections that never log in (TCP only, identification only, failed logins
+    of an unknown and of a routed account): every asyncssh connection object is gone once
+    closed, by reference counting alone (the cyclic GC is off meanwhile). Workers run the
+    cyclic GC rarely (edge.serve.worker.GC_THRESHOLDS), so what only it can free stays in a
+    worker's memory after a flood."""
+    await provision(edge, backend)
+    made: list[weakref.ref[asyncssh.SSHServerConnection]] = []
+    connection_made = ClientConnection.connection_made
+
+    def watched(self: ClientConnection, conn: asyncssh.SSHServerConnection) -> None:
+        made.append(weakref.ref(conn))
+        connection_made(self, conn)
+
+    monkeypatch.setattr(ClientConnection, "connection_made", watched)
+
+    async def abandon(identify: bool) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        if identify:
+            writer.write(b"SSH-2.0-flood\r\n")
+            await reader.readline()
+        writer.close()
+
+    async def fail_login() -> None:
+        with contextlib.suppress(asyncssh.PermissionDenied):
+            async with asyncssh.connect("127.0.0.1", edge.port, username="mallory", password="x",
+                                        known_hosts=None, config=None, client_keys=None,
+                                        preferred_auth="password"):
+                pass
+
+    gc.collect()
+    gc.disable()
+    try:
+        for start in range(0, 300, 50):
+            await asyncio.gather(*(abandon(identify=i % 2 == 0) for i in range(start, start + 50)))
+        await asyncio.gather(*(fail_login() for _ in range(5)))
+        rc, _, err = await edge.ssh("alice", "whoami", password="wrong")  # a routed account
+        assert rc == 255 and "Permission denied" in err
+        await edge.log_lines()  # every connection closed
+        for _ in range(100):  # bounded: connection_lost runs a moment after the client left
+            if not any(ref() is not None for ref in made):
+                break
+            await asyncio.sleep(0.1)
+        alive = [conn for ref in made if (conn := ref()) is not None]
+        assert len(made) > 250 and not alive, f"{len(alive)} of {len(made)} closed connections in memory"
+    finally:
+        gc.enable()
