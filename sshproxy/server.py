@@ -329,6 +329,7 @@ class ClientConnection(asyncssh.SSHServer):
         if self.conn is not None:
             release_connection(self.conn)
             self.conn = None
+        self.link = self.upstream = None  # the link's byte counter is our bound method: a cycle
 
     async def begin_auth(self, username: str) -> bool:
         self.username = username

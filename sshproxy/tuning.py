@@ -146,6 +146,13 @@ SESSION_OPTIONS: Final[dict[str, Any]] = {"window": WINDOW, "max_pktsize": MAX_P
 """Keyword arguments for every session channel the bridge opens upstream (``create_session``)."""
 
 
+UPSTREAM_HOST_KEY_ALGS: Final = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                                  "ecdsa-sha2-nistp521", "rsa-sha2-512", "rsa-sha2-256")
+"""Host-key signatures accepted from a backend: no ``ssh-rsa`` (SHA-1), which asyncssh would take
+for a pinned RSA key (OpenSSH < 7.2 backends offer nothing else). ECDSA stays: the pinned key
+is the operator's own backend's."""
+
+
 def host_key_pairs(keys: list[asyncssh.SSHKey]) -> list[asyncssh.SSHKeyPair]:
     """``keys`` as key pairs that sign only with :data:`HOST_KEY_ALGS` (keys that cannot are left
     out), to pass as ``server_host_keys``.
@@ -483,23 +490,29 @@ def _no_more_packets() -> bool:
     return False
 
 
+def release_wrappers(obj: object) -> None:
+    """Drop the instance-attribute wrappers installed on ``obj`` (a closed connection or channel);
+    its class's own methods take over again. Their closures hold ``obj``: a reference cycle."""
+    attrs = vars(obj)
+    for name, value in list(attrs.items()):
+        if isinstance(value, FunctionType | MethodType) and hasattr(type(obj), name):
+            del attrs[name]
+
+
 def release_connection(conn: Connection) -> None:
     """Break the reference cycles a closed ``conn`` is part of, so reference counting frees it.
 
     Why: a worker runs the cyclic GC rarely (``edge.serve.worker.GC_THRESHOLDS``), so a dead
     connection left as cyclic garbage stays in memory: a flood of 1,000 connections that never
-    logged in grew a worker by ~20 MiB per round, for good. The cycles: every wrapper installed
-    on the connection (this module's, :mod:`sshproxy.fastpath`'s, the server's key check) is an
-    instance attribute whose closure holds the connection, and asyncssh keeps its packet parser
-    step as a bound method on the connection (``_recv_handler``). Dropping the wrappers puts
-    asyncssh's own methods back; the parser step becomes one that parses nothing (asyncssh has
-    emptied its input buffer by then). Call it once the connection is closed (``connection_lost``).
+    logged in grew a worker by ~11-20 MiB per round, for good. The cycles: every wrapper
+    installed on the connection (this module's, :mod:`sshproxy.fastpath`'s, the server's key
+    check) is an instance attribute whose closure holds the connection (:func:`release_wrappers`),
+    and asyncssh keeps its packet parser step as a bound method on the connection
+    (``_recv_handler``), replaced by one that parses nothing (asyncssh has emptied its input
+    buffer by then). Call it once the connection is closed (``connection_lost``).
     """
-    attrs = vars(conn)
-    for name, value in list(attrs.items()):
-        if isinstance(value, FunctionType | MethodType) and hasattr(type(conn), name):
-            del attrs[name]
-    attrs["_recv_handler"] = _no_more_packets
+    release_wrappers(conn)
+    vars(conn)["_recv_handler"] = _no_more_packets
 
 
 def _cbc(conn: Connection) -> bool:
@@ -509,7 +522,8 @@ def _cbc(conn: Connection) -> bool:
 
 __all__ = [
     "CLIENT_OPTIONS", "GCM_FIX_NEEDED", "HOST_KEY_ALGS", "IGNORE_PACKET_FIX_NEEDED", "KEX_ALGS", "MAX_PACKET",
-    "RECEIVE_FIX_NEEDED", "RECEIVE_SLICE", "SERVER_OPTIONS", "SESSION_OPTIONS", "WINDOW",
+    "RECEIVE_FIX_NEEDED", "RECEIVE_SLICE", "SERVER_OPTIONS", "SESSION_OPTIONS", "UPSTREAM_HOST_KEY_ALGS",
+    "WINDOW",
     "WINDOW_FIX_NEEDED", "bound_receive_window", "drop_redundant_ignore_packets",
-    "host_key_pairs", "release_connection", "tune_connection", "tune_receive_path",
+    "host_key_pairs", "release_connection", "release_wrappers", "tune_connection", "tune_receive_path",
 ]

@@ -28,7 +28,7 @@ import asyncssh
 from edge.directory.model import Host
 from edge.proxyproto import header_for_backend
 from sshproxy.hostkeys import parse_pinned_keys
-from sshproxy.tuning import CLIENT_OPTIONS
+from sshproxy.tuning import CLIENT_OPTIONS, UPSTREAM_HOST_KEY_ALGS, release_connection
 
 Challenge = tuple[str, str, str, Sequence[tuple[str, bool]]]
 
@@ -105,6 +105,10 @@ class _UpstreamClient(asyncssh.SSHClient):
         self._on_lost = on_lost
         self._authenticated = False
         self._offered: set[str] = set()
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self._conn = conn
 
     async def _wait_credential(self) -> Credential:
         # The first auth callback means banner, key exchange and host-key check are done.
@@ -127,6 +131,9 @@ class _UpstreamClient(asyncssh.SSHClient):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._authenticated and self._on_lost is not None:
             self._on_lost(exc)
+        if self._conn is not None:
+            release_connection(self._conn)  # the bridge's wrappers on it (see there)
+            self._conn = None
 
     async def public_key_auth_requested(self) -> list[asyncssh.SSHKey] | None:
         credential = await self._take("publickey")
@@ -177,6 +184,21 @@ def known_hosts_for(host: Host) -> tuple[list[asyncssh.SSHKey], list[Any], list[
         raise UpstreamError(f"host {host.name} has no pinned SSH host key: run "
                             f"`edge host pin-ssh-key {host.name}` (or mark it --ssh-insecure)")
     return keys, [], []
+
+
+def _host_key_algs(host: Host, known_hosts: tuple[list[asyncssh.SSHKey], list[Any], list[Any]] | None,
+                   ) -> list[str]:
+    """The host-key signatures to accept from ``host``: its pinned keys' (in their order, as
+    asyncssh would choose) within :data:`UPSTREAM_HOST_KEY_ALGS`, or all of those if insecure."""
+    if known_hosts is None:
+        return list(UPSTREAM_HOST_KEY_ALGS)
+    algs = list(dict.fromkeys(name for key in known_hosts[0] for alg in key.sig_algorithms
+                              if (name := alg.decode("ascii")) in UPSTREAM_HOST_KEY_ALGS))
+    if not algs:
+        raise UpstreamError(f"host {host.name}: no pinned SSH host key of a type the proxy accepts "
+                            f"({', '.join(UPSTREAM_HOST_KEY_ALGS)}): re-pin with `edge host "
+                            f"pin-ssh-key {host.name}`")
+    return algs
 
 
 async def _open_socket(host: Host, client: tuple[str, int]) -> socket.socket:
@@ -257,13 +279,14 @@ async def connect_upstream(host: Host, username: str, credential: Credential | A
     :class:`UpstreamError` for everything else (with a detail for the log).
     """
     known_hosts = known_hosts_for(host)
+    host_key_algs = _host_key_algs(host, known_hosts)
     pending: asyncio.Future[Credential] = asyncio.ensure_future(credential) if not isinstance(
         credential, Credential) else asyncio.get_running_loop().create_future()
     if isinstance(credential, Credential):
         pending.set_result(credential)
     handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     options: dict[str, Any] = dict(
-        CLIENT_OPTIONS, username=username, known_hosts=known_hosts,
+        CLIENT_OPTIONS, username=username, known_hosts=known_hosts, server_host_key_algs=host_key_algs,
         # Our callbacks decide what is offered; password before keyboard-interactive so a plain
         # password never goes through a prompt we would have to interpret.
         preferred_auth="publickey,password,keyboard-interactive",
@@ -276,7 +299,13 @@ async def connect_upstream(host: Host, username: str, credential: Credential | A
 
     async def login() -> asyncssh.SSHClientConnection:
         sock = await _open_socket(host, client)
-        return await asyncssh.connect(sock=sock, **options)
+        try:
+            return await asyncssh.connect(sock=sock, **options)
+        except (asyncssh.Error, OSError) as exc:
+            # asyncssh keeps the exception in the dead connection, and its traceback holds
+            # asyncssh's frame holding the connection: a cycle (see tuning.release_connection).
+            exc.__traceback__ = None
+            raise
 
     task = asyncio.ensure_future(login())
     try:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from edge.proxyproto import encode_v1
 from edge.registry import ProxyContext
 from sshproxy.hostkeys import ensure_keys, host_key_path, pinned_lines, upstream_key_path
 from sshproxy.server import ClientConnection, SshProxy
+from sshproxy.upstream import _UpstreamClient
 from tests.support_directory import TcpForwarder
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")
@@ -89,6 +91,10 @@ class AsyncsshBackend:
     options: dict[str, Any] = field(default_factory=dict)
     password_method: bool = True
     """False: passwords only through keyboard-interactive, like a PAM-only sshd."""
+    host_key_algs: tuple[str, ...] = ()
+    """Host-key signatures offered (default: all asyncssh can make with ``host_key``)."""
+    password_stall: float = 0.0
+    """Seconds the backend sits on a password before answering (a hung PAM/LDAP)."""
 
     async def start(self) -> None:
         backend = self
@@ -106,8 +112,9 @@ class AsyncsshBackend:
             def password_auth_supported(self) -> bool:
                 return backend.password_method
 
-            def validate_password(self, username: str, password: str) -> bool:
+            async def validate_password(self, username: str, password: str) -> bool:
                 backend.password_attempts.append((username, password))
+                await asyncio.sleep(backend.password_stall)
                 return backend.passwords.get(username) == password
 
             def public_key_auth_supported(self) -> bool:
@@ -160,7 +167,11 @@ class AsyncsshBackend:
             except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged, OSError):
                 process.exit(1)
 
-        self.options = {"server_host_keys": [self.host_key], "server_factory": Server,
+        host_key: Any = self.host_key
+        if self.host_key_algs:  # like an old sshd: an RSA key signs with ssh-rsa (SHA-1) only
+            host_key = asyncssh.load_keypairs([self.host_key])[0]
+            host_key.host_key_algorithms = [alg.encode() for alg in self.host_key_algs]
+        self.options = {"server_host_keys": [host_key], "server_factory": Server,
                         "process_factory": handle, "config": None}
         self.server = await asyncssh.listen("127.0.0.1", 0, **self.options)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -1083,6 +1094,26 @@ async def test_silent_backend_is_reported_within_upstream_connect_timeout(
         silent.close()
 
 
+async def test_backend_that_never_answers_the_password_is_reported_within_the_timeout(
+        tmp_path: Path, keys: Path, backend: AsyncsshBackend) -> None:
+    """Key exchange done, then the backend sits on the password (a hung PAM or LDAP): the user
+    hears "backend unavailable" upstream_connect_timeout after giving it, not at login grace."""
+    backend.password_stall = 3600
+    async for edge in make_edge(tmp_path, keys, upstream_connect_timeout=2.0,
+                                limits=LimitsConfig(login_grace_time=60.0)):
+        await provision(edge, backend)
+        started = time.monotonic()
+        rc, out, err = await edge.ssh("alice", "whoami", password="alice-pw")
+        took = time.monotonic() - started
+        assert rc == 255 and out == ""
+        assert "backend unavailable, try again later" in err and "Permission denied" not in err
+        assert took < 30, f"the client waited {took:.1f} s"
+        assert backend.password_attempts == [("alice", "alice-pw")]
+        line = (await edge.log_lines())[-1]
+        assert line["outcome"] == "upstream_error"
+        assert "did not answer the login within 2 s" in line["reason"]
+
+
 # -- memory: closed connections are freed without the cyclic GC -------------------------------
 
 
@@ -1095,19 +1126,26 @@ async def test_abandoned_connections_are_freed_without_the_cyclic_gc(
 async def _flood_then_count_survivors(edge: Edge, backend: AsyncsshBackend,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A flood of connections that never log in (TCP only, identification only, failed logins
-    of an unknown and of a routed account): every asyncssh connection object is gone once
-    closed, by reference counting alone (the cyclic GC is off meanwhile). Workers run the
-    cyclic GC rarely (edge.serve.worker.GC_THRESHOLDS), so what only it can free stays in a
-    worker's memory after a flood."""
+    of an unknown and of a routed account), then two sessions: every asyncssh connection
+    object (both legs) is gone once closed, by reference counting alone (the cyclic GC is off
+    meanwhile). Workers run the cyclic GC rarely (edge.serve.worker.GC_THRESHOLDS), so what
+    only it can free stays in a worker's memory after a flood."""
     await provision(edge, backend)
-    made: list[weakref.ref[asyncssh.SSHServerConnection]] = []
+    made: list[weakref.ref[asyncssh.SSHServerConnection | asyncssh.SSHClientConnection]] = []
+    upstream_made: list[weakref.ref[asyncssh.SSHClientConnection]] = []
     connection_made = ClientConnection.connection_made
+    upstream_connection_made = _UpstreamClient.connection_made
 
     def watched(self: ClientConnection, conn: asyncssh.SSHServerConnection) -> None:
         made.append(weakref.ref(conn))
         connection_made(self, conn)
 
+    def upstream_watched(self: _UpstreamClient, conn: asyncssh.SSHClientConnection) -> None:
+        upstream_made.append(weakref.ref(conn))
+        upstream_connection_made(self, conn)
+
     monkeypatch.setattr(ClientConnection, "connection_made", watched)
+    monkeypatch.setattr(_UpstreamClient, "connection_made", upstream_watched)
 
     async def abandon(identify: bool) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
@@ -1131,12 +1169,47 @@ async def _flood_then_count_survivors(edge: Edge, backend: AsyncsshBackend,
         await asyncio.gather(*(fail_login() for _ in range(5)))
         rc, _, err = await edge.ssh("alice", "whoami", password="wrong")  # a routed account
         assert rc == 255 and "Permission denied" in err
+        # And sessions that did log in (both legs, the bridge's channels).
+        rc, out, err = await edge.ssh("alice", "whoami")
+        assert (rc, out) == (0, "backend-a alice\n"), err
+        rc, out, err = await edge.ssh("alice", "cat", password="alice-pw", stdin=b"x" * 100_000)
+        assert (rc, len(out)) == (0, 100_000), err
         await edge.log_lines()  # every connection closed
+        made += upstream_made
         for _ in range(100):  # bounded: connection_lost runs a moment after the client left
             if not any(ref() is not None for ref in made):
                 break
             await asyncio.sleep(0.1)
-        alive = [conn for ref in made if (conn := ref()) is not None]
-        assert len(made) > 250 and not alive, f"{len(alive)} of {len(made)} closed connections in memory"
+        alive = Counter(type(conn).__name__ for ref in made if (conn := ref()) is not None)
+        assert len(made) > 250 and len(upstream_made) >= 3 and not alive, \
+            f"still in memory of {len(made)} closed connections: {dict(alive)}"
     finally:
         gc.enable()
+
+
+async def test_backend_signing_its_host_key_only_with_sha1_is_refused(
+        edge: Edge, keys: Path) -> None:
+    """The upstream leg takes no ``ssh-rsa`` (SHA-1) host-key signature either, even for a
+    pinned RSA key; the same key signed with rsa-sha2 is fine."""
+    rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    old = AsyncsshBackend("old-sshd", upstream_key(keys), host_key=rsa, host_key_algs=("ssh-rsa",))
+    await old.start()
+    try:
+        await provision(edge, old)
+        rc, out, err = await edge.ssh("alice", "whoami", password="alice-pw")
+        assert rc == 255 and out == ""
+        assert "backend unavailable, try again later" in err
+        assert old.password_attempts == []  # the password never went to that backend
+        line = (await edge.log_lines())[-1]
+        assert line["outcome"] == "upstream_error" and "host key" in line["reason"].lower()
+    finally:
+        await old.stop()
+    current = AsyncsshBackend("backend-a", upstream_key(keys), host_key=rsa)
+    await current.start()
+    try:
+        await edge.service.update_host("web1", ssh_port=current.port)
+        await host_settled(edge, "web1", ssh_port=current.port)
+        rc, out, err = await edge.ssh("alice", "whoami", password="alice-pw")
+        assert (rc, out) == (0, "backend-a alice\n"), err
+    finally:
+        await current.stop()
