@@ -242,6 +242,8 @@ class SshConfig(ProxyListenerConfig):
     user_ca_keys: str = ""
     """File of CA public keys whose OpenSSH user certificates are accepted ("" = certificates off)."""
     upstream_connect_timeout: float = 10.0
+    """Seconds a backend gets for its handshake (TCP, banner, key exchange), and again from a
+    credential being known to its answer; then the client hears "backend unavailable"."""
     auth_failure_delay: float = 1.0
     """Every failed login answers after at least this long, whatever the cause (no user enumeration)."""
     max_sessions_per_user: int = 10

@@ -422,6 +422,8 @@ class _ClientFacingSession(asyncssh.SSHServerSession[bytes]):
         self._link._sessions.discard(self)
         if self._up is not None:
             self._up.close()
+        if self._chan is not None:
+            tuning.release_wrappers(self._chan)  # see tuning.release_connection
 
     # -- called by the upstream twin and the link --------------------------------------------
 
@@ -515,6 +517,8 @@ class _UpstreamFacingSession(asyncssh.SSHClientSession[bytes]):
         if self._eof:
             self._twin.upstream_eof()
         self._twin.upstream_closed(self._status, self._signal, exc)
+        if self._chan is not None:
+            tuning.release_wrappers(self._chan)
 
 
 class _TcpHalf(asyncssh.SSHTCPSession[bytes]):
@@ -588,6 +592,8 @@ class _TcpHalf(asyncssh.SSHTCPSession[bytes]):
         self._closed = True
         if self.peer is not None and self.peer.chan is not None:
             self.peer.chan.close()
+        if self.chan is not None:
+            tuning.release_wrappers(self.chan)
 
 
 def _log_task_error(task: asyncio.Task[None]) -> None:

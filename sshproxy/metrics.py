@@ -28,4 +28,10 @@ UPSTREAM_CONNECT_SECONDS = Histogram(
 DRAINED = Counter(
     "edge_ssh_drained_sessions", "Sessions closed because their tenant moved to another host.")
 
-__all__ = ["DRAINED", "LOGINS", "SESSIONS", "UPSTREAM_CONNECT_SECONDS"]
+PATCH_ACTIVE = Gauge(
+    "edge_ssh_patch_active",
+    "1 if this fix to asyncssh internals applies to the installed asyncssh, else 0 (worst worker).",
+    ["patch"], multiprocess_mode="livemin")
+"""Set once per worker at start (:mod:`sshproxy.patches`); 0 means that fix is off (slower)."""
+
+__all__ = ["DRAINED", "LOGINS", "PATCH_ACTIVE", "SESSIONS", "UPSTREAM_CONNECT_SECONDS"]

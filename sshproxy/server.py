@@ -42,11 +42,13 @@ from sshproxy import metrics
 from sshproxy.auth import AuthorizedKeysCache, key_allowed, load_user_ca_keys
 from sshproxy.bridge import BridgeSettings, SessionLink
 from sshproxy.hostkeys import load_host_keys, load_upstream_key
-from sshproxy.tuning import tune_connection
+from sshproxy.patches import report_patches
+from sshproxy.tuning import host_key_pairs, release_connection, tune_connection
 from sshproxy.upstream import (
     Challenge,
     Credential,
     KbdIntRelay,
+    LoginTimeouts,
     UpstreamAuthFailed,
     UpstreamError,
     connect_upstream,
@@ -83,7 +85,7 @@ class SshProxy:
         if context.config.log.level != "debug":
             # One line per connection is ours (below); asyncssh's several per connection are noise.
             asyncssh.set_log_level(logging.WARNING)
-        self.host_keys = load_host_keys(config)
+        self.host_keys = host_key_pairs(load_host_keys(config))
         load_upstream_key(config)  # fail at start-up, not at the first public-key login
         self.user_ca_keys = load_user_ca_keys(config.user_ca_keys)
         self.limits = LoginLimits(LoginLimitSettings.from_config(context.config.limits),
@@ -116,6 +118,7 @@ class SshProxy:
             server_version=SERVER_VERSION, login_timeout=limits.login_grace_time, allow_scp=False,
             # We answer per key in validate_public_key; never read a file as the proxy's user.
             authorized_client_keys=None)
+        report_patches(self.log)
         for sock in sockets:
             sock.setblocking(False)
             self._listeners.append(sock)
@@ -189,8 +192,12 @@ class SshProxy:
         self._admissions[peer] = _Admission(client, release)
         try:
             conn = await asyncssh.run_server(sock, options=self._options)
-        except (asyncssh.Error, OSError, TimeoutError):
-            return  # the ClientConnection logged why (login failed, timed out, client left)
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            # The ClientConnection logged why (login failed, timed out, client left). asyncssh
+            # keeps this exception in the dead connection's waiter, and its traceback holds
+            # asyncssh's frame holding the connection: a cycle (see release_connection).
+            exc.__traceback__ = None
+            return
         finally:
             self._admissions.pop(peer, None)
             # Idempotent: after a login the slot is already free; after a failure before
@@ -323,6 +330,10 @@ class ClientConnection(asyncssh.SSHServer):
         self.admission_release()
         self._log_close(exc)
         self.proxy._closed(self)
+        if self.conn is not None:
+            release_connection(self.conn)
+            self.conn = None
+        self.link = self.upstream = None  # the link's byte counter is our bound method: a cycle
 
     async def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -526,20 +537,25 @@ class ClientConnection(asyncssh.SSHServer):
 
         Its login waits for the first credential the client gives; that saves the backend's
         handshake time on every login. It costs no more than a wrong password already does (one
-        upstream login attempt), and only accounts that exist and are routable get one.
+        upstream login attempt), and only accounts that exist and are routable get one. A backend
+        that fails here is reported when the client gives its credential (``_connect``).
         """
         self._cancel_early_upstream()
         route = self.route
         assert route is not None
         credential: asyncio.Future[Credential] = asyncio.get_running_loop().create_future()
-        timeout = max(self.proxy.config.upstream_connect_timeout,
-                      self.proxy.context.config.limits.login_grace_time)
         task = asyncio.ensure_future(connect_upstream(
             route.host, route.account.backend_username, credential, client=self.client,
-            connect_timeout=timeout, tcp_timeout=self.proxy.config.upstream_connect_timeout,
-            on_lost=self._upstream_lost))
+            timeouts=self._login_timeouts(), on_lost=self._upstream_lost))
         task.add_done_callback(_retrieve)
         self._early = (credential, task)
+
+    def _login_timeouts(self) -> LoginTimeouts:
+        config = self.proxy.config
+        return LoginTimeouts(handshake=config.upstream_connect_timeout,
+                             auth=config.upstream_connect_timeout,
+                             relay=max(config.upstream_connect_timeout,
+                                       self.proxy.context.config.limits.login_grace_time))
 
     def _cancel_early_upstream(self) -> None:
         if self._early is None:
@@ -565,13 +581,9 @@ class ClientConnection(asyncssh.SSHServer):
                     pending.set_result(credential)
                     return await task
                 task.cancel()
-            timeout = self.proxy.config.upstream_connect_timeout
-            if credential.relay is not None:  # a person is typing answers: allow the grace time
-                timeout = max(timeout, self.proxy.context.config.limits.login_grace_time)
             return await connect_upstream(
                 route.host, route.account.backend_username, credential, client=self.client,
-                connect_timeout=timeout, tcp_timeout=self.proxy.config.upstream_connect_timeout,
-                on_lost=self._upstream_lost)
+                timeouts=self._login_timeouts(), on_lost=self._upstream_lost)
         finally:
             metrics.UPSTREAM_CONNECT_SECONDS.observe(time.monotonic() - started)
 

@@ -54,6 +54,7 @@ import contextlib
 import inspect
 import socket
 from collections.abc import Callable
+from types import FunctionType, MethodType
 from typing import Any, Final
 
 import asyncssh
@@ -66,6 +67,8 @@ from asyncssh.kex import get_kex_algs
 from asyncssh.mac import get_mac_algs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from edge.errors import ConfigError
 
 MIB: Final = 1024 * 1024
 
@@ -86,13 +89,21 @@ def _available(names: tuple[str, ...], installed: list[bytes]) -> tuple[str, ...
     return tuple(name for name in names if name in have)
 
 
+# OpenSSH's default lists minus what ssh-audit fails (docs/ssh.md "Algorithms"): no NIST-curve
+# ECDH, no SHA-1 anything, and no group exchange -- asyncssh answers a group-exchange request
+# for 1024 bits with a 1024-bit group (sshd's minimum is 2048), and the fixed 2048-8192-bit
+# groups below cover every client that cannot do curve25519.
 KEX_ALGS: Final = _available((
     "curve25519-sha256", "curve25519-sha256@libssh.org",
-    "mlkem768x25519-sha256",
-    "ecdh-sha2-nistp256", "ecdh-sha2-nistp384", "ecdh-sha2-nistp521",
-    "diffie-hellman-group-exchange-sha256",
+    "mlkem768x25519-sha256", "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com",
     "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512", "diffie-hellman-group14-sha256",
 ), get_kex_algs())
+
+HOST_KEY_ALGS: Final = ("ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256")
+"""Host-key signature algorithms the listener offers, in order: OpenSSH's defaults minus ECDSA
+(NIST curves) and ``ssh-rsa`` (SHA-1); asyncssh would also offer ``ssh-rsa`` and the
+``ssh-rsa-sha2-*@ssh.com`` variants for an RSA key. An ECDSA host key may stay on disk; it is
+not offered."""
 
 
 # Used only with AES-CTR (the GCM ciphers carry their own tag). A stock OpenSSH client lists
@@ -133,6 +144,35 @@ CLIENT_OPTIONS: Final[dict[str, Any]] = {
 
 SESSION_OPTIONS: Final[dict[str, Any]] = {"window": WINDOW, "max_pktsize": MAX_PACKET, "encoding": None}
 """Keyword arguments for every session channel the bridge opens upstream (``create_session``)."""
+
+
+UPSTREAM_HOST_KEY_ALGS: Final = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                                  "ecdsa-sha2-nistp521", "rsa-sha2-512", "rsa-sha2-256")
+"""Host-key signatures accepted from a backend: no ``ssh-rsa`` (SHA-1), which asyncssh would take
+for a pinned RSA key (OpenSSH < 7.2 backends offer nothing else). ECDSA stays: the pinned key
+is the operator's own backend's."""
+
+
+def host_key_pairs(keys: list[asyncssh.SSHKey]) -> list[asyncssh.SSHKeyPair]:
+    """``keys`` as key pairs that sign only with :data:`HOST_KEY_ALGS` (keys that cannot are left
+    out), to pass as ``server_host_keys``.
+
+    asyncssh offers every algorithm a key can sign with and has no server option to narrow that;
+    a key pair's ``host_key_algorithms`` is what it offers, and asyncssh keeps key pair objects
+    as given when it re-derives its options for each connection. Raises ``ConfigError`` when no
+    key is left (only an ECDSA host key was found).
+    """
+    allowed = [name.encode("ascii") for name in HOST_KEY_ALGS]
+    pairs = []
+    for pair in asyncssh.load_keypairs(keys):
+        algs = [alg for alg in allowed if alg in pair.host_key_algorithms]
+        if algs:
+            pair.host_key_algorithms = algs
+            pairs.append(pair)
+    if not pairs:
+        raise ConfigError(f"[ssh] no host key for any of {', '.join(HOST_KEY_ALGS)}: "
+                         "run `edge init` to create an ed25519 or RSA host key")
+    return pairs
 
 
 def _source(obj: Any) -> str:
@@ -446,14 +486,44 @@ def tune_connection(conn: Connection) -> None:
     tune_receive_path(conn)
 
 
+def _no_more_packets() -> bool:
+    return False
+
+
+def release_wrappers(obj: object) -> None:
+    """Drop the instance-attribute wrappers installed on ``obj`` (a closed connection or channel);
+    its class's own methods take over again. Their closures hold ``obj``: a reference cycle."""
+    attrs = vars(obj)
+    for name, value in list(attrs.items()):
+        if isinstance(value, FunctionType | MethodType) and hasattr(type(obj), name):
+            del attrs[name]
+
+
+def release_connection(conn: Connection) -> None:
+    """Break the reference cycles a closed ``conn`` is part of, so reference counting frees it.
+
+    Why: a worker runs the cyclic GC rarely (``edge.serve.worker.GC_THRESHOLDS``), so a dead
+    connection left as cyclic garbage stays in memory: a flood of 1,000 connections that never
+    logged in grew a worker by ~11-20 MiB per round, for good. The cycles: every wrapper
+    installed on the connection (this module's, :mod:`sshproxy.fastpath`'s, the server's key
+    check) is an instance attribute whose closure holds the connection (:func:`release_wrappers`),
+    and asyncssh keeps its packet parser step as a bound method on the connection
+    (``_recv_handler``), replaced by one that parses nothing (asyncssh has emptied its input
+    buffer by then). Call it once the connection is closed (``connection_lost``).
+    """
+    release_wrappers(conn)
+    vars(conn)["_recv_handler"] = _no_more_packets
+
+
 def _cbc(conn: Connection) -> bool:
     cipher = conn.get_extra_info("send_cipher") or ""
     return str(cipher).endswith("-cbc") or "-cbc@" in str(cipher)
 
 
 __all__ = [
-    "CLIENT_OPTIONS", "GCM_FIX_NEEDED", "IGNORE_PACKET_FIX_NEEDED", "KEX_ALGS", "MAX_PACKET",
-    "RECEIVE_FIX_NEEDED", "RECEIVE_SLICE", "SERVER_OPTIONS", "SESSION_OPTIONS", "WINDOW",
-    "WINDOW_FIX_NEEDED", "bound_receive_window", "drop_redundant_ignore_packets", "tune_connection",
-    "tune_receive_path",
+    "CLIENT_OPTIONS", "GCM_FIX_NEEDED", "HOST_KEY_ALGS", "IGNORE_PACKET_FIX_NEEDED", "KEX_ALGS", "MAX_PACKET",
+    "RECEIVE_FIX_NEEDED", "RECEIVE_SLICE", "SERVER_OPTIONS", "SESSION_OPTIONS", "UPSTREAM_HOST_KEY_ALGS",
+    "WINDOW",
+    "WINDOW_FIX_NEEDED", "bound_receive_window", "drop_redundant_ignore_packets",
+    "host_key_pairs", "release_connection", "release_wrappers", "tune_connection", "tune_receive_path",
 ]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,9 @@ from typing import Any
 import asyncssh
 import pytest
 from asyncssh.channel import SSHChannel
+from prometheus_client import REGISTRY
 
-from sshproxy import fastpath, tuning
+from sshproxy import fastpath, patches, tuning
 from sshproxy.bridge import BridgeSettings
 from tests.test_ssh_bridge import (
     TIMEOUT,
@@ -38,10 +41,47 @@ from tests.test_ssh_bridge import (
 
 __all__ = ["front", "sshd"]  # fixtures shared with tests/test_ssh_bridge.py
 
-pytestmark = pytest.mark.skipif(not fastpath.FASTPATH_SUPPORTED,
-                                reason=f"no short path for asyncssh {asyncssh.__version__}")
-
 MIB = 1024 * 1024
+
+
+# No skip for an asyncssh the short path does not cover: that install would lose about half the
+# relay throughput, so the suite fails instead (and pyproject.toml pins the checked version).
+
+
+def _pinned_asyncssh() -> str:
+    """The asyncssh requirement in pyproject.toml's dependencies."""
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    return next(dep for dep in pyproject["project"]["dependencies"] if dep.startswith("asyncssh"))
+
+
+def test_installed_asyncssh_is_covered_by_every_patch() -> None:
+    assert asyncssh.__version__ in patches.CHECKED_ASYNCSSH, (
+        f"asyncssh {asyncssh.__version__} is installed; sshproxy/fastpath.py and tuning.py were "
+        f"checked against {patches.CHECKED_ASYNCSSH}: re-check them and add the version")
+    off = [name for name, active in patches.patch_status().items() if not active]
+    assert off == [], f"fixes to asyncssh internals that do not apply to this install: {off}"
+    assert _pinned_asyncssh() == f"asyncssh=={patches.CHECKED_ASYNCSSH[-1]}"
+
+
+def test_a_patch_that_is_off_is_logged_and_exported(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("test.ssh.patches")
+    assert patches.report_patches(log) == dict.fromkeys(patches.patch_status(), True)
+    assert _gauge("fastpath") == 1 and _gauge("aes_gcm") == 1
+    assert not [r for r in caplog.records if r.name == log.name]
+    # What an asyncssh whose code differs from the checked one does to the flags.
+    monkeypatch.setattr(fastpath, "FASTPATH_SUPPORTED", False)
+    monkeypatch.setattr(tuning, "GCM_FIX_NEEDED", False)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        patches.report_patches(log)
+    assert _gauge("fastpath") == 0 and _gauge("aes_gcm") == 0 and _gauge("receive_slices") == 1
+    warned = [r.getMessage() for r in caplog.records if r.name == log.name]
+    assert len(warned) == 2 and all("is OFF for asyncssh" in line for line in warned)
+    assert "'fastpath'" in warned[1] and "'aes_gcm'" in warned[0]
+
+
+def _gauge(patch: str) -> float | None:
+    return REGISTRY.get_sample_value("edge_ssh_patch_active", {"patch": patch})
 
 
 @pytest.fixture

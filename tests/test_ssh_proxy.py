@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
+import json
 import logging
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
+import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +40,8 @@ from edge.directory.stores import store_for_url
 from edge.proxyproto import encode_v1
 from edge.registry import ProxyContext
 from sshproxy.hostkeys import ensure_keys, host_key_path, pinned_lines, upstream_key_path
-from sshproxy.server import SshProxy
+from sshproxy.server import ClientConnection, SshProxy
+from sshproxy.upstream import _UpstreamClient
 from tests.support_directory import TcpForwarder
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")
@@ -89,6 +95,10 @@ class AsyncsshBackend:
     """Seconds before the first keyboard-interactive prompt."""
     password_method: bool = True
     """False: passwords only through keyboard-interactive, like a PAM-only sshd."""
+    host_key_algs: tuple[str, ...] = ()
+    """Host-key signatures offered (default: all asyncssh can make with ``host_key``)."""
+    password_stall: float = 0.0
+    """Seconds the backend sits on a password before answering (a hung PAM/LDAP)."""
 
     async def start(self) -> None:
         backend = self
@@ -108,6 +118,7 @@ class AsyncsshBackend:
 
             async def validate_password(self, username: str, password: str) -> bool:
                 backend.password_attempts.append((username, password))
+                await asyncio.sleep(backend.password_stall)
                 if backend.passwords.get(username) == password:
                     return True
                 await asyncio.sleep(backend.refusal_delay)  # like sshd with PAM: slow to say no
@@ -164,7 +175,11 @@ class AsyncsshBackend:
             except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged, OSError):
                 process.exit(1)
 
-        self.options = {"server_host_keys": [self.host_key], "server_factory": Server,
+        host_key: Any = self.host_key
+        if self.host_key_algs:  # like an old sshd: an RSA key signs with ssh-rsa (SHA-1) only
+            host_key = asyncssh.load_keypairs([self.host_key])[0]
+            host_key.host_key_algorithms = [alg.encode() for alg in self.host_key_algs]
+        self.options = {"server_host_keys": [host_key], "server_factory": Server,
                         "process_factory": handle, "config": None}
         self.server = await asyncssh.listen("127.0.0.1", 0, **self.options)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -1003,3 +1018,207 @@ async def test_stock_ssh_two_factor_prompts_are_relayed(edge: Edge, backend: Asy
     assert (rc, out) == (0, "backend-a carol\n"), err
     prompts = _read(Path(f"{askpass}.prompts"))
     assert "Password:" in prompts and "Verification code:" in prompts
+
+
+# -- algorithms: nothing ssh-audit fails (SHA-1, NIST curves, small DH groups, CBC) -----------
+
+SSH_AUDIT = str(Path(sys.executable).with_name("ssh-audit"))
+
+
+def _failures(report: dict[str, Any]) -> list[str]:
+    """Every algorithm ssh-audit marks as a failure, as ``"section alg: why"``."""
+    return [f"{section} {entry['algorithm']}: {'; '.join(entry['notes']['fail'])}"
+            for section in ("kex", "key", "enc", "mac")
+            for entry in report.get(section, [])
+            if entry.get("notes", {}).get("fail")]
+
+
+async def test_ssh_audit_finds_no_failures_on_the_listener(edge: Edge) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        SSH_AUDIT, "--json", "--skip-rate-test", "--timeout", "20", "-p", str(edge.port), "127.0.0.1",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    report = json.loads(out)
+    assert report.get("kex") and report.get("key"), (out, err)
+    assert _failures(report) == []
+    offered = {entry["algorithm"] for entry in report["key"]}
+    assert offered == {"ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256"}
+
+
+async def test_client_offering_only_sha1_rsa_host_keys_cannot_connect(
+        edge: Edge, backend: AsyncsshBackend) -> None:
+    await provision(edge, backend)
+    rc, out, err = await run(*edge.ssh_args("alice")[:-1], "-o", "HostKeyAlgorithms=ssh-rsa",
+                             "-o", "PreferredAuthentications=publickey", "-i", str(edge.user_key),
+                             "alice@127.0.0.1", "whoami", time_limit=60)
+    assert rc == 255 and out == ""
+    assert "no matching host key type found" in err
+    # The stock client with its defaults still logs in.
+    rc, out, err = await edge.ssh("alice", "whoami")
+    assert (rc, out) == (0, "backend-a alice\n"), err
+
+
+# -- a backend that accepts and never answers --------------------------------------------------
+
+
+async def test_silent_backend_is_reported_within_upstream_connect_timeout(
+        tmp_path: Path, keys: Path, backend: AsyncsshBackend) -> None:
+    """TCP accepted, not one byte back (a hung sshd, a full accept queue behind a firewall):
+    the user hears "backend unavailable" after upstream_connect_timeout, not a bare
+    "Connection closed" at the login grace time."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    accepted: list[socket.socket] = []
+    loop = asyncio.get_running_loop()
+    silent.setblocking(False)
+
+    async def accept() -> None:
+        while True:
+            sock, _ = await loop.sock_accept(silent)
+            accepted.append(sock)  # held open, never written to
+
+    acceptor = asyncio.ensure_future(accept())
+    try:
+        async for edge in make_edge(tmp_path, keys, upstream_connect_timeout=2.0,
+                                    limits=LimitsConfig(login_grace_time=60.0)):
+            await provision(edge, backend)
+            await edge.service.update_host("web1", ssh_port=silent.getsockname()[1])
+            await host_settled(edge, "web1", ssh_port=silent.getsockname()[1])
+            for login in (edge.ssh("alice", "whoami"), edge.ssh("alice", "whoami", password="alice-pw")):
+                started = time.monotonic()
+                rc, out, err = await login
+                took = time.monotonic() - started
+                assert rc == 255 and out == ""
+                assert "backend unavailable, try again later" in err and "Permission denied" not in err
+                assert took < 30, f"the client waited {took:.1f} s"
+            lines = await edge.log_lines()
+            assert [line["outcome"] for line in lines[-2:]] == ["upstream_error"] * 2
+            assert "did not complete the SSH handshake within 2 s" in lines[-1]["reason"]
+            assert accepted
+    finally:
+        acceptor.cancel()
+        for sock in accepted:
+            sock.close()
+        silent.close()
+
+
+async def test_backend_that_never_answers_the_password_is_reported_within_the_timeout(
+        tmp_path: Path, keys: Path, backend: AsyncsshBackend) -> None:
+    """Key exchange done, then the backend sits on the password (a hung PAM or LDAP): the user
+    hears "backend unavailable" upstream_connect_timeout after giving it, not at login grace."""
+    backend.password_stall = 3600
+    async for edge in make_edge(tmp_path, keys, upstream_connect_timeout=2.0,
+                                limits=LimitsConfig(login_grace_time=60.0)):
+        await provision(edge, backend)
+        started = time.monotonic()
+        rc, out, err = await edge.ssh("alice", "whoami", password="alice-pw")
+        took = time.monotonic() - started
+        assert rc == 255 and out == ""
+        assert "backend unavailable, try again later" in err and "Permission denied" not in err
+        assert took < 30, f"the client waited {took:.1f} s"
+        assert backend.password_attempts == [("alice", "alice-pw")]
+        line = (await edge.log_lines())[-1]
+        assert line["outcome"] == "upstream_error"
+        assert "did not answer the login within 2 s" in line["reason"]
+
+
+# -- memory: closed connections are freed without the cyclic GC -------------------------------
+
+
+async def test_abandoned_connections_are_freed_without_the_cyclic_gc(
+        tmp_path: Path, keys: Path, backend: AsyncsshBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    async for edge in make_edge(tmp_path, keys, limits=LimitsConfig(max_unauthenticated_per_ip=1000)):
+        await _flood_then_count_survivors(edge, backend, monkeypatch)
+
+
+async def _flood_then_count_survivors(edge: Edge, backend: AsyncsshBackend,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of connections that never log in (TCP only, identification only, failed logins
+    of an unknown and of a routed account), then two sessions: every asyncssh connection
+    object (both legs) is gone once closed, by reference counting alone (the cyclic GC is off
+    meanwhile). Workers run the cyclic GC rarely (edge.serve.worker.GC_THRESHOLDS), so what
+    only it can free stays in a worker's memory after a flood."""
+    await provision(edge, backend)
+    made: list[weakref.ref[asyncssh.SSHServerConnection | asyncssh.SSHClientConnection]] = []
+    upstream_made: list[weakref.ref[asyncssh.SSHClientConnection]] = []
+    connection_made = ClientConnection.connection_made
+    upstream_connection_made = _UpstreamClient.connection_made
+
+    def watched(self: ClientConnection, conn: asyncssh.SSHServerConnection) -> None:
+        made.append(weakref.ref(conn))
+        connection_made(self, conn)
+
+    def upstream_watched(self: _UpstreamClient, conn: asyncssh.SSHClientConnection) -> None:
+        upstream_made.append(weakref.ref(conn))
+        upstream_connection_made(self, conn)
+
+    monkeypatch.setattr(ClientConnection, "connection_made", watched)
+    monkeypatch.setattr(_UpstreamClient, "connection_made", upstream_watched)
+
+    async def abandon(identify: bool) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        if identify:
+            writer.write(b"SSH-2.0-flood\r\n")
+            await reader.readline()
+        writer.close()
+
+    async def fail_login() -> None:
+        with contextlib.suppress(asyncssh.PermissionDenied):
+            async with asyncssh.connect("127.0.0.1", edge.port, username="mallory", password="x",
+                                        known_hosts=None, config=None, client_keys=None,
+                                        preferred_auth="password"):
+                pass
+
+    gc.collect()
+    gc.disable()
+    try:
+        for start in range(0, 300, 50):
+            await asyncio.gather(*(abandon(identify=i % 2 == 0) for i in range(start, start + 50)))
+        await asyncio.gather(*(fail_login() for _ in range(5)))
+        rc, _, err = await edge.ssh("alice", "whoami", password="wrong")  # a routed account
+        assert rc == 255 and "Permission denied" in err
+        # And sessions that did log in (both legs, the bridge's channels).
+        rc, out, err = await edge.ssh("alice", "whoami")
+        assert (rc, out) == (0, "backend-a alice\n"), err
+        rc, out, err = await edge.ssh("alice", "cat", password="alice-pw", stdin=b"x" * 100_000)
+        assert (rc, len(out)) == (0, 100_000), err
+        await edge.log_lines()  # every connection closed
+        made += upstream_made
+        for _ in range(100):  # bounded: connection_lost runs a moment after the client left
+            if not any(ref() is not None for ref in made):
+                break
+            await asyncio.sleep(0.1)
+        alive = Counter(type(conn).__name__ for ref in made if (conn := ref()) is not None)
+        assert len(made) > 250 and len(upstream_made) >= 3 and not alive, \
+            f"still in memory of {len(made)} closed connections: {dict(alive)}"
+    finally:
+        gc.enable()
+
+
+async def test_backend_signing_its_host_key_only_with_sha1_is_refused(
+        edge: Edge, keys: Path) -> None:
+    """The upstream leg takes no ``ssh-rsa`` (SHA-1) host-key signature either, even for a
+    pinned RSA key; the same key signed with rsa-sha2 is fine."""
+    rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    old = AsyncsshBackend("old-sshd", upstream_key(keys), host_key=rsa, host_key_algs=("ssh-rsa",))
+    await old.start()
+    try:
+        await provision(edge, old)
+        rc, out, err = await edge.ssh("alice", "whoami", password="alice-pw")
+        assert rc == 255 and out == ""
+        assert "backend unavailable, try again later" in err
+        assert old.password_attempts == []  # the password never went to that backend
+        line = (await edge.log_lines())[-1]
+        assert line["outcome"] == "upstream_error" and "host key" in line["reason"].lower()
+    finally:
+        await old.stop()
+    current = AsyncsshBackend("backend-a", upstream_key(keys), host_key=rsa)
+    await current.start()
+    try:
+        await edge.service.update_host("web1", ssh_port=current.port)
+        await host_settled(edge, "web1", ssh_port=current.port)
+        rc, out, err = await edge.ssh("alice", "whoami", password="alice-pw")
+        assert (rc, out) == (0, "backend-a alice\n"), err
+    finally:
+        await current.stop()

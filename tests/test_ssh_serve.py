@@ -67,6 +67,8 @@ def test_ssh_login_through_edge_serve_with_two_workers(tmp_path: Path, keys: Pat
         assert metric_value(text, 'edge_ssh_logins_total{method="publickey",outcome="success"}') == 3
         assert metric_value(text, 'edge_connections_total{proxy="ssh"}') == 4
         assert metric_value(text, "edge_ssh_upstream_connect_seconds_count") == 3
+        for patch in ("ignore_packets", "receive_slices", "aes_gcm", "receive_window", "fastpath"):
+            assert metric_value(text, f'edge_ssh_patch_active{{patch="{patch}"}}') == 1, patch
         lines = wait_for(lambda: [r for r in serve.records() if r.get("event") == "ssh_connection"]
                          if len([r for r in serve.records() if r.get("event") == "ssh_connection"]) == 4
                          else None, 20, "4 connection log lines")

@@ -128,7 +128,9 @@ def _tune_gc() -> None:
     # thresholds, full collections walk every cached object several times a second under load
     # and stall the loop for tens of milliseconds (p99.9 latency). Freezing what start-up
     # created and collecting young objects less often keeps those pauses rare; reference
-    # counting still frees everything that is not a cycle at once.
+    # counting still frees everything that is not a cycle at once. Cycles now wait long for a
+    # full collection, so what a connection leaves behind must not be one (see
+    # sshproxy.tuning.release_connection: a flood of dead SSH connections had kept ~14 MiB).
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
