@@ -50,11 +50,11 @@ def parse_host(raw: bytes) -> Authority | None:
     colon = raw.rfind(b":")
     if raw.startswith(b"["):
         literal, bracket, rest = raw[1:].partition(b"]")
-        if not bracket:
+        if not bracket or b"%" in literal:  # a zone id ("%eth0") means nothing to us
             return None
         try:
             address = ipaddress.IPv6Address(literal.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):  # also refuses zone ids ("%eth0")
+        except (UnicodeDecodeError, ValueError):
             return None
         name, ip = f"[{address.compressed}]", True
     else:
