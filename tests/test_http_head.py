@@ -473,6 +473,15 @@ async def test_http_versions_other_than_1_get_505(service: DirectoryService, ver
         assert r.status == 200 and a.requests[-1]["version"] == "1.0"
 
 
+async def test_request_line_the_backend_gets_is_rebuilt(service: DirectoryService) -> None:
+    """llhttp reads ``GET  /x`` (two spaces) as ``GET /x``; the backend gets our request line,
+    never the client's bytes, so it cannot read the line differently."""
+    async with running(service.store, service) as (edge, (a,)):
+        raw = await edge.raw(b"GET  /x?y=1 HTTP/1.1\r\nHost: www.a.test\r\nConnection: close\r\n\r\n")
+        assert statuses(raw) == [200]
+        assert (a.requests[-1]["method"], a.requests[-1]["path"]) == ("GET", "/x?y=1")
+
+
 # -- sans-IO ----------------------------------------------------------------------------------
 
 
