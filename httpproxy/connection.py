@@ -13,9 +13,11 @@ chunked), response bytes come back raw (:mod:`httpproxy.upstream`).
 
 Smuggling defences are llhttp's strict mode (CL+TE, duplicate or invalid Content-Length,
 bare CR/LF, obs-fold, bad tokens: all 400) plus ours: a Transfer-Encoding other than
-``chunked`` (501), a missing or repeated Host (400), head size (431), head timeout (408),
-body size (413). Any refused request closes the connection, so nothing left over in the
-stream is ever read as a request.
+``chunked`` (501), a missing, repeated or malformed Host (400), HTTP versions other than
+1.0/1.1 (505), head size (431), head timeout (408), body size (413). Any refused request
+closes the connection, so nothing left over in the stream is ever read as a request. The
+backend's head states the request line, Host and framing the edge parsed (never the
+client's lines), so the backend cannot read another request than the one routed.
 """
 
 from __future__ import annotations
