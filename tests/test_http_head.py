@@ -229,7 +229,7 @@ def requests(draw: st.DrawFn) -> Generated:
     )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(generated=requests())
 async def test_backend_reads_exactly_the_request_the_edge_routed(
         h11_edge: tuple[Edge, H11Backend], generated: Generated) -> None:
