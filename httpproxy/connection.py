@@ -81,9 +81,6 @@ _SPECIAL = {b"host": _HOST, b"transfer-encoding": _TE, b"content-length": _CL, b
             b"accept-encoding": _AE, b"authorization": _AUTH, b"cookie": _CACHE, b"range": _CACHE,
             b"user-agent": _UA,
             b"cache-control": _CACHE, b"pragma": _CACHE}
-_UNDERSCORE_TWINS = frozenset(name.replace(b"-", b"_") for name in _SPECIAL if b"-" in name)
-"""``X_Forwarded_For``, ``Content_Length``, ...: CGI-style backends (PHP, ...) read them as the
-header we set or parsed (HTTP_X_FORWARDED_FOR); dropped, as nginx drops underscore names."""
 _NAME_CODES: dict[bytes, int] = {}
 """Raw header name → code, memoised (bounded) so a request costs one dict lookup per header."""
 _NAME_CODES_MAX = 4096
@@ -448,7 +445,12 @@ class ClientConnection(asyncio.Protocol):
         code = _NAME_CODES.get(name)
         if code is None:
             lower = name.lower()
-            code = _SPECIAL.get(lower, _DROP if lower in _UNDERSCORE_TWINS else _PLAIN)
+            code = _SPECIAL.get(lower, _PLAIN)
+            if b"_" in lower and lower.replace(b"_", b"-") in _SPECIAL:
+                # X_Forwarded_For, Content_Length, ...: CGI-style backends (PHP, ...) read
+                # them as the header we set or parsed (HTTP_X_FORWARDED_FOR). Dropped, as
+                # nginx drops underscore names.
+                code = _DROP
             if len(_NAME_CODES) < _NAME_CODES_MAX:
                 _NAME_CODES[name] = code
         if code == _PLAIN:
