@@ -13,9 +13,10 @@ chunked), response bytes come back raw (:mod:`httpproxy.upstream`).
 
 Smuggling defences are llhttp's strict mode (CL+TE, duplicate or invalid Content-Length,
 bare CR/LF, obs-fold, bad tokens: all 400) plus ours: a Transfer-Encoding other than
-``chunked`` (501), a missing, repeated or malformed Host (400), HTTP versions other than
-1.0/1.1 (505), head size (431), head timeout (408), body size (413). Any refused request
-closes the connection, so nothing left over in the stream is ever read as a request. The
+``chunked`` (501), any Transfer-Encoding in HTTP/1.0 (400), a missing, repeated or
+malformed Host (400), HTTP versions other than 1.0/1.1 (505), head size (431), head timeout
+(408), body size (413). Any refused request closes the connection, so nothing left over in
+the stream is ever read as a request. The
 backend's head states the request line, Host and framing the edge parsed (never the
 client's lines), so the backend cannot read another request than the one routed.
 """
@@ -477,6 +478,10 @@ class ClientConnection(asyncio.Protocol):
             req.http10 = version == "1.0"
             if version not in ("1.0", "1.1"):  # llhttp also takes 0.9 and 2.0
                 req.bad = (505, f"HTTP/{version} request line refused")
+            elif req.http10 and req.chunked:
+                # HTTP/1.0 has no chunked coding: a backend would frame this body otherwise
+                # than we do. RFC 9112 §6.1: faulty framing, answer and close (nginx: 400).
+                req.bad = (400, "Transfer-Encoding in an HTTP/1.0 request")
         req.started = _clock()
         req.upgrade = parser.should_upgrade()
         if self.closing or self.engine.draining:

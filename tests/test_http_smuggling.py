@@ -61,6 +61,13 @@ SMUGGLING = [
     (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nTransfer-Encoding: identity\r\n\r\n", 501),
     (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nTransfer-Encoding: chunked\r\n"
      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    # Transfer-Encoding in HTTP/1.0 (no chunked coding there: a 1.0 backend would read the
+    # chunks as a body of unknown length, or the next request; RFC 9112 §6.1)
+    (b"POST / HTTP/1.0\r\nHost: www.a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.0\r\nHost: www.a.test\r\nConnection: keep-alive\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.0\r\n\r\n", 400),
+    (b"POST / HTTP/1.0\r\nHost: www.a.test\r\nTransfer-Encoding: identity\r\n\r\n", 400),
     # request line: space in the target, NUL, lowercase or unknown method (a double space
     # between method and target is read as one by llhttp: the line the backend gets is ours)
     (b"GET /a b HTTP/1.1\r\nHost: www.a.test\r\n\r\n", 400),
