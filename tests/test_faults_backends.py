@@ -21,6 +21,14 @@ import pytest
 
 from edge.directory.service import DirectoryService
 from tests.test_http_support import TIMEOUT, Edge, http_config, running, statuses
+from tests.test_ssh_proxy import Edge as SshEdge
+from tests.test_ssh_proxy import Sshd, _transport_opts
+
+# The SSH proxy tests' fixtures: the edge over a directory, keys, a real sshd.
+from tests.test_ssh_proxy import edge as edge
+from tests.test_ssh_proxy import keys as keys
+from tests.test_ssh_proxy import sshd as sshd
+from tests.test_ssh_proxy import sshd_edge as sshd_edge
 
 
 @pytest.fixture
@@ -336,4 +344,101 @@ async def test_http_backend_port_with_nothing_listening(service: DirectoryServic
         sock.close()
 
 
-_ = os  # used by the SSH tests below
+# -- SSH: the backend's sshd for a session SIGKILLed mid-transfer ------------------------------
+
+SSH_SIZE = 50 << 20
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), parents first."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as file:
+                    kids = [int(x) for x in file.read().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def _kill_sessions(sshd: Sshd) -> int:
+    """SIGKILL the per-connection sshd processes (and what they run) under the listening
+    sshd, as if the backend crashed for those sessions; the listener lives on."""
+    victims = _descendants(sshd.process.pid)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(victims)
+
+
+async def _transfer_killed(sshd: Sshd, args: list[str], watch: Path | None,
+                           stdout_bytes: int = 0) -> tuple[int, str, int]:
+    """Run a client, kill the backend's session processes once ``watch`` holds some bytes
+    (or the client printed ``stdout_bytes``); returns (exit status, stderr, bytes seen)."""
+    proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    seen = 0
+    if watch is not None:
+        await _grows_to(watch, 1 << 20)
+    else:
+        while seen < stdout_bytes:
+            chunk = await asyncio.wait_for(proc.stdout.read(65536), TIMEOUT)
+            assert chunk, "the command ended before the kill"
+            seen += len(chunk)
+    assert _kill_sessions(sshd) >= 1
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(f"{args[0]} hung after its backend was killed") from None
+    seen += len(out)
+    return proc.returncode or 0, err.decode(errors="replace"), seen
+
+
+@pytest.fixture
+def remote_file(sshd_edge: SshEdge, tmp_path: Path) -> Path:
+    """50 MiB of random bytes on the backend (sshd runs here: its disk is tmp_path)."""
+    path = tmp_path / "remote.bin"
+    with path.open("wb") as file:
+        for _ in range(SSH_SIZE >> 20):
+            file.write(os.urandom(1 << 20))
+    return path
+
+
+# Both clients read at most 40 Mbit/s (-l, in Kbit/s): the 50 MiB would take ~10 s, so the
+# kill (after the first MiB) lands mid-transfer even on a fast machine.
+@pytest.mark.parametrize("client", ["scp", "sftp"])
+async def test_ssh_backend_killed_mid_download(sshd_edge: SshEdge, sshd: Sshd, remote_file: Path,
+                                               tmp_path: Path, client: str) -> None:
+    edge = sshd_edge
+    dest = tmp_path / "dest.bin"
+    if client == "scp":
+        args = ["scp", "-l", "40000", *_transport_opts(edge), f"alice@127.0.0.1:{remote_file}",
+                str(dest)]
+    else:
+        batch = tmp_path / "batch"
+        batch.write_text(f"get {remote_file} {dest}\n")
+        args = ["sftp", "-l", "40000", *_transport_opts(edge), "-b", str(batch), "alice@127.0.0.1"]
+    started = time.monotonic()
+    code, err, _ = await _transfer_killed(sshd, args, dest)
+    assert code != 0, err  # scp: 1; sftp: killed by SIGPIPE writing to its dead ssh
+    assert "connection to the server lost" in err
+    assert _size(dest) < SSH_SIZE
+    assert time.monotonic() - started < TIMEOUT
+    # The listening sshd lives on: the next transfer through the edge works.
+    rc, out, err = await edge.ssh("alice", "echo", "alive")
+    assert (rc, out) == (0, "alive\n"), err
+
+
+async def test_ssh_backend_killed_mid_command_output(sshd_edge: SshEdge, sshd: Sshd) -> None:
+    args = [*sshd_edge.ssh_args("alice", key=sshd_edge.user_key), "cat /dev/zero"]
+    code, err, seen = await _transfer_killed(sshd, args, None, stdout_bytes=4 << 20)
+    assert code == 255, err
+    # On the channel ("edge: ...") or in the disconnect message, whichever comes first.
+    assert "connection to the server lost" in err
+    assert seen >= 4 << 20
