@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import socket
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -99,6 +102,8 @@ _CLOSED_PARSER = httptools.HttpRequestParser(_NoCallbacks())
 callbacks and the connection holds the parser: while that cycle lasts, a finished connection
 (with its transport, TLS state and buffers) waits for the cyclic garbage collector, whose
 passes then took 80-290 ms every ~2,000 HTTPS handshakes (docs/tls.md)."""
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: close() sends a reset."""
 QUEUE_LIMIT = 32
 """Pipelined requests buffered per connection before reading pauses."""
 BODY_BUFFER_LIMIT = 1 << 20
@@ -1173,6 +1178,12 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if abort:
+            # A reset, not a FIN: after a FIN a client takes a close-delimited body (or
+            # whatever it has) as complete; transport.abort() alone only closes the socket.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             transport.abort()
         else:
             transport.close()

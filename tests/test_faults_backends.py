@@ -52,7 +52,7 @@ def serve(conn):
     buf = b""
     while True:
         while b"\r\n\r\n" not in buf:
-            data = conn.recv(65536)
+            data = conn.recv(512)
             if not data:
                 return
             buf += data
@@ -70,6 +70,8 @@ def serve(conn):
             conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             piece = b"h" * 65536
             send_slowly(conn, (b"10000\r\n" + piece + b"\r\n") * (int(size) // 4 // 65536))
+        elif kind == b"eof":  # ends at EOF: reads only the head, leaves the body unread
+            conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"e" * 100000)
         elif kind == b"upload":  # reads the body slowly, never answers
             got = len(buf)
             while True:
@@ -212,6 +214,25 @@ async def test_http_backend_killed_mid_chunked_body_never_gets_last_chunk(
         assert statuses(data) == [200]
         assert not data.endswith(b"\r\n0\r\n\r\n")
         assert len(data) < size
+
+
+async def test_http_close_delimited_response_cut_by_a_reset_is_not_complete(
+        service: DirectoryService, tmp_path: Path) -> None:
+    """A response that ends at EOF cannot be told from a crash when the backend closes
+    normally; but a backend killed with unread request bytes resets the connection, and that
+    is passed on as an abort, not as a clean end the client would take for the whole body."""
+    body = tmp_path / "body"
+    body.write_bytes(b"b" * (256 << 10))
+    async with running(service.store, service) as (edge, _), \
+            killable_site(service, edge) as backend:
+        out = tmp_path / "answer"
+        curl = await _curl(edge, "/eof/", out, "--data-binary", f"@{body}", "-H", "Expect:")
+        await backend.said(b"sent")
+        await _grows_to(out, 50000)
+        await backend.kill()
+        code, status, err = await _finish(curl)
+        assert status == "200" and code != 0, err  # 56: connection reset
+        assert (await edge.curl(host="www.a.test")).status == 200
 
 
 async def test_http_backend_killed_mid_upload(service: DirectoryService, tmp_path: Path) -> None:
