@@ -60,6 +60,12 @@ def serve(conn):
         target = head.split(b" ")[1]
         kind, _, size = target.strip(b"/").partition(b"/")
         if kind == b"ok":
+            for line in head.lower().split(b"\r\n"):
+                if line.startswith(b"content-length:"):
+                    length = int(line[15:])
+                    while len(buf) < length:
+                        buf += conn.recv(65536)
+                    buf = buf[length:]
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nrestart")
             continue
         if kind == b"cl":  # announces `size` bytes, sends a quarter, then stalls
@@ -252,6 +258,23 @@ async def test_http_backend_killed_mid_upload(service: DirectoryService, tmp_pat
         assert not status.startswith("2"), (code, status, err)
         assert status == "502" or code != 0
         assert (await edge.curl(host="www.a.test")).status == 200
+
+
+async def test_http_backend_restarted_between_requests(service: DirectoryService) -> None:
+    """A backend process killed while the edge holds an idle connection to it, then started
+    again: the dead pooled connection is dropped when the backend's FIN arrives, so even a
+    POST (never retried) reaches the new process instead of failing with 502."""
+    async with running(service.store, service) as (edge, _), \
+            killable_site(service, edge) as backend:
+        r = await edge.curl(host="kill.test", path="/ok")
+        assert r.status == 200 and edge.engine.pool.idle_count() == 1
+        await backend.kill()
+        again = await BackendProcess.start(backend.port)
+        try:
+            r = await edge.curl("--data-binary", "x=1", host="kill.test", path="/ok")
+            assert r.status == 200 and r.body == b"restart"
+        finally:
+            await again.kill()
 
 
 async def test_http_truncated_response_is_not_cached(service: DirectoryService,
@@ -454,6 +477,21 @@ async def test_ssh_backend_killed_mid_download(sshd_edge: SshEdge, sshd: Sshd, r
     # The listening sshd lives on: the next transfer through the edge works.
     rc, out, err = await edge.ssh("alice", "echo", "alive")
     assert (rc, out) == (0, "alive\n"), err
+
+
+async def test_ssh_backend_killed_mid_scp_upload(sshd_edge: SshEdge, sshd: Sshd,
+                                                 tmp_path: Path) -> None:
+    source = tmp_path / "up.bin"
+    with source.open("wb") as file:
+        for _ in range(SSH_SIZE >> 20):
+            file.write(os.urandom(1 << 20))
+    remote = tmp_path / "remote-up.bin"
+    args = ["scp", "-l", "40000", *_transport_opts(sshd_edge), str(source),
+            f"alice@127.0.0.1:{remote}"]
+    code, err, _ = await _transfer_killed(sshd, args, remote)
+    assert code != 0, err
+    assert "connection to the server lost" in err
+    assert _size(remote) < SSH_SIZE
 
 
 async def test_ssh_backend_killed_mid_command_output(sshd_edge: SshEdge, sshd: Sshd) -> None:
