@@ -172,6 +172,9 @@ class HttpConfig(ProxyListenerConfig):
     "off" = none."""
     backend_ca_file: str = ""
     """PEM CA bundle that verifies backends of hosts with backend_tls; "" = the system CAs."""
+    allow_trace: bool = False
+    """Forward TRACE requests; false (default) answers them 405 (TRACE echoes cookies and
+    Authorization back to the page that sent it: cross-site tracing)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,16 +13,22 @@ chunked), response bytes come back raw (:mod:`httpproxy.upstream`).
 
 Smuggling defences are llhttp's strict mode (CL+TE, duplicate or invalid Content-Length,
 bare CR/LF, obs-fold, bad tokens: all 400) plus ours: a Transfer-Encoding other than
-``chunked`` (501), a missing or repeated Host (400), head size (431), head timeout (408),
-body size (413). Any refused request closes the connection, so nothing left over in the
-stream is ever read as a request.
+``chunked`` (501), any Transfer-Encoding in HTTP/1.0 (400), a missing, repeated or
+malformed Host (400), HTTP versions other than 1.0/1.1 (505), head size (431), head timeout
+(408), body size (413). Any refused request closes the connection, so nothing left over in
+the stream is ever read as a request. The
+backend's head states the request line, Host and framing the edge parsed (never the
+client's lines), so the backend cannot read another request than the one routed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import socket
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -36,6 +42,7 @@ from edge.errors import DirectoryUnavailable
 from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, header_for_backend
 from edge.relay import Relay
 from httpproxy import pages
+from httpproxy.authority import Authority, forwarded_value, parse_authority, parse_host
 from httpproxy.cache import CacheEntry, Flight
 from httpproxy.cachepolicy import (
     Freshness,
@@ -65,6 +72,9 @@ _clock = time.perf_counter
 
 # Request headers by what we do with them; anything not listed is forwarded as it is.
 # Hop-by-hop ones (RFC 9110 §7.6.1) are never forwarded; the X-Forwarded family is ours.
+# Host and the framing (Content-Length / Transfer-Encoding) are never copied either: the
+# backend's head states them from what we parsed and routed by (_build_head), so nothing a
+# client lists in Connection can remove or change them.
 (_PLAIN, _HOST, _TE, _CL, _EXPECT, _CONNECTION, _DROP, _XFF, _UPGRADE, _AE, _CACHE, _UA,
  _AUTH) = range(13)
 _SPECIAL = {b"host": _HOST, b"transfer-encoding": _TE, b"content-length": _CL, b"expect": _EXPECT,
@@ -78,8 +88,8 @@ _SPECIAL = {b"host": _HOST, b"transfer-encoding": _TE, b"content-length": _CL, b
 _NAME_CODES: dict[bytes, int] = {}
 """Raw header name → code, memoised (bounded) so a request costs one dict lookup per header."""
 _NAME_CODES_MAX = 4096
-_FORWARDED_HEADERS = (b"X-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: %b\r\n"
-                      b"X-Forwarded-Host: %b\r\nForwarded: for=%b;host=\"%b\";proto=%b\r\n")
+_FORWARDED_HEADERS = (b"Host: %b\r\nX-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: %b\r\n"
+                      b"X-Forwarded-Host: %b\r\nForwarded: %b\r\n")
 _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT"})
 
 
@@ -92,6 +102,8 @@ _CLOSED_PARSER = httptools.HttpRequestParser(_NoCallbacks())
 callbacks and the connection holds the parser: while that cycle lasts, a finished connection
 (with its transport, TLS state and buffers) waits for the cyclic garbage collector, whose
 passes then took 80-290 ms every ~2,000 HTTPS handshakes (docs/tls.md)."""
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: close() sends a reset."""
 QUEUE_LIMIT = 32
 """Pipelined requests buffered per connection before reading pauses."""
 BODY_BUFFER_LIMIT = 1 << 20
@@ -186,7 +198,6 @@ class ClientConnection(asyncio.Protocol):
         "_ip_bytes",
         "_log_prefix",
         "_loop",
-        "_node_bytes",
         "_parser",
         "_parsing",
         "_proxy_parser",
@@ -244,9 +255,8 @@ class ClientConnection(asyncio.Protocol):
         self._deadline = 0.0
         self._ip_bytes = b""
         self._log_prefix = b""
-        self._node_bytes = b""
         self._scheme_bytes = scheme.encode("ascii")
-        self._fwd_host: bytes | None = None
+        self._fwd_host: str | None = None
         self._traffic = engine.stats.traffic["https" if scheme == "https" else "http"]
         self._fwd_bytes = b""
 
@@ -288,8 +298,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _set_client_bytes(self) -> None:
         self._fwd_host = None
-        ip = self._ip_bytes = self.client_ip.encode("ascii", "replace")
-        self._node_bytes = b'"[' + ip + b']"' if b":" in ip else ip
+        self._ip_bytes = self.client_ip.encode("ascii", "replace")
         self._log_prefix = f'{{"client":"{self.client_ip}","scheme":"{self.scheme}",'.encode()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -486,14 +495,19 @@ class ClientConnection(asyncio.Protocol):
         self._head_size += len(name) + len(value) + 4
         code = _NAME_CODES.get(name)
         if code is None:
-            code = _SPECIAL.get(name.lower(), _PLAIN)
+            lower = name.lower()
+            code = _SPECIAL.get(lower, _PLAIN)
+            if b"_" in lower and lower.replace(b"_", b"-") in _SPECIAL:
+                # X_Forwarded_For, Content_Length, ...: CGI-style backends (PHP, ...) read
+                # them as the header we set or parsed (HTTP_X_FORWARDED_FOR). Dropped, as
+                # nginx drops underscore names.
+                code = _DROP
             if len(_NAME_CODES) < _NAME_CODES_MAX:
                 _NAME_CODES[name] = code
         if code == _PLAIN:
             req.fwd.append(pair)
         elif code == _HOST and req.host_raw is None:  # every request has one: no call for it
             req.host_raw = value
-            req.fwd.append(pair)
         else:
             _special_header(req, code, pair, self.trusted)
 
@@ -507,9 +521,17 @@ class ClientConnection(asyncio.Protocol):
         method = req.method = parser.get_method()
         req.target = self._url
         keep_alive = req.keep_alive = parser.should_keep_alive()
-        # llhttp keeps an HTTP/1.0 connection alive only when a Connection header asks for it,
-        # so without one a kept-alive request is 1.1 (no version string to build and compare).
-        req.http10 = (not keep_alive or req.conn_tokens is not None) and parser.get_http_version() == "1.0"
+        # llhttp keeps a connection of any version but 1.1 alive only when a Connection header
+        # asks for it, so without one a kept-alive request is 1.1 (no version string to build).
+        if not keep_alive or req.conn_tokens is not None:
+            version = parser.get_http_version()
+            req.http10 = version == "1.0"
+            if version not in ("1.0", "1.1"):  # llhttp also takes 0.9 and 2.0
+                req.bad = (505, f"HTTP/{version} request line refused")
+            elif req.http10 and req.chunked:
+                # HTTP/1.0 has no chunked coding: a backend would frame this body otherwise
+                # than we do. RFC 9112 §6.1: faulty framing, answer and close (nginx: 400).
+                req.bad = (400, "Transfer-Encoding in an HTTP/1.0 request")
         req.started = _clock()
         if parser.should_upgrade() and method != b"CONNECT":
             req.upgrade = _websocket_upgrade(req)
@@ -586,32 +608,29 @@ class ClientConnection(asyncio.Protocol):
         if req.bad is not None:
             self._refuse(req, *req.bad)
             return
+        if method == b"TRACE" and not engine.settings.allow_trace:
+            # TRACE echoes the request (cookies, auth headers) back: cross-site tracing.
+            self._refuse_status(req, 405, "TRACE refused ([http] allow_trace)",
+                                (("Allow", "GET, HEAD, POST"),))
+            return
         host_header = req.host_raw
         limit = engine.settings.max_body_size
         if limit and req.content_length > limit:
             self._refuse(req, 413, "Content-Length over max_body_size")
             return
         target = req.target
-        if not target.startswith(b"/"):
-            if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
-                authority, _, path = target.partition(b"//")[2].partition(b"/")
-                authority = authority.rpartition(b"@")[2]
-                if host_header is None or _host_name(authority) != _host_name(host_header):
-                    self._refuse(req, 400, "absolute-form request for another host refused")
-                    return
-                req.target = b"/" + path
-            elif not (target == b"*" and method == b"OPTIONS"):
-                self._refuse(req, 400, "request-target is not origin-form")
-                return
+        if not target.startswith(b"/") and not self._origin_form(req, target):
+            return
         if host_header is None:
             if req.http10:
-                host_header = b""
+                self._refuse_status(req, 404, "HTTP/1.0 request without Host")
             else:
                 self._refuse(req, 400, "missing Host header")
-                return
+            return
         route = engine.routes.get(host_header)
         if route is not None and route.expires > engine.directory.clock():
-            # The warm path: this exact Host was resolved before (see httpproxy.server.Route).
+            # The warm path: this exact Host was resolved before (see httpproxy.server.Route;
+            # only Host values that parsed are remembered).
             req.host_header = route.host_str
             req.route = route
             req.site, req.tenant, req.host = route.site, route.tenant, route.host
@@ -621,24 +640,48 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._serve(req, route.state)
             return
-        req.host_header = host_str = host_header.decode("latin-1")
-        if b":" in host_header or b" " in host_header or b"\t" in host_header:
-            name = _host_name(host_header)
-        else:
-            name = host_str  # the common case: a bare name
-        site = engine.directory.site_nowait(name) if name else None
+        authority = parse_host(host_header)
+        if authority is None:
+            self._refuse(req, 400, "invalid Host header")
+            return
+        self._route(req, authority, host_header)
+
+    def _origin_form(self, req: Request, target: bytes) -> bool:
+        """Check a target that is not origin-form; an absolute-form one (RFC 9112 §3.2.2) is
+        accepted only for the Host's own authority and then sent upstream in origin-form.
+        False: refused."""
+        if target == b"*" and req.method == b"OPTIONS":
+            return True
+        if b"://" not in target[:9]:
+            self._refuse(req, 400, "request-target is not origin-form")
+            return False
+        parsed = parse_authority(target)
+        host = None if req.host_raw is None else parse_host(req.host_raw)
+        if parsed is None or host is None or parsed[0].name != host.name or (
+                None not in (parsed[0].port, host.port) and parsed[0].port != host.port):
+            self._refuse(req, 400, "absolute-form request for another host refused")
+            return False
+        req.target = parsed[1]
+        return True
+
+    def _route(self, req: Request, authority: Authority, host_header: bytes) -> None:
+        """Route by a Host the warm path did not know (``authority``: it, parsed)."""
+        engine = self.engine
+        name = authority.name
+        req.host_header = authority.value()
+        site = None if authority.ip or not name else engine.directory.site_nowait(name)
         if isinstance(site, Miss):
             normal = hostname_or_none(name)
             site = None if normal is None else engine.directory.site_nowait(normal)
-            if isinstance(site, Miss):
-                assert normal is not None
-                engine.spawn(self._route_slow(req, normal))
-                return
             if normal is not None:
                 name = normal
+                req.host_header = authority.value(normal)
+            if isinstance(site, Miss):
+                engine.spawn(self._route_slow(req, name))
+                return
         if site is None:
             engine.stats.lookups["unknown"] += 1
-            self._refuse_status(req, 404, f"unknown site {host_str[:100]!r}")
+            self._refuse_status(req, 404, f"unknown site {req.host_header[:100]!r}")
             return
         tenant = engine.directory.tenants.peek(site.tenant)
         host = None if isinstance(tenant, Miss) or tenant is None else engine.directory.hosts.peek(
@@ -728,7 +771,7 @@ class ClientConnection(asyncio.Protocol):
                 # The rest is remembered per request shape (SiteState.filter_memo: only the
                 # inputs these rules read, not the client).
                 target, ua = req.target, req.user_agent if state.memo_user_agent else None
-                host_raw = req.host_raw if state.memo_host else None
+                host_raw = req.host_header.encode("latin-1") if state.memo_host else None
                 if (len(target) + (len(ua) if ua is not None else 0)
                         + (len(host_raw) if host_raw is not None else 0)) <= MEMO_KEY_BYTES:
                     filter_key = (self.scheme, req.method, target, ua, host_raw)
@@ -736,7 +779,8 @@ class ClientConnection(asyncio.Protocol):
             if found is None:
                 # Only the headers the filters read are decoded (the cache decision below
                 # builds the full head when it needs one). No rate limiter when memo_filters.
-                head_for_filters = RequestHead.for_filters(req.method, req.target, req.host_raw,
+                head_for_filters = RequestHead.for_filters(req.method, req.target,
+                                                           req.host_header.encode("latin-1"),
                                                            req.user_agent, req.authorization)
                 decision = evaluate_after_ip(head_for_filters, self.client_ip, state.filters,
                                              scheme=self.scheme, site=site,
@@ -812,30 +856,36 @@ class ClientConnection(asyncio.Protocol):
         self._forward(req)
 
     def _build_head(self, req: Request, accept_encoding: bytes | None) -> None:
-        """The request head for the backend, built once as one bytes object."""
+        """The request head for the backend, built once as one bytes object.
+
+        Request line, Host and framing come from what was parsed and routed by, not from the
+        client's lines: a client cannot make the backend see another request, another Host
+        or other body bounds than the edge did (see _SPECIAL)."""
         fwd = req.fwd
         if req.conn_tokens:
-            # Headers named by Connection are hop-by-hop too (RFC 9110 §7.6.1).
+            # Headers named by Connection are hop-by-hop too (RFC 9110 §7.6.1); fwd holds
+            # only end-to-end headers, so this can drop nothing the edge decides.
             tokens = req.conn_tokens
             fwd = [pair for pair in fwd if pair[0].lower() not in tokens]
         if accept_encoding is None and req.accept_encoding is not None:
             accept_encoding = req.accept_encoding
-        host_value = req.host_raw or b""
+        host = req.host_header
         if req.prior_xff:
-            forwarded = self._forwarded(req.prior_xff + b", " + self._ip_bytes, host_value)
-        elif host_value == self._fwd_host:
+            forwarded = self._forwarded(req.prior_xff + b", " + self._ip_bytes, host)
+        elif host == self._fwd_host:
             forwarded = self._fwd_bytes  # the same Host as this connection's previous request
         else:
-            forwarded = self._fwd_bytes = self._forwarded(self._ip_bytes, host_value)
-            self._fwd_host = host_value
+            forwarded = self._fwd_bytes = self._forwarded(self._ip_bytes, host)
+            self._fwd_host = host
         # One join (half the cost of the equivalent bytes % formatting).
         head = b"".join((
             req.method, b" ", req.target, b" HTTP/1.0\r\n" if req.http10 else b" HTTP/1.1\r\n",
-            b"\r\n".join(map(b": ".join, fwd)), b"\r\n" if fwd else b"",
-            b"Accept-Encoding: " + accept_encoding + b"\r\n" if accept_encoding is not None else b"",
-            forwarded))
+            forwarded, b"\r\n".join(map(b": ".join, fwd)), b"\r\n" if fwd else b"",
+            b"Accept-Encoding: " + accept_encoding + b"\r\n" if accept_encoding is not None else b""))
         if req.chunked:
             head += b"Transfer-Encoding: chunked\r\n"
+        elif req.content_length >= 0:
+            head += b"Content-Length: %d\r\n" % req.content_length
         if req.upgrade:
             head += b"Connection: upgrade\r\nUpgrade: websocket\r\n"
         elif req.http10:
@@ -846,17 +896,20 @@ class ClientConnection(asyncio.Protocol):
         if route is not None and route.backend_key is not None:
             req.backend_key = route.backend_key
             return
-        site, host = req.site, req.host
-        assert site is not None and host is not None
+        site, host_ = req.site, req.host
+        assert site is not None and host_ is not None
         proxy_header = b""
-        if host.send_proxy_protocol != "off":
-            proxy_header = self._proxy_header(host.send_proxy_protocol, host.address, host.http_port)
-        req.backend_key = self._backend_key(req, site, host, proxy_header)
+        if host_.send_proxy_protocol != "off":
+            proxy_header = self._proxy_header(host_.send_proxy_protocol, host_.address,
+                                              host_.http_port)
+        req.backend_key = self._backend_key(req, site, host_, proxy_header)
 
-    def _forwarded(self, xff: bytes, host_value: bytes) -> bytes:
-        ip = self._ip_bytes
-        return _FORWARDED_HEADERS % (xff, ip, self._scheme_bytes, host_value, self._node_bytes,
-                                     host_value.replace(b'"', b""), self._scheme_bytes)
+    def _forwarded(self, xff: bytes, host: str) -> bytes:
+        """Host and the X-Forwarded family / Forwarded, from validated values only: the
+        client address, the normalised Host (:mod:`httpproxy.authority`), the scheme."""
+        ip, value = self._ip_bytes, host.encode("ascii")
+        return _FORWARDED_HEADERS % (value, xff, ip, self._scheme_bytes, value,
+                                     forwarded_value(ip, value, self._scheme_bytes))
 
     @staticmethod
     def _backend_key(req: Request, site: Site, host: Host, proxy_header: bytes) -> BackendKey:
@@ -1176,6 +1229,12 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if abort:
+            # A reset, not a FIN: after a FIN a client takes a close-delimited body (or
+            # whatever it has) as complete; transport.abort() alone only closes the socket.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             transport.abort()
         else:
             transport.close()
@@ -1242,14 +1301,12 @@ def _special_header(req: Request, code: int, pair: tuple[bytes, bytes], trusted:
         if req.host_raw is not None:
             req.bad = (400, "more than one Host header")
         req.host_raw = value
-        req.fwd.append(pair)
     elif code == _TE:
         if value.strip().lower() != b"chunked" or req.chunked:
             req.bad = (501, "unsupported Transfer-Encoding")
         req.chunked = True
     elif code == _CL:
         req.content_length = int(value)  # llhttp already refused anything else
-        req.fwd.append(pair)
     elif code == _EXPECT:
         if value.strip().lower() != b"100-continue":
             req.bad = (417, "unsupported Expect")

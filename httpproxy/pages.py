@@ -31,6 +31,7 @@ REASONS: dict[int, tuple[str, str]] = {
     502: ("Bad Gateway", "The web server for this site is not reachable right now."),
     503: ("Service Unavailable", "This site is in maintenance; please try again later."),
     504: ("Gateway Timeout", "The web server for this site took too long to answer."),
+    505: ("HTTP Version Not Supported", "Only HTTP/1.0 and HTTP/1.1 are served here."),
 }
 
 _date_cache: list[object] = [0, b""]

@@ -513,7 +513,10 @@ class BackendConnection(asyncio.Protocol):
             return
         self.sink = None
         if self._head_done:
-            if not self.head_request and is_close_delimited(self._head, self.status):
+            # A close-delimited response ends at EOF; a reset (a backend that crashed with our
+            # request bytes unread) is no end: the client must not take that body as whole.
+            if (exc is None and not self.head_request
+                    and is_close_delimited(self._head, self.status)):
                 self.close_delimited = True
                 sink.response_end(self, False)
             else:

@@ -30,13 +30,15 @@ async def test_request_routed_to_the_site_backend(service: DirectoryService) -> 
 
 async def test_unknown_host_gets_404_and_no_backend_is_contacted(service: DirectoryService) -> None:
     async with running(service.store, service, backends=2) as (edge, (a, b)):
-        for host in ("unknown.test", "a.b.a.test", "127.0.0.1", "[::1]", "bad_host!", ""):
+        for host in ("unknown.test", "a.b.a.test", "127.0.0.1", "[::1]", "bad_host", ""):
             r = await edge.curl(host=host)
             assert r.status == 404, host
             assert b"No site is served" in r.body
             assert "text/html" in r.headers["content-type"]
         raw = await edge.raw(b"GET / HTTP/1.1\r\n\r\n")
         assert statuses(raw) == [400]  # HTTP/1.1 without Host
+        r = await edge.curl(host="bad_host!")
+        assert r.status == 400  # not Host syntax (tests/test_http_head.py has the whole class)
         assert a.requests == [] and b.requests == []
 
 

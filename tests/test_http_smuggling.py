@@ -50,6 +50,53 @@ SMUGGLING = [
     (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400),
     # unsupported Expect
     (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nExpect: something\r\nContent-Length: 1\r\n\r\na", 417),
+    # chunk-size overflow, chunk extension junk, negative / overflowing Content-Length
+    (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"10000000000000001\r\na\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"1;a\x00b\r\na\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400),
+    # Transfer-Encoding other than chunked, or chunked twice
+    (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nTransfer-Encoding: identity\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nTransfer-Encoding: chunked\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    # Transfer-Encoding in HTTP/1.0 (no chunked coding there: a 1.0 backend would read the
+    # chunks as a body of unknown length, or the next request; RFC 9112 §6.1)
+    (b"POST / HTTP/1.0\r\nHost: www.a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.0\r\nHost: www.a.test\r\nConnection: keep-alive\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.0\r\n\r\n", 400),
+    (b"POST / HTTP/1.0\r\nHost: www.a.test\r\nTransfer-Encoding: identity\r\n\r\n", 400),
+    # request line: space in the target, NUL, lowercase or unknown method (a double space
+    # between method and target is read as one by llhttp: the line the backend gets is ours)
+    (b"GET /a b HTTP/1.1\r\nHost: www.a.test\r\n\r\n", 400),
+    (b"GET /\x00 HTTP/1.1\r\nHost: www.a.test\r\n\r\n", 400),
+    (b"get / HTTP/1.1\r\nHost: www.a.test\r\n\r\n", 400),
+    (b"TRACK / HTTP/1.1\r\nHost: www.a.test\r\n\r\n", 400),
+    (b"GET / HTTP/1.1 extra\r\nHost: www.a.test\r\n\r\n", 400),
+    # HTTP versions: only 1.0 and 1.1 (llhttp takes 0.9 and 2.0 too)
+    (b"GET / HTTP/2.0\r\nHost: www.a.test\r\n\r\n", 505),
+    (b"GET / HTTP/0.9\r\nHost: www.a.test\r\n\r\n", 505),
+    (b"GET / HTTP/1.2\r\nHost: www.a.test\r\n\r\n", 400),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    # methods refused by default
+    (b"CONNECT www.a.test:443 HTTP/1.1\r\nHost: www.a.test:443\r\n\r\n", 405),
+    (b"TRACE / HTTP/1.1\r\nHost: www.a.test\r\nConnection: close\r\n\r\n", 405),
+    # Host syntax (tests/test_http_head.py has the whole table and what the backend gets)
+    (b"GET / HTTP/1.1\r\nHost: www.a.test:@evil.example\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: www.a.test:<script>\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: www.a.test\x01\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: www.a.test\r\nhost: www.a.test\r\n\r\n", 400),
+    (b"GET http://x@www.a.test/ HTTP/1.1\r\nHost: www.a.test\r\n\r\n", 400),
+    # header names: empty, with a space or separator, bare CR inside a value
+    (b"GET / HTTP/1.1\r\nHost: www.a.test\r\n: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: www.a.test\r\nX A: b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: www.a.test\r\nX(A): b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: www.a.test\r\nX-A: a\rb\r\n\r\n", 400),
+    # obs-fold continuing a Content-Length or Transfer-Encoding
+    (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nContent-Length: 1\r\n 0\r\n\r\na", 400),
+    (b"POST / HTTP/1.1\r\nHost: www.a.test\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", 400),
 ]
 
 
