@@ -90,6 +90,9 @@ class ServeConfig:
     workers: int = 1
     grace_period: float = 30.0
     """Seconds SIGTERM waits for open sessions before closing them."""
+    maintenance_drain: float = 300.0
+    """Seconds open SSH/FTP sessions on a host put in maintenance are kept before they are
+    closed with the host's notice (see edge.sessionpolicy)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -654,6 +654,32 @@ async def test_tenant_move_routes_new_logins_and_drains_old_sessions(
         await other.stop()
 
 
+async def test_open_session_of_a_suspended_tenant_is_closed_with_a_message(
+        edge: Edge, backend: AsyncsshBackend) -> None:
+    await provision(edge, backend)
+    old = asyncio.ensure_future(edge.ssh("alice", "sleep", password="alice-pw", time_limit=60))
+    await asyncio.wait_for(backend.started.wait(), 60)
+    await edge.service.set_tenant_state("acme", "suspended")
+    rc, _, err = await asyncio.wait_for(old, 60)  # the sleep would run for the whole time_limit
+    assert rc == 255 and "This account is not available." in err
+
+
+async def test_open_session_on_a_host_put_down_is_closed_without_the_old_notice(
+        edge: Edge, backend: AsyncsshBackend) -> None:
+    await provision(edge, backend)
+    await edge.service.update_host("web1", notice="Back at 03:00 UTC.")
+    old = asyncio.ensure_future(edge.ssh("alice", "sleep", password="alice-pw", time_limit=60))
+    await asyncio.wait_for(backend.started.wait(), 60)
+    await edge.service.set_host_state("web1", "down")
+    rc, _, err = await asyncio.wait_for(old, 60)
+    assert rc == 255 and "not reachable right now" in err
+    assert "Back at 03:00" not in err
+    # New logins are refused the same way, without the notice left from a maintenance.
+    rc, out, err = await edge.ssh("alice", "whoami", password="alice-pw")
+    assert rc == 255 and out == "" and "not reachable right now" in err
+    assert "Back at 03:00" not in err
+
+
 # -- stock OpenSSH tools through the proxy to a real sshd -------------------------------------------
 
 
