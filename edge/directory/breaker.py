@@ -40,6 +40,8 @@ class Breaker:
         self.last_success = 0.0
         """``time.time()`` of the last query that reached the database (0: none yet)."""
         self.probes = 0
+        self.last_error = ""
+        """Why the database last failed (repeated to callers refused while open)."""
         self._task: asyncio.Task[None] | None = None
 
     def success(self) -> None:
@@ -51,6 +53,7 @@ class Breaker:
 
     def failure(self, exc: BaseException) -> None:
         """A query failed: open (if closed) and make sure one probe task runs."""
+        self.last_error = str(exc) or type(exc).__name__
         if not self.open:
             self.open = True
             self.opened_at = time.time()
@@ -78,7 +81,8 @@ class Breaker:
             self.probes += 1
             try:
                 await self._probe()
-            except DirectoryUnavailable:
+            except DirectoryUnavailable as exc:
+                self.last_error = str(exc) or type(exc).__name__
                 delay = min(delay * 2, self.probe_interval_max)
                 continue
             except Exception:  # a bug in the probe must not leave the breaker open forever

@@ -179,7 +179,8 @@ class LookupCache(Generic[K, V]):
         if self.breaker is not None and self.breaker.open:
             self.stats.errors += 1
             raise DirectoryUnavailable(
-                f"directory unreachable (circuit open); no {self.name} answer cached for {key!r}")
+                f"{self.breaker.last_error} (circuit open: no {self.name} answer cached for "
+                f"{key!r})")
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(self._load(key))
