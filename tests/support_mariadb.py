@@ -15,6 +15,7 @@ running again whatever the previous test did to it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -33,6 +34,13 @@ from tests.conftest import IN_CI
 
 INSTALL_DB = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
 MARIADBD = shutil.which("mariadbd", path=os.environ.get("PATH", "") + ":/usr/sbin:/usr/libexec")
+
+
+def _die_with_parent() -> None:
+    # A test process killed by a timeout must not leave a (possibly SIGSTOPped) server behind:
+    # the kernel SIGKILLs it when pytest exits, which also works on a stopped process.
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _free_port() -> int:
@@ -77,7 +85,7 @@ class PrivateMariaDB:
              "--skip-grant-tables", "--skip-name-resolve", f"--pid-file={self.base / 'pid'}",
              "--innodb-buffer-pool-size=16M", "--innodb-log-file-size=8M",
              "--max-connections=200", "--skip-log-bin", "--performance-schema=OFF"],
-            stdout=log, stderr=log, start_new_session=True)
+            stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while True:

@@ -47,11 +47,13 @@ def _store(url: str) -> MySQLStore:
 
 
 @pytest.fixture
-async def empty_db(private_mysql_url: str) -> AsyncIterator[MySQLStore]:  # noqa: F811
+async def empty_db(private_mysql_url: str,  # noqa: F811
+                   private_mariadb: PrivateMariaDB) -> AsyncIterator[MySQLStore]:  # noqa: F811
     store = _store(private_mysql_url)
     await store.open()
     await store.migrate()
     yield store
+    private_mariadb.ensure_running()  # a failed test may leave it stopped: close() would hang
     await store.close()
 
 
