@@ -90,6 +90,9 @@ class ServeConfig:
     workers: int = 1
     grace_period: float = 30.0
     """Seconds SIGTERM waits for open sessions before closing them."""
+    maintenance_drain: float = 300.0
+    """Seconds open SSH/FTP sessions on a host put in maintenance are kept before they are
+    closed with the host's notice (see edge.sessionpolicy)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +110,20 @@ class CacheConfig:
     ttl_spread: float = 0.1
     """Answers loaded together expire spread over the last this-fraction of `ttl` (0 = exactly `ttl`)."""
 
+    change_poll_interval: float = 1.0
+    max_certificates: int = 10_000
+    probe_interval: float = 0.5
+    """Seconds before the first probe of a directory that failed (circuit breaker open)."""
+    probe_interval_max: float = 30.0
+    """Probes back off (doubling) up to this many seconds apart while it stays down."""
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.ttl_spread < 1.0:
             raise ConfigError(f"[cache] ttl_spread: must be at least 0 and below 1; got {self.ttl_spread!r}")
-    change_poll_interval: float = 1.0
-    max_certificates: int = 10_000
+        if not 0.0 < self.probe_interval <= self.probe_interval_max:
+            raise ConfigError("[cache] probe_interval: must be above 0 and at most "
+                              f"probe_interval_max; got {self.probe_interval!r}, "
+                              f"{self.probe_interval_max!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,17 @@ CHANGE_FEED_HEALTHY = Gauge(
     "1 if every live worker's change feed reached the directory on its last poll, else 0.",
     multiprocess_mode="livemin")
 
+DIRECTORY_BREAKER_OPEN = Gauge(
+    "edge_directory_breaker_open",
+    "1 if any live worker's directory circuit breaker is open (database failed; answers are "
+    "served from memory, stale if need be, until a probe reaches it), else 0.",
+    multiprocess_mode="livemax")
+
+DIRECTORY_LAST_SUCCESS_AGE = Gauge(
+    "edge_directory_last_success_age_seconds",
+    "Seconds since a query last reached the directory database (worst live worker; 0 before "
+    "the first).", multiprocess_mode="livemax")
+
 CONNECTIONS = Counter(
     "edge_connections", "Client connections accepted, by proxy.", ["proxy"])
 
@@ -92,6 +103,13 @@ def export_feed(healthy: bool, last_poll: float, now: float | None = None) -> No
     CHANGE_FEED_LAG.set(max(0.0, now - last_poll) if last_poll else 0.0)
 
 
+def export_breaker(is_open: bool, seconds_since_success: float) -> None:
+    """Set the circuit-breaker gauges (see :class:`edge.directory.breaker.Breaker`)."""
+    DIRECTORY_BREAKER_OPEN.set(1 if is_open else 0)
+    DIRECTORY_LAST_SUCCESS_AGE.set(seconds_since_success)
+
+
 __all__ = ["ACTIVE_SESSIONS", "BYTES", "CHANGE_FEED_HEALTHY", "CHANGE_FEED_LAG", "CONNECTIONS",
-           "DIRECTORY_CACHE_ENTRIES", "DIRECTORY_LOOKUPS", "WORKER_UP", "DirectoryExporter",
+           "DIRECTORY_BREAKER_OPEN", "DIRECTORY_CACHE_ENTRIES", "DIRECTORY_LAST_SUCCESS_AGE",
+           "DIRECTORY_LOOKUPS", "WORKER_UP", "DirectoryExporter", "export_breaker",
            "export_feed"]

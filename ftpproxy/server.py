@@ -2,8 +2,8 @@
 
 One :class:`FtpProxy` per worker process. It owns what sessions share: the TLS contexts, the
 failed-login limits and per-IP connection caps (:mod:`edge.limits`), and the index of logged-in
-sessions by tenant and host, which the change feed uses to close sessions of a moved tenant at
-its drain deadline (``421``) and sessions on a host put in maintenance.
+sessions by tenant and host, to which the change feed's changes are applied as
+:mod:`edge.sessionpolicy` says (``421`` with its message, now or at the drain deadline).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from edge import metrics as edge_metrics
+from edge import sessionpolicy
 from edge.directory.model import Change
 from edge.errors import DirectoryUnavailable
 from edge.limits import ConnectionCap, LoginLimits, LoginLimitSettings
@@ -29,7 +30,6 @@ from ftpproxy.tls import ResumingClientContext, backend_context, server_context
 
 __all__ = ["FtpProxy"]
 
-DRAIN_TEXT = "Your account has moved to another server; please reconnect."
 SHUTDOWN_TEXT = "Service shutting down, please reconnect."
 
 
@@ -178,26 +178,29 @@ class FtpProxy:
 
     async def _check_tenants(self, names: list[str]) -> None:
         for name in names:
-            try:
-                tenant = await self.directory.tenant(name)
-            except DirectoryUnavailable:
-                continue  # keep the sessions; the next change will be checked again
-            for session in list(self._by_tenant.get(name, ())):
-                assert session.route is not None
-                if tenant is None or tenant.state != "active":
-                    session.terminate("Account not available.", "tenant_gone")
-                elif tenant.host != session.route.host.name:
-                    deadline = tenant.drain_deadline or time.time()
-                    session.schedule_terminate(deadline - time.time(), DRAIN_TEXT, "drained")
+            await self._apply_policy(list(self._by_tenant.get(name, ())))
 
     async def _check_hosts(self, names: list[str]) -> None:
         for name in names:
+            await self._apply_policy(list(self._by_host.get(name, ())))
+
+    async def _apply_policy(self, sessions: list[FtpSession]) -> None:
+        """What :mod:`edge.sessionpolicy` says about each session's current tenant and host."""
+        for session in sessions:
+            route = session.route
+            assert route is not None
             try:
-                host = await self.directory.host(name)
+                tenant = await self.directory.tenant(route.tenant.name)
+                host = await self.directory.host(route.host.name)
             except DirectoryUnavailable:
-                continue
-            if host is not None and host.state == "active":
-                continue
-            text = (host.notice if host is not None else "") or "Server in maintenance, try again later."
-            for session in list(self._by_host.get(name, ())):
-                session.terminate(text, "maintenance")
+                continue  # keep the sessions; the next change will be checked again
+            action = sessionpolicy.decide(
+                route.host.name, tenant, host, now=time.time(),
+                maintenance_drain=self.context.config.serve.maintenance_drain)
+            if action.kind is sessionpolicy.Kind.CLOSE:
+                session.terminate(action.message, action.reason)
+            elif action.kind is sessionpolicy.Kind.DRAIN:
+                session.schedule_terminate(action.deadline - time.time(), action.message,
+                                           action.reason)
+            else:
+                session.cancel_scheduled_terminate()

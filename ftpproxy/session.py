@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
+from edge import sessionpolicy
 from edge.directory.directory import AccountRoute
 from edge.errors import DirectoryUnavailable
 from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, header_for_backend
@@ -412,7 +413,7 @@ class FtpSession(asyncio.Protocol):
         host = route.host
         if host.state != "active":
             self.proxy.login_counters["unavailable"].inc()
-            notice = host.notice or "The server is in maintenance, please try again later."
+            notice = sessionpolicy.host_notice(host)
             self._end(421, notice, "maintenance")
         task, self._prefetch = self._prefetch, None
         try:
@@ -960,6 +961,12 @@ class FtpSession(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         self._drain_handle = loop.call_later(max(0.0, delay), self.terminate, text, result)
+
+    def cancel_scheduled_terminate(self) -> None:
+        """Forget a :meth:`schedule_terminate` (the change behind it was undone)."""
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+            self._drain_handle = None
 
     async def _cleanup(self) -> None:
         self._closing = True

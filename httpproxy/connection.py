@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from edge import sessionpolicy
 from edge.directory.cache import Miss
 from edge.directory.directory import SiteRoute
 from edge.directory.model import Host, Site, Tenant
@@ -730,11 +731,12 @@ class ClientConnection(asyncio.Protocol):
             self._refuse_status(req, 403, "tenant suspended",
                                 text="This site is currently unavailable.")
             return
-        if host.state == "maintenance":
-            self._refuse_status(req, 503, "host in maintenance", (("Retry-After", "300"),))
-            return
-        if host.state != "active":
-            self._refuse_status(req, 502, "host down")
+        if host.state != "active":  # the notice only while in maintenance (edge.sessionpolicy)
+            if host.state == "maintenance":
+                self._refuse_status(req, 503, "host in maintenance", (("Retry-After", "300"),),
+                                    text=sessionpolicy.host_notice(host))
+            else:
+                self._refuse_status(req, 502, "host down")
             return
         state = engine.site_state(site)
         if raw_host is not None:

@@ -12,7 +12,9 @@ Per client connection (:class:`ClientConnection`, asyncssh's ``SSHServer`` for i
    the account's ``authorized_keys`` (or a user CA), then the proxy logs in upstream with its
    own key as ``account.backend_username``; keyboard-interactive relayed round by round;
 4. after login, a :class:`sshproxy.bridge.SessionLink` carries the channels;
-5. a tenant move (change feed) closes the tenant's sessions on the old host at the drain deadline.
+5. directory changes (change feed) are applied to open sessions by :mod:`edge.sessionpolicy`:
+   a moved tenant's sessions drain, a suspended tenant's and a down host's are closed, a host in
+   maintenance keeps them for ``[serve] maintenance_drain``; the disconnect says why.
 
 One JSON log line per connection when it ends (user, client, host, method, outcome, channels,
 bytes, duration, exit status, reason).
@@ -32,6 +34,7 @@ from typing import Any
 import asyncssh
 
 from edge import metrics as edge_metrics
+from edge import sessionpolicy
 from edge.directory.directory import AccountRoute
 from edge.directory.model import Change
 from edge.errors import DirectoryUnavailable
@@ -57,10 +60,7 @@ from sshproxy.upstream import (
 PROXY = "ssh"
 SERVER_VERSION = "edge"
 """Software version in our SSH identification string (``SSH-2.0-edge``)."""
-MAINTENANCE_TEXT = "The server for this account is under maintenance. Please try again later."
-DOWN_TEXT = "The server for this account is temporarily unavailable. Please try again later."
 UNAVAILABLE_TEXT = "service temporarily unavailable, please try again shortly"
-MOVED_TEXT = "this account has moved to another server; please reconnect"
 SHUTDOWN_TEXT = "the proxy is restarting; please reconnect"
 PROXY_HEADER_MAX = 536  # a v2 header with generous TLVs; v1 is at most 107 bytes
 _FAKE_CHALLENGE: Challenge = ("", "", "", [("Password: ", False)])
@@ -227,28 +227,30 @@ class SshProxy:
     # -- drain on tenant moves -------------------------------------------------------------
 
     def _on_change(self, change: Change) -> None:
-        """Change-feed subscriber: returns at once; re-routing is checked in a task."""
-        if change.entity not in ("tenant", "all"):
+        """Change-feed subscriber: returns at once; the session policy is applied in a task."""
+        if change.entity not in ("tenant", "host", "all"):
             return
         affected = [c for c in self.connections if c.authenticated and c.route is not None
-                    and (change.entity == "all" or c.route.tenant.name == change.name)]
+                    and (change.entity == "all"
+                         or (change.entity == "tenant" and c.route.tenant.name == change.name)
+                         or (change.entity == "host" and c.route.host.name == change.name))]
         if affected:
             self._spawn(self._recheck(affected))
 
     async def _recheck(self, connections: list[ClientConnection]) -> None:
+        directory = self.context.directory
         for connection in connections:
             route = connection.route
             assert route is not None
             try:
-                tenant = await self.context.directory.tenant(route.tenant.name)
+                tenant = await directory.tenant(route.tenant.name)
+                host = await directory.host(route.host.name)
             except DirectoryUnavailable:
                 continue  # keep serving; the next change re-checks
-            if tenant is not None and tenant.host == route.host.name:
-                continue
-            deadline = time.time()
-            if tenant is not None and tenant.previous_host == route.host.name and tenant.drain_deadline:
-                deadline = tenant.drain_deadline
-            connection.drain_at(deadline)
+            action = sessionpolicy.decide(
+                route.host.name, tenant, host, now=time.time(),
+                maintenance_drain=self.context.config.serve.maintenance_drain)
+            connection.apply(action)
 
 
 class ClientConnection(asyncssh.SSHServer):
@@ -354,8 +356,7 @@ class ClientConnection(asyncssh.SSHServer):
                 or route.tenant.state != "active"):
             return True  # fails later exactly like a wrong password
         if route.host.state != "active":
-            text = route.host.notice or (MAINTENANCE_TEXT if route.host.state == "maintenance"
-                                         else DOWN_TEXT)
+            text = sessionpolicy.host_notice(route.host)
             assert self.conn is not None
             with contextlib.suppress(OSError):
                 self.conn.send_auth_banner(text.rstrip("\n") + "\n")
@@ -679,17 +680,28 @@ class ClientConnection(asyncssh.SSHServer):
 
     # -- drain / shutdown ------------------------------------------------------------------
 
-    def drain_at(self, deadline: float) -> None:
-        """Close this session at ``deadline`` (Unix time) because its tenant moved."""
+    def apply(self, action: sessionpolicy.Action) -> None:
+        """Apply the session policy's verdict on a directory change to this session."""
+        if action.kind is sessionpolicy.Kind.KEEP:
+            if self._drain_handle is not None:  # e.g. the host's maintenance ended
+                self._drain_handle.cancel()
+                self._drain_handle = None
+        elif action.kind is sessionpolicy.Kind.CLOSE:
+            self.close(action.message)
+        else:
+            self.drain_at(action.deadline, action.message)
+
+    def drain_at(self, deadline: float, message: str) -> None:
+        """Close this session at ``deadline`` (Unix time) with ``message`` (the first wins)."""
         if self._drain_handle is not None or self._closing:
             return
         delay = max(0.0, deadline - time.time())
         loop = asyncio.get_running_loop()
-        self._drain_handle = loop.call_later(delay, self._drained)
+        self._drain_handle = loop.call_later(delay, self._drained, message)
 
-    def _drained(self) -> None:
+    def _drained(self, message: str) -> None:
         metrics.DRAINED.inc()
-        self.close(MOVED_TEXT)
+        self.close(message)
 
     def close(self, reason: str) -> None:
         """Tell the client ``reason`` (on open sessions' stderr and as disconnect reason), close."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -230,6 +231,15 @@ async def _warm_and_expire(directory: Directory, clock: FakeClock) -> None:
     clock.advance(CONFIG.ttl + 1)  # every entry expired, well inside stale_if_error
 
 
+async def breaker_closed(directory: Directory) -> None:
+    """Wait (bounded) for the circuit breaker's background probe to reach the database: until
+    then lookups are answered from memory without asking it."""
+    deadline = time.monotonic() + 20
+    while directory.breaker.open:
+        assert time.monotonic() < deadline, "the breaker's probe never reached the database"
+        await asyncio.sleep(0.05)
+
+
 async def _assert_stale_answers(directory: Directory) -> None:
     stale_before = sum(c.stats.stale for c in directory.caches)
     route = await directory.route_for_account("alice")
@@ -282,6 +292,7 @@ async def test_mysql_stale_if_error_when_database_unreachable(
 
     await forwarder.start()  # same port: the database is back
     await service.move_tenant("t1", "host-b")
+    await breaker_closed(directory)
     clock.advance(CONFIG.ttl + 1)
     route = await directory.route_for_account("alice")
     assert route is not None and route.host.name == "host-b"  # loaded again, not stale
@@ -321,6 +332,7 @@ async def test_sqlite_stale_if_error_when_database_fails(sqlite_url: str,
         other.close()
 
         await service.move_tenant("t1", "host-b")
+        await breaker_closed(directory)
         clock.advance(CONFIG.ttl + 1)
         route = await directory.route_for_account("alice")
         assert route is not None and route.host.name == "host-b"

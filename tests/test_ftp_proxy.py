@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client import REGISTRY
 
-from edge.config import CacheConfig, EdgeConfig, FtpConfig, LimitsConfig
+from edge.config import CacheConfig, EdgeConfig, FtpConfig, LimitsConfig, ServeConfig
 from edge.directory.directory import Directory
 from edge.directory.feed import ChangeFeed
 from edge.directory.secrets import KeyBox
@@ -188,11 +188,13 @@ class EdgeFactory:
     started: list[Edge] = field(default_factory=list)
 
     async def start(self, *, store: SQLStore | None = None, limits: LimitsConfig | None = None,
-                    listen: str = "127.0.0.1", **ftp: Any) -> Edge:
+                    listen: str = "127.0.0.1", serve: ServeConfig | None = None,
+                    **ftp: Any) -> Edge:
         ftp.setdefault("passive_ports", free_port_range())
         ftp.setdefault("login_failure_delay", 0.2)
         config = EdgeConfig(ftp=FtpConfig(**ftp), limits=limits or LimitsConfig(),
-                            cache=CacheConfig(change_poll_interval=0.2))
+                            cache=CacheConfig(change_poll_interval=0.2),
+                            serve=serve or ServeConfig())
         store = store or self.store
         directory = Directory(store, config.cache, keybox=self.keybox)
         feed = ChangeFeed(directory, interval=0.2)
@@ -1040,11 +1042,16 @@ async def test_host_maintenance_and_directory_down(edges: EdgeFactory, backends:
     backend = await backends.start()
     await provision(edges.service, backend)
     await edges.service.add_account("carol", "t1", upstream_username=BACKEND_USER)
-    edge = await edges.start()
+    edge = await edges.start(serve=ServeConfig(maintenance_drain=1.5))
     ftp = await run(lambda: connect(edge.port))
+    started = time.monotonic()
     await edges.service.set_host_state("host-a", "maintenance", "Disk upgrade until 18:00 UTC.")
-    # Open sessions on the host are told, and new logins get the notice.
+    # Open sessions on the host keep working for [serve] maintenance_drain, then are told
+    # (edge.sessionpolicy); new logins get the notice at once.
+    await asyncio.sleep(0.6)  # the change feed (0.2 s) has seen it
+    assert await run(ftp.pwd) == "/"
     assert await run(ftp.getline) == "421 Disk upgrade until 18:00 UTC."
+    assert time.monotonic() - started >= 1.4
     ftp.close()
 
     def login() -> str:

@@ -103,6 +103,22 @@ async def test_host_states_maintenance_down_and_refused(service: DirectoryServic
         assert str(b.port) not in r.body.decode() and "127.0.0.1" not in r.body.decode()
 
 
+async def test_maintenance_page_shows_the_host_notice_only_while_in_maintenance(
+        service: DirectoryService) -> None:
+    async with running(service.store, service, backends=2) as (edge, (a, _b)):
+        await service.set_host_state("host-a", "maintenance", "Disk upgrade until 18:00 UTC.")
+        await edge.sync()
+        r = await edge.curl(host="www.a.test")
+        assert r.status == 503 and r.headers["retry-after"].isdigit()
+        assert b"Disk upgrade until 18:00 UTC." in r.body
+        await service.set_host_state("host-a", "down")  # the notice stays in the row
+        await edge.sync()
+        r = await edge.curl(host="www.a.test")
+        assert r.status == 502
+        assert b"Disk upgrade" not in r.body
+        assert a.requests == []
+
+
 async def test_backend_timeout_gives_504(service: DirectoryService) -> None:
     async with running(service.store, service, http=http_config(backend_timeout=0.5)) as (edge, _):
         r = await edge.curl(host="www.a.test", path="/slow?s=5")

@@ -32,7 +32,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from edge.config import EdgeConfig, LimitsConfig, ListenAddress, SshConfig
+from edge.config import EdgeConfig, LimitsConfig, ListenAddress, ServeConfig, SshConfig
 from edge.directory.directory import Directory
 from edge.directory.feed import ChangeFeed
 from edge.directory.service import DirectoryService
@@ -367,7 +367,7 @@ def upstream_key(keys: Path) -> asyncssh.SSHKey:
 
 async def make_edge(tmp: Path, keys: Path, *, limits: LimitsConfig | None = None,
                     db_url: str | None = None, proxy_db_url: str | None = None,
-                    **ssh: Any) -> AsyncIterator[Edge]:
+                    serve: ServeConfig | None = None, **ssh: Any) -> AsyncIterator[Edge]:
     """``proxy_db_url``: where the proxy reads (e.g. through a forwarder the test cuts)."""
     db_url = db_url or f"sqlite:///{tmp / 'edge.sqlite3'}"
     store = store_for_url(db_url)
@@ -382,7 +382,7 @@ async def make_edge(tmp: Path, keys: Path, *, limits: LimitsConfig | None = None
     await feed.start()
     settings = {"host_key_dir": str(keys / "hostkeys"), "auth_failure_delay": 0.3, **ssh}
     config = EdgeConfig(ssh=SshConfig(listen=(ListenAddress("127.0.0.1", 0),), **settings),
-                        limits=limits or LimitsConfig())
+                        limits=limits or LimitsConfig(), serve=serve or ServeConfig())
     logger = logging.getLogger(f"test.ssh.{tmp.name}")
     handler = _Records()
     logger.addHandler(handler)
@@ -675,6 +675,49 @@ async def test_tenant_move_routes_new_logins_and_drains_old_sessions(
         assert rc == 255 and "moved to another server" in err
     finally:
         await other.stop()
+
+
+async def test_open_session_of_a_suspended_tenant_is_closed_with_a_message(
+        edge: Edge, backend: AsyncsshBackend) -> None:
+    await provision(edge, backend)
+    old = asyncio.ensure_future(edge.ssh("alice", "sleep", password="alice-pw", time_limit=60))
+    await asyncio.wait_for(backend.started.wait(), 60)
+    await edge.service.set_tenant_state("acme", "suspended")
+    rc, _, err = await asyncio.wait_for(old, 60)  # the sleep would run for the whole time_limit
+    assert rc == 255 and "This account is not available." in err
+
+
+async def test_open_session_on_a_host_put_down_is_closed_without_the_old_notice(
+        edge: Edge, backend: AsyncsshBackend) -> None:
+    await provision(edge, backend)
+    await edge.service.update_host("web1", notice="Back at 03:00 UTC.")
+    old = asyncio.ensure_future(edge.ssh("alice", "sleep", password="alice-pw", time_limit=60))
+    await asyncio.wait_for(backend.started.wait(), 60)
+    await edge.service.set_host_state("web1", "down")
+    rc, _, err = await asyncio.wait_for(old, 60)
+    assert rc == 255 and "not reachable right now" in err
+    assert "Back at 03:00" not in err
+    # New logins are refused the same way, without the notice left from a maintenance.
+    rc, out, err = await edge.ssh("alice", "whoami", password="alice-pw")
+    assert rc == 255 and out == "" and "not reachable right now" in err
+    assert "Back at 03:00" not in err
+
+
+async def test_open_session_on_a_host_put_in_maintenance_is_kept_then_closed_with_the_notice(
+        tmp_path: Path, keys: Path, backend: AsyncsshBackend) -> None:
+    async for edge in make_edge(tmp_path, keys, serve=ServeConfig(maintenance_drain=2.0)):
+        await provision(edge, backend)
+        old = asyncio.ensure_future(edge.ssh("alice", "sleep", password="alice-pw",
+                                             time_limit=60))
+        await asyncio.wait_for(backend.started.wait(), 60)
+        started = time.monotonic()
+        await edge.service.set_host_state("web1", "maintenance", "Back at 03:00 UTC.")
+        await host_settled(edge, "web1", state="maintenance")
+        await asyncio.sleep(0.5)
+        assert not old.done()  # kept for [serve] maintenance_drain
+        rc, _, err = await asyncio.wait_for(old, 60)
+        assert rc == 255 and "Back at 03:00 UTC." in err
+        assert time.monotonic() - started >= 1.9
 
 
 # -- stock OpenSSH tools through the proxy to a real sshd -------------------------------------------

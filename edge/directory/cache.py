@@ -10,6 +10,9 @@ One :class:`LookupCache` per kind of object. Each is
 * **stale-if-error**: when the store raises :class:`DirectoryUnavailable`, an expired answer
   is served (counted in ``stats.stale``) for up to ``stale_if_error`` seconds past expiry; a
   key never seen raises, and the proxy turns that into its "temporarily unavailable" error;
+* **circuit breaker** (:class:`~edge.directory.breaker.Breaker`, shared by a directory's
+  caches): after a failed query, expired answers are served from memory without asking the
+  store and cold keys raise at once, until a background probe reaches the database again;
 * **refresh while serving** (``refresh_window``): an answer that expired less than
   ``refresh_window`` seconds ago is still served, and the first such use starts one background
   query for it (counted in ``stats.refreshes``), so a name in use never waits for the
@@ -32,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from edge.directory.breaker import Breaker
 from edge.errors import DirectoryUnavailable
 
 K = TypeVar("K")
@@ -93,6 +97,7 @@ class LookupCache(Generic[K, V]):
     def __init__(self, name: str, loader: Callable[[K], Awaitable[V | None]], *,
                  max_entries: int, ttl: float, negative_ttl: float, stale_if_error: float,
                  refresh_window: float = 0.0, ttl_spread: float = 0.0,
+                 breaker: Breaker | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not 0.0 <= ttl_spread < 1.0:
             raise ValueError(f"ttl_spread must be in [0, 1), got {ttl_spread!r}")
@@ -105,6 +110,7 @@ class LookupCache(Generic[K, V]):
         self.refresh_window = refresh_window
         self.ttl_spread = ttl_spread
         self._clock = clock
+        self.breaker = breaker
         self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._inflight: dict[K, asyncio.Task[V | None]] = {}
         self._evicted_in_flight: set[K] = set()
@@ -126,8 +132,16 @@ class LookupCache(Generic[K, V]):
         if entry is None:
             return MISS
         now = self._clock()
-        if entry.expires <= now and not self._refreshing(key, entry, now):
-            return MISS
+        if entry.expires <= now:
+            if self.breaker is not None and self.breaker.open:
+                # Known down: answer from memory now rather than wait for a timeout.
+                if now >= entry.expires + self.stale_if_error:
+                    return MISS
+                self.stats.stale += 1
+                self._entries.move_to_end(key)
+                return entry.value
+            if not self._refreshing(key, entry, now):
+                return MISS
         self._entries.move_to_end(key)
         if entry.value is None:
             self.stats.negative_hits += 1
@@ -162,6 +176,11 @@ class LookupCache(Generic[K, V]):
         if not isinstance(value, Miss):
             return value
         self.stats.misses += 1
+        if self.breaker is not None and self.breaker.open:
+            self.stats.errors += 1
+            raise DirectoryUnavailable(
+                f"{self.breaker.last_error} (circuit open: no {self.name} answer cached for "
+                f"{key!r})")
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(self._load(key))
@@ -175,13 +194,17 @@ class LookupCache(Generic[K, V]):
             self.stats.loads += 1
             try:
                 value = await self._loader(key)
-            except DirectoryUnavailable:
+            except DirectoryUnavailable as exc:
+                if self.breaker is not None:
+                    self.breaker.failure(exc)
                 self.stats.errors += 1
                 entry = self._entries.get(key)
                 if entry is not None and self._clock() < entry.expires + self.stale_if_error:
                     self.stats.stale += 1
                     return entry.value
                 raise
+            if self.breaker is not None:
+                self.breaker.success()
             if key in self._evicted_in_flight:
                 return value
             self.put(key, value)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.config import CacheConfig
+from edge.directory.breaker import Breaker
 from edge.directory.cache import MISS, LookupCache, Miss
 from edge.directory.model import Account, Certificate, Change, Host, Site, Tenant
 from edge.directory.names import hostname_or_none, wildcard_parent
@@ -55,6 +56,9 @@ class Directory:
         """The clock every lookup cache's expiry times are on (see :meth:`route_expiry`)."""
         self.config = config = config or CacheConfig()
         self.keybox = keybox
+        self.breaker = Breaker(store.ping, probe_interval=config.probe_interval,
+                               probe_interval_max=config.probe_interval_max)
+        """Shared by every cache below and the change feed: one view of "is the database up"."""
 
         def cache(name: str, loader: Callable[..., Any],
                   size: int | None = None) -> LookupCache[Any, Any]:
@@ -63,7 +67,8 @@ class Directory:
                                negative_ttl=config.negative_ttl,
                                stale_if_error=config.stale_if_error,
                                refresh_window=config.refresh_window,
-                               ttl_spread=config.ttl_spread, clock=clock)
+                               ttl_spread=config.ttl_spread, breaker=self.breaker,
+                               clock=clock)
 
         self.accounts: LookupCache[str, Account] = cache("account", store.fetch_account)
         self.tenants: LookupCache[str, Tenant] = cache("tenant", store.fetch_tenant)
@@ -216,6 +221,10 @@ class Directory:
             for cache in self.caches:
                 cache.clear()
         # Other entities (e.g. "purge") are for subscribers of the feed, not the lookup cache.
+
+    async def close(self) -> None:
+        """Stop the breaker's background probe (the store is closed by its owner)."""
+        await self.breaker.close()
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {cache.name: {**cache.stats.as_dict(), "entries": len(cache)}

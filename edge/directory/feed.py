@@ -10,6 +10,11 @@ Auto-increment ids are handed out at insert but become visible at commit, so on 
 change can appear *behind* the cursor (id 10 commits after id 11 was read). Such holes are
 remembered as gaps and asked for explicitly for ``gap_timeout`` seconds, so a slow
 transaction's change is not lost.
+
+A database outage loses nothing: the cursor stays where it was, so the first poll that reaches
+the database again returns (and applies) every change committed meanwhile, and the gap clock
+restarts then (a writer's transaction can be stuck for as long as the database was). The
+feed's polls also report to the directory's circuit breaker, so a successful poll closes it.
 """
 
 from __future__ import annotations
@@ -73,30 +78,42 @@ class ChangeFeed:
             await asyncio.sleep(self.interval)
             try:
                 await self.poll_once()
-            except DirectoryUnavailable as exc:
-                self.failures += 1
-                if self.healthy:
-                    log.warning("change feed: directory unreachable: %s", exc)
-                self.healthy = False
+            except DirectoryUnavailable:
+                pass  # poll_once recorded it
             except Exception:  # a bug must not stop eviction forever
                 log.exception("change feed: unexpected error")
 
     async def poll_once(self) -> int:
         """Read and apply new changes; returns how many were applied."""
+        try:
+            return await self._poll()
+        except DirectoryUnavailable as exc:
+            self.failures += 1
+            if self.healthy:
+                log.warning("change feed: directory unreachable: %s", exc)
+            self.healthy = False
+            self.directory.breaker.failure(exc)
+            raise
+
+    async def _poll(self) -> int:
         store = self.directory.store
         if self.cursor is None:
             # Started while the database was down: everything cached since may be stale.
             self.cursor = await store.latest_change_id()
             self._apply(Change(0, "all", "*"))
         now = self._clock()
-        for gap, since in list(self._gaps.items()):
-            if now - since > self.gap_timeout:
-                del self._gaps[gap]
+        if self.healthy:  # during an outage a gap's transaction cannot commit either
+            for gap, since in list(self._gaps.items()):
+                if now - since > self.gap_timeout:
+                    del self._gaps[gap]
         changes = await store.fetch_changes(self.cursor, tuple(self._gaps))
         self.last_poll = time.time()
         if not self.healthy:
             log.info("change feed: directory reachable again")
+            now = self._clock()
+            self._gaps = dict.fromkeys(self._gaps, now)
         self.healthy = True
+        self.directory.breaker.success()
         for change in changes:
             if change.id in self._gaps:
                 del self._gaps[change.id]

@@ -221,6 +221,7 @@ async def _main(spec: WorkerSpec) -> int:
     stats_task.cancel()
     opener.cancel()
     await feed.stop()
+    await directory.close()
     with contextlib.suppress(Exception):
         await store.close()
     log.info("worker stopped")
@@ -270,6 +271,8 @@ async def _export_loop(spec: WorkerSpec, directory: Directory, feed: ChangeFeed,
         try:
             exporter.export(directory.stats())
             metrics.export_feed(feed.healthy, feed.last_poll, time.time())
+            metrics.export_breaker(directory.breaker.open,
+                                   directory.breaker.seconds_since_success())
             for name, proxy in proxies.items():
                 metrics.ACTIVE_SESSIONS.labels(proxy=name).set(proxy.active_sessions())
         except Exception:
