@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+
 def write_seeds(directory: Path, seeds: list[bytes]) -> None:
     """Seed inputs as a libFuzzer corpus directory."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ its server name is a normalisable hostname or None."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import sys
 
@@ -59,10 +60,8 @@ def _real_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes
         ctx.set_alpn_protocols(alpn)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     client = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         client.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 

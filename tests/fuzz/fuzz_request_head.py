@@ -14,7 +14,6 @@ import sys
 
 import h11
 import httptools
-
 from _harness import instrumented, main, split
 
 with instrumented("httpproxy.connection", "edge.directory.names"):
@@ -74,7 +73,7 @@ def check_route_key(value: bytes) -> None:
 
 
 def check(data: bytes) -> None:
-    steer, payload = split(data)
+    _, payload = split(data)
     check_route_key(payload[:300])
     head = payload if payload.endswith(b"\r\n\r\n") else payload + b"\r\n\r\n"
     ours, theirs = llhttp_view(head), h11_view(head)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 
 import h11
-
 from _harness import instrumented, main, split
 
 with instrumented("httpproxy.upstream"):
