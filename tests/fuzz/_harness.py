@@ -31,8 +31,11 @@ Check = Callable[[bytes], None]
 
 def instrumented(*packages: str) -> AbstractContextManager[object]:
     """Imports inside this block get atheris's coverage counters (only these packages: the
-    parsers, not asyncio or the stdlib). Without atheris it does nothing, so a target's
-    ``check`` stays importable (and usable with hypothesis) where atheris is missing."""
+    parsers, not asyncio or the stdlib) when a target runs as the fuzzer. Imported by pytest
+    (tests/test_hostile_parsers.py runs each ``check`` under hypothesis) or without atheris it
+    does nothing."""
+    if not Path(sys.argv[0]).name.startswith("fuzz_"):
+        return contextlib.nullcontext()
     try:
         import atheris
     except ImportError:
