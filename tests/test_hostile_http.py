@@ -87,11 +87,18 @@ async def test_forwarded_heads_are_ones_a_strict_parser_accepts(heads: list[byte
     async with fresh_service() as service, running(service.store, service, backends=2) as (
             edge, (a, b)):
         for head in heads:
-            before = len(a.requests) + len(b.requests)
-            raw = await raw_exchange(edge.port, head, timeout=20)
-            got = [status for status in statuses(raw) if status >= 200]  # 100 Continue is fine
-            assert len(got) <= 1, (head, raw[:300])
-            forwarded = [*a.requests, *b.requests][before:]
+            before = (len(a.requests), len(b.requests))
+            # An empty chunked body follows every head (a declared body must end for the
+            # request to complete; for a head without one it is a pipelined bad request).
+            try:
+                raw = await raw_exchange(edge.port, head + b"0\r\n\r\n", timeout=10)
+            except TimeoutError:
+                # Still waiting for a body its head announced (Content-Length: 1 got "0" and
+                # waits on), which is right; anything else must be answered.
+                assert b"content-length" in head.lower(), head
+                continue
+            assert statuses(raw), (head, raw[:300])
+            forwarded = a.requests[before[0]:] + b.requests[before[1]:]
             if not forwarded:
                 continue
             # RFC 9112 §3: a recipient MAY split the request line on runs of whitespace.
