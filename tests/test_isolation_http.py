@@ -152,3 +152,20 @@ async def test_absolute_form_for_its_own_host_is_rewritten(service: DirectorySer
                              b"Connection: close\r\n\r\n")
         assert got == [200], raw[:300]
         assert [r["path"] for r in b.requests] == ["/p"] and a.requests == []
+
+
+async def test_idn_site_and_its_lookalikes(service: DirectoryService) -> None:
+    """An IDN site (www.bücher.test, tenant tb) is reached by its A-label in any case; raw
+    UTF-8 in Host (not a valid Host: RFC 3986 reg-name is ASCII) is routed nowhere; ASCII and
+    Cyrillic lookalikes are other names."""
+    async with running(service.store, service, backends=2) as (edge, (a, b)):
+        await service.add_site("www.bücher.test", "tb")
+        await edge.sync()
+        for host, status in ((b"www.xn--bcher-kva.test", 200), (b"WWW.XN--BCHER-KVA.TEST.", 200),
+                             (b"www.bucher.test", 404), (b"www.b\xc3\xbccher.test", 404),
+                             ("www.bü\u0441her.test".encode(), 404),  # Cyrillic es
+                             (b"www.xn--bcher-kva.test.a.test", 404)):
+            got, raw = await one(edge, b"GET /i HTTP/1.1\r\nHost: %s\r\nConnection: close"
+                                 b"\r\n\r\n" % host)
+            assert got == [status], (host, raw[:300])
+        assert a.requests == [] and len(b.requests) == 2
