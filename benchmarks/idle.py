@@ -11,8 +11,8 @@ loopback client may hold them all) with a tiny in-process HTTP backend, then ope
 * FTP: ``220`` greeting read, then idle before ``USER``.
 
 It samples every worker's RSS and open file descriptors, and the proxy's own
-``edge_active_sessions`` (from ``/metrics``; SSH and FTP sessions, an idle HTTP
-keep-alive connection is not one), before, while all are open, and after they are
+``edge_active_sessions`` (from ``/metrics``; an SSH connection counts only once logged in,
+so the SSH ones here are not in it), before, while all are open, and after they are
 closed, and prints whether RSS and fds came back to within 10 % of the baseline. asyncio task
 counts are not exposed by a worker, so ``edge_active_sessions`` stands for them.
 ``--soak S`` then keeps a third of the connections open for S seconds while cycling the rest
@@ -130,9 +130,12 @@ async def open_many(count: int, ports: dict[str, int], concurrency: int = 200,
                     ) -> list[asyncio.StreamWriter]:
     gate = asyncio.Semaphore(concurrency)
 
+    kinds = list(ports)
+
     async def one(i: int) -> asyncio.StreamWriter:
+        kind = kinds[i % len(kinds)]
         async with gate:
-            return await asyncio.wait_for(open_one(PROTOCOLS[i % 3], ports[PROTOCOLS[i % 3]]), 60)
+            return await asyncio.wait_for(open_one(kind, ports[kind]), 60)
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
@@ -233,7 +236,7 @@ async def run(args: argparse.Namespace) -> int:
         await init_ssh_keys(workdir, workdir / "edge.toml")
         async with await start_edge(workdir, toml, workers=args.workers,
                                     expect=PROTOCOLS) as edge:
-            ports = {p: edge.ports[p] for p in PROTOCOLS}
+            ports = {p: edge.ports[p] for p in args.protocols}
             await asyncio.sleep(1)
             before = await sample("before", edge)
             samples = [before]
@@ -262,7 +265,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace, samples: list[Sample], opened: float) -> None:
     n = args.connections
-    print(f"{n} connections ({n // 3 + (n % 3 > 0)} HTTP keep-alive, SSH pre-kex, FTP pre-USER) "
+    kinds = {"http": "HTTP keep-alive", "ssh": "SSH pre-kex", "ftp": "FTP pre-USER"}
+    print(f"{n} connections (evenly {', '.join(kinds[p] for p in args.protocols)}) "
           f"on {args.workers} worker(s), opened in {opened:.1f} s")
     print(f"{'':<24}{'worker RSS MiB':>16}{'fds':>8}{'sessions':>10}")
     for s in samples:
@@ -278,11 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--protocols", type=lambda v: v.split(","), default=list(PROTOCOLS),
+                        help="comma-separated subset of http,ssh,ftp (default: all three)")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds all stay open idle")
     parser.add_argument("--rounds", type=int, default=2,
                         help="open/hold/close this many times (growth after round 1 = leak)")
     parser.add_argument("--soak", type=float, default=0.0, help="then cycle for this long")
     args = parser.parse_args(argv)
+    if not args.protocols or set(args.protocols) - set(PROTOCOLS):
+        parser.error("--protocols: a comma-separated subset of http,ssh,ftp")
     return asyncio.run(run(args))
 
 

@@ -28,8 +28,8 @@ def test_idle_benchmark_smoke() -> None:
             for m in re.finditer(r"^(\S.*?)\s+([\d.]+)\s+(\d+)\s+(\d+)$", out, re.MULTILINE)}
     before, during, after = rows["before"], rows["1: 0.5 s idle"], rows["1: after close"]
     assert during[1] - before[1] >= 150, out  # one fd per client connection while open
-    # 50 SSH + 50 FTP sessions (an idle HTTP connection is none; the baseline may still hold
-    # the start-up probe's SSH connection)
+    # 50 HTTP + 50 FTP sessions (an SSH connection counts once logged in; the baseline may
+    # still hold the start-up probe's connection)
     assert 100 <= during[2] <= 100 + before[2], out
     assert after[1] <= before[1] and after[2] <= before[2], out
     assert "soak 2 s: RSS KiB" in out, out
