@@ -61,7 +61,11 @@ async def one(edge: Edge, request: bytes) -> tuple[list[int], bytes]:
 
 
 # (request head, expected status): each names something that is not the site the
-# connection may reach; nothing may reach backend b or the forbidden listener.
+# connection may reach; nothing may reach backend b or the forbidden listener. SYNTAX: a Host
+# that is not valid RFC 9110 syntax may be refused as 400 (bad request) or 404 (no such site).
+SYNTAX = -1
+
+
 def refused_requests(port: int) -> list[tuple[bytes, int]]:
     return [
         # absolute-form naming another tenant / a raw address, Host naming ours
@@ -76,9 +80,9 @@ def refused_requests(port: int) -> list[tuple[bytes, int]]:
         # hosts that are not sites
         (b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port, 404),
         (b"GET / HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % port, 404),
-        (b"GET / HTTP/1.1\r\nHost: [::1]:%d\r\n\r\n" % port, 404),
+        (b"GET / HTTP/1.1\r\nHost: [::1]:%d\r\n\r\n" % port, SYNTAX),
         # userinfo in Host: never routed to the part after '@'
-        (b"GET / HTTP/1.1\r\nHost: www.a.test@www.b.test\r\n\r\n", 404),
+        (b"GET / HTTP/1.1\r\nHost: www.a.test@www.b.test\r\n\r\n", SYNTAX),
         # wildcard boundaries: *.a.test covers one label under a.test, nothing else
         (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", 404),
         (b"GET / HTTP/1.1\r\nHost: xa.test\r\n\r\n", 404),
@@ -91,7 +95,7 @@ def refused_requests(port: int) -> list[tuple[bytes, int]]:
         # two Host headers naming two tenants
         (b"GET / HTTP/1.1\r\nHost: www.a.test\r\nHost: www.b.test\r\n\r\n", 400),
         # an empty Host / none at all
-        (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", 404),
+        (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", SYNTAX),
         (b"GET / HTTP/1.1\r\n\r\n", 400),
     ]
 
@@ -101,7 +105,7 @@ async def test_requests_naming_no_site_of_theirs_reach_nobody(service: Directory
         for request, status in refused_requests(trap.port):
             # (Connection: close: a refusal that keeps the connection open then ends it too)
             got, raw = await one(edge, request[:-2] + b"Connection: close\r\n\r\n")
-            assert got == [status], (request, raw[:300])
+            assert got == [status] or (status == SYNTAX and got in ([400], [404])), (request, raw[:300])
         assert b.requests == [] and trap.seen == []
         # Nothing reached backend a either: each of those requests was refused at the edge.
         assert a.requests == []
@@ -162,10 +166,10 @@ async def test_idn_site_and_its_lookalikes(service: DirectoryService) -> None:
         await service.add_site("www.bücher.test", "tb")
         await edge.sync()
         for host, status in ((b"www.xn--bcher-kva.test", 200), (b"WWW.XN--BCHER-KVA.TEST.", 200),
-                             (b"www.bucher.test", 404), (b"www.b\xc3\xbccher.test", 404),
+                             (b"www.bucher.test", 404), (b"www.b\xc3\xbccher.test", SYNTAX),
                              ("www.bü\u0441her.test".encode(), 404),  # Cyrillic es
                              (b"www.xn--bcher-kva.test.a.test", 404)):
             got, raw = await one(edge, b"GET /i HTTP/1.1\r\nHost: %s\r\nConnection: close"
                                  b"\r\n\r\n" % host)
-            assert got == [status], (host, raw[:300])
+            assert got == [status] or (status == SYNTAX and got in ([400], [404])), (host, raw[:300])
         assert a.requests == [] and len(b.requests) == 2
