@@ -380,9 +380,8 @@ def _tls_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nginx-certs", type=int, default=10_000,
                         help="largest SNI set also served by nginx (its config preloads them)")
     parser.add_argument("--edge-tickets", action="store_true",
-                        help="leave the edge's TLS 1.3 session tickets on (the product default; "
-                             "nginx runs with tickets off, so the default comparison turns the "
-                             "edge's off too)")
+                        help="turn the edge's TLS session tickets on (off by default, like nginx "
+                             "in this comparison and like the product default)")
 
 
 async def directory_certificates(url: str, count: int) -> list[tuple[list[str], str, str]]:
