@@ -170,13 +170,16 @@ def alert_bytes(description: str) -> bytes:
     return bytes((21, 3, 3, 0, 2, 2, code))
 
 
-def _looks_like_http(prefix: bytes) -> bool:
-    """True if ``prefix`` is (a prefix of) an HTTP request line's method and space."""
+def _looks_like_http(prefix: bytes) -> bool | None:
+    """True if ``prefix`` starts with an HTTP request line's method and space, None if it is
+    still too short to tell (a part of one, as "P" of "POST "), else False. Waiting for the
+    whole method makes the verdict the same however the bytes are split (at most 8 bytes)."""
+    undecided = False
     for method in _HTTP_METHODS:
-        n = min(len(prefix), len(method))
-        if prefix[:n] == method[:n]:
+        if prefix.startswith(method):
             return True
-    return False
+        undecided = undecided or method.startswith(prefix)
+    return None if undecided else False
 
 
 class ClientHelloReader:
@@ -252,7 +255,8 @@ class ClientHelloReader:
         buf = self._buf
         buf += data
         if buf and buf[0] != _CONTENT_HANDSHAKE:
-            self._check_first_bytes(bytes(buf[:8]))  # always raises
+            self._check_first_bytes(bytes(buf[:8]))  # raises unless more bytes could tell
+            return None
         while True:
             pos = self._pos
             if len(buf) - pos < _RECORD_HEADER:
@@ -313,8 +317,12 @@ class ClientHelloReader:
         )
 
     def _check_first_bytes(self, head: bytes) -> None:
-        """Refuse a stream not starting with a handshake record; say why (HTTP? SSLv2?)."""
-        if _looks_like_http(head):
+        """Refuse a stream not starting with a handshake record; say why (HTTP? SSLv2?).
+        Returns only when ``head`` may be the start of an HTTP method: more bytes decide."""
+        http = _looks_like_http(head)
+        if http is None:
+            return
+        if http:
             raise ClientHelloError(
                 "unexpected_message",
                 "plain HTTP request sent to the TLS port "

@@ -215,8 +215,14 @@ def _strip_target(target: str) -> str:
 
 
 def _decode_once(path: str) -> str:
-    raw = unquote_to_bytes(path.encode("utf-8", "surrogatepass"))
-    return raw.decode("utf-8", "surrogateescape")
+    # surrogateescape first: an undecodable byte from an earlier round (0xFF -> U+DCFF) must
+    # become that byte again, not the UTF-8 of the surrogate, or "%FF" would normalise
+    # differently depending on how many rounds the rest of the path needs.
+    try:
+        data = path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate the target itself held
+        data = path.encode("utf-8", "surrogatepass")
+    return unquote_to_bytes(data).decode("utf-8", "surrogateescape")
 
 
 def normalise_path(target: str) -> str | None:

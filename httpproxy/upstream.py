@@ -41,6 +41,16 @@ _CONN_NAMES = re.compile(
     rb"\r\nconnection[ \t]*:(?![ \t]*(?:keep-alive|close|upgrade)[ \t]*\r)", re.IGNORECASE)
 """A Connection header naming more than keep-alive/close/upgrade: other headers to remove."""
 _KEPT_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+_FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*+"
+_STRICT_HEAD = re.compile(
+    rb"HTTP/1\.[01] [0-9]{3}(?: " + _FIELD_VALUE + rb")?\r\n"
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]++:" + _FIELD_VALUE + rb"\r\n)*+(?:\r\n)?")
+"""A response head as RFC 9112 writes it: every line ends in CRLF, field names are tokens,
+values and the reason phrase hold no control byte but HTAB (no NUL, bare CR or LF, obs-fold).
+A client splits such a head into the same lines as the proxy; one that is not may be split
+differently (a bare LF hiding ``Transfer-Encoding`` next to the Content-Length the proxy
+counts). Possessive quantifiers: one pass, no backtracking (~1.7 µs for a 230-byte head)."""
+_STRICT_VALUE = re.compile(_FIELD_VALUE)
 
 HeadFacts = tuple[bytes, int, bool, int, bytes]
 """What :func:`examine_head` finds: (the head as received, its simple body length or -1,
@@ -58,6 +68,9 @@ def examine_head(head: bytes, status: int) -> HeadFacts:
     request). Anything unusual (two framing headers, a malformed value, HTTP/1.0, 204/304)
     goes to llhttp.
 
+    Only a strict head (:func:`is_strict_head`) gets a simple length: the proxy forwards
+    what it counts, so the client must read the same lines.
+
     *Stripped head*: without ``Connection``, ``Keep-Alive``, ``Proxy-Connection`` and the
     headers ``Connection`` names (RFC 9110 §7.6.1); the status line is kept whatever it says.
 
@@ -68,7 +81,8 @@ def examine_head(head: bytes, status: int) -> HeadFacts:
     length = -1
     if status not in (204, 304) and head.startswith(b"HTTP/1.1 "):
         match = _LENGTH.search(head)
-        if match is not None and len(_FRAMING.findall(head)) == 1:
+        if (match is not None and len(_FRAMING.findall(head)) == 1
+                and _STRICT_HEAD.fullmatch(head) is not None):
             length = int(match.group(1))
     stripped, hop_headers = _HOP.subn(b"", head)
     if not hop_headers:
@@ -100,7 +114,7 @@ class HeadTemplate:
 
     The last head is kept as the bytes around those two values (``pre`` | date | ``mid`` |
     digits | ``post``). A new head matches only if it is those same bytes around a date of
-    the same length without CR or LF, and 1-15 ASCII digits. It then has the same header
+    the same length of field-value bytes (no CR, LF, NUL), and 1-15 ASCII digits. It then has the same header
     lines in the same order, so the same framing (one plain Content-Length), the same
     ``Connection`` verdict and the same hop-by-hop lines, each inside one of the three parts
     (a value never spans a line break). Anything else is examined in full. A head whose
@@ -151,11 +165,17 @@ class HeadTemplate:
                 or head[mid_at:digits_at] != self.mid):
             return None
         date = head[self.date_at:mid_at]
-        if b"\r" in date or b"\n" in date:
+        if _STRICT_VALUE.fullmatch(date) is None:  # the rest of the head was strict
             return None
         spre, smid, spost = self.stripped
         return (head, int(digits), self.close, self.status,
                 b"".join((spre, date, smid, digits, spost)))
+
+
+def is_strict_head(head: bytes) -> bool:
+    """True if ``head`` (status line and header lines, blank line optional) is one every
+    client reads as the proxy does; any other is refused (502), never forwarded."""
+    return _STRICT_HEAD.fullmatch(head) is not None
 
 
 def is_close_delimited(head: bytes, status: int) -> bool:
@@ -359,7 +379,11 @@ class BackendConnection(asyncio.Protocol):
             sink.response_upgrade(self, head, rest)
             return
         if head != framing[0]:
-            framing = self._last_framing = self._examine(head, status)
+            facts = self._examine(head, status)
+            if facts is None:
+                self._fail("invalid")
+                return
+            framing = self._last_framing = facts
         length = -1 if self.head_request else framing[1]
         extra = False
         if length >= 0:
@@ -412,8 +436,9 @@ class BackendConnection(asyncio.Protocol):
             except httptools.HttpParserError:
                 self._fail("truncated")
 
-    def _examine(self, head: bytes, status: int) -> HeadFacts:
-        """:func:`examine_head`, through this connection's :class:`HeadTemplate` when it fits."""
+    def _examine(self, head: bytes, status: int) -> HeadFacts | None:
+        """:func:`examine_head`, through this connection's :class:`HeadTemplate` when it fits;
+        None for a head that is not strict (:func:`is_strict_head`)."""
         template = self._template
         if template is not None:
             facts = template.match(head)  # its status line is part of the template
@@ -422,6 +447,11 @@ class BackendConnection(asyncio.Protocol):
                 return facts
             self._misfits += 1
         facts = examine_head(head, status)
+        # A simple length was only given to a strict head; any other is checked here, as
+        # llhttp lets some through (controls in the reason phrase) and never sees a response
+        # to HEAD.
+        if facts[1] < 0 and not is_strict_head(head):
+            return None
         # A backend whose heads differ in more than Date and Content-Length (ETag, cookies)
         # would pay for a template per response: stop trying after a few misfits in a row.
         self._template = HeadTemplate.of(facts) if self._misfits < TEMPLATE_TRIES else None

@@ -327,9 +327,14 @@ def test_plain_http_detected(request_line: bytes) -> None:
     exc = refused(request_line)
     assert exc.plain_http
     assert "plain HTTP" in str(exc)
-    # Already decided from the first byte, byte-at-a-time.
+    # Byte-at-a-time, decided as soon as the method and its space are in (not on the first
+    # byte: "P" may start "POST " or "PROXY TCP4", which is no HTTP request).
+    method_and_space = request_line.index(b" ") + 1
+    reader = ClientHelloReader()
+    for i in range(method_and_space - 1):
+        assert reader.feed(request_line[i:i + 1]) is None
     with pytest.raises(ClientHelloError) as info:
-        ClientHelloReader().feed(request_line[:1])
+        reader.feed(request_line[method_and_space - 1:method_and_space])
     assert info.value.plain_http
 
 

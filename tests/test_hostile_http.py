@@ -139,3 +139,49 @@ async def test_backend_head_with_bare_lf_is_refused(service: DirectoryService) -
         await edge.proxy.drain()
         await edge.proxy.close()
         server.close()
+
+
+@pytest.mark.parametrize(("method", "head"), [
+    ("GET", b"HTTP/1.1 200 OK\r\nX-A: a\rTransfer-Encoding: chunked\r\nContent-Length: 5\r\n"),
+    ("GET", b"HTTP/1.1 200 OK\r\nX-A: a\x00\r\nContent-Length: 5\r\n"),
+    ("GET", b"HTTP/1.1 200 OK\r\nX-A: a\r\n Transfer-Encoding: chunked\r\nContent-Length: 5\r\n"),
+    ("GET", b"HTTP/1.1 200 OK\r\nX\xff: a\r\nContent-Length: 5\r\n"),
+    ("GET", b"HTTP/1.1 200 O\x00K\r\nContent-Length: 5\r\n"),  # llhttp takes this one
+    ("HEAD", b"HTTP/1.1 200 OK\r\nX-A: a\nTransfer-Encoding: chunked\r\n"),  # llhttp never sees it
+])
+async def test_backend_head_that_is_not_strict_is_refused(service: DirectoryService, method: str,
+                                                          head: bytes) -> None:
+    """Any head a strict parser refuses (bare CR, NUL, obs-fold, a byte outside a token in a
+    name, a control in the reason phrase), on either framing path and in answer to HEAD, is a
+    502 and the backend connection is dropped: the next request gets a clean answer."""
+    served = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                served += 1
+                body = b"" if method == "HEAD" and served == 1 else b"hello"
+                reply = head if served == 1 else b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+                writer.write(reply + b"\r\n" + body)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    await service.add_host("raw", "127.0.0.1", http_port=port)
+    await service.add_tenant("traw", "raw")
+    await service.add_site("www.raw.test", "traw")
+    edge = await start_edge(service.store, service)
+    try:
+        request = f"{method} / HTTP/1.1\r\nHost: www.raw.test\r\n\r\n".encode()
+        raw = await raw_exchange(edge.port, request + b"GET /next HTTP/1.1\r\nHost: www.raw.test"
+                                 b"\r\nConnection: close\r\n\r\n", timeout=20)
+        assert statuses(raw) == [502, 200], raw
+        assert b"X-A" not in raw and b"\x00" not in raw and b"\xff" not in raw
+        assert raw.endswith(b"hello")
+    finally:
+        await edge.proxy.drain()
+        await edge.proxy.close()
+        server.close()

@@ -45,10 +45,8 @@ def test_clienthello_plain_http_is_recognised_in_any_split(request_line: bytes, 
 # -- the fuzz targets' properties under hypothesis (no atheris needed) -------------------------
 
 FUZZ = Path(__file__).resolve().parent / "fuzz"
-# fuzz_response_head stays with atheris only: its bare-LF property fails today (see
-# tests/test_hostile_http.py::test_backend_head_with_bare_lf_is_refused).
 HYPOTHESIS_TARGETS = ["fuzz_proxyproto", "fuzz_ftp", "fuzz_clienthello", "fuzz_request_head",
-                      "fuzz_rules"]
+                      "fuzz_response_head", "fuzz_rules"]
 
 
 def fuzz_target(name: str) -> ModuleType:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from httpproxy.upstream import HeadTemplate, examine_head
+from httpproxy.upstream import HeadTemplate, examine_head, is_strict_head
 
 # -- the reference: five separate scans, as before examine_head ------------------------------
 
@@ -23,8 +24,28 @@ _RESP_HOP = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection)[ \t]*:[
                        re.IGNORECASE)
 
 
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_VALUE = frozenset(b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)))
+
+
+def reference_strict(head: bytes) -> bool:
+    """RFC 9112 line by line: CRLF line ends, token names, values without control bytes."""
+    if not head.endswith(b"\r\n"):
+        return False
+    status_line, *lines = head[:-2].split(b"\r\n")
+    if not all(b in _VALUE for b in status_line):
+        return False
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not all(b in _TOKEN for b in name):
+            return False
+        if not all(b in _VALUE for b in value):
+            return False
+    return True
+
+
 def reference_length(head: bytes, status: int) -> int:
-    if status in (204, 304) or not head.startswith(b"HTTP/1.1 "):
+    if status in (204, 304) or not head.startswith(b"HTTP/1.1 ") or not reference_strict(head):
         return -1
     match = _LENGTH.search(head)
     if match is None or len(_FRAMING.findall(head)) != 1:
@@ -144,3 +165,43 @@ def test_a_template_answers_as_examine_head_would_or_not_at_all(
         plain = _with_values(first, b"Wed, 25 Nov 2026 03:15:01 GMT" if with_date else None,
                              b"1234")
         assert template.match(plain) == examine_head(plain, 200)
+
+
+# -- strict heads: the only ones forwarded -----------------------------------------------------
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nX-A: a\nTransfer-Encoding: chunked\r\nContent-Length: 20\r\n",  # bare LF
+    b"HTTP/1.1 200 OK\r\nX-A: a\rTransfer-Encoding: chunked\r\nContent-Length: 20\r\n",  # bare CR
+    b"HTTP/1.1 200 OK\r\nX-A: a\x00\r\nContent-Length: 20\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 20\r\n",  # obs-fold
+    b"HTTP/1.1 200 OK\r\nX\xff: a\r\nContent-Length: 20\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length : 20\r\n",
+    b"HTTP/1.1 200 OK\r\n: a\r\nContent-Length: 20\r\n",
+    b"HTTP/1.1 200 OK\r\nno colon\r\nContent-Length: 20\r\n",
+    b"HTTP/1.1 200 O\x00K\r\nContent-Length: 20\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: \x7f\r\nContent-Length: 20\r\n",
+    # the fuzz crash input (tests/fuzz/fuzz_response_head.py)
+    b"HTTP/1.1 200 OK\r\nDate: Mod, 07 Dec:\nConten00 GMT\r\nContent-Length: 11\r\n"
+    b"Con\xff\xff\xff\xffion: keep-alive\r\n",
+])
+def test_a_head_that_is_not_strict_gets_no_simple_length(head: bytes) -> None:
+    assert not is_strict_head(head)
+    assert examine_head(head, 200)[1] == -1
+    assert HeadTemplate.of(examine_head(head, 200)) is None
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n", b"HTTP/1.1 200\r\nContent-Length: 5\r\n",
+    b"HTTP/1.0 404 Not Found\r\n", b"HTTP/1.1 200 OK\r\nX-A: caf\xc3\xa9\t \r\nX-B:\r\n\r\n",
+])
+def test_a_strict_head_is_accepted(head: bytes) -> None:
+    assert is_strict_head(head)
+
+
+def test_a_template_does_not_let_a_control_byte_in_through_the_date() -> None:
+    first = b"HTTP/1.1 200 OK\r\nDate: Mon, 07 Dec 2026 10:00:00 GMT\r\nContent-Length: 5\r\n"
+    template = HeadTemplate.of(examine_head(first, 200))
+    assert template is not None
+    assert template.match(first.replace(b"10:00:00", b"10:00:01")) is not None
+    for bad in (b"10:00\n01", b"10:00\x0001", b"10:00\r01", b"10:00\x0b01"):
+        assert template.match(first.replace(b"10:00:00", bad)) is None

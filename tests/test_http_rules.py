@@ -108,6 +108,9 @@ def test_request_head_from_pairs() -> None:
     ("HTTPS://example.com", "/"),
     ("/caf%C3%A9", "/café"),
     ("/%ff", "/\udcff"),                      # undecodable UTF-8 kept (surrogate escape)
+    ("/%ff%2525", "/\udcff%"),                # ... the same byte however many rounds follow
+    # found by tests/fuzz/fuzz_rules.py: the surrogate was re-encoded as UTF-8 each round
+    ("/az/%2e%2eez/%2e%2e/%2523e%FFFF%FFFFFFFFFFx#y", "/az/#e\udcffFF\udcffFFFFFFFFx"),
     ("/100%", "/100%"),                        # stray percent
     ("/%zz", "/%zz"),
 ])

@@ -3,7 +3,9 @@
 Properties: examine_head never raises; the stripped head keeps the status line and holds no
 hop-by-hop header (Connection, Keep-Alive, Proxy-Connection, or one Connection names); a
 "simple length" is only claimed for a head h11 reads as one Content-Length of that value
-without Transfer-Encoding; a HeadTemplate answers exactly as examine_head or not at all."""
+without Transfer-Encoding, and only for a strict head; a head with a bare CR or LF is never
+strict, and one h11 reads without bare CR/LF is (the connection refuses the others with a 502);
+a HeadTemplate answers exactly as examine_head or not at all."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import h11
 from _harness import instrumented, main, split
 
 with instrumented("httpproxy.upstream"):
-    from httpproxy.upstream import HeadTemplate, examine_head
+    from httpproxy.upstream import HeadTemplate, examine_head, is_strict_head
 
 HOP = {b"connection", b"keep-alive", b"proxy-connection"}
 
@@ -44,6 +46,17 @@ def check_head(head: bytes, status: int) -> None:
     headers = h11_view(head)
     if length >= 0 and bare:
         raise AssertionError(f"simple length claimed for a head with bare CR/LF: {head!r}")
+    strict = is_strict_head(head)
+    if length >= 0 and not strict:
+        raise AssertionError(f"simple length claimed for a head that is not strict: {head!r}")
+    if bare and strict:
+        raise AssertionError(f"a head with bare CR/LF counts as strict: {head!r}")
+    # h11 lets control bytes (but NUL) through in values and unfolds obs-fold; RFC 9110 §5.5
+    # and RFC 9112 §5.2 let a proxy refuse both, and llhttp does.
+    controls = any((b < 0x20 and b not in b"\t\r\n") or b == 0x7F for b in head)
+    folded = b"\n " in head or b"\n\t" in head
+    if headers is not None and not bare and not controls and not folded and not strict:
+        raise AssertionError(f"h11 reads it but the proxy would refuse it: {head!r}")
     if headers is not None and not bare:
         assert stripped.split(b"\r\n", 1)[0] == head.split(b"\r\n", 1)[0]
         named = {t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")}
@@ -53,7 +66,8 @@ def check_head(head: bytes, status: int) -> None:
                                                                       b"upgrade", b"")), line
         if length >= 0:
             lengths = [v for k, v in headers if k == b"content-length"]
-            assert lengths == [str(length).encode()] or lengths == [b"%d" % length], lengths
+            # h11 keeps the digits as sent ("01" is a valid length of 1, RFC 9110 §8.6).
+            assert [int(v) for v in lengths] == [length], lengths
             assert not [k for k, _ in headers if k == b"transfer-encoding"]
 
 
