@@ -2,9 +2,13 @@
 
 ``python -m benchmarks.idle [--connections 10000] [--workers 1] [--hold 5] [--soak SECONDS]``
 
-Starts ``edge serve`` (SQLite directory, HTTP + SSH + FTP listeners, limits raised so one
-loopback client may hold them all) with a tiny in-process HTTP backend, then opens
-``--connections`` client connections spread evenly over the three protocols:
+Starts ``edge serve`` (SQLite directory, HTTP + SSH + FTP listeners) with a tiny in-process
+HTTP backend, then opens ``--connections`` client connections spread evenly over the three
+protocols, and round-robin over ``--sources`` loopback source addresses (127.1.x.y) so the
+default per-IP caps (``[limits] max_unauthenticated_per_ip = 20``, ``max_connections_per_ip =
+200``, ``[http] max_connections_per_ip = 256``) are not what is measured: the configuration
+is the default one except ``login_grace_time`` (raised past ``--hold``: the default 30 s would
+cut the idle SSH/FTP logins), no access log and a 1 s backend pool idle time.
 
 * HTTP: one ``GET`` answered through the backend, then idle on keep-alive;
 * SSH: banner exchanged, then idle before key exchange (a client that connected and waits);
@@ -105,8 +109,13 @@ async def init_ssh_keys(workdir: Path, config: Path) -> None:
         raise RuntimeError(f"edge init --ssh-keys failed: {err.decode(errors='replace')}")
 
 
-async def open_one(protocol: str, port: int) -> asyncio.StreamWriter:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+def source_addresses(count: int) -> list[str]:
+    """``count`` loopback addresses outside 127.0.0.x (Linux routes all of 127/8 to lo)."""
+    return [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(count)]
+
+
+async def open_one(protocol: str, port: int, source: str) -> asyncio.StreamWriter:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     if protocol == "http":
         writer.write(b"GET / HTTP/1.1\r\nHost: " + SITE.encode() + b"\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")
@@ -126,16 +135,17 @@ async def open_one(protocol: str, port: int) -> asyncio.StreamWriter:
     return writer
 
 
-async def open_many(count: int, ports: dict[str, int], concurrency: int = 200,
-                    ) -> list[asyncio.StreamWriter]:
+async def open_many(count: int, ports: dict[str, int], sources: Sequence[str],
+                    concurrency: int = 200) -> list[asyncio.StreamWriter]:
     gate = asyncio.Semaphore(concurrency)
 
     kinds = list(ports)
 
     async def one(i: int) -> asyncio.StreamWriter:
         kind = kinds[i % len(kinds)]
+        source = sources[(i // len(kinds)) % len(sources)]
         async with gate:
-            return await asyncio.wait_for(open_one(kind, ports[kind]), 60)
+            return await asyncio.wait_for(open_one(kind, ports[kind], source), 60)
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
@@ -179,13 +189,14 @@ async def settle(edge: Child, limit: float = 30.0) -> None:
         await asyncio.sleep(1.5)
 
 
-async def soak(edge: Child, ports: dict[str, int], connections: int, seconds: float) -> list[int]:
+async def soak(edge: Child, ports: dict[str, int], sources: Sequence[str], connections: int,
+               seconds: float) -> list[int]:
     """A third held open, the rest cycled, RSS sampled each second; returns the RSS series."""
-    held = await open_many(connections // 3, ports)
+    held = await open_many(connections // 3, ports, sources)
     series: list[int] = []
     stop = time.monotonic() + seconds
     while time.monotonic() < stop:
-        batch = await open_many(max(3, connections // 30), ports)
+        batch = await open_many(max(3, connections // 30), ports, sources)
         await close_all(batch)
         series.append(sum(rss_kib(p) for p in worker_pids(edge)))
         await asyncio.sleep(1)
@@ -197,7 +208,7 @@ async def one_round(edge: Child, ports: dict[str, int], args: argparse.Namespace
                     round_no: int) -> tuple[float, Sample, Sample]:
     """Open every connection, hold them idle, close them; (seconds to open, during, after)."""
     started = time.perf_counter()
-    writers = await open_many(args.connections, ports)
+    writers = await open_many(args.connections, ports, source_addresses(args.sources))
     opened = time.perf_counter() - started
     await settle(edge)
     await asyncio.sleep(args.hold)
@@ -225,10 +236,9 @@ async def run(args: argparse.Namespace) -> int:
         await provision(database, backend_port)
         big = float(args.hold + 600)
         toml = edge_toml(database, {
-            "limits": {"max_unauthenticated_per_ip": args.connections * 2,
-                       "max_connections_per_ip": args.connections * 2, "login_grace_time": big},
-            "http": {"listen": ["127.0.0.1:0"], "header_timeout": big, "keepalive_timeout": big,
-                     "access_log": "off", "pool_idle_timeout": POOL_IDLE},
+            "limits": {"login_grace_time": big},
+            "http": {"listen": ["127.0.0.1:0"], "access_log": "off",
+                     "pool_idle_timeout": POOL_IDLE},
             "ssh": {"listen": ["127.0.0.1:0"], "host_key_dir": str(workdir / "keys")},
             "ftp": {"listen": ["127.0.0.1:0"]},
         })
@@ -256,7 +266,8 @@ async def run(args: argparse.Namespace) -> int:
                       f"{'stable' if stable else 'GROWING'} ({first.rss_kib / 1024:.1f} → "
                       f"{last.rss_kib / 1024:.1f} MiB)")
             if args.soak:
-                series = await soak(edge, ports, args.connections, args.soak)
+                series = await soak(edge, ports, source_addresses(args.sources),
+                                    args.connections, args.soak)
                 print(f"soak {args.soak:g} s: RSS KiB first {series[0]}, max {max(series)}, "
                       f"last {series[-1]} ({len(series)} samples)")
     backend.close()
@@ -282,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--sources", type=int, default=1000,
+                        help="loopback source addresses the clients spread over (per-IP caps)")
     parser.add_argument("--protocols", type=lambda v: v.split(","), default=list(PROTOCOLS),
                         help="comma-separated subset of http,ssh,ftp (default: all three)")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds all stay open idle")
@@ -291,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.protocols or set(args.protocols) - set(PROTOCOLS):
         parser.error("--protocols: a comma-separated subset of http,ssh,ftp")
+    if not 1 <= args.sources <= 250 * 256:
+        parser.error("--sources: 1 to 64000")
     return asyncio.run(run(args))
 
 

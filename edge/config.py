@@ -322,6 +322,10 @@ class FtpConfig(ProxyListenerConfig):
 class LogConfig:
     level: str = "info"
     format: str = "json"
+    asyncssh_level: str = "warning"
+    """asyncssh logs exec commands, subsystem names and env values at INFO/DEBUG: those lines
+    can carry a user's credentials (``ssh host 'mysql -pSECRET'``), so they stay off unless an
+    operator lowers this for debugging."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +353,7 @@ class EdgeConfig:
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("json", "text"),
+    ("log", "asyncssh_level"): ("debug", "info", "warning", "error"),
 }
 _SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(EdgeConfig) if f.name != "source"}  # type: ignore[misc]
 

@@ -81,6 +81,10 @@ def configure(config: LogConfig, stream: TextIO | None = None) -> None:
     root.setLevel(config.level.upper())
     # aiohttp logs every admin request at INFO; scrapes every few seconds are noise.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # asyncssh's INFO/DEBUG lines carry exec commands, subsystems and env values (user
+    # secrets); a level on its package logger covers every child and every future message,
+    # where a filter on message texts would miss the next one asyncssh adds.
+    logging.getLogger("asyncssh").setLevel(config.asyncssh_level.upper())
 
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure", "set_process_fields"]

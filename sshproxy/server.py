@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -82,9 +81,6 @@ class SshProxy:
         self.context = context
         self.config = config = context.config.ssh
         self.log = context.logger
-        if context.config.log.level != "debug":
-            # One line per connection is ours (below); asyncssh's several per connection are noise.
-            asyncssh.set_log_level(logging.WARNING)
         self.host_keys = host_key_pairs(load_host_keys(config))
         load_upstream_key(config)  # fail at start-up, not at the first public-key login
         self.user_ca_keys = load_user_ca_keys(config.user_ca_keys)

@@ -4,7 +4,8 @@ master and the workers wrote (stderr, JSON) and the HTTP access log is searched 
 secret the clients sent or the proxy holds.
 
 Secrets: the HTTP ``Cookie`` and ``Authorization`` values (plain and HTTPS), the password
-inside that Basic credential, SSH passwords (right and wrong), FTP passwords (right and
+inside that Basic credential, SSH passwords (right and wrong), a secret in an SSH exec
+command line and in an env value the client sends (``LC_*``, forwarded), FTP passwords (right and
 wrong), the TLS private key imported into the directory (any line of its PEM body), and the
 at-rest secret key."""
 
@@ -118,6 +119,7 @@ async def test_no_secret_in_any_log_line(tmp_path: Path) -> None:
     basic_password = secret("basicpw")
     authorization = "Basic " + base64.b64encode(f"ann:{basic_password}".encode()).decode()
     ssh_password, ssh_wrong = secret("sshpw"), secret("sshwrong")
+    ssh_command, ssh_env = secret("SECRETCMD"), secret("sshenv")
     ftp_password, ftp_wrong_password = secret("ftppw"), secret("ftpwrong")
     secret_key = generate_key()
     chain, key_pem = make_certificate(["www.a.test"], common_name="www.a.test")
@@ -178,6 +180,14 @@ async def test_no_secret_in_any_log_line(tmp_path: Path) -> None:
             done = await run(*base, "exit 0", env=env)
             assert done.returncode == expect, done.stderr
         assert ("alice", ssh_password) in ssh.password_attempts
+        # An exec whose command line and env carry secrets (`ssh host 'mysql -pSECRET'`)
+        env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
+               ASKPASS_ENV: ssh_password}
+        done = await run(*base[:-1], "-o", f"SetEnv=LC_EDGE_TOKEN={ssh_env}", base[-1],
+                         f"exit 0 {ssh_command}", env=env)
+        assert done.returncode == 0, done.stderr
+        assert any(seen.command == f"exit 0 {ssh_command}"
+                   and seen.env.get("LC_EDGE_TOKEN") == ssh_env for seen in ssh.seen), ssh.seen
 
         # FTP login and a listing, then a wrong password
         assert "hello.txt" in await asyncio.to_thread(ftp_session, ports["ftp"], "bob",
@@ -198,12 +208,13 @@ async def test_no_secret_in_any_log_line(tmp_path: Path) -> None:
     assert any(r.get("level") == "debug" for r in records)
     assert {r.get("worker") for r in records} >= {None, 0, 1}
     loggers = {r.get("logger", "") for r in records}
-    assert {"edge.proxy.ssh", "edge.proxy.ftp", "asyncssh"} <= loggers, loggers
+    assert {"edge.proxy.ssh", "edge.proxy.ftp"} <= loggers, loggers
     assert '"scheme":"https"' in logs and '"scheme":"http"' in logs  # the access log
     forbidden = {
         "cookie": cookie, "authorization": authorization.split()[1],
         "basic password": basic_password, "ssh password": ssh_password,
-        "wrong ssh password": ssh_wrong, "ftp password": ftp_password,
+        "wrong ssh password": ssh_wrong, "ssh exec command": ssh_command,
+        "ssh env value": ssh_env, "ftp password": ftp_password,
         "wrong ftp password": ftp_wrong_password, "secret key": secret_key,
     }
     forbidden.update({f"private key line {i}": line
@@ -211,3 +222,25 @@ async def test_no_secret_in_any_log_line(tmp_path: Path) -> None:
     leaks = {what: [line for line in logs.splitlines() if value in line][:3]
              for what, value in forbidden.items() if value in logs}
     assert not leaks, leaks
+
+
+def test_asyncssh_lines_off_at_debug_unless_configured() -> None:
+    """`[log] level = "debug"` does not turn on asyncssh's lines (exec commands, env values);
+    only `asyncssh_level` does, and it covers asyncssh's child loggers (SFTP)."""
+    import logging
+
+    from edge.config import LogConfig
+    from edge.logging import configure
+
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers), logging.getLogger("asyncssh").level
+    try:
+        configure(LogConfig(level="debug"))
+        for name in ("asyncssh", "asyncssh.sftp"):
+            assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+        configure(LogConfig(level="debug", asyncssh_level="debug"))
+        assert logging.getLogger("asyncssh.sftp").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        logging.getLogger("asyncssh").setLevel(saved[2])
