@@ -54,7 +54,7 @@ from httpproxy.cachepolicy import (
     request_cacheability,
     response_storability,
 )
-from httpproxy.rules import RequestHead, evaluate_after_ip, ip_refusal
+from httpproxy.rules import RequestHead, evaluate_after_ip, ip_refusal, target_text
 from httpproxy.upstream import BackendConnection, BackendKey, is_close_delimited
 
 MEMO_KEY_BYTES = 1024
@@ -1093,7 +1093,7 @@ class ClientConnection(asyncio.Protocol):
         assert state is not None
         headers = _parse_head(head)
         verdict = response_storability(status, headers, state.policy, time.time(),
-                                       path=req.target.decode("latin-1"))
+                                       path=target_text(req.target))
         if not verdict.store or is_close_delimited(head, status):  # a hit needs framing
             req.store = False
             self.engine.cache_end_flight(req, None)

@@ -24,7 +24,8 @@ Order of evaluation (the first rule that refuses wins):
    dropped; invalid Host → the site's own name, or 400 for a wildcard site).
 4. ``methods``: 405 + ``Allow``. HEAD is implied by GET (RFC 9110 §9.3.2). Methods are
    case-sensitive, as in HTTP.
-5. Path: the target is normalised (:func:`normalise_path`: query dropped, percent-decoding
+5. Path: the target is normalised (:func:`normalise_path`: query dropped, raw and
+   percent-encoded bytes both read as UTF-8 (:func:`target_text`), percent-decoding
    repeated until stable, ``\\`` read as ``/``, empty and dot segments removed). A path that
    decodes to a control character (NUL, CR, LF...) is refused with 400. ``path_deny``
    prefixes then match with ``str.startswith`` (case-sensitive; write prefixes decoded), and
@@ -43,8 +44,9 @@ Order of evaluation (the first rule that refuses wins):
 Over HTTPS with ``site.hsts`` every decision (refusals included) carries
 ``Strict-Transport-Security``; never over plain HTTP (RFC 6797 §7.2).
 
-Headers: :class:`RequestHead` keeps a mapping of lowercase ``str`` names to ``str`` values
-(bytes decoded as Latin-1, repeated headers joined with ``", "``, cookies with ``"; "``).
+Headers: :class:`RequestHead` keeps the target as UTF-8 text (:func:`target_text`) and a
+mapping of lowercase ``str`` names to ``str`` values (bytes decoded as Latin-1, repeated
+headers joined with ``", "``, cookies with ``"; "``).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ __all__ = [
     "ip_refusal",
     "normalise_path",
     "rate_limit_key",
+    "target_text",
 ]
 
 FILTER_HEADERS = frozenset({"host", "user-agent", "authorization"})
@@ -141,8 +144,9 @@ class RequestHead:
     """Method, raw request-target and headers of one request.
 
     ``path`` is the request-target as received (origin-form ``/a/b?q``; absolute-form and
-    ``*`` are tolerated). ``headers`` maps lowercase names to values; build it with
-    :meth:`from_pairs` from h11/httptools-style ``(name, value)`` pairs.
+    ``*`` are tolerated), as text: from bytes through :func:`target_text`. ``headers`` maps
+    lowercase names to values; build it with :meth:`from_pairs` from h11/httptools-style
+    ``(name, value)`` pairs.
     """
 
     method: str
@@ -161,7 +165,7 @@ class RequestHead:
             else:
                 headers[name] = value
         return cls(method.decode("latin-1") if isinstance(method, bytes) else method,
-                   target.decode("latin-1") if isinstance(target, bytes) else target, headers)
+                   target_text(target) if isinstance(target, bytes) else target, headers)
 
     @classmethod
     def for_filters(cls, method: bytes, target: bytes, host: bytes | None, user_agent: bytes | None,
@@ -175,7 +179,7 @@ class RequestHead:
             headers["user-agent"] = user_agent.decode("latin-1")
         if authorization is not None:
             headers["authorization"] = authorization.decode("latin-1")
-        return cls(method.decode("latin-1"), target.decode("latin-1"), headers)
+        return cls(method.decode("latin-1"), target_text(target), headers)
 
     @property
     def host(self) -> str:
@@ -214,24 +218,39 @@ def _strip_target(target: str) -> str:
     return "/" + path
 
 
-def _decode_once(path: str) -> str:
-    # surrogateescape first: an undecodable byte from an earlier round (0xFF -> U+DCFF) must
-    # become that byte again, not the UTF-8 of the surrogate, or "%FF" would normalise
-    # differently depending on how many rounds the rest of the path needs.
+def target_text(target: bytes) -> str:
+    """A request-target's bytes as the text the path rules match: UTF-8, each undecodable
+    byte (invalid or overlong sequence) as a surrogate escape (0xFF -> U+DCFF).
+
+    Percent-decoding produces the same form, so a raw ``é`` and ``%C3%A9`` are one path, as
+    in nginx (which compares bytes); an invalid sequence stays distinct from every valid
+    character, so it neither matches a rule written for one nor hides one (lossless)."""
+    return target.decode("utf-8", "surrogateescape")
+
+
+def _text_bytes(text: str) -> bytes:
+    # surrogateescape first: an undecodable byte (U+DCFF) must become that byte again, not
+    # the UTF-8 of the surrogate, or "%FF" would normalise differently depending on how
+    # many decode rounds the rest of the path needs.
     try:
-        data = path.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate the target itself held
-        data = path.encode("utf-8", "surrogatepass")
-    return unquote_to_bytes(data).decode("utf-8", "surrogateescape")
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate a str caller passed
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _decode_once(path: str) -> str:
+    return unquote_to_bytes(_text_bytes(path)).decode("utf-8", "surrogateescape")
 
 
 def normalise_path(target: str) -> str | None:
     """The decoded, normalised path of ``target`` for matching; None if it is unacceptable.
 
-    Drops query and fragment, percent-decodes until stable (so double encoding cannot hide a
-    dot segment either; undecodable UTF-8 bytes become surrogate escapes), reads ``\\`` as
-    ``/``, merges repeated slashes and removes ``.`` and ``..`` segments (never above the
-    root). None when the decoded path holds a control character such as NUL.
+    ``target`` is text as :func:`target_text` makes it from the bytes received (a Latin-1
+    reading would make a raw ``é`` differ from ``%C3%A9``). Drops query and fragment,
+    percent-decodes until stable (so double encoding cannot hide a dot segment either;
+    undecodable UTF-8 bytes become surrogate escapes), reads ``\\`` as ``/``, merges repeated
+    slashes and removes ``.`` and ``..`` segments (never above the root). None when the
+    decoded path holds a control character such as NUL.
     A trailing slash (or a trailing dot segment) is kept as a trailing slash.
     """
     path = _strip_target(target)
@@ -474,7 +493,7 @@ def _location_path(target: str) -> str:
     if _UNSAFE_IN_LOCATION.search(target) is None:
         return target
     return _UNSAFE_IN_LOCATION.sub(
-        lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8", "surrogatepass")), target)
+        lambda m: "".join(f"%{b:02X}" for b in _text_bytes(m.group())), target)
 
 
 def _basic_user(authorization: str | None, area: AuthArea) -> str | None:

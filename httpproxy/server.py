@@ -31,7 +31,7 @@ from httpproxy.cache import CacheEntry, ContentCache
 from httpproxy.cachepolicy import CachePolicy, cache_key
 from httpproxy.connection import ClientConnection, Request
 from httpproxy.metrics import LocalStats
-from httpproxy.rules import CompiledFilters, Decision
+from httpproxy.rules import CompiledFilters, Decision, target_text
 from httpproxy.upstream import BackendConnection, BackendKey, BackendPool, is_close_delimited
 
 __all__ = ["HttpEngine", "HttpProxy", "Route", "SiteState", "shared_engine"]
@@ -428,7 +428,7 @@ class HttpEngine:
         entry: CacheEntry | None = None
         if (self.cache is not None and capture is not None and verdict is not None
                 and key is not None and site is not None and req.method == b"GET"):
-            entry = CacheEntry(key, site.hostname, req.target.decode("latin-1").partition("?")[0],
+            entry = CacheEntry(key, site.hostname, target_text(req.target).partition("?")[0],
                                req.status, req.capture_head, b"".join(capture), ttl=verdict.ttl,
                                swr=verdict.stale_while_revalidate, sie=verdict.stale_if_error)
             if not self.cache.put(entry):
@@ -518,7 +518,7 @@ class _Refresh:
         self.status = status
         assert self.state is not None
         verdict = response_storability(status, _parse_head(head), self.state.policy, time.time(),
-                                       path=self.target.decode("latin-1"))
+                                       path=target_text(self.target))
         if status >= 500 or not verdict.store or is_close_delimited(head, status):
             conn.abort()
             self._finish(None)
@@ -545,7 +545,7 @@ class _Refresh:
         cache = self.engine.cache
         if self.capture is not None and self.site is not None and cache is not None:
             entry = CacheEntry(self.key, self.site.hostname,
-                               self.target.decode("latin-1").partition("?")[0], self.status,
+                               target_text(self.target).partition("?")[0], self.status,
                                self.headbytes, b"".join(self.capture), ttl=self.verdict.ttl,
                                swr=self.verdict.stale_while_revalidate,
                                sie=self.verdict.stale_if_error)

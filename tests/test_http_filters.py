@@ -137,3 +137,43 @@ async def test_https_redirect_of_wildcard_site_keeps_each_host(service: Director
                 r = await edge.curl(path="/p", host=name)
                 assert r.status == 301 and r.headers["location"] == f"https://{name}/p"
         assert a.requests == []
+
+
+
+# A denied non-ASCII path spelt percent-encoded (either case, double), with dot segments,
+# doubled slashes, a query; and spelt with raw UTF-8 bytes, alone or mixed with escapes.
+NON_ASCII_ENCODED = [
+    b"/admin-%C3%A9", b"/admin-%c3%a9", b"/admin-%C3%a9x", b"/admin-%25c3%25a9",
+    b"/%C3%A4/x", b"/%c3%a4/", b"/x/../%C3%A4/.", b"//%c3%a4//x?y", b"/%25C3%25A4/",
+]
+NON_ASCII_RAW = [
+    b"/admin-\xc3\xa9", b"/admin-\xc3%a9", b"/admin-%C3\xa9/x", b"/\xc3\xa4/", b"/%c3\xa4//x",
+    b"/x/../\xc3\xa4/.",
+]
+
+
+async def test_non_ascii_path_deny_holds_for_every_spelling(service: DirectoryService) -> None:
+    """A path_deny prefix with a non-ASCII character refuses the path however the client
+    spells its bytes, twice (the second answer is the remembered one): percent-encoded
+    spellings get 403; raw bytes above 0x7F are not allowed in a request-target (RFC 9112
+    §3.2; llhttp's strict mode) and get 400. Nothing reaches the backend. An invalid UTF-8
+    sequence (%E9, Latin-1 é) is another path, as in nginx, and is forwarded."""
+    async with running(service.store, service) as (edge, (a,)):
+        await _filters(edge, service, path_deny=[{"prefix": "/admin-é"}, {"prefix": "/ä/"}])
+
+        async def status(target: bytes) -> int:
+            raw = await edge.raw(b"GET " + target + b" HTTP/1.1\r\nHost: www.a.test\r\n"
+                                 b"Connection: close\r\n\r\n")
+            (got,) = statuses(raw)
+            return got
+
+        for _ in range(2):
+            got = {target: await status(target) for target in NON_ASCII_ENCODED}
+            assert got == dict.fromkeys(NON_ASCII_ENCODED, 403)
+            got = {target: await status(target) for target in NON_ASCII_RAW}
+            assert got == dict.fromkeys(NON_ASCII_RAW, 400)
+        assert (await edge.curl(path="/admin-%C3%A9")).status == 403
+        assert a.requests == []
+        assert await status(b"/admin-%E9") == 200
+        assert await status(b"/%C3%A4") == 200  # not under "/ä/"
+        assert len(a.requests) == 2

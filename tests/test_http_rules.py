@@ -113,9 +113,59 @@ def test_request_head_from_pairs() -> None:
     ("/az/%2e%2eez/%2e%2e/%2523e%FFFF%FFFFFFFFFFx#y", "/az/#e\udcffFF\udcffFFFFFFFFx"),
     ("/100%", "/100%"),                        # stray percent
     ("/%zz", "/%zz"),
+    # bytes: the target as received (RequestHead.from_pairs). Raw UTF-8 is the same path as
+    # its percent-encoding in any case or mix (it was read as Latin-1: "/cafÃ©").
+    (b"/caf\xc3\xa9", "/café"),
+    (b"/caf\xc3%a9", "/café"),
+    (b"/caf%C3\xa9/", "/café/"),
+    (b"/caf%25c3\xa9", "/café"),
+    (b"/x/..//\xc3\xa4\\.\\b", "/ä/b"),
+    # an invalid or overlong sequence is the same undecodable bytes either way, never a
+    # valid character, and never a separator or dot
+    (b"/caf\xe9", "/caf\udce9"),
+    (b"/caf%E9", "/caf\udce9"),
+    (b"/caf\xc3", "/caf\udcc3"),
+    (b"/\xc0\xaf..\xc0\xaf.git", "/\udcc0\udcaf..\udcc0\udcaf.git"),
+    (b"/%c0%ae%c0%ae/.git", "/\udcc0\udcae\udcc0\udcae/.git"),
+    (b"/\xed\xb3\xbf", "/\udced\udcb3\udcbf"),         # UTF-8 of a surrogate: 3 bytes
 ])
-def test_normalise_path(target: str, expected: str) -> None:
+def test_normalise_path(target: str | bytes, expected: str) -> None:
+    if isinstance(target, bytes):
+        target = RequestHead.from_pairs(b"GET", target, ()).path
     assert normalise_path(target) == expected
+
+
+def _spell(data: bytes, choices: list[int]) -> bytes:
+    # 0: the byte as is, 1: %xx, 2: %XX; "%", "?", "#" and controls always escaped (as is
+    # they mean something else or are not allowed)
+    out = bytearray()
+    for byte, how in zip(data, choices, strict=True):
+        if how == 0 and byte > 0x20 and byte != 0x7F and byte not in b"%?#":
+            out.append(byte)
+        else:
+            out += (f"%{byte:02x}" if how == 1 else f"%{byte:02X}").encode()
+    return bytes(out)
+
+
+@settings(max_examples=300)
+@given(data=st.binary(max_size=24), seed=st.data())
+def test_raw_and_percent_encoded_bytes_normalise_equal(data: bytes, seed: st.DataObject) -> None:
+    choices = seed.draw(st.lists(st.integers(0, 2), min_size=len(data), max_size=len(data)))
+    raw = b"/" + _spell(data, choices)
+    encoded = b"/" + _spell(data, [2] * len(data))
+    paths = [normalise_path(RequestHead.from_pairs(b"GET", t, ()).path) for t in (raw, encoded)]
+    assert paths[0] == paths[1], (raw, encoded)
+
+
+@pytest.mark.parametrize("target", [
+    b"/admin-\xc3\xa9", b"/admin-\xc3%A9/x", b"/admin-%c3\xa9", b"/\xc3\xa4/", b"/\xc3%a4/x",
+])
+def test_non_ascii_prefix_denied_for_raw_bytes(target: bytes) -> None:
+    rules = CompiledFilters.from_rules({"path_deny": [{"prefix": "/admin-é"}, {"prefix": "/ä/"}]})
+    for head in (RequestHead.from_pairs(b"GET", target, ()),
+                 RequestHead.for_filters(b"GET", target, b"example.com", None, None)):
+        d = evaluate_filters(head, "192.0.2.1", rules, scheme="https", site=SITE)
+        assert d.kind is Kind.DENY, target
 
 
 @pytest.mark.parametrize("target", [
@@ -193,6 +243,17 @@ def test_https_redirect(method: str, path: str, host: str, status: int, location
     d = run({}, path=path, method=method, scheme="http", site=SITE_REDIRECT, host=host)
     assert (d.kind, d.status, hdr(d, "Location")) == (Kind.REDIRECT, status, location)
     assert hdr(d, "Strict-Transport-Security") is None
+
+
+@pytest.mark.parametrize(("target", "location"), [
+    (b"/caf\xc3\xa9?q=\xc3\xa9", "https://example.com/caf%C3%A9?q=%C3%A9"),
+    (b"/caf\xe9", "https://example.com/caf%E9"),            # the byte received, not its UTF-8
+])
+def test_https_redirect_keeps_raw_target_bytes(target: bytes, location: str) -> None:
+    h = RequestHead.from_pairs(b"GET", target, [(b"Host", b"example.com")])
+    d = evaluate_filters(h, "192.0.2.1", CompiledFilters.from_rules({}), scheme="http",
+                         site=SITE_REDIRECT)
+    assert hdr(d, "Location") == location
 
 
 def test_redirect_wildcard_site_without_valid_host_is_400() -> None:
