@@ -136,7 +136,7 @@ class FailureBan:
     whether a guess was right.
     """
 
-    __slots__ = ("_ban", "_bans", "_clock", "_failures", "_max_failures", "_max_keys", "_window")
+    __slots__ = ("_ban", "_bans", "_clock", "_failures", "_max_failures", "_max_keys")
 
     def __init__(
         self,
@@ -153,12 +153,10 @@ class FailureBan:
         _check_positive("ban_seconds", ban_seconds)
         _check_positive("max_keys", max_keys)
         self._max_failures = max_failures
-        self._window = float(window_seconds)
         self._ban = float(ban_seconds)
         self._max_keys = max_keys
         self._clock = clock
-        # key -> recent failure times; ordered by latest failure (oldest first).
-        self._failures: OrderedDict[Hashable, deque[float]] = OrderedDict()
+        self._failures = RecentFailures(window_seconds, max_failures, max_keys, clock=clock)
         # key -> ban end; every ban lasts ban_seconds, so insertion order is expiry order and
         # the table is cleaned from the front. Kept apart from _failures so that a flood of
         # fresh keys evicts half-counted keys long before it can evict a ban.
@@ -171,26 +169,17 @@ class FailureBan:
         until = self._bans.get(key)
         if until is not None:
             return until - now  # already banned: failures while banned do not extend it
-        failures = self._failures.pop(key, None)
-        if failures is None:
-            if len(self._failures) >= self._max_keys:
-                self._failures.popitem(last=False)
-            failures = deque(maxlen=self._max_failures)
-        failures.append(now)
-        horizon = now - self._window
-        while failures[0] <= horizon:
-            failures.popleft()
-        if len(failures) >= self._max_failures:
+        if self._failures.record(key) >= self._max_failures:
+            self._failures.forget(key)
             if len(self._bans) >= self._max_keys:
                 self._bans.popitem(last=False)  # the ban closest to its end anyway
             self._bans[key] = now + self._ban
             return self._ban
-        self._failures[key] = failures
         return 0.0
 
     def record_success(self, key: Hashable) -> None:
         """Forget ``key``'s failures (an active ban stays until it expires)."""
-        self._failures.pop(key, None)
+        self._failures.forget(key)
 
     def banned_for(self, key: Hashable) -> float:
         """Seconds left on ``key``'s ban; 0.0 when it is not banned."""
@@ -210,13 +199,7 @@ class FailureBan:
             if until > now:
                 break
             bans.popitem(last=False)
-        failures = self._failures
-        horizon = now - self._window
-        while failures:
-            latest = next(iter(failures.values()))[-1]
-            if latest > horizon:
-                break
-            failures.popitem(last=False)
+        self._failures.drop_expired(now)
 
 
 class ConnectionCapExceeded(Exception):
@@ -304,7 +287,7 @@ class RecentFailures:
     def record(self, key: Hashable) -> int:
         """Count a failure; returns the failures now within the window."""
         now = self._clock()
-        self._expire(now)
+        self.drop_expired(now)
         failures = self._failures.pop(key, None)
         if failures is None:
             if len(self._failures) >= self._max_keys:
@@ -314,9 +297,12 @@ class RecentFailures:
         self._failures[key] = failures
         return self._trim(failures, now)
 
+    def forget(self, key: Hashable) -> None:
+        self._failures.pop(key, None)
+
     def count(self, key: Hashable) -> int:
         now = self._clock()
-        self._expire(now)
+        self.drop_expired(now)
         failures = self._failures.get(key)
         return 0 if failures is None else self._trim(failures, now)
 
@@ -329,7 +315,8 @@ class RecentFailures:
             failures.popleft()
         return len(failures)
 
-    def _expire(self, now: float) -> None:
+    def drop_expired(self, now: float) -> None:
+        """Forget keys whose latest failure left the window (memory only: counts trim themselves)."""
         failures = self._failures
         horizon = now - self._window
         while failures:
