@@ -187,6 +187,25 @@ class HttpConfig(ProxyListenerConfig):
     allow_trace: bool = False
     """Forward TRACE requests; false (default) answers them 405 (TRACE echoes cookies and
     Authorization back to the page that sent it: cross-site tracing)."""
+    h2c: bool = False
+    """Serve HTTP/2 with prior knowledge (cleartext) on the plain listener too, next to HTTP/1
+    (not together with trusted_proxies: the PROXY header comes first there)."""
+    h2_max_concurrent_streams: int = 100
+    """HTTP/2 streams open at once per connection (SETTINGS_MAX_CONCURRENT_STREAMS); more are
+    refused (RST_STREAM REFUSED_STREAM)."""
+    h2_stream_window: int = 262_144
+    """Request body bytes a client may send per HTTP/2 stream before the backend took them
+    (SETTINGS_INITIAL_WINDOW_SIZE; the connection window is this times the stream limit)."""
+    h2_stream_buffer: int = 65_536
+    """Response bytes queued per HTTP/2 stream for a client whose window is full, before reading
+    from that stream's backend pauses (a slow reader never makes the edge hold a response)."""
+    h2_reset_burst: int = 200
+    h2_reset_rate: int = 33
+    """Token bucket on streams a client resets (burst, per second); past it the connection ends
+    with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487)."""
+    h2_max_outbound_ack: int = 1000
+    """SETTINGS/PING acknowledgements queued for a client that does not read them before its
+    connection ends (SETTINGS and PING floods)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +214,8 @@ class HttpsConfig(ProxyListenerConfig):
     """Seconds from accept to an established TLS session (ClientHello, lookup, handshake)."""
     context_cache_size: int = 1000
     """SSLContexts kept per worker (one per certificate; ~20 KiB and ~1 ms to build each)."""
+    http2: bool = True
+    """Offer HTTP/2 (ALPN ``h2``) next to ``http/1.1``; false offers HTTP/1.1 only."""
     default_certificate: str = ""
     """Served for no SNI / unknown SNI / a site without certificate: a site hostname or a
     certificate id (digits). "" refuses those handshakes with the alert unrecognized_name."""

@@ -33,7 +33,9 @@ from httpproxy.tls_openssl import available_groups, set_groups, set_session_cach
 __all__ = ["ContextCache", "ContextFactory", "TlsCertificateError"]
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-ALPN_PROTOCOLS = ("http/1.1",)
+ALPN_PROTOCOLS = ("h2", "http/1.1")
+"""Offered in this order ([https] http2 = false: HTTP/1.1 only); a client that offers neither
+still gets HTTP/1.1 (no ALPN answer)."""
 
 
 class TlsCertificateError(EdgeError):
@@ -55,7 +57,7 @@ class ContextFactory:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = self.minimum_version
         ctx.set_ciphers(self.config.ciphers)
-        ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+        ctx.set_alpn_protocols(list(ALPN_PROTOCOLS if self.config.http2 else ALPN_PROTOCOLS[1:]))
         set_groups(ctx, self.groups)
         # PROTOCOL_TLS_SERVER already sets NO_COMPRESSION, SINGLE_(EC)DH_USE and
         # CIPHER_SERVER_PREFERENCE; renegotiation is a DoS lever and HTTP/1.1 does not need it.

@@ -13,7 +13,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from edge.metrics import BYTES
 
-__all__ = ["BUCKETS", "CACHE_BYTES", "CACHE_RESULTS", "CONNECTIONS_REFUSED", "LATENCY", "LOOKUPS",
+__all__ = ["BUCKETS", "CACHE_BYTES", "CACHE_RESULTS", "CONNECTIONS_REFUSED", "H2_CONNECTIONS",
+           "H2_REFUSED", "H2_STREAMS", "LATENCY", "LOOKUPS",
            "REQUESTS", "LocalHistogram", "LocalStats"]
 
 REQUESTS = Counter("edge_http_requests", "HTTP requests answered, by status class (2xx...).",
@@ -30,6 +31,14 @@ LOOKUPS = Counter("edge_http_site_lookups",
 CONNECTIONS_REFUSED = Counter("edge_http_connections_refused",
                               "Client connections turned away before any request was read: "
                               "per_ip_cap (over [http] max_connections_per_ip).", ["reason"])
+H2_CONNECTIONS = Counter("edge_http2_connections", "Client connections that spoke HTTP/2.")
+H2_STREAMS = Counter("edge_http2_requests",
+                     "Requests answered over HTTP/2 (added when their connection closes).")
+H2_REFUSED = Counter("edge_http2_refused",
+                     "HTTP/2 connections ended or streams refused by a defence: flood (a rate or "
+                     "size limit: rapid reset, CONTINUATION, SETTINGS/PING/empty frames), protocol "
+                     "(a protocol error), malformed (a request refused with RST_STREAM).",
+                     ["reason"])
 CACHE_BYTES = Gauge("edge_http_cache_bytes", "Bytes held by the content cache, summed over workers.",
                     multiprocess_mode="livesum")
 

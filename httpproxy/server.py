@@ -19,7 +19,7 @@ import re
 import socket
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from edge import metrics as edge_metrics
 from edge.directory.model import Change, Host, Site, Tenant
@@ -30,6 +30,7 @@ from httpproxy.accesslog import AccessLog
 from httpproxy.cache import CacheEntry, ContentCache
 from httpproxy.cachepolicy import CachePolicy, cache_key
 from httpproxy.connection import ClientConnection, Request
+from httpproxy.http2 import choose_protocol
 from httpproxy.metrics import LocalStats
 from httpproxy.rules import CompiledFilters, Decision, target_text
 from httpproxy.upstream import BackendConnection, BackendKey, BackendPool, is_close_delimited
@@ -171,6 +172,21 @@ class Route:
         self.log_route = state.log_route(tenant, host)
 
 
+class ClientSide(Protocol):
+    """What the engine keeps of a client connection, HTTP/1 (ClientConnection) or HTTP/2
+    (httpproxy.http2.H2Connection)."""
+
+    scheme: str
+    client_ip: str
+    cap_key: str | None
+
+    def close_if_idle(self) -> None:
+        """Draining: close now when idle, else after what is in progress."""
+
+    def abort(self) -> None:
+        """Close at once."""
+
+
 class HttpEngine:
     """Per-worker state shared by the plain and TLS listeners: directory, backend pools,
     content cache, limiters, access log."""
@@ -204,7 +220,7 @@ class HttpEngine:
         cap = self.settings.max_connections_per_ip
         self.per_address: ConnectionCap | None = ConnectionCap(cap) if cap else None
         """Open client connections per client address (slowloris crowds from one address)."""
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ClientSide] = set()
         self._open_by_scheme: dict[str, int] = {"http": 0, "https": 0}
         self.draining = False
         self._closed = False
@@ -218,10 +234,15 @@ class HttpEngine:
     # -- the interface the listeners use --------------------------------------------------------
 
     def connection(self, *, scheme: str, sni_site: Site | None = None,
-                   client_address: tuple[str, int] | None = None) -> asyncio.Protocol:
+                   client_address: tuple[str, int] | None = None,
+                   certificate_names: tuple[str, ...] | None = None) -> asyncio.Protocol:
         """A new protocol for one client connection. scheme "http"/"https"; sni_site = the
         site the TLS SNI matched (Host must belong to it else 421); client_address overrides
-        transport peername (PROXY protocol)."""
+        transport peername (PROXY protocol); certificate_names (TLS with ALPN h2 offered): the
+        connection may be HTTP/2 (httpproxy.http2), which serves requests for these names."""
+        if certificate_names is not None or (scheme == "http" and self.settings.h2c
+                                             and self.proxy_policy is None):
+            return choose_protocol(self, scheme, sni_site, client_address, certificate_names or ())
         return ClientConnection(self, scheme, sni_site, client_address)
 
     def active_sessions(self, scheme: str | None = None) -> int:
@@ -261,7 +282,7 @@ class HttpEngine:
 
     # -- used by ClientConnection -------------------------------------------------------------
 
-    def opened(self, conn: ClientConnection) -> None:
+    def opened(self, conn: ClientSide) -> None:
         if conn not in self.connections:
             self.connections.add(conn)
             self._open_by_scheme[conn.scheme] = self._open_by_scheme.get(conn.scheme, 0) + 1
@@ -269,7 +290,7 @@ class HttpEngine:
         if conn.scheme == "http":  # the TLS listener counts its own connections
             edge_metrics.CONNECTIONS.labels(proxy="http").inc()
 
-    def admit(self, conn: ClientConnection) -> bool:
+    def admit(self, conn: ClientSide) -> bool:
         """Take a slot for ``conn``'s client address; False (counted) when it has its cap."""
         cap = self.per_address
         if cap is None:
@@ -280,7 +301,7 @@ class HttpEngine:
         self.stats.refused["per_ip_cap"] += 1
         return False
 
-    def closed(self, conn: ClientConnection) -> None:
+    def closed(self, conn: ClientSide) -> None:
         if conn.cap_key is not None and self.per_address is not None:
             self.per_address.release(conn.cap_key)
             conn.cap_key = None

@@ -48,8 +48,10 @@ class ConnectionEngine(Protocol):
     """What the TLS layer needs from the HTTP engine (:class:`httpproxy.server.HttpEngine`)."""
 
     def connection(self, *, scheme: str, sni_site: Site | None = None,
-                   client_address: tuple[str, int] | None = None) -> asyncio.Protocol:
-        """A fresh protocol for one decrypted client connection."""
+                   client_address: tuple[str, int] | None = None,
+                   certificate_names: tuple[str, ...] | None = None) -> asyncio.Protocol:
+        """A fresh protocol for one decrypted client connection; ``certificate_names``: the
+        connection may speak HTTP/2 (ALPN), whose coalesced requests the names allow."""
 
     def active_sessions(self, scheme: str | None = None) -> int:
         """Client connections the engine serves now: all, or those of one scheme."""
@@ -184,7 +186,9 @@ class HttpsProxy:
             return
         sock = connection.detach()
         factory = functools.partial(self.engine.connection, scheme="https",
-                                    sni_site=choice.site, client_address=connection.client_address)
+                                    sni_site=choice.site, client_address=connection.client_address,
+                                    certificate_names=(choice.certificate.names if self.config.http2
+                                                       else None))
         loop = self._loop
         task = loop.create_task(loop.connect_accepted_socket(
             factory, sock, ssl=ssl_context, ssl_handshake_timeout=remaining))
