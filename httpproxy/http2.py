@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import struct
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -64,6 +65,8 @@ _UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
 """Bytes never allowed in the request line's target or in :authority (libnghttp2 refuses them
 already: checked again because these bytes become an HTTP/1 request line)."""
 _NO_BODY_STATUS = (204, 304)
+_GOAWAY_HEAD = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"
+"""A GOAWAY frame's header: 8 payload bytes (last stream id, error code), type 7, stream 0."""
 PROTOCOL_ERROR = 0x1
 INTERNAL_ERROR = 0x2
 REFUSED_STREAM = 0x7
@@ -341,15 +344,16 @@ class H2Connection(asyncio.Protocol):
             h2.receive_data(data)
             events = h2.events()
         except ngh2.NGH2Error as exc:
-            reason = "flood" if isinstance(exc, ngh2.DenialOfServiceError) else "protocol"
-            metrics.H2_REFUSED.labels(reason=reason).inc()
-            log.info("HTTP/2 connection from %s ended: %s", self.client_ip, exc)
-            self._flush()
-            self._close()
+            self._fail(exc)
             return
+        # Streams the client opens and resets within one read (rapid reset) never start a
+        # request: nothing is routed or connected for them.
+        reset = {e.stream_id for e in events if type(e) is ngh2.StreamReset}
         for event in events:
             kind = type(event)
             if kind is ngh2.RequestReceived:
+                if reset and event.stream_id in reset:  # type: ignore[attr-defined]
+                    continue
                 self._request(event)  # type: ignore[arg-type]
             elif kind is ngh2.DataReceived:
                 self._body(event)  # type: ignore[arg-type]
@@ -366,6 +370,25 @@ class H2Connection(asyncio.Protocol):
         self._flush()
         if self.closing and not self.streams:
             self._close()
+
+    def _fail(self, exc: ngh2.NGH2Error) -> None:
+        """End the connection after a protocol error or a defence tripped. libnghttp2 has
+        queued its GOAWAY when it could; after some errors the session is no longer usable,
+        so the GOAWAY is written here (ENHANCE_YOUR_CALM for a flood, else PROTOCOL_ERROR)."""
+        flood = isinstance(exc, ngh2.DenialOfServiceError)
+        metrics.H2_REFUSED.labels(reason="flood" if flood else "protocol").inc()
+        log.info("HTTP/2 connection from %s ended: %s", self.client_ip, exc)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            try:
+                data = self.h2.data_to_send()
+            except ngh2.NGH2Error:
+                data = b""
+            if b"\x07\x00\x00\x00\x00\x00" not in data[:64 * 1024]:  # no GOAWAY frame header
+                code = ENHANCE_YOUR_CALM if flood else PROTOCOL_ERROR
+                data += _GOAWAY_HEAD + struct.pack("!II", self._last_sid, code)
+            transport.write(data)
+        self._close()
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -544,7 +567,11 @@ class H2Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed or self._tcp_paused:
             return
-        data = self.h2.data_to_send()
+        try:
+            data = self.h2.data_to_send()
+        except ngh2.NGH2Error as exc:
+            self._fail(exc)
+            return
         if data:
             transport.write(data)
         if self._tcp_paused:

@@ -151,3 +151,429 @@ async def test_curl_http2_over_alpn_reaches_the_site_backend(edge: H2Edge) -> No
     seen = a.requests[-1]["headers"]
     assert seen["Host"] == f"www.a.test:{edge.tls_port}" and seen["X-Forwarded-Proto"] == "https"
     assert b.requests == []
+
+
+async def test_httpx_http2_routing_bodies_both_ways_and_errors(edge: H2Edge) -> None:
+    a, b = edge.backends
+    url = f"https://127.0.0.1:{edge.tls_port}"
+    # --resolve's equivalent: connect to 127.0.0.1, SNI and :authority www.a.test
+    transport = httpx.AsyncHTTPTransport(http2=True, verify=edge.ssl_context("www.a.test"))
+    async with httpx.AsyncClient(transport=transport, timeout=TIMEOUT,
+                                 headers={"Host": "www.a.test"},
+                                 event_hooks={"request": [_sni("www.a.test")]}) as client:
+        r = await client.get(f"{url}/x")
+        assert r.http_version == "HTTP/2" and r.status_code == 200 and r.json()["backend"] == "a"
+        body = bytes(range(256)) * 20_000  # 5 MB up, streamed, no Content-Length
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(body), 100_000):
+                yield body[i:i + 100_000]
+        r = await client.post(f"{url}/echo", content=chunks())
+        assert r.status_code == 200 and r.content == body
+        r = await client.post(f"{url}/echo", content=body[:70_000])  # with Content-Length
+        assert r.content == body[:70_000]
+        assert a.requests[-1]["body_len"] == 70_000
+        r = await client.get(f"{url}/stream?n=3000000")  # 3 MB down
+        assert r.status_code == 200 and len(r.content) == 3_000_000
+        r = await client.get(f"{url}/chunked")  # chunked from the backend: DATA frames here
+        assert r.content == b"part0;part1;part2;part3;part4;"
+        r = await client.head(f"{url}/size/5000")
+        assert r.status_code == 200 and r.headers["content-length"] == "5000" and r.content == b""
+        r = await client.get(f"{url}/status/503")
+        assert r.status_code == 503 and r.text == "a status"
+        with pytest.raises(httpx.RemoteProtocolError):  # RST_STREAM, not a short body
+            await client.get(f"{url}/die")  # the backend dies mid-body
+        r = await client.get(f"{url}/after")  # the connection serves on
+        assert r.status_code == 200 and r.http_version == "HTTP/2"
+    assert b.requests == []
+
+
+def _sni(name: str) -> Any:
+    async def hook(request: httpx.Request) -> None:
+        request.extensions["sni_hostname"] = name
+    return hook
+
+
+def _h2_client(**settings: int) -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False,
+        normalize_outbound_headers=False, validate_inbound_headers=False))
+    conn.local_settings = h2.settings.Settings(client=True, initial_values={
+        h2.settings.SettingCodes.ENABLE_PUSH: 0, **settings})
+    conn.initiate_connection()
+    return conn
+
+
+@dataclass
+class Raw:
+    """A raw HTTP/2 client connection (TLS with ALPN h2, or h2c) for hostile-client tests."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: h2.connection.H2Connection
+    events: list[Any] = field(default_factory=list)
+    closed: bool = False
+    buffer: bytes = b""
+
+    def send(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+
+    def request(self, authority: str, path: str = "/", method: str = "GET",
+                end_stream: bool = True, extra: tuple[tuple[str, str], ...] = ()) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, [(":method", method), (":scheme", "https"),
+                                     (":authority", authority), (":path", path), *extra],
+                               end_stream=end_stream)
+        self.send()
+        return sid
+
+    async def read(self, timeout: float = TIMEOUT) -> list[Any]:  # noqa: ASYNC109
+        """Read once; the events it brought (also kept in ``events``)."""
+        data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        if not data:
+            self.closed = True
+            return []
+        self.buffer += data
+        new: list[Any] = []
+        while len(self.buffer) >= 9:  # one frame at a time (see _after_goaway)
+            size = 9 + int.from_bytes(self.buffer[:3], "big")
+            if len(self.buffer) < size:
+                break
+            frame, self.buffer = self.buffer[:size], self.buffer[size:]
+            if self.goaway() is None:
+                new += self.conn.receive_data(frame)
+            else:
+                new += self._after_goaway(frame)
+        self.send()
+        self.events += new
+        return new
+
+    def _after_goaway(self, frame: bytes) -> list[Any]:
+        """The h2 package stops at a GOAWAY, but a server goes on answering the streams it
+        accepted: their HEADERS and DATA are read here."""
+        from hyperframe.frame import DataFrame, Frame, HeadersFrame
+
+        parsed, length = Frame.parse_frame_header(memoryview(frame[:9]))
+        parsed.parse_body(memoryview(frame[9:9 + length]))
+        events: list[Any] = []
+        if isinstance(parsed, HeadersFrame):
+            events.append(h2.events.ResponseReceived(
+                stream_id=parsed.stream_id,
+                headers=self.conn.decoder.decode(parsed.data, raw=True)))
+        elif isinstance(parsed, DataFrame):
+            events.append(h2.events.DataReceived(stream_id=parsed.stream_id, data=parsed.data,
+                                                 flow_controlled_length=len(parsed.data)))
+        if "END_STREAM" in parsed.flags:
+            events.append(h2.events.StreamEnded(stream_id=parsed.stream_id))
+        return events
+
+    async def until(self, check: Any, timeout: float = TIMEOUT) -> None:  # noqa: ASYNC109
+        """Read until ``check()`` holds or the edge closes; TimeoutError after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not check() and not self.closed:
+            if loop.time() > deadline:
+                raise TimeoutError
+            with contextlib.suppress(TimeoutError):
+                await self.read(0.1)
+
+    def response(self, sid: int) -> tuple[int, dict[bytes, bytes], bytes, bool]:
+        """Status, headers, body so far, and whether the stream ended, for ``sid``."""
+        status, headers, body, ended = 0, {}, b"", False
+        for event in self.events:
+            if getattr(event, "stream_id", None) != sid:
+                continue
+            if isinstance(event, h2.events.ResponseReceived):
+                headers = dict(event.headers)
+                status = int(headers[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                body += event.data
+            elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                ended = True
+        return status, headers, body, ended
+
+    def goaway(self) -> h2.events.ConnectionTerminated | None:
+        found = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
+        return found[0] if found else None
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+async def raw_client(edge: H2Edge, name: str | None = None, **settings: int) -> Raw:
+    """An HTTP/2 connection: TLS (SNI ``name``, ALPN h2) or, without a name, h2c."""
+    if name is None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.tls_port,
+                                                       ssl=edge.ssl_context(name),
+                                                       server_hostname=name)
+    raw = Raw(reader, writer, _h2_client(**settings))
+    raw.send()
+    return raw
+
+
+async def test_coalesced_connection_routes_each_request_by_its_authority(edge: H2Edge) -> None:
+    """A browser reuses one connection for every name of the certificate (www.a.test and
+    www.b.test, two tenants): each request goes to its own site's backend; a name the
+    certificate does not cover gets 421 there."""
+    a, b = edge.backends
+    raw = await raw_client(edge, "www.a.test")
+    try:
+        first = raw.request("www.a.test", "/one")
+        second = raw.request("www.b.test", "/two")
+        third = raw.request("only.a.test", "/three")  # same tenant, another certificate
+        await raw.until(lambda: all(raw.response(s)[3] for s in (first, second, third)))
+        assert raw.response(first)[0] == 200 and json.loads(raw.response(first)[2])["backend"] == "a"
+        assert raw.response(second)[0] == 200 and json.loads(raw.response(second)[2])["backend"] == "b"
+        assert raw.response(third)[0] == 421
+        assert [r["path"] for r in a.requests] == ["/one"] and [r["path"] for r in b.requests] == ["/two"]
+    finally:
+        await raw.close()
+
+
+async def test_authority_must_agree_with_host_and_unknown_sites_get_404(edge: H2Edge) -> None:
+    raw = await raw_client(edge)  # h2c on the plain listener
+    try:
+        bad = raw.request("www.a.test", extra=(("host", "www.b.test"),))
+        unknown = raw.request("nowhere.test", "/")
+        good = raw.request("www.a.test", "/ok")
+        await raw.until(lambda: all(raw.response(s)[3] for s in (bad, unknown, good)))
+        assert raw.response(bad)[0] == 0  # RST_STREAM PROTOCOL_ERROR, no answer
+        assert raw.response(unknown)[0] == 404 and b"hosting edge" in raw.response(unknown)[2]
+        assert raw.response(good)[0] == 200
+        assert [r["path"] for r in edge.backends[0].requests] == ["/ok"]
+        assert edge.backends[1].requests == []
+    finally:
+        await raw.close()
+
+
+async def test_cache_filters_hsts_access_log_and_metrics_over_http2(
+        edge: H2Edge, service: DirectoryService) -> None:
+    from httpproxy import metrics
+
+    await service.update_site("www.a.test", cache_policy={"mode": "full", "ttl": {"200": 600}},
+                              filters={"path_deny": [{"prefix": "/.git"}], "methods": ["GET"]},
+                              hsts=True)
+    await edge.feed.poll_once()
+    before = metrics.H2_STREAMS._value.get()
+    for _ in range(2):
+        r = await edge.curl("www.a.test", path="/cached")
+        assert r.status == 200 and r.headers["strict-transport-security"].startswith("max-age=")
+    assert r.headers["x-cache"] == "HIT"
+    assert (await edge.curl("www.a.test", path="/.git/config")).status == 403
+    r = await edge.curl("www.a.test", "-X", "POST", path="/ok")
+    assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
+    assert len(edge.backends[0].requests) == 1
+    lines = [line for line in edge.access_lines() if line["path"] == "/cached"]
+    assert [line["cache"] for line in lines] == ["MISS", "HIT"]
+    assert all(line["version"] == "2" and line["site"] == "www.a.test" for line in lines)
+    for _ in range(50):  # the counter is added when each connection closes
+        if metrics.H2_STREAMS._value.get() >= before + 2:
+            break
+        await asyncio.sleep(0.05)
+    assert metrics.H2_STREAMS._value.get() >= before + 2
+
+
+def test_certificate_coverage_for_coalescing() -> None:
+    names = ("www.a.test", "*.b.test")
+    assert covers(names, "www.a.test") and covers(names, "shop.b.test")
+    assert not covers(names, "a.test") and not covers(names, "x.shop.b.test")
+    assert not covers(names, "b.test") and not covers((), "www.a.test")
+
+
+# -- defences ------------------------------------------------------------------------------------
+
+
+async def small_window_client(edge: H2Edge, **settings: int) -> Raw:
+    """An h2c client whose socket reads little: what the edge sends piles up at the edge."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", edge.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    raw = Raw(reader, writer, _h2_client(**settings))
+    raw.send()
+    return raw
+
+
+async def closed_with_goaway(raw: Raw, code: int | None = None) -> h2.events.ConnectionTerminated:
+    await raw.until(lambda: raw.goaway() is not None)
+    goaway = raw.goaway()
+    assert goaway is not None, "no GOAWAY before the connection closed"
+    if code is not None:
+        assert goaway.error_code == code, goaway
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        await raw.until(lambda: False, timeout=5)
+    assert raw.closed
+    return goaway
+
+
+async def test_rapid_reset_ends_the_connection_and_reaches_no_backend(edge: H2Edge) -> None:
+    """CVE-2023-44487: open and cancel streams as fast as the socket allows."""
+    raw = await raw_client(edge)
+    try:
+        for _ in range(20):  # 20 writes of 100 open+reset pairs
+            for _ in range(100):
+                sid = raw.request("www.a.test", "/hold", end_stream=True)
+                raw.conn.reset_stream(sid)
+            raw.send()
+            await raw.writer.drain()
+            with contextlib.suppress(TimeoutError):
+                await raw.read(timeout=0.05)
+            if raw.goaway() is not None or raw.closed:
+                break
+        goaway = await closed_with_goaway(raw)
+        assert goaway.error_code != 0  # libnghttp2 says INTERNAL_ERROR
+    finally:
+        await raw.close()
+    assert len(edge.backends[0].requests) < 50
+
+
+async def test_continuation_flood_ends_the_connection(edge: H2Edge) -> None:
+    from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+    raw = await raw_client(edge)
+    try:
+        encoder = raw.conn.encoder
+        block = encoder.encode([(b":method", b"GET"), (b":scheme", b"http"),
+                                (b":path", b"/"), (b":authority", b"www.a.test")])
+        frames = [HeadersFrame(1, data=block).serialize()]
+        for i in range(200):  # never END_HEADERS
+            frames.append(ContinuationFrame(1, data=encoder.encode([(b"x-%d" % i, b"y" * 100)]))
+                          .serialize())
+        raw.writer.write(b"".join(frames))
+        await closed_with_goaway(raw)
+    finally:
+        await raw.close()
+    assert edge.backends[0].requests == []
+
+
+async def test_hpack_bomb_and_oversized_header_lists_are_refused(edge: H2Edge) -> None:
+    """One 4 KiB header indexed once, then referenced by one byte each: 400 KiB decoded from
+    a few hundred bytes on the wire. The edge stops at max_header_size (32 KiB)."""
+    raw = await raw_client(edge)
+    try:
+        big = ("x-big", "b" * 4000)
+        sid = raw.request("www.a.test", "/bomb", extra=tuple([big] * 100))
+        await raw.until(lambda: raw.response(sid)[3] or raw.goaway() is not None)
+        assert raw.response(sid)[0] in (0, 431)
+    finally:
+        await raw.close()
+    assert edge.backends[0].requests == []
+    # A normal request on a new connection still works: nothing else was affected.
+    raw = await raw_client(edge)
+    try:
+        sid = raw.request("www.a.test", "/fine")
+        await raw.until(lambda: raw.response(sid)[3])
+        assert raw.response(sid)[0] == 200
+    finally:
+        await raw.close()
+
+
+async def test_streams_over_the_concurrency_limit_are_refused(edge: H2Edge) -> None:
+    a = edge.backends[0]
+    raw = await raw_client(edge)  # sends before it reads the edge's SETTINGS: no limit known
+    try:
+        sids = [raw.request("www.a.test", f"/hold?{i}") for i in range(130)]
+        await raw.until(lambda: sum(isinstance(e, h2.events.StreamReset) for e in raw.events) >= 30)
+        refused = [e for e in raw.events if isinstance(e, h2.events.StreamReset)]
+        assert len(refused) == 30 and all(e.error_code == 0x7 for e in refused)  # REFUSED_STREAM
+        assert {e.stream_id for e in refused} == set(sids[100:])
+        a.hold.set()
+        await raw.until(lambda: all(raw.response(s)[3] for s in sids[:100]))
+        assert all(raw.response(s)[0] == 200 for s in sids[:100])
+    finally:
+        a.hold.clear()
+        await raw.close()
+
+
+@pytest.mark.parametrize("frame", ["ping", "settings"])
+async def test_ping_and_settings_floods_from_a_client_that_does_not_read(
+        edge: H2Edge, frame: str) -> None:
+    raw = await small_window_client(edge)
+    sent = 0
+    try:
+        for _ in range(100):
+            for i in range(500):
+                if frame == "ping":
+                    raw.conn.ping(b"%08d" % i)
+                else:
+                    raw.conn.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: 16384})
+            raw.send()
+            await asyncio.wait_for(raw.writer.drain(), 2)
+            sent += 500
+    except (TimeoutError, ConnectionError):
+        pass  # the edge closed (or stopped reading): the edge's side says which below
+    finally:
+        await raw.close()
+    assert sent < 50_000, "the edge took 50,000 frames without ending the connection"
+    for _ in range(100):
+        if not edge.h2_connections():
+            break
+        await asyncio.sleep(0.05)
+    assert not edge.h2_connections()
+
+
+async def test_empty_data_frame_flood_ends_the_connection(edge: H2Edge) -> None:
+    from hyperframe.frame import DataFrame
+
+    raw = await raw_client(edge)
+    try:
+        sid = raw.request("www.a.test", "/echo", method="POST", end_stream=False)
+        empty = DataFrame(sid).serialize()
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):
+                raw.writer.write(empty * 1000)
+                await raw.writer.drain()
+        await closed_with_goaway(raw)
+    finally:
+        await raw.close()
+
+
+async def test_slow_reader_and_stream_window_starvation(edge: H2Edge) -> None:
+    """A client that never opens one stream's window: the edge holds about h2_stream_buffer of
+    that response (reading from the backend pauses), other streams on the connection flow,
+    and the whole body arrives intact once the client reads."""
+    raw = await raw_client(edge)
+    size = 4_000_000
+    try:
+        raw.conn.increment_flow_control_window(2**30)  # the connection window is wide open
+        raw.send()
+        starved = raw.request("www.a.test", f"/stream?n={size}")
+        await raw.until(lambda: len(raw.response(starved)[2]) >= 65535)
+        await asyncio.sleep(0.5)  # the backend keeps sending for as long as the edge reads
+        front = edge.h2_connections()[0]
+        queued = front.h2.queued_body_size(starved)
+        assert queued <= 2 * edge.engine.settings.h2_stream_buffer, queued
+        other = raw.request("www.a.test", "/other")
+        await raw.until(lambda: raw.response(other)[3])
+        assert raw.response(other)[0] == 200
+        # Now read: open the starved stream's window for the rest at once.
+        raw.conn.increment_flow_control_window(size, stream_id=starved)
+        raw.send()
+        await raw.until(lambda: raw.response(starved)[3])
+        status, _, body, _ = raw.response(starved)
+        assert status == 200 and body == b"s" * size
+    finally:
+        await raw.close()
+
+
+async def test_drain_sends_goaway_and_finishes_streams_in_progress(edge: H2Edge) -> None:
+    a = edge.backends[0]
+    raw = await raw_client(edge, "www.a.test")
+    try:
+        held = raw.request("www.a.test", "/hold")
+        await raw.until(lambda: bool(a.requests))
+        edge.engine.drain()
+        await raw.until(lambda: raw.goaway() is not None)
+        goaway = raw.goaway()
+        assert goaway is not None and goaway.error_code == 0 and goaway.last_stream_id == held
+        a.hold.set()
+        await raw.until(lambda: raw.response(held)[3])
+        assert raw.response(held)[0] == 200 and raw.response(held)[2] == b"a held"
+        await raw.until(lambda: False, timeout=5)  # returns when the edge closes
+    finally:
+        a.hold.clear()
+        await raw.close()
