@@ -1,6 +1,6 @@
 """One request through the edge, whatever HTTP version it came in on: the exchange.
 
-A front end (:mod:`httpproxy.connection` for HTTP/1; an HTTP/2 or QUIC one the same way)
+A front end (:mod:`httpproxy.front_h1` for HTTP/1; an HTTP/2 or QUIC one the same way)
 turns its protocol's bytes into an :class:`Exchange` and the exchange's answer back into its
 protocol's bytes. In between, the exchange does the same steps for every version:
 
@@ -36,6 +36,7 @@ reads an :class:`ExchangeRequest`'s fields, talks to the engine through
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
@@ -78,6 +79,9 @@ BODY_BUFFER_LIMIT = 1 << 20
 reading (:meth:`Exchange.feed_body`)."""
 
 
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r\n]*\bchunked\b", re.IGNORECASE)
+
+
 class ResponseHead:
     """A response head in both forms a front end may want, the second computed only if asked.
 
@@ -94,14 +98,19 @@ class ResponseHead:
     the backend sent them (an HTTP/2 front end decodes them; HTTP/1 passes them through).
     """
 
-    __slots__ = ("_fields", "chunked", "extra", "raw", "status")
+    __slots__ = ("_fields", "extra", "raw", "status")
 
-    def __init__(self, status: int, raw: bytes, extra: bytes = b"", *, chunked: bool = False) -> None:
+    def __init__(self, status: int, raw: bytes, extra: bytes = b"") -> None:
         self.status = status
         self.raw = raw
         self.extra = extra
-        self.chunked = chunked
         self._fields: list[tuple[bytes, bytes]] | None = None
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the body bytes that follow are chunked-coded (``Transfer-Encoding: chunked``
+        in ``raw``); computed on each call (HTTP/1 front ends never ask)."""
+        return _CHUNKED.search(self.raw) is not None
 
     def fields(self) -> list[tuple[bytes, bytes]]:
         """The header fields as (lower-case name, value) pairs, parsed once on first call."""
