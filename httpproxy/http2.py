@@ -38,7 +38,8 @@ import contextlib
 import logging
 import re
 import struct
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING
 
 import httptools
 import ngh2
@@ -46,18 +47,20 @@ import ngh2
 from edge.directory.model import Site
 from httpproxy import metrics
 from httpproxy.authority import parse_host
-from httpproxy.connection import ClientConnection
+from httpproxy.exchange import ClientInfo, Exchange, ResponseHead
+from httpproxy.front_h1 import ClientConnection
 
 if TYPE_CHECKING:
     from httpproxy.server import HttpEngine
 
 __all__ = ["PREFACE", "H2Connection", "Stream", "choose_protocol", "covers"]
 
+_clock = time.perf_counter
+
 log = logging.getLogger("edge.http")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 """What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4)."""
-_CHUNK_END = b"0\r\n\r\n"
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                          b"upgrade", b"te"))
 """Response header names HTTP/2 forbids (RFC 9113 §8.2.2); the rest go to the client as they are."""
@@ -82,158 +85,77 @@ def covers(names: tuple[str, ...], host: str) -> bool:
     return bool(dot) and f"*.{parent}" in names
 
 
-class StreamConnection(ClientConnection):
-    """The HTTP/1 request path for one HTTP/2 stream: a client connection that is neither
-    counted as a connection nor held to the per-address cap (its HTTP/2 connection is)."""
+class Stream:
+    """One HTTP/2 stream: the :class:`~httpproxy.exchange.ResponseSink` of its exchange. The
+    exchange's answer goes out as HEADERS + DATA (a chunked backend body decoded first)."""
 
-    __slots__ = ()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.trusted = self.engine.is_trusted(self.scheme, self.client_ip)
-        self._set_client_bytes()
-
-    def _set_client_bytes(self) -> None:
-        super()._set_client_bytes()
-        # The access-log line says the request came over HTTP/2.
-        self._log_prefix += b'"version":"2",'
-
-
-class Stream(asyncio.Transport):
-    """One HTTP/2 stream: the transport its :class:`StreamConnection` writes its HTTP/1
-    response to, read here head first, then the body by its framing."""
-
-    __slots__ = ("_body_mode", "_buf", "_chunks", "_remaining", "chunked_request", "conn", "ended",
-                 "front", "head_only", "reading", "reset", "sent_head", "sid", "unacked",
+    __slots__ = ("chunks", "exchange", "front", "reading", "reset", "sid", "unacked",
                  "write_paused")
 
-    def __init__(self, front: H2Connection, sid: int, head_only: bool) -> None:
-        super().__init__()
+    def __init__(self, front: H2Connection, sid: int) -> None:
         self.front = front
         self.sid = sid
-        self.head_only = head_only
-        self.conn: StreamConnection | None = None
-        self.sent_head = False
-        self.ended = False
-        """The response's last byte is queued (END_STREAM), or the stream was reset."""
+        self.exchange: Exchange | None = None
+        """None once the stream is over for us (answered, reset, or the connection closed)."""
         self.reset = False
+        """RST_STREAM sent or received: nothing more is sent on it."""
         self.reading = True
-        """False while the request path does not take request body bytes (backend paused)."""
+        """False while the exchange does not take request body bytes (its backend is full)."""
         self.unacked = 0
         """Request body bytes received but not yet acknowledged (WINDOW_UPDATE) to the client."""
         self.write_paused = False
-        self.chunked_request = False
-        """The request body is passed on chunked (the client sent no Content-Length)."""
-        self._buf = b""
-        self._body_mode = 0  # 0 length-delimited, 1 chunked, 2 until close
-        self._remaining = 0
-        self._chunks: Any = None
+        self.chunks: httptools.HttpResponseParser | None = None
+        """Decodes a chunked backend body (None for any other framing)."""
 
-    # -- asyncio.Transport as the request path uses it --------------------------------------
+    # -- ResponseSink ------------------------------------------------------------------------
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "peername":
-            return self.front.peer
-        if name == "sockname" and self.front.transport is not None:
-            return self.front.transport.get_extra_info("sockname", default)
-        return default
+    def info(self, exchange: Exchange, raw: bytes) -> None:
+        """1xx interim responses are not forwarded over HTTP/2 (the final one follows)."""
 
-    def is_closing(self) -> bool:
-        return self.ended
+    def start(self, exchange: Exchange, head: ResponseHead, body: bytes) -> None:
+        headers = [(b":status", b"%d" % head.status)]
+        headers += [pair for pair in head.fields() if pair[0] not in _HOP_BY_HOP]
+        if head.chunked and not exchange.head_request:
+            self.chunks = httptools.HttpResponseParser(_ChunkSink(self))
+            self.chunks.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.front.send_head(self, headers)
+        if body:
+            self.body(exchange, body)
 
-    def pause_reading(self) -> None:
+    def body(self, exchange: Exchange, data: bytes) -> None:
+        if exchange.head_request or not data:
+            return
+        chunks = self.chunks
+        if chunks is None:
+            self.front.send_data(self, data)
+            return
+        try:
+            chunks.feed_data(data)
+        except httptools.HttpParserError:
+            # The exchange forwards a body its backend framed; broken framing here means the
+            # body is not whole: the client must not take it for one.
+            self.front.reset_stream(self, INTERNAL_ERROR)
+
+    def end(self, exchange: Exchange) -> None:
+        self.front.end_stream(self)
+
+    def abort(self, exchange: Exchange) -> None:
+        """Broke off after the head: RST_STREAM (a client never takes a cut body for whole)."""
+        self.front.reset_stream(self, INTERNAL_ERROR)
+
+    def upgrade(self, exchange: Exchange, data: bytes, transport: object) -> None:
+        """Never asked for: an HTTP/2 exchange is not marked ``upgrade`` (no RFC 8441)."""
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()
+        self.front.reset_stream(self, INTERNAL_ERROR)
+
+    def pause_request_body(self, exchange: Exchange) -> None:
         self.reading = False
 
-    def resume_reading(self) -> None:
+    def resume_request_body(self, exchange: Exchange) -> None:
         if not self.reading:
             self.reading = True
             self.front.acknowledge(self)
-
-    def is_reading(self) -> bool:
-        return self.reading
-
-    def close(self) -> None:
-        """The request path is done with this stream: what was sent is the whole response
-        (a close-delimited body ends here), or the stream is reset if no head went out."""
-        if self.ended:
-            return
-        if self.sent_head:
-            self.ended = True
-            self.front.send_data(self, b"", end=True)
-        else:
-            self.abort()
-
-    def abort(self) -> None:
-        """A response cut short: the client must not take it for a whole one (RST_STREAM)."""
-        if not self.ended:
-            self.ended = True
-            self.front.reset_stream(self, INTERNAL_ERROR)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.ended:
-            return
-        data = bytes(data)
-        if not self.sent_head:
-            data = self._head(self._buf + data if self._buf else data)
-            if not data or self.ended:
-                return
-        mode = self._body_mode
-        if mode == 0:
-            take = data[:self._remaining]
-            self._remaining -= len(take)
-            self.ended = self._remaining == 0
-            self.front.send_data(self, take, end=self.ended)
-        elif mode == 1:
-            try:
-                self._chunks.feed_data(data)
-            except httptools.HttpParserError:
-                self.abort()  # the backend's chunked framing is broken: the body is not whole
-        else:
-            self.front.send_data(self, data, end=False)
-
-    # -- the response head ----------------------------------------------------------------
-
-    def _head(self, data: bytes) -> bytes:
-        """Send the response head once it is complete; what follows it (b"" until then)."""
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            self._buf = data
-            return b""
-        self._buf = b""
-        lines = data[:end].split(b"\r\n")
-        status = int(lines[0][9:12])
-        if status < 200:  # 100 Continue / 103: not forwarded over HTTP/2 (the final one follows)
-            return self._head(data[end + 4:]) if len(data) > end + 4 else b""
-        headers: list[tuple[bytes, bytes]] = [(b":status", b"%d" % status)]
-        length = -1
-        chunked = False
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.lower()
-            value = value.strip()
-            if name in _HOP_BY_HOP:
-                if name == b"transfer-encoding":
-                    chunked = True
-                continue
-            if name == b"content-length":
-                length = int(value)
-            headers.append((name, value))
-        self.sent_head = True
-        no_body = self.head_only or status in _NO_BODY_STATUS
-        if no_body or length == 0:
-            self.ended = True
-            self.front.send_head(self, headers, end=True)
-            return b""
-        self.front.send_head(self, headers, end=False)
-        if chunked:
-            self._body_mode = 1
-            self._chunks = httptools.HttpResponseParser(_ChunkSink(self))
-            self._chunks.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        elif length > 0:
-            self._remaining = length
-        else:
-            self._body_mode = 2
-        return data[end + 4:]
 
 
 class _ChunkSink:
@@ -245,14 +167,7 @@ class _ChunkSink:
         self.stream = stream
 
     def on_body(self, body: bytes) -> None:
-        if not self.stream.ended:
-            self.stream.front.send_data(self.stream, body, end=False)
-
-    def on_message_complete(self) -> None:
-        stream = self.stream
-        if not stream.ended:
-            stream.ended = True
-            stream.front.send_data(stream, b"", end=True)
+        self.stream.front.send_data(self.stream, body)
 
 
 class H2Connection(asyncio.Protocol):
@@ -267,9 +182,12 @@ class H2Connection(asyncio.Protocol):
         self.sni_site = sni_site
         self.names = names
         self.client_ip, self.client_port = client_address or ("", 0)
-        self.peer: tuple[str, int] = (self.client_ip, self.client_port)
         self.cap_key: str | None = None
         self.transport: asyncio.Transport | None = None
+        self.client: ClientInfo | None = None
+        """What this connection's exchanges know of it (the SNI site: Host must belong to it)."""
+        self._coalesced: ClientInfo | None = None
+        """The same without an SNI site: for requests whose name the certificate covers."""
         self.streams: dict[int, Stream] = {}
         self.closing = False
         self.closed = False
@@ -294,8 +212,8 @@ class H2Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if not self.client_ip and isinstance(peer, tuple):
             self.client_ip, self.client_port = str(peer[0]), int(peer[1])
-        self.peer = (self.client_ip, self.client_port)
         engine = self.engine
+        self.client = self._client_info(self.sni_site)
         engine.opened(self)
         metrics.H2_CONNECTIONS.inc()
         settings = engine.settings
@@ -315,11 +233,25 @@ class H2Connection(asyncio.Protocol):
         self._arm_idle(settings.header_timeout)
         self._flush()
 
+    def _client_info(self, sni_site: Site | None) -> ClientInfo:
+        engine = self.engine
+        client = ClientInfo(self.scheme, self.client_ip, self.client_port, sni_site=sni_site,
+                            trusted=engine.is_trusted(self.scheme, self.client_ip),
+                            traffic=engine.stats.traffic["https" if self.scheme == "https"
+                                                         else "http"],
+                            local_lookup=self._local_address)
+        client.log_prefix += b'"version":"2",'  # the access-log line says HTTP/2
+        return client
+
+    def _local_address(self) -> tuple[str, int] | None:
+        sock = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        return (str(sock[0]), int(sock[1])) if isinstance(sock, tuple) else None
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_idle()
         for stream in list(self.streams.values()):
-            self._release(stream, client_gone=True)
+            self._cancel(stream)
         self.streams.clear()
         if self._answered:
             metrics.H2_STREAMS.inc(self._answered)
@@ -346,8 +278,8 @@ class H2Connection(asyncio.Protocol):
         except ngh2.NGH2Error as exc:
             self._fail(exc)
             return
-        # Streams the client opens and resets within one read (rapid reset) never start a
-        # request: nothing is routed or connected for them.
+        # Streams the client opens and resets within one read (rapid reset) never start an
+        # exchange: nothing is routed or connected for them.
         reset = {e.stream_id for e in events if type(e) is ngh2.StreamReset}
         for event in events:
             kind = type(event)
@@ -360,9 +292,9 @@ class H2Connection(asyncio.Protocol):
             elif kind is ngh2.StreamClosed or kind is ngh2.StreamReset:
                 stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
                 if stream is not None:
-                    self._release(stream, client_gone=not stream.ended)
+                    self._cancel(stream)
             elif kind is ngh2.TrailersReceived:
-                self._end_body(event.stream_id)  # type: ignore[attr-defined]
+                self._end_body(event.stream_id, event.headers)  # type: ignore[attr-defined]
             elif kind is ngh2.WindowUpdated:
                 self._schedule_flush()
             elif kind is ngh2.ConnectionClosed or kind is ngh2.GoAwayReceived:
@@ -390,7 +322,7 @@ class H2Connection(asyncio.Protocol):
             transport.write(data)
         self._close()
 
-    # -- streams -----------------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------
 
     def _request(self, event: ngh2.RequestReceived) -> None:
         sid = event.stream_id
@@ -399,11 +331,10 @@ class H2Connection(asyncio.Protocol):
             return
         self._last_sid = sid
         method = path = authority = host = b""
-        lines: list[bytes] = []
+        fields: list[tuple[bytes, bytes]] = []
         cookies: list[bytes] = []
-        has_length = False
         for name, value in event.headers:
-            if name.startswith(b":"):
+            if name[:1] == b":":
                 if name == b":method":
                     method = value
                 elif name == b":path":
@@ -416,68 +347,71 @@ class H2Connection(asyncio.Protocol):
             elif name == b"cookie":
                 cookies.append(value)  # split per crumb over HTTP/2 (RFC 9113 §8.2.3)
             else:
-                has_length = has_length or name == b"content-length"
-                lines.append(name + b": " + value)
+                fields.append((name, value))
         if not authority:
             authority = host
-        if (not path or _UNSAFE.search(path) or _UNSAFE.search(authority)
-                or (host and host != authority)):
-            # RFC 9113 §8.3.1: Host and :authority must name the same; malformed → stream error.
+        if not path or _UNSAFE.search(path) or (host and host != authority):
+            # RFC 9113 §8.3.1: Host and :authority name the same; malformed → stream error.
             metrics.H2_REFUSED.labels(reason="malformed").inc()
             self.h2.reset_stream(sid, PROTOCOL_ERROR)
             return
-        if cookies:
-            lines.append(b"cookie: " + b"; ".join(cookies))
-        chunked = not event.end_stream and not has_length
-        if chunked:
-            lines.append(b"transfer-encoding: chunked")
-        stream = Stream(self, sid, head_only=method == b"HEAD")
+        stream = Stream(self, sid)
         self.streams[sid] = stream
         self._cancel_idle()
-        conn = StreamConnection(self.engine, self.scheme, self._site_for(authority),
-                                (self.client_ip, self.client_port))
-        stream.conn = conn
-        stream.chunked_request = chunked
-        conn.connection_made(stream)
-        lines.append(b"")
-        conn.data_received(b"%b %b HTTP/1.1\r\nhost: %b\r\n%b\r\n" % (
-            method, path, authority, b"\r\n".join(lines)))
-        if event.end_stream and chunked:
-            conn.data_received(_CHUNK_END)
+        exchange = stream.exchange = Exchange(self.engine, self._client_for(authority), stream, [])
+        exchange.method, exchange.target, exchange.started = method, path, _clock()
+        add = exchange.add_header
+        add(b"host", authority)
+        for name, value in fields:
+            add(name, value)
+        if cookies:
+            add(b"cookie", b"; ".join(cookies))
+        if event.end_stream:
+            exchange.end_body()
+        elif exchange.content_length < 0:
+            exchange.chunked = True  # a body of unknown length goes to the backend chunked
+        exchange.start()
 
-    def _site_for(self, authority: bytes) -> Site | None:
-        """The SNI site the stream's request must belong to (else 421), or None when the
-        connection's certificate covers the request's name: a browser coalesces every name of
-        a certificate onto one connection, and each request is routed by its own name."""
+    def _client_for(self, authority: bytes) -> ClientInfo:
+        """The client info whose SNI site the request must belong to (else 421); without one
+        when the connection's certificate covers the request's name: a browser coalesces every
+        name of a certificate onto one connection, and each request is routed by its own name."""
+        client = self.client
+        assert client is not None
         sni_site = self.sni_site
         if sni_site is None or not self.names:
-            return sni_site
+            return client
         parsed = parse_host(authority)
-        if parsed is not None and parsed.name != sni_site.hostname and covers(
-                self.names, parsed.name):
-            return None
-        return sni_site
+        if parsed is None or parsed.name == sni_site.hostname or not covers(self.names, parsed.name):
+            return client
+        if self._coalesced is None:
+            self._coalesced = self._client_info(None)
+        return self._coalesced
 
     def _body(self, event: ngh2.DataReceived) -> None:
-        stream = self.streams.get(event.stream_id)
+        sid = event.stream_id
+        stream = self.streams.get(sid)
         data = event.data
-        if stream is None or stream.conn is None:
+        if stream is None or stream.exchange is None or stream.exchange.over:
             if data:  # a stream we no longer serve: its bytes still count against the window
-                self.h2.acknowledge_received_data(len(data), event.stream_id)
+                self.h2.acknowledge_received_data(len(data), sid)
+            if event.end_stream and stream is not None and stream.exchange is not None:
+                stream.exchange.end_body()
             return
+        exchange = stream.exchange
         if data:
             stream.unacked += len(data)
-            stream.conn.data_received(
-                b"%x\r\n%b\r\n" % (len(data), data) if stream.chunked_request else data)
+            if exchange.feed_body(data):
+                stream.reading = False
             if stream.reading:
                 self.acknowledge(stream)
         if event.end_stream:
-            self._end_body(event.stream_id)
+            exchange.end_body()
 
-    def _end_body(self, sid: int) -> None:
+    def _end_body(self, sid: int, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
         stream = self.streams.get(sid)
-        if stream is not None and stream.conn is not None and stream.chunked_request:
-            stream.conn.data_received(_CHUNK_END)
+        if stream is not None and stream.exchange is not None:
+            stream.exchange.end_body([(name, value) for name, value in trailers])
 
     def acknowledge(self, stream: Stream) -> None:
         """Tell the client the request body bytes of ``stream`` were taken (WINDOW_UPDATE)."""
@@ -489,32 +423,40 @@ class H2Connection(asyncio.Protocol):
                 return
             self._schedule_flush()
 
-    def send_head(self, stream: Stream, headers: list[tuple[bytes, bytes]], *, end: bool) -> None:
+    # -- responses ---------------------------------------------------------------------------
+
+    def send_head(self, stream: Stream, headers: list[tuple[bytes, bytes]]) -> None:
         if stream.reset:
             return
         try:
-            self.h2.send_response(stream.sid, headers, end_stream=end)
+            self.h2.send_response(stream.sid, headers)
         except ngh2.NGH2Error:
             stream.reset = True
             return
-        if end:
-            self._answered += 1
-            self._finish_later(stream)
         self._schedule_flush()
 
-    def send_data(self, stream: Stream, data: bytes, *, end: bool) -> None:
+    def send_data(self, stream: Stream, data: bytes) -> None:
         if stream.reset:
             return
         try:
-            self.h2.send_data(stream.sid, data, end_stream=end)
+            self.h2.send_data(stream.sid, data)
         except ngh2.NGH2Error:
             stream.reset = True
             return
-        if end:
-            self._answered += 1
-            self._finish_later(stream)
-        elif self.h2.queued_body_size(stream.sid) > self._buffer_limit:
+        if self.h2.queued_body_size(stream.sid) > self._buffer_limit:
             self._pause_stream(stream)
+        self._schedule_flush()
+
+    def end_stream(self, stream: Stream) -> None:
+        """The exchange is over and answered: END_STREAM (it already accounted itself)."""
+        stream.exchange = None
+        self._answered += 1
+        if not stream.reset:
+            try:
+                self.h2.end_stream(stream.sid)
+            except ngh2.NGH2Error:
+                stream.reset = True
+        self._forget(stream)
         self._schedule_flush()
 
     def reset_stream(self, stream: Stream, code: int) -> None:
@@ -522,36 +464,35 @@ class H2Connection(asyncio.Protocol):
             stream.reset = True
             with contextlib.suppress(ngh2.NGH2Error):
                 self.h2.reset_stream(stream.sid, code)
-            self._finish_later(stream)
             self._schedule_flush()
+        exchange, stream.exchange = stream.exchange, None
+        if exchange is not None and not exchange.over:
+            exchange.cancel()
+        self._forget(stream)
 
     def _pause_stream(self, stream: Stream) -> None:
-        if not stream.write_paused and stream.conn is not None:
+        if not stream.write_paused and stream.exchange is not None:
             stream.write_paused = True
-            stream.conn.pause_writing()  # pauses reading from the stream's backend
+            stream.exchange.pause_response()  # stops reading from the stream's backend
 
-    def _finish_later(self, stream: Stream) -> None:
-        # The request path finishes its request (access log, pool release) after the write
-        # that ended the stream returns: release the stream only then.
-        self.engine.loop.call_soon(self._release, stream, False)
+    def _cancel(self, stream: Stream) -> None:
+        """The stream closed (its end sent, or reset by the client, or the connection gone):
+        an exchange still running is cancelled (its backend dropped, 499 logged)."""
+        exchange, stream.exchange = stream.exchange, None
+        stream.reset = True
+        if exchange is not None and not exchange.over:
+            exchange.cancel()
+        self._forget(stream)
 
-    def _release(self, stream: Stream, client_gone: bool) -> None:
-        """Forget ``stream``; ``client_gone``: the client reset or closed it before the end
-        (the request path then aborts its backend connection and logs 499)."""
-        conn = stream.conn
-        if conn is None:
+    def _forget(self, stream: Stream) -> None:
+        """The stream needs nothing more from us (what it queued still goes out): the last one
+        gone, a draining connection closes once written, an idle one waits keepalive_timeout."""
+        if self.streams.pop(stream.sid, None) is None or self.streams or self.closed:
             return
-        stream.conn = None
-        if client_gone:
-            stream.ended = stream.reset = True
-        conn.connection_lost(None)
-        self.streams.pop(stream.sid, None)
-        if not self.streams and not self.closed:
-            if self.closing:
-                self._flush()
-                self._close()
-            else:
-                self._arm_idle(self.engine.settings.keepalive_timeout)
+        if self.closing:
+            self._schedule_flush()
+        else:
+            self._arm_idle(self.engine.settings.keepalive_timeout)
 
     # -- output ------------------------------------------------------------------------------
 
@@ -578,10 +519,11 @@ class H2Connection(asyncio.Protocol):
             return
         low = self._buffer_limit // 2
         for stream in self.streams.values():
-            if stream.write_paused and stream.conn is not None and (
-                    stream.reset or self.h2.queued_body_size(stream.sid) <= low):
+            if stream.write_paused and (stream.exchange is None
+                                        or self.h2.queued_body_size(stream.sid) <= low):
                 stream.write_paused = False
-                stream.conn.resume_writing()
+                if stream.exchange is not None:
+                    stream.exchange.resume_response()
         if self.closing and not self.streams and not self.h2.want_write:
             self._close()
 
@@ -619,9 +561,11 @@ class H2Connection(asyncio.Protocol):
         if not self.streams:
             self._close()
 
-    def abort(self) -> None:
+    def shutdown(self) -> None:
+        """The worker stops: cancel every exchange, close at once."""
         for stream in list(self.streams.values()):
-            self._release(stream, client_gone=True)
+            self._cancel(stream)
+        self.streams.clear()
         if self.transport is not None:
             self.transport.abort()
 

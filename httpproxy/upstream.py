@@ -277,6 +277,9 @@ class BackendConnection(asyncio.Protocol):
         if self._timer is None:
             self._timer = self._loop.call_at(self.last_io + self.pool.response_timeout, self._check)
         assert self.transport is not None
+        # A response whose last bytes filled a slow client's buffer ended with reading paused
+        # (Exchange.pause_response) and nobody left to resume it: this response must be read.
+        self.transport.resume_reading()
         self.transport.write(data)
 
     def write(self, data: bytes) -> None:
