@@ -39,7 +39,7 @@ import logging
 import re
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 import ngh2
@@ -48,10 +48,7 @@ from edge.directory.model import Site
 from httpproxy import metrics
 from httpproxy.authority import parse_host
 from httpproxy.exchange import ClientInfo, Exchange, ResponseHead
-from httpproxy.front_h1 import ClientConnection
-
-if TYPE_CHECKING:
-    from httpproxy.server import HttpEngine
+from httpproxy.front_h1 import ClientConnection, ConnectionServices
 
 __all__ = ["PREFACE", "H2Connection", "Stream", "choose_protocol", "covers"]
 
@@ -75,6 +72,20 @@ INTERNAL_ERROR = 0x2
 REFUSED_STREAM = 0x7
 CANCEL = 0x8
 ENHANCE_YOUR_CALM = 0xB
+
+
+class H2Services(ConnectionServices, Protocol):
+    """The engine as an HTTP/2 connection sees it (:class:`httpproxy.server.HttpEngine` is one):
+    an HTTP/1 connection's services, with HTTP/2 connections counted alike."""
+
+    def opened(self, conn: ClientConnection | H2Connection) -> None:
+        """Count ``conn`` as open (its listener's gauge, draining)."""
+
+    def admit(self, conn: ClientConnection | H2Connection) -> bool:
+        """Take a per-address slot for ``conn``; False: over the cap."""
+
+    def closed(self, conn: ClientConnection | H2Connection) -> None:
+        """``conn`` is gone: release its slot and count it closed."""
 
 
 def covers(names: tuple[str, ...], host: str) -> bool:
@@ -173,7 +184,7 @@ class _ChunkSink:
 class H2Connection(asyncio.Protocol):
     """One HTTP/2 client connection (TLS with ALPN ``h2``, or prior knowledge on plain HTTP)."""
 
-    def __init__(self, engine: HttpEngine, scheme: str, sni_site: Site | None,
+    def __init__(self, engine: H2Services, scheme: str, sni_site: Site | None,
                  client_address: tuple[str, int] | None, names: tuple[str, ...] = ()) -> None:
         """``names``: the names the connection's certificate covers (coalescing: a request for
         another site than the SNI's is served when the certificate covers its name)."""
@@ -576,7 +587,7 @@ class _Chooser(asyncio.Protocol):
     TLS: by the ALPN protocol the handshake chose. Plain (``[http] h2c``): by whether the first
     bytes are the HTTP/2 connection preface."""
 
-    def __init__(self, engine: HttpEngine, scheme: str, sni_site: Site | None,
+    def __init__(self, engine: H2Services, scheme: str, sni_site: Site | None,
                  client_address: tuple[str, int] | None, names: tuple[str, ...]) -> None:
         self.engine = engine
         self.scheme = scheme
@@ -618,7 +629,7 @@ class _Chooser(asyncio.Protocol):
         return False
 
 
-def choose_protocol(engine: HttpEngine, scheme: str, sni_site: Site | None = None,
+def choose_protocol(engine: H2Services, scheme: str, sni_site: Site | None = None,
                     client_address: tuple[str, int] | None = None,
                     names: tuple[str, ...] = ()) -> asyncio.Protocol:
     """The protocol for a new client connection that may speak HTTP/2: it becomes a

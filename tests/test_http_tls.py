@@ -102,7 +102,8 @@ class SniEchoEngine:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def connection(self, *, scheme: str, sni_site: Site | None = None,
-                   client_address: tuple[str, int] | None = None) -> asyncio.Protocol:
+                   client_address: tuple[str, int] | None = None,
+                   certificate_names: tuple[str, ...] | None = None) -> asyncio.Protocol:
         self.made.append((scheme, sni_site, client_address))
         return _EchoProtocol(self, sni_site, client_address)
 
@@ -468,20 +469,30 @@ async def test_ipv6_listener_and_client_address(make_edge: EdgeFactory) -> None:
     assert client is not None and client[0] == "::1"
 
 
-async def test_alpn_is_http11_only_and_min_version(make_edge: EdgeFactory) -> None:
+async def test_alpn_offers_h2_then_http11_and_min_version(make_edge: EdgeFactory) -> None:
     edge = await make_edge(min_tls_version="1.3")
     a = await edge.add_cert("a", ["www.a.test"])
     await edge.service.add_site("www.a.test", "acme", certificate_id=a)
     both = await handshake(edge.port, "www.a.test", alpn=["h2", "http/1.1"])
-    assert (both.alpn, both.version) == ("http/1.1", "TLSv1.3")
-    h2_only = await handshake(edge.port, "www.a.test", alpn=["h2"])
-    assert h2_only.alpn is None  # no h2: the engine speaks HTTP/1.1
+    assert (both.alpn, both.version) == ("h2", "TLSv1.3")
+    h11_only = await handshake(edge.port, "www.a.test", alpn=["http/1.1"])
+    assert h11_only.alpn == "http/1.1"
     with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
         await handshake(edge.port, "www.a.test", maximum=ssl.TLSVersion.TLSv1_2)
     result = await curl_https(edge, "www.a.test", edge.certs["a"][2], "--tls-max", "1.2")
     assert result.returncode == 35 and "protocol version" in result.stderr, result
     assert edge.proxy._acceptor is not None
     assert edge.proxy._acceptor.outcomes["protocol_version"] == 2
+
+
+async def test_alpn_without_http2_is_http11_only(make_edge: EdgeFactory) -> None:
+    edge = await make_edge(http2=False)
+    a = await edge.add_cert("a", ["www.a.test"])
+    await edge.service.add_site("www.a.test", "acme", certificate_id=a)
+    both = await handshake(edge.port, "www.a.test", alpn=["h2", "http/1.1"])
+    assert both.alpn == "http/1.1"
+    h2_only = await handshake(edge.port, "www.a.test", alpn=["h2"])
+    assert h2_only.alpn is None  # h2 not offered: the engine speaks HTTP/1.1
 
 
 # -- hostile and broken clients -----------------------------------------------------------------
