@@ -1,0 +1,207 @@
+"""CPU per proxied HTTP/2 request, edge vs nginx (issue 14 §3), the way ``benchmarks.httpcpu``
+measures HTTP/1.
+
+``python -m benchmarks.h2cpu [--runs 5 --requests 20000 --idle 1000]``
+
+* the nginx backend of ``benchmarks.httpcpu`` (1 KiB, ``Cache-Control: public, max-age=300``)
+  and ``h2load -c 50 -m 10`` pinned to core 0;
+* the proxy under test alone on core 1, both speaking HTTP/2 with prior knowledge (h2c: the TLS
+  layer is the same OpenSSL in both, so it is left out of the protocol comparison) and keeping
+  HTTP/1.1 keep-alive connections to the backend: ``edge serve --workers 1`` with
+  ``[http] h2c = true``, and nginx with ``listen ... http2`` (1.22 here: ``http2 on`` came in
+  1.25.1), ``keepalive 64`` upstream and ``proxy_cache`` for ``/c/``; an access log file on both;
+* CPU time of the proxy's processes per request, cases alternating within each round; p99
+  from h2load's per-request log (``--log-file``);
+* memory per idle HTTP/2 connection: RSS of the proxy before and after ``--idle`` connections
+  that sent the preface and SETTINGS and then wait (the edge's worker; nginx's worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.httpcpu import SITES, pin, provision, start_backend
+from benchmarks.procs import Child, edge_toml, free_port, nginx_main_conf, start_edge, start_nginx
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+"""The connection preface and an empty SETTINGS frame: what an idle client has sent."""
+
+
+@dataclass
+class Case:
+    label: str
+    proxy: str
+    host: str
+    path: str
+    cpu_us: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+
+
+async def start_nginx_h2(workdir: Path, backend_port: int) -> Child:
+    port = free_port()
+    folder = workdir / "nginx-h2"
+    folder.mkdir()
+    names = " ".join(name for name, _, _ in SITES.values())
+    body = f"""
+  proxy_cache_path {folder}/cache levels=1:2 keys_zone=edge:16m max_size=256m inactive=10m;
+  upstream b1 {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port} http2 reuseport;
+    server_name {names};
+    access_log {folder}/access.log combined;
+    http2_max_concurrent_streams 128;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $host;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Real-IP $remote_addr;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Forwarded-Host $host;
+    location / {{ proxy_pass http://b1; }}
+    location /c/ {{
+      proxy_cache edge;
+      add_header X-Cache $upstream_cache_status;
+      proxy_pass http://b1;
+    }}
+  }}"""
+    child = await start_nginx(workdir, "nginx-h2", nginx_main_conf(folder, body),
+                              [("127.0.0.1", port)])
+    child.ports["http"] = port
+    return child
+
+
+async def start_edge_h2(workdir: Path, url: str) -> Child:
+    folder = workdir / "edge"
+    folder.mkdir()
+    toml = edge_toml(url, {"http": {"listen": ["127.0.0.1:0"], "h2c": True,
+                                    "access_log": str(folder / "access.log")}})
+    return await start_edge(folder, toml, workers=1, expect=["http"])
+
+
+async def h2load(port: int, host: str, path: str, requests: int, log: Path) -> tuple[int, float]:
+    """(requests that succeeded, p99 ms) of one pinned h2load run (h2c prior knowledge)."""
+    argv = ["taskset", "-c", "0", "h2load", "-c", "50", "-m", "10", "-n", str(requests),
+            "-H", f":authority: {host}", "--log-file", str(log), f"http://127.0.0.1:{port}{path}"]
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    text = out.decode()
+    succeeded = 0
+    for line in text.splitlines():
+        if line.startswith("requests:"):
+            succeeded = int(line.split("succeeded")[0].split(",")[-1].split()[0])
+    elapsed = sorted(int(line.split("\t")[2]) for line in _read_and_remove(log)
+                     if line.count("\t") >= 2 and line.split("\t")[1] == "200")
+    if not succeeded or not elapsed:
+        raise RuntimeError(f"h2load: {text[-600:]} {err.decode()[-400:]}")
+    return succeeded, elapsed[int(len(elapsed) * 0.99) - 1] / 1000
+
+
+def _read_and_remove(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    path.unlink()
+    return lines
+
+
+async def measure(case: Case, child: Child, args: argparse.Namespace, log: Path) -> None:
+    before = child.cpu()
+    done, p99 = await h2load(child.ports["http"], case.host, case.path, args.requests, log)
+    cpu = child.cpu() - before
+    if done < args.requests:
+        raise RuntimeError(f"{case.label}: only {done} of {args.requests} requests succeeded")
+    case.cpu_us.append(cpu / done * 1e6)
+    case.p99_ms.append(p99)
+
+
+async def idle_connection_kib(child: Child, count: int) -> float:
+    """RSS growth per idle HTTP/2 connection (KiB): ``count`` clients that sent the preface
+    and SETTINGS, read the server's SETTINGS, then wait."""
+    before = child.rss_kib()
+    conns = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", child.ports["http"])
+        writer.write(PREFACE)
+        conns.append((reader, writer))
+    for reader, _ in conns:
+        await asyncio.wait_for(reader.read(4096), 10)
+    await asyncio.sleep(1.0)
+    after = child.rss_kib()
+    for _, writer in conns:
+        writer.close()
+    return (after - before) / count
+
+
+def _fmt(values: list[float], digits: int = 1) -> str:
+    return (f"{statistics.median(values):.{digits}f} "
+            f"({min(values):.{digits}f}-{max(values):.{digits}f})")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="edge-h2cpu-") as folder:
+        workdir = Path(folder)
+        url = f"sqlite:///{workdir}/edge.sqlite3"
+        children: list[Child] = []
+        try:
+            backend = await start_backend(workdir)
+            children.append(backend)
+            pin(backend.pid, 0)
+            await provision(url, backend.ports["http"])
+            proxies = {"edge": await start_edge_h2(workdir, url),
+                       "nginx": await start_nginx_h2(workdir, backend.ports["http"])}
+            children.extend(proxies.values())
+            for child in proxies.values():
+                pin(child.pid, 1)
+            cases = [Case("edge h2 miss", "edge", SITES["miss"][0], "/index.html"),
+                     Case("edge h2 cache hit", "edge", SITES["hit"][0], "/c/index.html"),
+                     Case("nginx h2 proxy", "nginx", SITES["miss"][0], "/index.html"),
+                     Case("nginx h2 proxy_cache hit", "nginx", SITES["hit"][0], "/c/index.html")]
+            log = workdir / "h2load.log"
+            for c in cases:  # warm-up: lookups cached, pools filled, cache entries stored
+                await h2load(proxies[c.proxy].ports["http"], c.host, c.path, 2000, log)
+            for r in range(args.runs):
+                for c in cases if r % 2 == 0 else cases[::-1]:
+                    await measure(c, proxies[c.proxy], args, log)
+                print(f"  round {r + 1}/{args.runs}: " + ", ".join(
+                    f"{c.label} {c.cpu_us[-1]:.1f}" for c in cases), file=sys.stderr)
+            idle = {name: await idle_connection_kib(child, args.idle)
+                    for name, child in proxies.items()} if args.idle else {}
+            report(cases, idle, args)
+        finally:
+            for child in reversed(children):
+                child.stop()
+
+
+def report(cases: list[Case], idle: dict[str, float], args: argparse.Namespace) -> None:
+    by = {c.label: c for c in cases}
+    print(f"\nCPU per request (µs), median (min-max) of {args.runs} alternating runs, "
+          f"h2load -c 50 -m 10 -n {args.requests} (h2c), 1 KiB responses, access log on")
+    print(f"{'case':<26} {'µs/request':>22} {'per-round ratio vs nginx':>26} {'p99 ms':>20}")
+    for c in cases:
+        peer = by["nginx h2 proxy_cache hit" if "hit" in c.label else "nginx h2 proxy"]
+        ratios = [a / b for a, b in zip(c.cpu_us, peer.cpu_us, strict=True)]
+        p99s = [a / b for a, b in zip(c.p99_ms, peer.p99_ms, strict=True)]
+        ratio = "" if c.proxy == "nginx" else f"{_fmt(ratios, 2)} (p99 {statistics.median(p99s):.2f}x)"
+        print(f"{c.label:<26} {_fmt(c.cpu_us):>22} {ratio:>26} {_fmt(c.p99_ms, 2):>20}")
+    for name, kib in idle.items():
+        print(f"memory per idle HTTP/2 connection, {name}: {kib:.1f} KiB (RSS, {args.idle} connections)")
+    with open("/proc/loadavg") as f:
+        print(f"load average at the end: {' '.join(f.read().split()[:3])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--idle", type=int, default=1000, help="idle connections (0: skip)")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
