@@ -577,3 +577,32 @@ async def test_drain_sends_goaway_and_finishes_streams_in_progress(edge: H2Edge)
     finally:
         a.hold.clear()
         await raw.close()
+
+
+async def _run(*argv: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), TIMEOUT + 10)
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+async def test_h2c_with_nghttp_h2load_and_curl_next_to_http1(edge: H2Edge) -> None:
+    """[http] h2c: the plain listener takes HTTP/2 with prior knowledge and HTTP/1.1 alike."""
+    a, _ = edge.backends
+    url = f"http://127.0.0.1:{edge.port}"
+    code, out = await _run("nghttp", "-v", "-H", ":authority: www.a.test", f"{url}/nghttp")
+    assert code == 0 and ":status: 200" in out and '"backend": "a"' in out, out
+    code, out = await _run("h2load", "-n", "200", "-c", "4", "-m", "10",
+                           "-H", ":authority: www.a.test", f"{url}/load")
+    assert code == 0 and "200 succeeded" in out and "status codes: 200 2xx" in out, out
+    r = await _curl_plain(edge.port, "--http2-prior-knowledge", path="/prior")
+    assert r.status == 200 and r.json()["path"] == "/prior"
+    r = await _curl_plain(edge.port, path="/one")  # HTTP/1.1 on the same listener
+    assert r.status == 200 and r.json()["path"] == "/one" and r.json()["version"] == "1.1"
+    assert sum(1 for r in a.requests if r["path"] == "/load") == 200
+
+
+async def _curl_plain(port: int, *args: str, path: str) -> Any:
+    code, out = await _run("curl", "-sS", "-D", "-", "-o", "/dev/stdout", "-H", "Host: www.a.test",
+                           *args, f"http://127.0.0.1:{port}{path}")
+    return parse_curl(out.replace("HTTP/2 ", "HTTP/2.0 ").encode(), code, out, check=True)

@@ -262,8 +262,9 @@ async def curl(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def curl_https(edge: Edge, name: str, cacert: Path, *extra: str,
                      ) -> subprocess.CompletedProcess[str]:
-    return await curl("--resolve", f"{name}:{edge.port}:127.0.0.1", "--cacert", str(cacert),
-                      *extra, f"https://{name}:{edge.port}/")
+    # --http1.1: the echo engine answers in HTTP/1 whatever ALPN chose (h2 is offered).
+    return await curl("--http1.1", "--resolve", f"{name}:{edge.port}:127.0.0.1", "--cacert",
+                      str(cacert), *extra, f"https://{name}:{edge.port}/")
 
 
 async def raw_exchange(port: int, data: bytes, *, read_timeout: float = TIMEOUT) -> bytes:
