@@ -45,6 +45,14 @@ from edge.relay import Relay
 from httpproxy import pages
 from httpproxy.authority import Authority, forwarded_value, parse_authority, parse_host
 from httpproxy.cache import CacheEntry, Flight
+from httpproxy.cacheflow import (
+    SAFE_METHODS,
+    Answer,
+    answer_from_store,
+    head_fields,
+    revalidation_fields,
+    strip_conditionals,
+)
 from httpproxy.cachepolicy import (
     Freshness,
     RequestAction,
@@ -85,7 +93,8 @@ _SPECIAL = {b"host": _HOST, b"transfer-encoding": _TE, b"content-length": _CL, b
             b"x-forwarded-host": _DROP, b"forwarded": _DROP, b"x-real-ip": _DROP,
             b"accept-encoding": _AE, b"authorization": _AUTH, b"cookie": _CACHE, b"range": _CACHE,
             b"user-agent": _UA,
-            b"cache-control": _CACHE, b"pragma": _CACHE}
+            b"cache-control": _CACHE, b"pragma": _CACHE, b"if-none-match": _CACHE,
+            b"if-modified-since": _CACHE, b"if-range": _CACHE}
 _NAME_CODES: dict[bytes, int] = {}
 """Raw header name → code, memoised (bounded) so a request costs one dict lookup per header."""
 _NAME_CODES_MAX = 4096
@@ -159,6 +168,10 @@ class Request:
     store = False
     flight: Flight | None = None
     stale_entry: CacheEntry | None = None
+    revalidate: CacheEntry | None = None
+    """The stored response this request's forward asks the origin to validate (RFC 9111 §4.3)."""
+    revalidated: CacheEntry | None = None
+    """Set when the origin's 304 updated it: served at the response's end."""
     capture: list[bytes] | None = None
     capture_head = b""
     capture_size = 0
@@ -829,6 +842,10 @@ class ClientConnection(asyncio.Protocol):
                 req.extra = extra
                 if verdict.action is RequestAction.LOOKUP:
                     entry = cache.get(key)
+                    if entry is None and cache.has_variants(key):  # Vary: RFC 9111 §4.1
+                        if head is None:
+                            head = RequestHead.from_pairs(req.method, req.target, req.headers)
+                        entry = cache.select(key, head.headers)
                     if entry is not None:
                         now = time.time()
                         if now - entry.stored_at < entry.ttl:  # freshness() inlined for FRESH
@@ -843,6 +860,8 @@ class ClientConnection(asyncio.Protocol):
                             return
                         if fresh is Freshness.STALE_IF_ERROR_ONLY:
                             req.stale_entry = entry
+                        if verdict.store_on_miss:
+                            req.revalidate = entry
                 req.cache_result = "MISS"
                 if verdict.store_on_miss:
                     flight = cache.flight(key)
@@ -854,8 +873,27 @@ class ClientConnection(asyncio.Protocol):
                         req.flight = cache.begin_flight(key)
                     req.store = True
         req.extra = extra
-        self._build_head(req, accept_encoding)
+        if req.revalidate is not None:
+            self._build_revalidation(req, accept_encoding)
+        else:
+            self._build_head(req, accept_encoding)
         self._forward(req)
+
+    def _build_revalidation(self, req: Request, accept_encoding: bytes | None) -> None:
+        """The backend head asking the origin to validate ``req.revalidate`` (RFC 9111
+        §4.3.1): the client's own conditionals and Range are not forwarded (they are answered
+        from the validated response); without a validator, an unconditional fetch."""
+        entry = req.revalidate
+        assert entry is not None
+        validators = revalidation_fields(head_fields(entry.head))
+        if not validators:
+            req.revalidate = None
+            self._build_head(req, accept_encoding)
+            return
+        req.fwd = strip_conditionals(req.fwd)
+        self._build_head(req, accept_encoding)
+        req.head_bytes = req.head_bytes[:-2] + validators + b"\r\n"
+        self.engine.cache_events["revalidations"] += 1
 
     def _build_head(self, req: Request, accept_encoding: bytes | None) -> None:
         """The request head for the backend, built once as one bytes object.
@@ -980,6 +1018,12 @@ class ClientConnection(asyncio.Protocol):
             req.conn = None
             self._serve_stale_after_error(req)
             return
+        if status == 304 and req.revalidate is not None:
+            self._revalidated(req, head)
+            return
+        if req.method not in SAFE_METHODS and status < 400 and req.state is not None and (
+                req.state.policy.mode != "off"):
+            self.engine.invalidate(req, status, head)
         req.status = status
         if req.store:
             self._start_capture(req, status, head, rest)
@@ -997,6 +1041,8 @@ class ClientConnection(asyncio.Protocol):
     def response_body(self, data: bytes) -> None:
         req = self.active
         assert req is not None and self.transport is not None
+        if req.revalidated is not None:
+            return  # a 304 has no content; anything else here is not the client's
         self.transport.write(data)
         req.bytes_out += len(data)
         capture = req.capture
@@ -1018,6 +1064,9 @@ class ClientConnection(asyncio.Protocol):
         else:
             conn.close()
         if req is None:
+            return
+        if req.revalidated is not None:
+            self._serve_entry(req, req.revalidated, "REVALIDATED")
             return
         if req.capture is not None:
             self.engine.cache_store(req)
@@ -1112,12 +1161,28 @@ class ClientConnection(asyncio.Protocol):
         if closing:
             self.closing = True
         age = int((now or time.time()) - entry.stored_at)
-        data = b"".join((entry.head, _X_CACHE[result], b"Age: %d\r\n" % (age if age > 0 else 0),
-                         req.extra, b"Connection: close\r\n\r\n" if closing else b"\r\n",
-                         b"" if req.method == b"HEAD" else entry.body))
+        head, body = entry.head, b"" if req.method == b"HEAD" else entry.body
+        if req.cache_sensitive:  # conditionals or Range: httpproxy.cacheflow answers them
+            answer = answer_from_store(req.method, RequestHead.from_pairs(
+                req.method, req.target, req.headers).headers, entry.status, entry.head, entry.body)
+            head, body = answer.head, answer.body
+            if answer.kind is not Answer.STORED:
+                self.engine.cache_events[answer.kind.value] += 1
+                req.status = int(head[9:12])
+        data = b"".join((head, _X_CACHE[result], b"Age: %d\r\n" % (age if age > 0 else 0),
+                         req.extra, b"Connection: close\r\n\r\n" if closing else b"\r\n", body))
         self.transport.write(data)
         req.bytes_out = len(data)
         self._done(req)
+
+    def _revalidated(self, req: Request, head: bytes) -> None:
+        """The origin answered our revalidation with 304: update the stored response and
+        serve it when the (empty) response ends (:meth:`response_end`)."""
+        entry = req.revalidate
+        assert entry is not None
+        req.revalidate = None
+        req.stale_entry = None
+        req.revalidated = self.engine.cache_update(req, entry, head)
 
     def _serve_stale_after_error(self, req: Request) -> None:
         entry = req.stale_entry
@@ -1129,6 +1194,10 @@ class ClientConnection(asyncio.Protocol):
     def _flight_landed(self, req: Request, entry: CacheEntry | None) -> None:
         if self.closed or self.active is not req:
             return
+        if entry is not None and entry.vary and self.engine.cache is not None:
+            # The fetch stored the variant of the request that made it: this one may differ.
+            entry = self.engine.cache.select(entry.primary, RequestHead.from_pairs(
+                req.method, req.target, req.headers).headers)
         if entry is not None:
             self._serve_entry(req, entry, "HIT")
         else:
@@ -1268,20 +1337,11 @@ def _host_name(value: bytes) -> str:
 
 
 _X_CACHE = {None: b"", "HIT": b"X-Cache: HIT\r\n", "MISS": b"X-Cache: MISS\r\n",
-            "STALE": b"X-Cache: STALE\r\n", "BYPASS": b"X-Cache: BYPASS\r\n"}
+            "STALE": b"X-Cache: STALE\r\n", "BYPASS": b"X-Cache: BYPASS\r\n",
+            "REVALIDATED": b"X-Cache: REVALIDATED\r\n"}
 
 
-def _parse_head(head: bytes) -> dict[str, str]:
-    """Response headers as {lowercase name: value} (repeats joined), for cache decisions."""
-    headers: dict[str, str] = {}
-    for line in head.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        key = name.strip().lower().decode("latin-1")
-        text = value.strip().decode("latin-1")
-        headers[key] = headers[key] + ", " + text if key in headers else text
-    return headers
+_parse_head = head_fields
 
 
 def _websocket_upgrade(req: Request) -> bool:

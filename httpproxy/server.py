@@ -23,15 +23,23 @@ from typing import Any
 
 from edge import metrics as edge_metrics
 from edge.directory.model import Change, Host, Site, Tenant
+from edge.directory.store import append_change
 from edge.limits import ConnectionCap, RateLimiter
 from edge.proxyproto import ProxyHeaderPolicy, is_trusted
 from edge.registry import ProxyContext
 from httpproxy.accesslog import AccessLog
-from httpproxy.cache import CacheEntry, ContentCache
-from httpproxy.cachepolicy import CachePolicy, cache_key
+from httpproxy.cache import CacheEntry, ContentCache, entry_tags, url_key
+from httpproxy.cacheflow import (
+    head_fields,
+    invalidation_targets,
+    merge_not_modified,
+    secondary_key,
+    vary_names,
+)
+from httpproxy.cachepolicy import CachePolicy, StoreVerdict, cache_key, response_storability
 from httpproxy.connection import ClientConnection, Request
 from httpproxy.metrics import LocalStats
-from httpproxy.rules import CompiledFilters, Decision, target_text
+from httpproxy.rules import CompiledFilters, Decision, RequestHead, target_text
 from httpproxy.upstream import BackendConnection, BackendKey, BackendPool, is_close_delimited
 
 __all__ = ["HttpEngine", "HttpProxy", "Route", "SiteState", "shared_engine"]
@@ -46,6 +54,7 @@ _ACCESS_LINE = (b'%b"ts":%.3f,"method":"%b","host_header":%b,"path":%b,%b,"statu
 token llhttp validated; the Host and target are escaped by :func:`_json_bytes`)."""
 _JSON_UNSAFE = re.compile(rb'[\x00-\x1f"\\\x7f-\xff]')
 _CACHE_FIELD = {None: b"null", "HIT": b'"HIT"', "MISS": b'"MISS"', "STALE": b'"STALE"',
+                "REVALIDATED": b'"REVALIDATED"',
                 "BYPASS": b'"BYPASS"'}
 
 
@@ -212,6 +221,11 @@ class HttpEngine:
         self._idle.set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.refreshes = 0
+        self.cache_events = self.stats.cache_events
+        """Cache event counters the connections increment (see LocalStats.cache_events)."""
+        self._unpublished: dict[tuple[str, str], None] = {}
+        """Invalidations for the change feed not yet written (one transaction per batch)."""
+        self._publishing = False
         context.feed.subscribe(self._on_change)
         self._export_task = self.loop.create_task(self._export_loop(), name="edge-http-metrics")
 
@@ -428,12 +442,95 @@ class HttpEngine:
         entry: CacheEntry | None = None
         if (self.cache is not None and capture is not None and verdict is not None
                 and key is not None and site is not None and req.method == b"GET"):
-            entry = CacheEntry(key, site.hostname, target_text(req.target).partition("?")[0],
-                               req.status, req.capture_head, b"".join(capture), ttl=verdict.ttl,
-                               swr=verdict.stale_while_revalidate, sie=verdict.stale_if_error)
-            if not self.cache.put(entry):
-                entry = None
+            entry = self.store_entry(key, site, req.target, req.headers, req.status,
+                                     req.capture_head, b"".join(capture), verdict)
         self.cache_end_flight(req, entry)
+
+    def store_entry(self, key: bytes, site: Site, target: bytes,
+                    request: list[tuple[bytes, bytes]], status: int, head: bytes, body: bytes,
+                    verdict: StoreVerdict, *, stored_at: float | None = None) -> CacheEntry | None:
+        """Build and store an entry (a variant when the response has Vary: its secondary key
+        from ``request``'s fields); returns it, or None when it was not stored."""
+        assert self.cache is not None
+        fields = head_fields(head)
+        vary = vary_names(fields.get("vary"))
+        if vary is None:
+            return None
+        secondary = b""
+        if vary:
+            request_fields = RequestHead.from_pairs(b"GET", target, request).headers
+            secondary = secondary_key(vary, request_fields)
+        entry = CacheEntry(key, site.hostname, target_text(target).partition("?")[0], status,
+                           head, body, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
+                           sie=verdict.stale_if_error, vary=vary, secondary=secondary,
+                           tags=entry_tags(fields), stored_at=stored_at)
+        return entry if self.cache.put(entry) else None
+
+    def cache_update(self, req: Request, stored: CacheEntry, head_304: bytes) -> CacheEntry:
+        """The origin validated ``stored`` with a 304 (RFC 9111 §4.3.4): store its head
+        updated by the 304's fields, fresh from now; end the flight with it. Returns the
+        updated response (served to ``req`` even when it may no longer be stored)."""
+        assert req.state is not None and req.site is not None and self.cache is not None
+        self.cache_events["revalidated"] += 1
+        head = merge_not_modified(stored.head, head_304)
+        now = time.time()
+        verdict = response_storability(stored.status, head_fields(head), req.state.policy, now,
+                                       path=target_text(req.target))
+        self.cache.remove(stored.key)
+        entry: CacheEntry | None = None
+        if verdict.store:
+            entry = self.store_entry(stored.primary, req.site, req.target, req.headers,
+                                     stored.status, head, stored.body, verdict, stored_at=now)
+        self.cache_end_flight(req, entry)
+        if entry is None:
+            entry = CacheEntry(stored.primary, stored.site, stored.path, stored.status, head,
+                               stored.body, ttl=0.0, swr=0.0, sie=0.0, stored_at=now)
+        return entry
+
+    # -- invalidation (RFC 9111 §4.4) ------------------------------------------------------------
+
+    def invalidate(self, req: Request, status: int, head: bytes) -> None:
+        """An unsafe method succeeded: drop its target and same-origin Location /
+        Content-Location here at once, and on every other worker through the change feed."""
+        if self.cache is None:
+            return
+        targets = invalidation_targets(req.method, status, req.host_header,
+                                       target_text(req.target), head_fields(head))
+        for target in targets:
+            self.cache_events["invalidated_urls"] += 1
+            self.cache.purge_url(url_key(cache_key(req.host_header, target, None)))
+            host = cache_key(req.host_header, "", None).split(b"\0")[1].decode("latin-1")
+            name = host + target
+            if len(name) > 255 or not name.isascii():
+                # Too long for the feed's name column: the whole site is dropped instead
+                # (more than needed, never less).
+                assert req.site is not None
+                self._publish("purge", req.site.hostname)
+            else:
+                self._publish("invalidate", name)
+
+    def _publish(self, entity: str, name: str) -> None:
+        self._unpublished[(entity, name)] = None
+        if not self._publishing:
+            self._publishing = True
+            self.spawn(self._publish_batch())
+
+    async def _publish_batch(self) -> None:
+        """Write the pending invalidations in one transaction (those that arrive meanwhile
+        go in the next). A failure is logged; this worker's own copies are already gone."""
+        try:
+            while self._unpublished:
+                batch = list(self._unpublished)
+                self._unpublished.clear()
+                try:
+                    async with self.directory.store.transaction() as tx:
+                        for entity, name in batch:
+                            await append_change(tx, entity, name)
+                except Exception as exc:  # the database is down or read-only: serve on
+                    self.cache_events["publish_failures"] += 1
+                    log.warning("cache invalidation not published to the change feed: %s", exc)
+        finally:
+            self._publishing = False
 
     def refresh(self, req: Request, key: bytes) -> None:
         """Stale-while-revalidate: fetch ``req`` again in the background (once per key)."""
@@ -446,18 +543,36 @@ class HttpEngine:
     def _on_change(self, change: Change) -> None:
         # Any change may touch a remembered route (site, tenant, host, state): forget them all.
         self.routes.clear()
-        if change.entity == "purge" and self.cache is not None:
-            slash = change.name.find("/")
-            site, path = (change.name, "") if slash < 0 else (change.name[:slash], change.name[slash:])
-            dropped = self.cache.purge(site, path)
+        cache = self.cache
+        if cache is None:
+            return
+        entity, name = change.entity, change.name
+        if entity == "purge":
+            slash = name.find("/")
+            site, path = (name, "") if slash < 0 else (name[:slash], name[slash:])
+            dropped = cache.purge(site, path)
             log.info("cache purge", extra={"site": site, "path": path, "objects": dropped})
-        elif change.entity == "all" and self.cache is not None:
-            self.cache.clear()
+        elif entity in ("invalidate", "purge-url"):
+            slash = name.find("/")
+            if slash > 0:
+                dropped = cache.purge_url(url_key(cache_key(name[:slash], name[slash:], None)))
+                if entity == "purge-url":
+                    log.info("cache purge", extra={"url": name, "objects": dropped})
+        elif entity == "purge-tag":
+            site, _, tag = name.partition(" ")
+            dropped = cache.purge_tag(site, tag)
+            log.info("cache purge", extra={"site": site, "tag": tag, "objects": dropped})
+        elif entity == "all":
+            cache.clear()
 
     # -- metrics ----------------------------------------------------------------------------------
 
     def export_metrics(self) -> None:
-        self.stats.export(self.cache.size if self.cache is not None else 0)
+        cache = self.cache
+        if cache is not None:
+            self.cache_events["evictions"] = cache.evictions
+            self.cache_events["invalidations"] = cache.invalidations
+        self.stats.export(cache.size if cache is not None else 0)
 
     async def _export_loop(self) -> None:
         while True:
@@ -480,6 +595,7 @@ class _Refresh:
         self.site = req.site
         self.state = req.state
         self.target = req.target
+        self.request = req.headers
         self.status = 0
         self.capture: list[bytes] | None = None
         self.headbytes = b""
@@ -512,12 +628,9 @@ class _Refresh:
         pass
 
     def response_start(self, conn: BackendConnection, status: int, head: bytes, rest: bytes) -> None:
-        from httpproxy.cachepolicy import response_storability
-        from httpproxy.connection import _parse_head
-
         self.status = status
         assert self.state is not None
-        verdict = response_storability(status, _parse_head(head), self.state.policy, time.time(),
+        verdict = response_storability(status, head_fields(head), self.state.policy, time.time(),
                                        path=target_text(self.target))
         if status >= 500 or not verdict.store or is_close_delimited(head, status):
             conn.abort()
@@ -544,13 +657,9 @@ class _Refresh:
         entry = None
         cache = self.engine.cache
         if self.capture is not None and self.site is not None and cache is not None:
-            entry = CacheEntry(self.key, self.site.hostname,
-                               target_text(self.target).partition("?")[0], self.status,
-                               self.headbytes, b"".join(self.capture), ttl=self.verdict.ttl,
-                               swr=self.verdict.stale_while_revalidate,
-                               sie=self.verdict.stale_if_error)
-            if not cache.put(entry):
-                entry = None
+            entry = self.engine.store_entry(self.key, self.site, self.target, self.request,
+                                            self.status, self.headbytes, b"".join(self.capture),
+                                            self.verdict)
         self._finish(entry)
 
     def response_failed(self, conn: BackendConnection, kind: str) -> None:
