@@ -340,6 +340,9 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
         else:
             date = _http_date(headers["date"]) if "date" in headers else None
             ttl = expires - (date if date is not None else now)
+    if "no-cache" in directives:
+        explicit = True  # RFC 9111 §5.2.2.4: stored (validator checked above), never fresh
+        ttl = 0.0
     if explicit:
         if status_ttl is None and status not in HEURISTIC_STATUSES:
             return _no_store(f"status {status} not cacheable")
@@ -355,7 +358,7 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
             if rule is not None and rule.ttl is not None:
                 ttl = rule.ttl
     if "no-cache" in directives:
-        ttl = 0.0  # RFC 9111 §5.2.2.4: never used without a successful revalidation
+        ttl = 0.0  # whatever max-age says: never used without a successful revalidation
     if ttl <= 0:
         if not validator:
             return _no_store("zero ttl")
