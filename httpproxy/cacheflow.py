@@ -272,9 +272,9 @@ def _one_range(value: str, length: int) -> RangeAnswer:
     if not first_text.isdigit() or (last_text and not last_text.isdigit()):
         return _FULL
     first = int(first_text)
-    last = int(last_text) if last_text else length - 1
-    if last < first:
+    if last_text and int(last_text) < first:
         return _FULL  # invalid range-spec: the field is ignored (§14.1.1)
+    last = int(last_text) if last_text else length - 1
     if first >= length:
         return RangeAnswer(RangeKind.UNSATISFIABLE)
     return RangeAnswer(RangeKind.PARTIAL, first, min(last, length - 1))
