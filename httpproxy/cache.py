@@ -80,13 +80,14 @@ class CacheEntry:
         "swr",
         "tags",
         "ttl",
+        "validators",
         "vary",
     )
 
     def __init__(self, key: bytes, site: str, path: str, status: int, head: bytes, body: bytes,
                  *, ttl: float, swr: float, sie: float, stored_at: float | None = None,
                  vary: tuple[str, ...] = (), secondary: bytes = b"",
-                 tags: tuple[str, ...] = ()) -> None:
+                 tags: tuple[str, ...] = (), validators: bytes = b"") -> None:
         self.primary = key
         self.key = key + b"\0\0" + secondary if vary else key
         self.site = site
@@ -99,6 +100,8 @@ class CacheEntry:
         self.sie = sie
         self.vary = vary
         self.tags = tags
+        self.validators = validators
+        """The conditional fields that revalidate it (cacheflow.revalidation_fields)."""
         self.stored_at = time.time() if stored_at is None else stored_at
         self.size = len(head) + len(body) + len(self.key) + ENTRY_OVERHEAD
 

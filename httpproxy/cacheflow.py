@@ -57,12 +57,12 @@ def head_fields(head: bytes) -> dict[str, str]:
     """Response (or request) head → {lowercase name: value}, repeats joined with ", ".
     The first line (status or request line) is skipped."""
     fields: dict[str, str] = {}
-    for line in head.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
         if not sep:
             continue
-        key = name.strip().lower().decode("latin-1")
-        text = value.strip().decode("latin-1")
+        key = name.strip().lower()
+        text = value.strip()
         fields[key] = fields[key] + ", " + text if key in fields else text
     return fields
 

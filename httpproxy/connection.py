@@ -50,7 +50,6 @@ from httpproxy.cacheflow import (
     Answer,
     answer_from_store,
     head_fields,
-    revalidation_fields,
     strip_conditionals,
 )
 from httpproxy.cachepolicy import (
@@ -174,6 +173,7 @@ class Request:
     """Set when the origin's 304 updated it: served at the response's end."""
     capture: list[bytes] | None = None
     capture_head = b""
+    capture_fields: dict[str, str] | None = None
     capture_size = 0
     backend_key: BackendKey = ("", 0, b"", "")
     verdict: StoreVerdict | None = None
@@ -885,7 +885,7 @@ class ClientConnection(asyncio.Protocol):
         from the validated response); without a validator, an unconditional fetch."""
         entry = req.revalidate
         assert entry is not None
-        validators = revalidation_fields(head_fields(entry.head))
+        validators = entry.validators
         if not validators:
             req.revalidate = None
             self._build_head(req, accept_encoding)
@@ -1150,6 +1150,7 @@ class ClientConnection(asyncio.Protocol):
         req.capture = [rest]
         req.capture_size = len(rest)
         req.capture_head = head
+        req.capture_fields = headers
         req.verdict = verdict
 
     def _serve_entry(self, req: Request, entry: CacheEntry, result: str, now: float = 0.0) -> None:

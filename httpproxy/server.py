@@ -33,6 +33,7 @@ from httpproxy.cacheflow import (
     head_fields,
     invalidation_targets,
     merge_not_modified,
+    revalidation_fields,
     secondary_key,
     vary_names,
 )
@@ -443,16 +444,20 @@ class HttpEngine:
         if (self.cache is not None and capture is not None and verdict is not None
                 and key is not None and site is not None and req.method == b"GET"):
             entry = self.store_entry(key, site, req.target, req.headers, req.status,
-                                     req.capture_head, b"".join(capture), verdict)
+                                     req.capture_head, b"".join(capture), verdict,
+                                     fields=req.capture_fields)
         self.cache_end_flight(req, entry)
 
     def store_entry(self, key: bytes, site: Site, target: bytes,
                     request: list[tuple[bytes, bytes]], status: int, head: bytes, body: bytes,
-                    verdict: StoreVerdict, *, stored_at: float | None = None) -> CacheEntry | None:
+                    verdict: StoreVerdict, *, stored_at: float | None = None,
+                    fields: dict[str, str] | None = None) -> CacheEntry | None:
         """Build and store an entry (a variant when the response has Vary: its secondary key
-        from ``request``'s fields); returns it, or None when it was not stored."""
+        from ``request``'s fields; ``fields``: head's, when already parsed); returns it, or
+        None when it was not stored."""
         assert self.cache is not None
-        fields = head_fields(head)
+        if fields is None:
+            fields = head_fields(head)
         vary = vary_names(fields.get("vary"))
         if vary is None:
             return None
@@ -463,7 +468,8 @@ class HttpEngine:
         entry = CacheEntry(key, site.hostname, target_text(target).partition("?")[0], status,
                            head, body, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
                            sie=verdict.stale_if_error, vary=vary, secondary=secondary,
-                           tags=entry_tags(fields), stored_at=stored_at)
+                           tags=entry_tags(fields), stored_at=stored_at,
+                           validators=revalidation_fields(fields))
         return entry if self.cache.put(entry) else None
 
     def cache_update(self, req: Request, stored: CacheEntry, head_304: bytes) -> CacheEntry:
@@ -474,13 +480,15 @@ class HttpEngine:
         self.cache_events["revalidated"] += 1
         head = merge_not_modified(stored.head, head_304)
         now = time.time()
-        verdict = response_storability(stored.status, head_fields(head), req.state.policy, now,
+        fields = head_fields(head)
+        verdict = response_storability(stored.status, fields, req.state.policy, now,
                                        path=target_text(req.target))
         self.cache.remove(stored.key)
         entry: CacheEntry | None = None
         if verdict.store:
             entry = self.store_entry(stored.primary, req.site, req.target, req.headers,
-                                     stored.status, head, stored.body, verdict, stored_at=now)
+                                     stored.status, head, stored.body, verdict, stored_at=now,
+                                     fields=fields)
         self.cache_end_flight(req, entry)
         if entry is None:
             entry = CacheEntry(stored.primary, stored.site, stored.path, stored.status, head,
