@@ -80,6 +80,10 @@ def _access_line(values: tuple[Any, ...]) -> bytes:
 SITE_STATES_MAX = 100_000
 """Compiled per-site states kept per worker (oldest dropped first)."""
 MemoKey = tuple[bytes, bytes, str, bytes | None, str]
+PUBLISH_INTERVAL = 0.05
+"""Seconds between two invalidation transactions of one worker (the feed polls every 1 s)."""
+PUBLISH_SITE_MAX = 32
+"""URLs of one site in one invalidation batch beyond which the whole site is purged instead."""
 CACHE_MEMO_MAX = 4096
 """Remembered cache decisions per site (see SiteState.cache_memo); cleared when full."""
 FILTER_MEMO_MAX = 1024
@@ -224,8 +228,9 @@ class HttpEngine:
         self.refreshes = 0
         self.cache_events = self.stats.cache_events
         """Cache event counters the connections increment (see LocalStats.cache_events)."""
-        self._unpublished: dict[tuple[str, str], None] = {}
-        """Invalidations for the change feed not yet written (one transaction per batch)."""
+        self._unpublished: dict[tuple[str, str], str] = {}
+        """Invalidations for the change feed not yet written, (entity, name) → site (one
+        transaction per batch)."""
         self._publishing = False
         context.feed.subscribe(self._on_change)
         self._export_task = self.loop.create_task(self._export_loop(), name="edge-http-metrics")
@@ -504,31 +509,45 @@ class HttpEngine:
             return
         targets = invalidation_targets(req.method, status, req.host_header,
                                        target_text(req.target), head_fields(head))
+        assert req.site is not None
+        site = req.site.hostname
+        host = cache_key(req.host_header, "", None).split(b"\0")[1].decode("latin-1")
         for target in targets:
             self.cache_events["invalidated_urls"] += 1
             self.cache.purge_url(url_key(cache_key(req.host_header, target, None)))
-            host = cache_key(req.host_header, "", None).split(b"\0")[1].decode("latin-1")
             name = host + target
             if len(name) > 255 or not name.isascii():
                 # Too long for the feed's name column: the whole site is dropped instead
                 # (more than needed, never less).
-                assert req.site is not None
-                self._publish("purge", req.site.hostname)
+                self._publish("purge", site, site)
             else:
-                self._publish("invalidate", name)
+                self._publish("invalidate", name, site)
 
-    def _publish(self, entity: str, name: str) -> None:
-        self._unpublished[(entity, name)] = None
+    def _publish(self, entity: str, name: str, site: str) -> None:
+        self._unpublished[(entity, name)] = site
         if not self._publishing:
             self._publishing = True
             self.spawn(self._publish_batch())
 
+    @staticmethod
+    def _coalesce(pending: dict[tuple[str, str], str]) -> list[tuple[str, str]]:
+        """The rows for a batch: a site with more than PUBLISH_SITE_MAX URLs in it gets one
+        site purge instead (a POST flood cannot turn into a flood of feed rows that every
+        worker of the fleet reads)."""
+        per_site: dict[str, int] = {}
+        for site in pending.values():
+            per_site[site] = per_site.get(site, 0) + 1
+        rows = [key for key, site in pending.items() if per_site[site] <= PUBLISH_SITE_MAX]
+        rows += [("purge", site) for site, count in per_site.items() if count > PUBLISH_SITE_MAX]
+        return rows
+
     async def _publish_batch(self) -> None:
-        """Write the pending invalidations in one transaction (those that arrive meanwhile
-        go in the next). A failure is logged; this worker's own copies are already gone."""
+        """Write the pending invalidations in one transaction, at most one transaction per
+        PUBLISH_INTERVAL (what arrives meanwhile goes in the next). A failure is logged;
+        this worker's own copies are already gone."""
         try:
             while self._unpublished:
-                batch = list(self._unpublished)
+                batch = self._coalesce(self._unpublished)
                 self._unpublished.clear()
                 try:
                     async with self.directory.store.transaction() as tx:
@@ -537,6 +556,7 @@ class HttpEngine:
                 except Exception as exc:  # the database is down or read-only: serve on
                     self.cache_events["publish_failures"] += 1
                     log.warning("cache invalidation not published to the change feed: %s", exc)
+                await asyncio.sleep(PUBLISH_INTERVAL)
         finally:
             self._publishing = False
 

@@ -272,3 +272,15 @@ def test_entry_tags() -> None:
     assert entry_tags({"cache-tag": "a, b,,a", "surrogate-key": "c  b d"}) == ("a", "b", "c", "d")
     assert entry_tags({"cache-tag": ",".join(str(i) for i in range(100))})[-1] == "31"
     assert entry_tags({}) == ()
+
+
+def test_invalidation_flood_is_coalesced_per_site() -> None:
+    """A burst of unsafe requests to many URLs of one site becomes one site purge in the
+    change feed (every worker of the fleet reads each row), other sites' URLs stay exact."""
+    from httpproxy.server import PUBLISH_SITE_MAX, HttpEngine
+
+    pending = {("invalidate", f"www.a.test/p{i}"): "www.a.test" for i in range(PUBLISH_SITE_MAX + 1)}
+    pending[("invalidate", "www.b.test/x")] = "www.b.test"
+    assert HttpEngine._coalesce(pending) == [("invalidate", "www.b.test/x"), ("purge", "www.a.test")]
+    few = {("invalidate", "www.a.test/1"): "www.a.test", ("purge", "www.c.test"): "www.c.test"}
+    assert HttpEngine._coalesce(few) == list(few)
