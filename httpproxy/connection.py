@@ -854,8 +854,10 @@ class ClientConnection(asyncio.Protocol):
                         fresh = freshness(entry.stored_at, entry.ttl, entry.swr, entry.sie, now)
                         if fresh is Freshness.STALE_REVALIDATE:
                             if req.method == b"GET":  # a HEAD would refresh an empty body
+                                if req.cache_sensitive:  # the refresh is the edge's own
+                                    req.fwd = strip_conditionals(req.fwd)
                                 self._build_head(req, accept_encoding)
-                                engine.refresh(req, key)
+                                engine.refresh(req, key, entry)
                             self._serve_entry(req, entry, "STALE")
                             return
                         if fresh is Freshness.STALE_IF_ERROR_ONLY:
@@ -1183,7 +1185,7 @@ class ClientConnection(asyncio.Protocol):
         assert entry is not None
         req.revalidate = None
         req.stale_entry = None
-        req.revalidated = self.engine.cache_update(req, entry, head)
+        req.revalidated = self.engine.cache_revalidated(req, entry, head)
 
     def _serve_stale_after_error(self, req: Request) -> None:
         entry = req.stale_entry

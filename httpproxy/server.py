@@ -477,27 +477,34 @@ class HttpEngine:
                            validators=revalidation_fields(fields))
         return entry if self.cache.put(entry) else None
 
-    def cache_update(self, req: Request, stored: CacheEntry, head_304: bytes) -> CacheEntry:
+    def cache_update(self, stored: CacheEntry, head_304: bytes, state: SiteState, site: Site,
+                     target: bytes, request: list[tuple[bytes, bytes]]) -> CacheEntry | None:
         """The origin validated ``stored`` with a 304 (RFC 9111 §4.3.4): store its head
-        updated by the 304's fields, fresh from now; end the flight with it. Returns the
-        updated response (served to ``req`` even when it may no longer be stored)."""
-        assert req.state is not None and req.site is not None and self.cache is not None
+        updated by the 304's fields, fresh from now. Returns the stored update, or None when
+        the updated response may no longer be stored (then it is dropped)."""
+        assert self.cache is not None
         self.cache_events["revalidated"] += 1
         head = merge_not_modified(stored.head, head_304)
         now = time.time()
         fields = head_fields(head)
-        verdict = response_storability(stored.status, fields, req.state.policy, now,
-                                       path=target_text(req.target))
+        verdict = response_storability(stored.status, fields, state.policy, now,
+                                       path=target_text(target))
         self.cache.remove(stored.key)
-        entry: CacheEntry | None = None
-        if verdict.store:
-            entry = self.store_entry(stored.primary, req.site, req.target, req.headers,
-                                     stored.status, head, stored.body, verdict, stored_at=now,
-                                     fields=fields)
+        if not verdict.store:
+            return None
+        return self.store_entry(stored.primary, site, target, request, stored.status, head,
+                                stored.body, verdict, stored_at=now, fields=fields)
+
+    def cache_revalidated(self, req: Request, stored: CacheEntry, head_304: bytes) -> CacheEntry:
+        """:meth:`cache_update` for a client's request: ends its flight with the update and
+        returns what to serve it (the updated response even when it is no longer stored)."""
+        assert req.state is not None and req.site is not None
+        entry = self.cache_update(stored, head_304, req.state, req.site, req.target, req.headers)
         self.cache_end_flight(req, entry)
         if entry is None:
-            entry = CacheEntry(stored.primary, stored.site, stored.path, stored.status, head,
-                               stored.body, ttl=0.0, swr=0.0, sie=0.0, stored_at=now)
+            entry = CacheEntry(stored.primary, stored.site, stored.path, stored.status,
+                               merge_not_modified(stored.head, head_304), stored.body,
+                               ttl=0.0, swr=0.0, sie=0.0)
         return entry
 
     # -- invalidation (RFC 9111 §4.4) ------------------------------------------------------------
@@ -560,13 +567,14 @@ class HttpEngine:
         finally:
             self._publishing = False
 
-    def refresh(self, req: Request, key: bytes) -> None:
-        """Stale-while-revalidate: fetch ``req`` again in the background (once per key)."""
+    def refresh(self, req: Request, key: bytes, stored: CacheEntry) -> None:
+        """Stale-while-revalidate: fetch ``req`` again in the background (once per key),
+        conditionally when ``stored`` has validators (a 304 updates it)."""
         if self.cache is None or self.cache.flight(key) is not None:
             return
         flight = self.cache.begin_flight(key)
         self.refreshes += 1
-        self.spawn(_Refresh(self, req, key, flight).run())
+        self.spawn(_Refresh(self, req, key, flight, stored).run())
 
     def _on_change(self, change: Change) -> None:
         # Any change may touch a remembered route (site, tenant, host, state): forget them all.
@@ -614,11 +622,17 @@ class HttpEngine:
 class _Refresh:
     """A background fetch that only fills the cache (stale-while-revalidate)."""
 
-    def __init__(self, engine: HttpEngine, req: Request, key: bytes, flight: Any) -> None:
+    def __init__(self, engine: HttpEngine, req: Request, key: bytes, flight: Any,
+                 stored: CacheEntry) -> None:
         self.engine = engine
         self.key = key
         self.flight = flight
+        self.stored = stored
+        self.updated: CacheEntry | None = None
         self.head = req.head_bytes
+        if stored.validators:  # RFC 9111 §4.3.1 (req's own conditionals are not in it)
+            self.head = self.head[:-2] + stored.validators + b"\r\n"
+            engine.cache_events["revalidations"] += 1
         self.backend_key = req.backend_key
         self.site = req.site
         self.state = req.state
@@ -658,6 +672,10 @@ class _Refresh:
     def response_start(self, conn: BackendConnection, status: int, head: bytes, rest: bytes) -> None:
         self.status = status
         assert self.state is not None
+        if status == 304 and self.stored.validators and self.site is not None:
+            self.updated = self.engine.cache_update(self.stored, head, self.state, self.site,
+                                                    self.target, self.request)
+            return  # stored at response_end (no content follows a 304)
         verdict = response_storability(status, head_fields(head), self.state.policy, time.time(),
                                        path=target_text(self.target))
         if status >= 500 or not verdict.store or is_close_delimited(head, status):
@@ -682,6 +700,9 @@ class _Refresh:
             self.engine.pool.release(conn)
         else:
             conn.close()
+        if self.updated is not None:
+            self._finish(self.updated)
+            return
         entry = None
         cache = self.engine.cache
         if self.capture is not None and self.site is not None and cache is not None:

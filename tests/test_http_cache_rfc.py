@@ -221,6 +221,25 @@ async def test_revalidations_are_collapsed(service: DirectoryService) -> None:
         assert sorted(a.headers["x-cache"] for a in answers) == ["HIT"] * 4 + ["REVALIDATED"]
 
 
+async def test_stale_while_revalidate_refresh_is_conditional(service: DirectoryService) -> None:
+    """RFC 5861 §3 with RFC 9111 §4.3: the background refresh of a response served stale is a
+    conditional request; its 304 updates the stored response, which is then fresh."""
+    async with edge_with_origin(service) as (edge, origin):
+        origin.cc = "max-age=10, stale-while-revalidate=600"
+        await get(edge, "/doc")
+        age_all(edge, 20)
+        stale = await get(edge, "/doc")
+        assert stale.headers["x-cache"] == "STALE" and stale.body == b"doc v1"
+        for _ in range(200):
+            if edge.engine.cache_events["revalidated"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert origin.seen[-1]["If-None-Match"] == '"v1"'
+        fresh = await get(edge, "/doc")
+        assert fresh.headers["x-cache"] == "HIT" and fresh.headers["x-extra"] == "updated 2"
+        assert fresh.body == b"doc v1" and origin.gets == 2
+
+
 # -- client conditionals (RFC 9110 §13) ----------------------------------------------------------
 
 
