@@ -868,6 +868,7 @@ class ClientConnection(asyncio.Protocol):
                 if verdict.store_on_miss:
                     flight = cache.flight(key)
                     if flight is not None and verdict.action is RequestAction.LOOKUP:
+                        req.revalidate = None  # the flight's fetch validates for us all
                         self._build_head(req, accept_encoding)
                         flight.waiters.append(lambda e: self._flight_landed(req, e))
                         return
