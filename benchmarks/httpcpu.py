@@ -356,7 +356,10 @@ async def python_only(rounds: int, count: int) -> dict[str, float]:
     from edge.directory.directory import Directory
     from edge.directory.feed import ChangeFeed
     from edge.registry import ProxyContext
-    from httpproxy.connection import ClientConnection
+    try:
+        from httpproxy.front_h1 import ClientConnection
+    except ImportError:  # a --baseline from before the front end/exchange split
+        from httpproxy.connection import ClientConnection  # type: ignore[no-redef]
     from httpproxy.server import HttpEngine
     from httpproxy.upstream import BackendConnection
 

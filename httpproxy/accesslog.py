@@ -24,7 +24,7 @@ __all__ = ["AccessLog"]
 _log = logging.getLogger("edge.http.access")
 FLUSH_BYTES = 65536
 FLUSH_INTERVAL = 1.0
-Formatter = Callable[[tuple[Any, ...]], bytes]
+Formatter = Callable[[Any], bytes]
 FLUSH_LINES = 256
 """Lines queued (:meth:`AccessLog.add`) before a flush."""
 
@@ -90,7 +90,7 @@ class AccessLog:
         if formatter is None:
             data = b"".join([item for item in self._buffer if type(item) is bytes])
         else:
-            data = b"".join([item if type(item) is bytes else formatter(item)  # type: ignore[arg-type]
+            data = b"".join([item if type(item) is bytes else formatter(item)
                              for item in self._buffer])
         self._buffer.clear()
         self._size = 0

@@ -1,6 +1,6 @@
 """The content cache's exchange steps, sans-IO: variants, conditionals, revalidation, ranges,
 invalidation. Pure functions over header fields and stored bytes; the request path
-(:mod:`httpproxy.connection`) calls them, the store (:mod:`httpproxy.cache`) holds entries.
+(:mod:`httpproxy.exchange`) calls them, the store (:mod:`httpproxy.cache`) holds entries.
 
 Header fields are ``{lowercase name: value}`` with repeated lines joined by ``", "``
 (:func:`head_fields`). Sections cited are RFC 9110 (semantics) and RFC 9111 (caching).

@@ -10,8 +10,9 @@ import html
 import time
 from email.utils import formatdate
 from functools import lru_cache
+from typing import NamedTuple
 
-__all__ = ["REASONS", "http_date", "response"]
+__all__ = ["REASONS", "Page", "http_date", "page", "response"]
 
 REASONS: dict[int, tuple[str, str]] = {
     301: ("Moved Permanently", "This page has moved."),
@@ -86,3 +87,18 @@ def response(status: int, brand: str, *, headers: tuple[tuple[str, str], ...] = 
     if not head_only:
         lines.append(body)
     return b"".join(lines)
+
+
+class Page(NamedTuple):
+    """One of our pages in parts, for a front end to frame: ``head`` is the status line and
+    header lines (each ending in CRLF, no blank line, no ``Connection``), ``body`` the HTML."""
+
+    head: bytes
+    body: bytes
+
+
+def page(status: int, brand: str, *, headers: tuple[tuple[str, str], ...] = (),
+         text: str = "") -> Page:
+    """The page :func:`response` would send, as a :class:`Page` (head lines and body apart)."""
+    whole = response(status, brand, headers=headers, head_only=True, text=text)
+    return Page(whole[:-2], _body(status, brand, text))

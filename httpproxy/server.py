@@ -19,12 +19,12 @@ import re
 import socket
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 from edge import metrics as edge_metrics
 from edge.directory.model import Change, Host, Site, Tenant
 from edge.directory.store import append_change
-from edge.limits import ConnectionCap, RateLimiter
+from edge.limits import ConnectionCap
 from edge.proxyproto import ProxyHeaderPolicy, is_trusted
 from edge.registry import ProxyContext
 from httpproxy.accesslog import AccessLog
@@ -37,13 +37,30 @@ from httpproxy.cacheflow import (
     secondary_key,
     vary_names,
 )
-from httpproxy.cachepolicy import CachePolicy, StoreVerdict, cache_key, response_storability
-from httpproxy.connection import ClientConnection, Request
+from httpproxy.cachepolicy import StoreVerdict, cache_key, response_storability
+from httpproxy.exchange import ClientInfo, Exchange
+from httpproxy.front_h1 import ClientConnection
 from httpproxy.metrics import LocalStats
-from httpproxy.rules import CompiledFilters, Decision, RequestHead, target_text
+from httpproxy.rules import RequestHead, target_text
+from httpproxy.sitestate import (
+    CACHE_MEMO_MAX,
+    FILTER_MEMO_MAX,
+    MEMO_ENTRIES_MAX,
+    ROUTES_MAX,
+    SITE_STATES_MAX,
+    CacheMemo,
+    CacheMemoKey,
+    FilterMemo,
+    FilterMemoKey,
+    Route,
+    SiteState,
+)
 from httpproxy.upstream import BackendConnection, BackendKey, BackendPool, is_close_delimited
 
-__all__ = ["HttpEngine", "HttpProxy", "Route", "SiteState", "shared_engine"]
+__all__ = [
+    "CACHE_MEMO_MAX", "FILTER_MEMO_MAX", "MEMO_ENTRIES_MAX", "ROUTES_MAX", "SITE_STATES_MAX",
+    "HttpEngine", "HttpProxy", "Route", "SiteState", "shared_engine",
+]
 
 log = logging.getLogger("edge.http")
 _json_str = json.encoder.encode_basestring_ascii
@@ -67,122 +84,42 @@ def _json_bytes(value: bytes, limit: int) -> bytes:
     return _json_str(value.decode("latin-1")).encode()
 
 
-def _access_line(values: tuple[Any, ...]) -> bytes:
-    """One access-log line from what :meth:`HttpEngine.finished` queued."""
-    (prefix, ts, method, host_json, host_raw, target, route, status, bytes_out, body_size, duration,
-     cache_result) = values
-    if host_json is None:
-        host_json = _json_bytes(host_raw or b"", 256)
-    return _ACCESS_LINE % (prefix, ts, method, host_json, _json_bytes(target, 1024), route, status,
-                           bytes_out, body_size, duration * 1000, _CACHE_FIELD[cache_result])
+class AccessEntry(NamedTuple):
+    """One request as :meth:`HttpEngine.finished` queues it for the access log (formatted into
+    a line by :func:`_access_line` at the next flush, in a batch)."""
+
+    prefix: bytes
+    """The connection's ``{"client":...,"scheme":...,`` (:attr:`ClientInfo.log_prefix`)."""
+    ts: float
+    method: bytes
+    host_json: bytes | None
+    """The Host as a JSON string when the route knew it, else None (then from ``host_raw``)."""
+    host_raw: bytes | None
+    target: bytes
+    route: bytes
+    """The ``"site":...,"tenant":...,"host":...`` fields."""
+    status: int
+    bytes_out: int
+    body_size: int
+    duration: float
+    cache_result: str | None
 
 
-SITE_STATES_MAX = 100_000
-"""Compiled per-site states kept per worker (oldest dropped first)."""
-MemoKey = tuple[bytes, bytes, str, bytes | None, str]
 PUBLISH_INTERVAL = 0.05
 """Seconds between two invalidation transactions of one worker (the feed polls every 1 s)."""
 PUBLISH_SITE_MAX = 32
 """URLs of one site in one invalidation batch beyond which the whole site is purged instead."""
-CACHE_MEMO_MAX = 4096
-"""Remembered cache decisions per site (see SiteState.cache_memo); cleared when full."""
-FILTER_MEMO_MAX = 1024
-"""Remembered filter outcomes per site (see SiteState.filter_memo); cleared when full."""
-MEMO_ENTRIES_MAX = 262_144
-"""Entries all sites' memos together (cache decisions, filter outcomes, IP-rule verdicts) may
-gain in one worker before every site's memos are forgotten (:meth:`HttpEngine.memo_grew`).
-Each site's own bound alone would let a scan over many sites, with many distinct URLs or
-client addresses, grow them with the number of sites; with the key bound
-(``connection.MEMO_KEY_BYTES``) this keeps them under a few hundred MiB whatever arrives."""
-FilterMemoKey = tuple[str, bytes, bytes, bytes | None, bytes | None]
 
 
-class SiteState:
-    """A site's compiled filters, rate limiter and cache policy (rebuilt when the site changes)."""
-
-    __slots__ = ("_log_route", "_log_route_for", "cache_memo", "evaluate_filters", "filter_memo",
-                 "filters", "limiter", "memo_filters", "memo_host", "memo_user_agent", "policy",
-                 "site")
-
-    def __init__(self, site: Site) -> None:
-        self.site = site
-        self.filters = CompiledFilters.from_rules(site.filters)
-        self.limiter: RateLimiter | None = self.filters.new_rate_limiter()
-        self.policy = CachePolicy.from_policy(site.cache_policy)
-        # Most sites have no rules: skip building a RequestHead for them entirely.
-        self.evaluate_filters = bool(site.filters) or site.https_redirect or site.hsts
-        self._log_route = b""
-        self._log_route_for: tuple[Tenant, Host] | None = None
-        self.cache_memo: dict[MemoKey, tuple[Any, bytes, bytes]] = {}
-        """(method, target, Host, Accept-Encoding, scheme) → (verdict, encoding variant, cache key) for
-        requests without cache-relevant headers; cleared when full."""
-        # After the IP rules, evaluate_filters() is a pure function of the scheme, the method,
-        # the target and three headers, except for the rate limit (it spends a token, per
-        # client) and Basic auth (the memo would hold credentials): without those, that part's
-        # outcome is remembered per request shape (any client), and only the inputs the rules
-        # actually read are part of the key.
-        filters = self.filters
-        self.memo_filters = self.limiter is None and not filters.auth_areas
-        self.memo_user_agent = bool(filters.ua_deny)
-        self.memo_host = site.https_redirect
-        self.filter_memo: dict[FilterMemoKey, tuple[Decision, bytes]] = {}
-        """(scheme, method, target, User-Agent if read, Host if read) → (the decision of
-        :func:`httpproxy.rules.evaluate_after_ip`, the response headers it adds as bytes)."""
-
-    def memo_entries(self) -> int:
-        """Entries in this site's memos (cache decisions, filter outcomes, IP verdicts)."""
-        return len(self.cache_memo) + len(self.filter_memo) + len(self.filters.ip_verdicts)
-
-    def forget_memos(self) -> None:
-        self.cache_memo.clear()
-        self.filter_memo.clear()
-        self.filters.ip_verdicts.clear()
-
-    def log_route(self, tenant: Tenant, host: Host) -> bytes:
-        """The access log's site/tenant/host fields, built once per route."""
-        cached = self._log_route_for
-        if cached is None or cached[0] is not tenant or cached[1] is not host:
-            self._log_route_for = (tenant, host)
-            self._log_route = (f'"site":"{self.site.hostname}","tenant":"{tenant.name}",'
-                               f'"host":"{host.name}"').encode()
-        return self._log_route
-
-
-ROUTES_MAX = 10_000
-"""Resolved Host headers remembered per worker (see :class:`Route`); the oldest is dropped
-when full."""
-
-
-class Route:
-    """What a request with exactly these Host header bytes is routed to, resolved once.
-
-    Only routes whose site, tenant and host were all fresh in the directory cache and whose
-    tenant and host are active are remembered. :attr:`HttpEngine.routes` is cleared on every
-    change the feed applies, and a route is used only until ``expires``: the first expiry of
-    the directory cache answers it was resolved from. So a route is never older than a change
-    the directory has seen and never outlives the directory cache's own TTL.
-
-    (It used to be cleared once a second instead. With thousands of Host names in use, that
-    sent every name's first request of each second through the full lookup again, and made a
-    proxied request with 20,000 names cost ~1.6x one with a single name.)
-    """
-
-    __slots__ = ("backend_key", "expires", "host", "host_json", "host_str", "log_route", "site",
-                 "state", "tenant")
-
-    def __init__(self, host_str: str, site: Site, tenant: Tenant, host: Host, state: SiteState,
-                 backend_key: BackendKey | None, host_json: bytes, expires: float) -> None:
-        self.expires = expires
-        """On the directory's clock (:attr:`edge.directory.directory.Directory.clock`)."""
-        self.host_str = host_str
-        self.site = site
-        self.tenant = tenant
-        self.host = host
-        self.state = state
-        self.backend_key = backend_key
-        """The pool key, unless the host wants a PROXY header (that depends on the client)."""
-        self.host_json = host_json
-        self.log_route = state.log_route(tenant, host)
+def _access_line(entry: AccessEntry) -> bytes:
+    """One access-log line from what :meth:`HttpEngine.finished` queued."""
+    host_json = entry.host_json
+    if host_json is None:
+        host_json = _json_bytes(entry.host_raw or b"", 256)
+    return _ACCESS_LINE % (entry.prefix, entry.ts, entry.method, host_json,
+                           _json_bytes(entry.target, 1024), entry.route, entry.status,
+                           entry.bytes_out, entry.body_size, entry.duration * 1000,
+                           _CACHE_FIELD[entry.cache_result])
 
 
 class HttpEngine:
@@ -269,7 +206,7 @@ class HttpEngine:
         self._closed = True
         self.draining = True
         for conn in list(self.connections):
-            conn.abort()
+            conn.shutdown()
         self.pool.close()
         self._export_task.cancel()
         for task in list(self._tasks):
@@ -334,7 +271,7 @@ class HttpEngine:
             state = self._sites[site.hostname] = SiteState(site)
         return state
 
-    def remember_cache(self, state: SiteState, key: MemoKey, value: tuple[Any, bytes, bytes]) -> None:
+    def remember_cache(self, state: SiteState, key: CacheMemoKey, value: CacheMemo) -> None:
         """Remember a cache decision for ``state``'s site (see :attr:`SiteState.cache_memo`)."""
         memo = state.cache_memo
         if len(memo) >= CACHE_MEMO_MAX:
@@ -343,7 +280,7 @@ class HttpEngine:
         self.memo_grew()
 
     def remember_filters(self, state: SiteState, key: FilterMemoKey,
-                         value: tuple[Decision, bytes]) -> None:
+                         value: FilterMemo) -> None:
         """Remember a filter outcome for ``state``'s site (see :attr:`SiteState.filter_memo`)."""
         memo = state.filter_memo
         if len(memo) >= FILTER_MEMO_MAX:
@@ -363,14 +300,14 @@ class HttpEngine:
             for route in self.routes.values():
                 route.state.forget_memos()
 
-    def remember_route(self, raw: bytes, name: str, req: Request, site: Site, tenant: Tenant,
+    def remember_route(self, raw: bytes, name: str, host_str: str, site: Site, tenant: Tenant,
                        host: Host, state: SiteState, backend_key: BackendKey | None) -> Route:
         """The :class:`Route` for Host header bytes ``raw`` (normalised: ``name``), kept in
         :attr:`routes` unless one of the answers it came from has already expired (an answer
         served in its refresh window: the refreshed one will be remembered instead)."""
         directory = self.directory
         expires = directory.route_expiry(name, site, tenant)
-        route = Route(req.host_header, site, tenant, host, state, backend_key,
+        route = Route(host_str, site, tenant, host, state, backend_key,
                       _json_bytes(raw, 256), expires)
         if expires > directory.clock():
             routes = self.routes
@@ -379,7 +316,7 @@ class HttpEngine:
             routes[raw] = route
         return route
 
-    def finished(self, conn: ClientConnection, req: Request) -> None:
+    def finished(self, client: ClientInfo, req: Exchange) -> None:
         """Account for one answered request (access log, counters)."""
         started = req.started
         duration = _perf_counter() - started if started else 0.0
@@ -388,7 +325,7 @@ class HttpEngine:
         # LocalStats.observe() inlined: once per request.
         stats.status[status // 100 if status < 600 else 5] += 1
         stats.latency.observe(duration)
-        traffic = conn._traffic
+        traffic = client.traffic
         traffic[0] += req.bytes_out
         traffic[1] += len(req.head_bytes) + req.body_size
         cache_result = req.cache_result
@@ -412,15 +349,15 @@ class HttpEngine:
                 else:
                     route = b'"site":null,"tenant":null,"host":null'
                 host_json = None
-            access_log.add((conn._log_prefix, _time(), req.method, host_json, req.host_raw,
-                            req.target, route, status, req.bytes_out, req.body_size, duration,
-                            cache_result))
+            access_log.add(AccessEntry(client.log_prefix, _time(), req.method, host_json,
+                                       req.host_raw, req.target, route, status, req.bytes_out,
+                                       req.body_size, duration, cache_result))
             return
         if not access_log.enabled:
             return
         site, tenant, host = req.site, req.tenant, req.host
         access_log.record({
-            "client": conn.client_ip, "scheme": conn.scheme, "method": req.method.decode("latin-1"),
+            "client": client.ip, "scheme": client.scheme, "method": req.method.decode("latin-1"),
             "host_header": req.host_header[:256], "path": req.target[:1024].decode("latin-1"),
             "site": site.hostname if site is not None else None,
             "tenant": tenant.name if tenant is not None else None,
@@ -431,17 +368,17 @@ class HttpEngine:
 
     # -- content cache -------------------------------------------------------------------------
 
-    def cache_key(self, req: Request, path: str, accept_encoding: str | None, scheme: str) -> bytes:
+    def cache_key(self, req: Exchange, path: str, accept_encoding: str | None, scheme: str) -> bytes:
         return cache_key(req.host_header, path, accept_encoding, scheme=scheme)
 
-    def cache_end_flight(self, req: Request, entry: CacheEntry | None) -> None:
+    def cache_end_flight(self, req: Exchange, entry: CacheEntry | None) -> None:
         flight, key = req.flight, req.cache_key
         req.flight = None
         req.store = False
         if flight is not None and key is not None and self.cache is not None:
             self.cache.end_flight(key, flight, entry)
 
-    def cache_store(self, req: Request) -> None:
+    def cache_store(self, req: Exchange) -> None:
         """Store the response ``req`` captured (called at its end)."""
         capture, verdict, key, site = req.capture, req.verdict, req.cache_key, req.site
         req.capture = None
@@ -495,7 +432,7 @@ class HttpEngine:
         return self.store_entry(stored.primary, site, target, request, stored.status, head,
                                 stored.body, verdict, stored_at=now, fields=fields)
 
-    def cache_revalidated(self, req: Request, stored: CacheEntry, head_304: bytes) -> CacheEntry:
+    def cache_revalidated(self, req: Exchange, stored: CacheEntry, head_304: bytes) -> CacheEntry:
         """:meth:`cache_update` for a client's request: ends its flight with the update and
         returns what to serve it (the updated response even when it is no longer stored)."""
         assert req.state is not None and req.site is not None
@@ -509,7 +446,7 @@ class HttpEngine:
 
     # -- invalidation (RFC 9111 §4.4) ------------------------------------------------------------
 
-    def invalidate(self, req: Request, status: int, head: bytes) -> None:
+    def invalidate(self, req: Exchange, status: int, head: bytes) -> None:
         """An unsafe method succeeded: drop its target and same-origin Location /
         Content-Location here at once, and on every other worker through the change feed."""
         if self.cache is None:
@@ -567,7 +504,7 @@ class HttpEngine:
         finally:
             self._publishing = False
 
-    def refresh(self, req: Request, key: bytes, stored: CacheEntry) -> None:
+    def refresh(self, req: Exchange, key: bytes, stored: CacheEntry) -> None:
         """Stale-while-revalidate: fetch ``req`` again in the background (once per key),
         conditionally when ``stored`` has validators (a 304 updates it)."""
         if self.cache is None or self.cache.flight(key) is not None:
@@ -622,7 +559,7 @@ class HttpEngine:
 class _Refresh:
     """A background fetch that only fills the cache (stale-while-revalidate)."""
 
-    def __init__(self, engine: HttpEngine, req: Request, key: bytes, flight: Any,
+    def __init__(self, engine: HttpEngine, req: Exchange, key: bytes, flight: Any,
                  stored: CacheEntry) -> None:
         self.engine = engine
         self.key = key

@@ -314,7 +314,7 @@ async def test_finished_connections_are_freed_without_the_cycle_collector(servic
     they needed the collector, its passes stalled every connection: HTTPS p99 +50-200 ms.)"""
     import gc
 
-    from httpproxy.connection import ClientConnection
+    from httpproxy.front_h1 import ClientConnection
 
     request = b"GET / HTTP/1.1\r\nHost: www.a.test\r\nConnection: close\r\n\r\n"
     async with running(service.store, service) as (edge, _):

@@ -1,5 +1,5 @@
-"""HTTP request heads: llhttp (httptools, as httpproxy/connection.py drives it) against h11, and
-the routing key the edge derives from Host (httpproxy.connection._host_name +
+"""HTTP request heads: llhttp (httptools, as httpproxy/front_h1.py drives it) against h11, and
+the routing key the edge derives from Host (httpproxy.exchange._host_name +
 edge.directory.names.hostname_or_none).
 
 Properties: the parser raises only HttpParserError (or HttpParserUpgrade); a head llhttp
@@ -16,9 +16,9 @@ import h11
 import httptools
 from _harness import instrumented, main, split
 
-with instrumented("httpproxy.connection", "edge.directory.names"):
+with instrumented("httpproxy.exchange", "edge.directory.names"):
     from edge.directory.names import hostname_or_none
-    from httpproxy.connection import _host_name
+    from httpproxy.exchange import _host_name
 
 _CANONICAL = re.compile(r"(\*\.)?[a-z0-9-]+(\.[a-z0-9-]+)*")
 
