@@ -23,12 +23,14 @@ HEAD requests look up the GET entry (same key) but a HEAD response has no body, 
 Client ``Cache-Control: no-cache`` / ``max-age=0`` / ``Pragma: no-cache`` is honoured as
 "revalidate at the origin": REFRESH (a fresh origin fetch that replaces the entry). The
 caller's single flight per key keeps a flood of such requests from multiplying origin load.
-Client ``Cache-Control: no-store`` is BYPASS. Range requests are BYPASS (the cache stores
-whole objects only).
+Client ``Cache-Control: no-store`` is BYPASS. A GET with Range is LOOKUP without
+``store_on_miss``: a stored full response answers it (206, :mod:`httpproxy.cacheflow`), a
+miss is forwarded as it is and its partial answer not stored.
 
 Storability of a response (:func:`response_storability`): never with ``Set-Cookie``;
-never with ``Cache-Control: no-store``, ``private`` or ``no-cache`` (no revalidation
-support); never with ``Vary`` other than ``Accept-Encoding`` (``*`` included); never partial
+never with ``Cache-Control: no-store`` or ``private``; never with ``Vary: *``; ``no-cache``
+only with a validator (ETag / Last-Modified), stored with TTL 0 (revalidated before every
+use, RFC 9111 §4.3); other ``Vary`` fields make variants (:mod:`httpproxy.cache`); never partial
 (206) or above ``max_object_bytes`` when Content-Length says so (otherwise the caller stops
 storing once the body exceeds ``verdict.max_bytes``). TTL: ``s-maxage`` > ``max-age`` >
 ``Expires`` (relative to ``Date``, else ``now``; minus ``Age``) > the policy: the per-path
@@ -36,7 +38,8 @@ storing once the body exceeds ``verdict.max_bytes``). TTL: ``s-maxage`` > ``max-
 statuses the status table lists (a path rule does not make other statuses cacheable).
 Explicit origin freshness applies to the statuses the status table lists and to the
 RFC 9110 heuristically cacheable ones (200, 203, 204, 300, 301, 308, 404, 405, 410, 414,
-501). A TTL of 0 is not stored. Stale windows: the response's ``stale-while-revalidate=`` /
+501). A TTL of 0 (or less) is stored as 0 when the response has a validator, else not
+stored. Stale windows: the response's ``stale-while-revalidate=`` /
 ``stale-if-error=`` extensions, else the policy's; ``must-revalidate`` /
 ``proxy-revalidate`` disable both.
 """
@@ -186,6 +189,7 @@ class CachePolicy:
 _BYPASS_OFF = RequestVerdict(RequestAction.BYPASS, "cache off")
 _LOOKUP_GET = RequestVerdict(RequestAction.LOOKUP, "", True)
 _LOOKUP_HEAD = RequestVerdict(RequestAction.LOOKUP, "", False)
+_LOOKUP_RANGE = RequestVerdict(RequestAction.LOOKUP, "range request", False)
 _REFRESH_GET = RequestVerdict(RequestAction.REFRESH, "client no-cache", True)
 _REFRESH_HEAD = RequestVerdict(RequestAction.REFRESH, "client no-cache", False)
 
@@ -224,8 +228,6 @@ def request_cacheability(method: str, path: str, headers: Mapping[str, str],
         return _bypass("method not GET/HEAD")
     if "authorization" in headers:
         return _bypass("Authorization present")
-    if "range" in headers:
-        return _bypass("range request")
     cc = headers.get("cache-control")
     directives = _directives(cc) if cc else {}
     if "no-store" in directives:
@@ -251,6 +253,10 @@ def request_cacheability(method: str, path: str, headers: Mapping[str, str],
         if dot < 0 or last[dot + 1:].lower() not in policy.extensions:
             return _bypass("extension not cached in static mode")
     get = method == "GET"
+    if get and "range" in headers:
+        # Answered from a stored full response (httpproxy.cacheflow.range_answer); a miss is
+        # forwarded with its Range and its partial answer is not stored.
+        return _LOOKUP_RANGE
     if ("no-cache" in directives or directives.get("max-age") == "0"
             or "no-cache" in headers.get("pragma", "").lower()):
         return _REFRESH_GET if get else _REFRESH_HEAD
@@ -296,15 +302,17 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
         return _no_store("Set-Cookie")
     cc = headers.get("cache-control")
     directives = _directives(cc) if cc else {}
-    for name in ("no-store", "private", "no-cache"):
+    for name in ("no-store", "private"):
         if name in directives:
             return _no_store(f"Cache-Control {name}")
     vary = headers.get("vary")
-    if vary:
-        for item in vary.split(","):
-            item = item.strip().lower()
-            if item and item != "accept-encoding":
-                return _no_store(f"Vary {item[:64]}")
+    if vary and any(item.strip() == "*" for item in vary.split(",")):
+        return _no_store("Vary *")  # never matches a later request (RFC 9111 §4.1)
+    # Responses that need revalidation on every use (no-cache, or no freshness left) are kept
+    # when they have a validator: a 304 from the origin then serves them (RFC 9111 §4.3).
+    validator = "etag" in headers or "last-modified" in headers
+    if "no-cache" in directives and not validator:
+        return _no_store("Cache-Control no-cache without a validator")
     max_bytes = policy.max_object_bytes
     length_text = headers.get("content-length")
     if length_text is not None:
@@ -332,6 +340,9 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
         else:
             date = _http_date(headers["date"]) if "date" in headers else None
             ttl = expires - (date if date is not None else now)
+    if "no-cache" in directives:
+        explicit = True  # RFC 9111 §5.2.2.4: stored (validator checked above), never fresh
+        ttl = 0.0
     if explicit:
         if status_ttl is None and status not in HEURISTIC_STATUSES:
             return _no_store(f"status {status} not cacheable")
@@ -346,11 +357,16 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
             rule = policy.path_rule(npath) if npath is not None else None
             if rule is not None and rule.ttl is not None:
                 ttl = rule.ttl
+    if "no-cache" in directives:
+        ttl = 0.0  # whatever max-age says: never used without a successful revalidation
     if ttl <= 0:
-        return _no_store("zero ttl")
+        if not validator:
+            return _no_store("zero ttl")
+        ttl = 0.0
 
     swr, sie = policy.stale_while_revalidate, policy.stale_if_error
-    if "must-revalidate" in directives or "proxy-revalidate" in directives:
+    if ("must-revalidate" in directives or "proxy-revalidate" in directives
+            or "no-cache" in directives):
         swr = sie = 0.0
     else:
         if "stale-while-revalidate" in directives:

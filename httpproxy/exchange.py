@@ -48,6 +48,13 @@ from edge.errors import DirectoryUnavailable
 from edge.proxyproto import header_for_backend
 from httpproxy import pages
 from httpproxy.authority import Authority, forwarded_value, parse_authority, parse_host
+from httpproxy.cacheflow import (
+    SAFE_METHODS,
+    Answer,
+    answer_from_store,
+    head_fields,
+    strip_conditionals,
+)
 from httpproxy.cachepolicy import (
     Freshness,
     RequestAction,
@@ -245,8 +252,19 @@ class EngineServices(Protocol):
 
     def cache_store(self, exchange: Exchange) -> None: ...
 
-    def refresh(self, exchange: Exchange, key: bytes) -> None:
-        """Stale-while-revalidate: fetch the exchange's request again in the background."""
+    def refresh(self, exchange: Exchange, key: bytes, stored: CacheEntry) -> None:
+        """Stale-while-revalidate: fetch the exchange's request again in the background
+        (conditionally when ``stored`` has validators)."""
+
+    cache_events: dict[str, int]
+    """Cache event counters (:attr:`httpproxy.metrics.LocalStats.cache_events`)."""
+
+    def cache_revalidated(self, exchange: Exchange, stored: CacheEntry, head_304: bytes
+                          ) -> CacheEntry:
+        """The origin's 304 validated ``stored``: returns the updated response to serve."""
+
+    def invalidate(self, exchange: Exchange, status: int, head: bytes) -> None:
+        """An unsafe method succeeded: invalidate its URIs here and fleet-wide."""
 
 
 MEMO_KEY_BYTES = 1024
@@ -272,7 +290,8 @@ SPECIAL = {b"host": HOST, b"transfer-encoding": _TE, b"content-length": _CL, b"e
            b"x-forwarded-host": DROP, b"forwarded": DROP, b"x-real-ip": DROP,
            b"accept-encoding": _AE, b"authorization": _AUTH, b"cookie": _CACHE, b"range": _CACHE,
            b"user-agent": _UA,
-           b"cache-control": _CACHE, b"pragma": _CACHE}
+           b"cache-control": _CACHE, b"pragma": _CACHE, b"if-none-match": _CACHE,
+           b"if-modified-since": _CACHE, b"if-range": _CACHE}
 NAME_CODES: dict[bytes, int] = {}
 """Raw header name → code, memoised (bounded) so a request costs one dict lookup per header."""
 _NAME_CODES_MAX = 4096
@@ -280,7 +299,8 @@ _FORWARDED_HEADERS = (b"Host: %b\r\nX-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Fo
                       b"X-Forwarded-Host: %b\r\nForwarded: %b\r\n")
 _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT"})
 _X_CACHE = {None: b"", "HIT": b"X-Cache: HIT\r\n", "MISS": b"X-Cache: MISS\r\n",
-            "STALE": b"X-Cache: STALE\r\n", "BYPASS": b"X-Cache: BYPASS\r\n"}
+            "STALE": b"X-Cache: STALE\r\n", "BYPASS": b"X-Cache: BYPASS\r\n",
+            "REVALIDATED": b"X-Cache: REVALIDATED\r\n"}
 
 
 def header_code(name: bytes) -> int:
@@ -366,8 +386,13 @@ class Exchange:
     store = False
     flight: Flight | None = None
     stale_entry: CacheEntry | None = None
+    revalidate: CacheEntry | None = None
+    """The stored response this request's forward asks the origin to validate (RFC 9111 §4.3)."""
+    revalidated: CacheEntry | None = None
+    """Set when the origin's 304 updated it: served at the response's end."""
     capture: list[bytes] | None = None
     capture_head = b""
+    capture_fields: dict[str, str] | None = None
     capture_size = 0
     backend_key: BackendKey = ("", 0, b"", "")
     verdict: StoreVerdict | None = None
@@ -742,6 +767,10 @@ class Exchange:
                 self.extra = extra
                 if verdict.action is RequestAction.LOOKUP:
                     entry = cache.get(key)
+                    if entry is None and cache.has_variants(key):  # Vary: RFC 9111 §4.1
+                        if head is None:
+                            head = RequestHead.from_pairs(self.method, self.target, self.headers)
+                        entry = cache.select(key, head.headers)
                     if entry is not None:
                         now = time.time()
                         if now - entry.stored_at < entry.ttl:  # freshness() inlined for FRESH
@@ -750,16 +779,21 @@ class Exchange:
                         fresh = freshness(entry.stored_at, entry.ttl, entry.swr, entry.sie, now)
                         if fresh is Freshness.STALE_REVALIDATE:
                             if self.method == b"GET":  # a HEAD would refresh an empty body
+                                if self.cache_sensitive:  # the refresh is the edge's own
+                                    self.fwd = strip_conditionals(self.fwd)
                                 self._build_head(accept_encoding)
-                                services.refresh(self, key)
+                                services.refresh(self, key, entry)
                             self._serve_entry(entry, "STALE")
                             return
                         if fresh is Freshness.STALE_IF_ERROR_ONLY:
                             self.stale_entry = entry
+                        if verdict.store_on_miss:
+                            self.revalidate = entry
                 self.cache_result = "MISS"
                 if verdict.store_on_miss:
                     flight = cache.flight(key)
                     if flight is not None and verdict.action is RequestAction.LOOKUP:
+                        self.revalidate = None  # the flight's fetch validates for us all
                         self._build_head(accept_encoding)
                         flight.waiters.append(lambda e: self._flight_landed(e))
                         return
@@ -767,8 +801,27 @@ class Exchange:
                         self.flight = cache.begin_flight(key)
                     self.store = True
         self.extra = extra
-        self._build_head(accept_encoding)
+        if self.revalidate is not None:
+            self._build_revalidation(accept_encoding)
+        else:
+            self._build_head(accept_encoding)
         self._forward()
+
+    def _build_revalidation(self, accept_encoding: bytes | None) -> None:
+        """The backend head asking the origin to validate :attr:`revalidate` (RFC 9111
+        §4.3.1): the client's own conditionals and Range are not forwarded (they are answered
+        from the validated response); without a validator, an unconditional fetch."""
+        entry = self.revalidate
+        assert entry is not None
+        validators = entry.validators
+        if not validators:
+            self.revalidate = None
+            self._build_head(accept_encoding)
+            return
+        self.fwd = strip_conditionals(self.fwd)
+        self._build_head(accept_encoding)
+        self.head_bytes = self.head_bytes[:-2] + validators + b"\r\n"
+        self.services.cache_events["revalidations"] += 1
 
     def _build_head(self, accept_encoding: bytes | None) -> None:
         """The request head for the backend, built once as one bytes object.
@@ -879,6 +932,12 @@ class Exchange:
             self.conn = None
             self._serve_stale_after_error()
             return
+        if status == 304 and self.revalidate is not None:
+            self._revalidated(head)
+            return
+        if self.method not in SAFE_METHODS and status < 400 and self.state is not None and (
+                self.state.policy.mode != "off"):
+            self.services.invalidate(self, status, head)
         self.status = status
         if self.store:
             self._start_capture(status, head, rest)
@@ -892,6 +951,8 @@ class Exchange:
         self.sink.start(self, ResponseHead(status, head, extra), rest)
 
     def response_body(self, data: bytes) -> None:
+        if self.revalidated is not None:
+            return  # a 304 has no content; anything else here is not the client's
         self.bytes_out += len(data)
         self.sink.body(self, data)
         capture = self.capture
@@ -911,6 +972,9 @@ class Exchange:
         else:
             conn.close()
         if self.over:
+            return
+        if self.revalidated is not None:
+            self._serve_entry(self.revalidated, "REVALIDATED")
             return
         if self.capture is not None:
             self.services.cache_store(self)
@@ -971,7 +1035,7 @@ class Exchange:
     def _start_capture(self, status: int, head: bytes, rest: bytes) -> None:
         state = self.state
         assert state is not None
-        headers = parse_head(head)
+        headers = head_fields(head)
         verdict = response_storability(status, headers, state.policy, time.time(),
                                        path=target_text(self.target))
         if not verdict.store or is_close_delimited(head, status):  # a hit needs framing
@@ -981,6 +1045,7 @@ class Exchange:
         self.capture = [rest]
         self.capture_size = len(rest)
         self.capture_head = head
+        self.capture_fields = headers
         self.verdict = verdict
 
     def _serve_entry(self, entry: CacheEntry, result: str, now: float = 0.0) -> None:
@@ -990,10 +1055,26 @@ class Exchange:
             self.must_close = True
         age = int((now or time.time()) - entry.stored_at)
         extra = b"".join((_X_CACHE[result], b"Age: %d\r\n" % (age if age > 0 else 0), self.extra))
-        body = b"" if self.method == b"HEAD" else entry.body
-        self.bytes_out = len(entry.head) + len(extra) + len(body) + 2
-        self.sink.start(self, ResponseHead(entry.status, entry.head, extra), body)
+        status, head, body = entry.status, entry.head, b"" if self.method == b"HEAD" else entry.body
+        if self.cache_sensitive:  # conditionals or Range: httpproxy.cacheflow answers them
+            answer = answer_from_store(self.method, RequestHead.from_pairs(
+                self.method, self.target, self.headers).headers, status, head, entry.body)
+            head, body = answer.head, answer.body
+            if answer.kind is not Answer.STORED:
+                self.services.cache_events[answer.kind.value] += 1
+                status = self.status = int(head[9:12])
+        self.bytes_out = len(head) + len(extra) + len(body) + 2
+        self.sink.start(self, ResponseHead(status, head, extra), body)
         self._done()
+
+    def _revalidated(self, head: bytes) -> None:
+        """The origin answered our revalidation with 304: update the stored response and
+        serve it when the (empty) response ends (:meth:`response_end`)."""
+        entry = self.revalidate
+        assert entry is not None
+        self.revalidate = None
+        self.stale_entry = None
+        self.revalidated = self.services.cache_revalidated(self, entry, head)
 
     def _serve_stale_after_error(self) -> None:
         entry = self.stale_entry
@@ -1005,6 +1086,11 @@ class Exchange:
     def _flight_landed(self, entry: CacheEntry | None) -> None:
         if self.over:
             return
+        cache = self.services.cache
+        if entry is not None and entry.vary and cache is not None:
+            # The fetch stored the variant of the request that made it: this one may differ.
+            entry = cache.select(entry.primary, RequestHead.from_pairs(
+                self.method, self.target, self.headers).headers)
         if entry is not None:
             self._serve_entry(entry, "HIT")
         else:
@@ -1075,14 +1161,5 @@ def _backend_key(host_header: str, site: Site, host: Host, proxy_header: bytes) 
     return (address, port, proxy_header, server_name)
 
 
-def parse_head(head: bytes) -> dict[str, str]:
-    """Response headers as {lowercase name: value} (repeats joined), for cache decisions."""
-    headers: dict[str, str] = {}
-    for line in head.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        key = name.strip().lower().decode("latin-1")
-        text = value.strip().decode("latin-1")
-        headers[key] = headers[key] + ", " + text if key in headers else text
-    return headers
+parse_head = head_fields
+"""Response headers as {lowercase name: value} (:func:`httpproxy.cacheflow.head_fields`)."""

@@ -13,9 +13,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from edge.metrics import BYTES
 
-__all__ = ["BUCKETS", "CACHE_BYTES", "CACHE_RESULTS", "CONNECTIONS_REFUSED", "H2_CONNECTIONS",
-           "H2_REFUSED", "H2_STREAMS", "LATENCY", "LOOKUPS",
-           "REQUESTS", "LocalHistogram", "LocalStats"]
+__all__ = ["BUCKETS", "CACHE_BYTES", "CACHE_EVENTS", "CACHE_EVENT_NAMES", "CACHE_RESULTS",
+           "CONNECTIONS_REFUSED", "H2_CONNECTIONS", "H2_REFUSED", "H2_STREAMS", "LATENCY",
+           "LOOKUPS", "REQUESTS", "LocalHistogram", "LocalStats"]
 
 REQUESTS = Counter("edge_http_requests", "HTTP requests answered, by status class (2xx...).",
                    ["status_class"])
@@ -24,7 +24,7 @@ LATENCY = Histogram("edge_http_request_duration_seconds",
                     "Seconds from the complete request head to the end of the response.",
                     buckets=BUCKETS)
 CACHE_RESULTS = Counter("edge_http_cache_results",
-                        "Content-cache results (X-Cache): HIT, MISS, STALE, BYPASS.", ["result"])
+                        "Content-cache results (X-Cache): HIT, MISS, STALE, REVALIDATED, BYPASS.", ["result"])
 LOOKUPS = Counter("edge_http_site_lookups",
                   "Site lookups per request: cached (no I/O), loaded (awaited the directory), "
                   "unknown (404), error (directory unreachable).", ["outcome"])
@@ -39,6 +39,16 @@ H2_REFUSED = Counter("edge_http2_refused",
                      "size limit: rapid reset, CONTINUATION, SETTINGS/PING/empty frames), protocol "
                      "(a protocol error), malformed (a request refused with RST_STREAM).",
                      ["reason"])
+CACHE_EVENT_NAMES = ("revalidations", "revalidated", "not_modified", "partial", "unsatisfiable",
+                     "evictions", "invalidations", "invalidated_urls", "publish_failures")
+CACHE_EVENTS = Counter(
+    "edge_http_cache_events",
+    "Content-cache events: revalidations (conditional requests sent to origins), revalidated "
+    "(origin answered 304), not_modified (304 answered to clients from the cache), partial "
+    "(206 from the cache), unsatisfiable (416 from the cache), evictions (dropped for room), "
+    "invalidations (dropped by an unsafe method, a purge or a change of Vary), "
+    "invalidated_urls (URLs an unsafe method invalidated), publish_failures (invalidations "
+    "the change feed did not get).", ["event"])
 CACHE_BYTES = Gauge("edge_http_cache_bytes", "Bytes held by the content cache, summed over workers.",
                     multiprocess_mode="livesum")
 
@@ -97,12 +107,15 @@ class LocalHistogram:
 class LocalStats:
     """Plain counters the hot path increments; :meth:`export` publishes them."""
 
-    __slots__ = ("_sent", "cache", "latency", "lookups", "refused", "status", "traffic")
+    __slots__ = ("_sent", "cache", "cache_events", "latency", "lookups", "refused", "status",
+                 "traffic")
 
     def __init__(self) -> None:
         self.status = [0] * 6  # index: status // 100
         self.latency = LocalHistogram(LATENCY)
-        self.cache: dict[str, int] = {"HIT": 0, "MISS": 0, "STALE": 0, "BYPASS": 0}
+        self.cache: dict[str, int] = {"HIT": 0, "MISS": 0, "STALE": 0, "BYPASS": 0,
+                                      "REVALIDATED": 0}
+        self.cache_events: dict[str, int] = dict.fromkeys(CACHE_EVENT_NAMES, 0)
         self.lookups: dict[str, int] = {"cached": 0, "loaded": 0, "unknown": 0, "error": 0}
         self.refused: dict[str, int] = {"per_ip_cap": 0}
         self.traffic: dict[str, list[int]] = {"http": [0, 0], "https": [0, 0]}
@@ -129,6 +142,10 @@ class LocalStats:
             delta = self._delta("c" + name, value)
             if delta:
                 CACHE_RESULTS.labels(result=name).inc(delta)
+        for name, value in self.cache_events.items():
+            delta = self._delta("e" + name, value)
+            if delta > 0:
+                CACHE_EVENTS.labels(event=name).inc(delta)
         for name, value in self.lookups.items():
             delta = self._delta("l" + name, value)
             if delta:

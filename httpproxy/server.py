@@ -23,17 +23,26 @@ from typing import Any, NamedTuple, Protocol
 
 from edge import metrics as edge_metrics
 from edge.directory.model import Change, Host, Site, Tenant
+from edge.directory.store import append_change
 from edge.limits import ConnectionCap
 from edge.proxyproto import ProxyHeaderPolicy, is_trusted
 from edge.registry import ProxyContext
 from httpproxy.accesslog import AccessLog
-from httpproxy.cache import CacheEntry, ContentCache
-from httpproxy.cachepolicy import cache_key, response_storability
-from httpproxy.exchange import ClientInfo, Exchange, parse_head
+from httpproxy.cache import CacheEntry, ContentCache, entry_tags, url_key
+from httpproxy.cacheflow import (
+    head_fields,
+    invalidation_targets,
+    merge_not_modified,
+    revalidation_fields,
+    secondary_key,
+    vary_names,
+)
+from httpproxy.cachepolicy import StoreVerdict, cache_key, response_storability
+from httpproxy.exchange import ClientInfo, Exchange
 from httpproxy.front_h1 import ClientConnection
 from httpproxy.http2 import choose_protocol
 from httpproxy.metrics import LocalStats
-from httpproxy.rules import target_text
+from httpproxy.rules import RequestHead, target_text
 from httpproxy.sitestate import (
     CACHE_MEMO_MAX,
     FILTER_MEMO_MAX,
@@ -64,6 +73,7 @@ _ACCESS_LINE = (b'%b"ts":%.3f,"method":"%b","host_header":%b,"path":%b,%b,"statu
 token llhttp validated; the Host and target are escaped by :func:`_json_bytes`)."""
 _JSON_UNSAFE = re.compile(rb'[\x00-\x1f"\\\x7f-\xff]')
 _CACHE_FIELD = {None: b"null", "HIT": b'"HIT"', "MISS": b'"MISS"', "STALE": b'"STALE"',
+                "REVALIDATED": b'"REVALIDATED"',
                 "BYPASS": b'"BYPASS"'}
 
 
@@ -94,6 +104,12 @@ class AccessEntry(NamedTuple):
     body_size: int
     duration: float
     cache_result: str | None
+
+
+PUBLISH_INTERVAL = 0.05
+"""Seconds between two invalidation transactions of one worker (the feed polls every 1 s)."""
+PUBLISH_SITE_MAX = 32
+"""URLs of one site in one invalidation batch beyond which the whole site is purged instead."""
 
 
 def _access_line(entry: AccessEntry) -> bytes:
@@ -166,6 +182,12 @@ class HttpEngine:
         self._idle.set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.refreshes = 0
+        self.cache_events = self.stats.cache_events
+        """Cache event counters the connections increment (see LocalStats.cache_events)."""
+        self._unpublished: dict[tuple[str, str], str] = {}
+        """Invalidations for the change feed not yet written, (entity, name) → site (one
+        transaction per batch)."""
+        self._publishing = False
         context.feed.subscribe(self._on_change)
         self._export_task = self.loop.create_task(self._export_loop(), name="edge-http-metrics")
 
@@ -387,36 +409,167 @@ class HttpEngine:
         entry: CacheEntry | None = None
         if (self.cache is not None and capture is not None and verdict is not None
                 and key is not None and site is not None and req.method == b"GET"):
-            entry = CacheEntry(key, site.hostname, target_text(req.target).partition("?")[0],
-                               req.status, req.capture_head, b"".join(capture), ttl=verdict.ttl,
-                               swr=verdict.stale_while_revalidate, sie=verdict.stale_if_error)
-            if not self.cache.put(entry):
-                entry = None
+            entry = self.store_entry(key, site, req.target, req.headers, req.status,
+                                     req.capture_head, b"".join(capture), verdict,
+                                     fields=req.capture_fields)
         self.cache_end_flight(req, entry)
 
-    def refresh(self, req: Exchange, key: bytes) -> None:
-        """Stale-while-revalidate: fetch ``req`` again in the background (once per key)."""
+    def store_entry(self, key: bytes, site: Site, target: bytes,
+                    request: list[tuple[bytes, bytes]], status: int, head: bytes, body: bytes,
+                    verdict: StoreVerdict, *, stored_at: float | None = None,
+                    fields: dict[str, str] | None = None) -> CacheEntry | None:
+        """Build and store an entry (a variant when the response has Vary: its secondary key
+        from ``request``'s fields; ``fields``: head's, when already parsed); returns it, or
+        None when it was not stored."""
+        assert self.cache is not None
+        if fields is None:
+            fields = head_fields(head)
+        vary = vary_names(fields.get("vary"))
+        if vary is None:
+            return None
+        secondary = b""
+        if vary:
+            request_fields = RequestHead.from_pairs(b"GET", target, request).headers
+            secondary = secondary_key(vary, request_fields)
+        entry = CacheEntry(key, site.hostname, target_text(target).partition("?")[0], status,
+                           head, body, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
+                           sie=verdict.stale_if_error, vary=vary, secondary=secondary,
+                           tags=entry_tags(fields), stored_at=stored_at,
+                           validators=revalidation_fields(fields))
+        return entry if self.cache.put(entry) else None
+
+    def cache_update(self, stored: CacheEntry, head_304: bytes, state: SiteState, site: Site,
+                     target: bytes, request: list[tuple[bytes, bytes]]) -> CacheEntry | None:
+        """The origin validated ``stored`` with a 304 (RFC 9111 §4.3.4): store its head
+        updated by the 304's fields, fresh from now. Returns the stored update, or None when
+        the updated response may no longer be stored (then it is dropped)."""
+        assert self.cache is not None
+        self.cache_events["revalidated"] += 1
+        head = merge_not_modified(stored.head, head_304)
+        now = time.time()
+        fields = head_fields(head)
+        verdict = response_storability(stored.status, fields, state.policy, now,
+                                       path=target_text(target))
+        self.cache.remove(stored.key)
+        if not verdict.store:
+            return None
+        return self.store_entry(stored.primary, site, target, request, stored.status, head,
+                                stored.body, verdict, stored_at=now, fields=fields)
+
+    def cache_revalidated(self, req: Exchange, stored: CacheEntry, head_304: bytes) -> CacheEntry:
+        """:meth:`cache_update` for a client's request: ends its flight with the update and
+        returns what to serve it (the updated response even when it is no longer stored)."""
+        assert req.state is not None and req.site is not None
+        entry = self.cache_update(stored, head_304, req.state, req.site, req.target, req.headers)
+        self.cache_end_flight(req, entry)
+        if entry is None:
+            entry = CacheEntry(stored.primary, stored.site, stored.path, stored.status,
+                               merge_not_modified(stored.head, head_304), stored.body,
+                               ttl=0.0, swr=0.0, sie=0.0)
+        return entry
+
+    # -- invalidation (RFC 9111 §4.4) ------------------------------------------------------------
+
+    def invalidate(self, req: Exchange, status: int, head: bytes) -> None:
+        """An unsafe method succeeded: drop its target and same-origin Location /
+        Content-Location here at once, and on every other worker through the change feed."""
+        if self.cache is None:
+            return
+        targets = invalidation_targets(req.method, status, req.host_header,
+                                       target_text(req.target), head_fields(head))
+        assert req.site is not None
+        site = req.site.hostname
+        host = cache_key(req.host_header, "", None).split(b"\0")[1].decode("latin-1")
+        for target in targets:
+            self.cache_events["invalidated_urls"] += 1
+            self.cache.purge_url(url_key(cache_key(req.host_header, target, None)))
+            name = host + target
+            if len(name) > 255 or not name.isascii():
+                # Too long for the feed's name column: the whole site is dropped instead
+                # (more than needed, never less).
+                self._publish("purge", site, site)
+            else:
+                self._publish("invalidate", name, site)
+
+    def _publish(self, entity: str, name: str, site: str) -> None:
+        self._unpublished[(entity, name)] = site
+        if not self._publishing:
+            self._publishing = True
+            self.spawn(self._publish_batch())
+
+    @staticmethod
+    def _coalesce(pending: dict[tuple[str, str], str]) -> list[tuple[str, str]]:
+        """The rows for a batch: a site with more than PUBLISH_SITE_MAX URLs in it gets one
+        site purge instead (a POST flood cannot turn into a flood of feed rows that every
+        worker of the fleet reads)."""
+        per_site: dict[str, int] = {}
+        for site in pending.values():
+            per_site[site] = per_site.get(site, 0) + 1
+        rows = [key for key, site in pending.items() if per_site[site] <= PUBLISH_SITE_MAX]
+        rows += [("purge", site) for site, count in per_site.items() if count > PUBLISH_SITE_MAX]
+        return rows
+
+    async def _publish_batch(self) -> None:
+        """Write the pending invalidations in one transaction, at most one transaction per
+        PUBLISH_INTERVAL (what arrives meanwhile goes in the next). A failure is logged;
+        this worker's own copies are already gone."""
+        try:
+            while self._unpublished:
+                batch = self._coalesce(self._unpublished)
+                self._unpublished.clear()
+                try:
+                    async with self.directory.store.transaction() as tx:
+                        for entity, name in batch:
+                            await append_change(tx, entity, name)
+                except Exception as exc:  # the database is down or read-only: serve on
+                    self.cache_events["publish_failures"] += 1
+                    log.warning("cache invalidation not published to the change feed: %s", exc)
+                await asyncio.sleep(PUBLISH_INTERVAL)
+        finally:
+            self._publishing = False
+
+    def refresh(self, req: Exchange, key: bytes, stored: CacheEntry) -> None:
+        """Stale-while-revalidate: fetch ``req`` again in the background (once per key),
+        conditionally when ``stored`` has validators (a 304 updates it)."""
         if self.cache is None or self.cache.flight(key) is not None:
             return
         flight = self.cache.begin_flight(key)
         self.refreshes += 1
-        self.spawn(_Refresh(self, req, key, flight).run())
+        self.spawn(_Refresh(self, req, key, flight, stored).run())
 
     def _on_change(self, change: Change) -> None:
         # Any change may touch a remembered route (site, tenant, host, state): forget them all.
         self.routes.clear()
-        if change.entity == "purge" and self.cache is not None:
-            slash = change.name.find("/")
-            site, path = (change.name, "") if slash < 0 else (change.name[:slash], change.name[slash:])
-            dropped = self.cache.purge(site, path)
+        cache = self.cache
+        if cache is None:
+            return
+        entity, name = change.entity, change.name
+        if entity == "purge":
+            slash = name.find("/")
+            site, path = (name, "") if slash < 0 else (name[:slash], name[slash:])
+            dropped = cache.purge(site, path)
             log.info("cache purge", extra={"site": site, "path": path, "objects": dropped})
-        elif change.entity == "all" and self.cache is not None:
-            self.cache.clear()
+        elif entity in ("invalidate", "purge-url"):
+            slash = name.find("/")
+            if slash > 0:
+                dropped = cache.purge_url(url_key(cache_key(name[:slash], name[slash:], None)))
+                if entity == "purge-url":
+                    log.info("cache purge", extra={"url": name, "objects": dropped})
+        elif entity == "purge-tag":
+            site, _, tag = name.partition(" ")
+            dropped = cache.purge_tag(site, tag)
+            log.info("cache purge", extra={"site": site, "tag": tag, "objects": dropped})
+        elif entity == "all":
+            cache.clear()
 
     # -- metrics ----------------------------------------------------------------------------------
 
     def export_metrics(self) -> None:
-        self.stats.export(self.cache.size if self.cache is not None else 0)
+        cache = self.cache
+        if cache is not None:
+            self.cache_events["evictions"] = cache.evictions
+            self.cache_events["invalidations"] = cache.invalidations
+        self.stats.export(cache.size if cache is not None else 0)
 
     async def _export_loop(self) -> None:
         while True:
@@ -430,15 +583,22 @@ class HttpEngine:
 class _Refresh:
     """A background fetch that only fills the cache (stale-while-revalidate)."""
 
-    def __init__(self, engine: HttpEngine, req: Exchange, key: bytes, flight: Any) -> None:
+    def __init__(self, engine: HttpEngine, req: Exchange, key: bytes, flight: Any,
+                 stored: CacheEntry) -> None:
         self.engine = engine
         self.key = key
         self.flight = flight
+        self.stored = stored
+        self.updated: CacheEntry | None = None
         self.head = req.head_bytes
+        if stored.validators:  # RFC 9111 §4.3.1 (req's own conditionals are not in it)
+            self.head = self.head[:-2] + stored.validators + b"\r\n"
+            engine.cache_events["revalidations"] += 1
         self.backend_key = req.backend_key
         self.site = req.site
         self.state = req.state
         self.target = req.target
+        self.request = req.headers
         self.status = 0
         self.capture: list[bytes] | None = None
         self.headbytes = b""
@@ -473,7 +633,11 @@ class _Refresh:
     def response_start(self, conn: BackendConnection, status: int, head: bytes, rest: bytes) -> None:
         self.status = status
         assert self.state is not None
-        verdict = response_storability(status, parse_head(head), self.state.policy, time.time(),
+        if status == 304 and self.stored.validators and self.site is not None:
+            self.updated = self.engine.cache_update(self.stored, head, self.state, self.site,
+                                                    self.target, self.request)
+            return  # stored at response_end (no content follows a 304)
+        verdict = response_storability(status, head_fields(head), self.state.policy, time.time(),
                                        path=target_text(self.target))
         if status >= 500 or not verdict.store or is_close_delimited(head, status):
             conn.abort()
@@ -497,16 +661,15 @@ class _Refresh:
             self.engine.pool.release(conn)
         else:
             conn.close()
+        if self.updated is not None:
+            self._finish(self.updated)
+            return
         entry = None
         cache = self.engine.cache
         if self.capture is not None and self.site is not None and cache is not None:
-            entry = CacheEntry(self.key, self.site.hostname,
-                               target_text(self.target).partition("?")[0], self.status,
-                               self.headbytes, b"".join(self.capture), ttl=self.verdict.ttl,
-                               swr=self.verdict.stale_while_revalidate,
-                               sie=self.verdict.stale_if_error)
-            if not cache.put(entry):
-                entry = None
+            entry = self.engine.store_entry(self.key, self.site, self.target, self.request,
+                                            self.status, self.headbytes, b"".join(self.capture),
+                                            self.verdict)
         self._finish(entry)
 
     def response_failed(self, conn: BackendConnection, kind: str) -> None:

@@ -370,3 +370,24 @@ def test_tenant_move_drains_for_300_seconds_by_default(cli: InProcess) -> None:
                               "--json"))
     assert moved["drain_seconds"] == 900
     assert "closed after 0 s" in cli.ok("tenant", "move", "acme", "--to", "web2", "--drain", "0")
+
+
+def test_cache_purge_by_path_url_and_tag(edge: Edge) -> None:
+    """``edge cache purge`` writes one change-feed row per purge (what every worker applies);
+    bad input is one line and writes nothing."""
+    edge.run("host", "add", "web1", "--address", "127.0.0.1")
+    edge.run("tenant", "add", "acme", "--host", "web1")
+    edge.run("site", "add", "*.acme.test", "--tenant", "acme")
+    edge.run("cache", "purge", "*.acme.test", "--path", "/news")
+    edge.run("cache", "purge", "shop.acme.test", "--url", "/cart?id=1")  # under the wildcard
+    edge.run("cache", "purge", "*.acme.test", "--tag", "product-42")
+    newest = edge.json("changes", "list")
+    assert [(c["entity"], c["name"]) for c in newest][:3] == [  # type: ignore[index,union-attr]
+        ("purge-tag", "*.acme.test product-42"), ("purge-url", "shop.acme.test/cart?id=1"),
+        ("purge", "*.acme.test/news")]
+    edge.fails("cache", "purge", "other.test", "--url", "/x", code=3, says="no site serves")
+    edge.fails("cache", "purge", "*.acme.test", "--url", "/x", code=2, says="wildcard")
+    edge.fails("cache", "purge", "*.acme.test", "--tag", "a b", code=2, says="one tag")
+    edge.fails("cache", "purge", "shop.acme.test", "--url", "x", code=2, says="--url")
+    edge.fails("cache", "purge", "*.acme.test", "--tag", "t", "--path", "/", code=2,
+               says="at most one")

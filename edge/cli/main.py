@@ -338,8 +338,10 @@ async def cmd_cert_list(ctx: Context) -> Any:
 
 
 async def cmd_cache_purge(ctx: Context) -> Any:
-    await ctx.service().purge_cache(ctx.args.hostname, ctx.args.path or "")
-    target = ctx.args.hostname + (ctx.args.path or "")
+    args = ctx.args
+    await ctx.service().purge_cache(args.hostname, args.path or "", url=args.url or "",
+                                    tag=args.tag or "")
+    target = args.hostname + (args.path or args.url or "") + (f" tag {args.tag}" if args.tag else "")
     return {"purged": target} if ctx.json else f"purge of {target} sent to every worker"
 
 
@@ -568,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _leaf(cas, "purge", cmd_cache_purge, "drop a site's cached objects on every worker")
     p.add_argument("hostname")
     p.add_argument("--path", help="only objects under this path prefix")
+    p.add_argument("--url", help="only this request-target (/path?query) on HOSTNAME, every "
+                   "variant and scheme")
+    p.add_argument("--tag", help="only objects the site tagged so (Cache-Tag, Surrogate-Key)")
 
     changes = sub.add_parser("changes", help="the change feed every proxy follows")
     chs = changes.add_subparsers(dest="action", metavar="ACTION", required=True)

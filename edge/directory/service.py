@@ -403,14 +403,38 @@ class DirectoryService:
             await tx.execute("DELETE FROM sites WHERE hostname = ?", (name,))
             await append_change(tx, "site", name)
 
-    async def purge_cache(self, hostname: str, path: str = "") -> None:
-        """Ask every worker's HTTP cache to drop a site's objects (all, or one path prefix)."""
-        name = normalize_hostname(hostname, allow_wildcard=True)
+    async def purge_cache(self, hostname: str, path: str = "", *, url: str = "",
+                          tag: str = "") -> None:
+        """Ask every worker's HTTP cache to drop a site's objects: all, those under a path
+        prefix, one URL (``url``: a request-target on ``hostname``, every variant and
+        scheme), or those tagged ``tag`` (Cache-Tag / Surrogate-Key) by that site."""
+        if sum(map(bool, (path, url, tag))) > 1:
+            raise ValidationError("give at most one of --path, --url, --tag")
+        wildcard_ok = not url  # a URL names a real host, maybe one under a wildcard site
+        name = normalize_hostname(hostname, allow_wildcard=wildcard_ok)
         if path and not path.startswith("/"):
             raise ValidationError("--path must start with '/'")
+        if url and (not url.startswith("/") or not url.isascii() or len(name + url) > 255
+                    or any(c.isspace() for c in url)):
+            raise ValidationError("--url must be an ASCII request-target starting with '/' "
+                                  "(percent-encode the rest), at most 255 characters with the host")
+        if tag and (not tag.isprintable() or any(c.isspace() or c == "," for c in tag)
+                    or len(name) + 1 + len(tag) > 255):
+            raise ValidationError("--tag must be one tag: no spaces or commas")
         async with self.store.transaction() as tx:
+            if url:
+                parent = name.partition(".")[2]
+                row = await tx.fetchone("SELECT id FROM sites WHERE hostname = ? OR hostname = ?",
+                                        (name, "*." + parent))
+                if row is None:
+                    raise NotFoundError(f"no site serves {name!r}")
+                await append_change(tx, "purge-url", name + url)
+                return
             await self._id(tx, "sites", "hostname", name, "site")
-            await append_change(tx, "purge", name + path)
+            if tag:
+                await append_change(tx, "purge-tag", f"{name} {tag}")
+            else:
+                await append_change(tx, "purge", name + path)
 
     # -- change log -------------------------------------------------------------------------
 

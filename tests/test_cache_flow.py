@@ -1,0 +1,285 @@
+"""The sans-IO cache steps (httpproxy.cacheflow) and the variant/tag/URL store
+(httpproxy.cache), without sockets, from the RFC text."""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from httpproxy.cache import MAX_VARIANTS, CacheEntry, ContentCache, entry_tags, url_key
+from httpproxy.cacheflow import (
+    Answer,
+    RangeKind,
+    answer_from_store,
+    client_not_modified,
+    dechunk,
+    head_fields,
+    invalidation_targets,
+    merge_not_modified,
+    range_answer,
+    revalidation_fields,
+    secondary_key,
+    strip_conditionals,
+    vary_names,
+    weak_match,
+)
+from httpproxy.cachepolicy import cache_key
+
+LM = formatdate(1_700_000_000, usegmt=True)
+HEAD = (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nETag: \"a1\"\r\nLast-Modified: "
+        + LM.encode() + b"\r\nCache-Control: max-age=60\r\nX-Old: 1\r\nX-Old: 2\r\n")
+STORED = head_fields(HEAD)
+
+
+def test_weak_comparison() -> None:
+    """RFC 9110 §8.8.3.2: weak comparison ignores W/, strong comparison does not."""
+    assert weak_match('W/"1"', '"1"') and weak_match('"1"', 'W/"1"') and weak_match('"1"', '"1"')
+    assert not weak_match('"1"', '"2"')
+
+
+@pytest.mark.parametrize(("request_fields", "expected"), [
+    ({"if-none-match": '"a1"'}, True),
+    ({"if-none-match": 'W/"a1"'}, True),               # weak comparison (§13.1.2)
+    ({"if-none-match": '"x", "a1"'}, True),
+    ({"if-none-match": "*"}, True),
+    ({"if-none-match": '"x"'}, False),
+    ({"if-none-match": 'a1'}, False),                   # not an entity-tag
+    ({"if-modified-since": LM}, True),                  # not modified since (§13.1.3)
+    ({"if-modified-since": formatdate(1_800_000_000, usegmt=True)}, True),
+    ({"if-modified-since": formatdate(1_600_000_000, usegmt=True)}, False),
+    ({"if-modified-since": "yesterday"}, False),        # invalid date: ignored
+    ({"if-none-match": '"x"', "if-modified-since": LM}, False),  # INM wins (§13.2.2)
+    ({}, False),
+])
+def test_client_not_modified(request_fields: dict[str, str], expected: bool) -> None:
+    assert client_not_modified(b"GET", request_fields, STORED) is expected
+
+
+def test_if_modified_since_only_for_get_and_head() -> None:
+    """RFC 9110 §13.1.3: a recipient MUST ignore If-Modified-Since for other methods."""
+    assert client_not_modified(b"HEAD", {"if-modified-since": LM}, STORED)
+    assert not client_not_modified(b"POST", {"if-modified-since": LM}, STORED)
+
+
+def test_not_modified_answer_keeps_the_fields_304_needs() -> None:
+    """RFC 9110 §15.4.5: the 304 carries ETag, Cache-Control (and Date, Expires, Vary,
+    Content-Location) as the 200 would, and no content."""
+    answer = answer_from_store(b"GET", {"if-none-match": '"a1"'}, 200, HEAD, b"0123456789")
+    assert answer.kind is Answer.NOT_MODIFIED and answer.body == b""
+    assert answer.head.startswith(b"HTTP/1.1 304 Not Modified\r\n")
+    fields = head_fields(answer.head)
+    assert fields["etag"] == '"a1"' and fields["cache-control"] == "max-age=60"
+    assert "content-length" not in fields and "x-old" not in fields
+
+
+def test_revalidation_fields() -> None:
+    """RFC 9111 §4.3.1: the stored ETag goes in If-None-Match, Last-Modified in
+    If-Modified-Since; nothing without validators."""
+    assert revalidation_fields(STORED) == (b'If-None-Match: "a1"\r\nIf-Modified-Since: '
+                                           + LM.encode() + b"\r\n")
+    assert revalidation_fields({}) == b""
+
+
+def test_strip_conditionals() -> None:
+    fwd = [(b"If-None-Match", b'"x"'), (b"Range", b"bytes=0-1"), (b"Accept", b"*/*"),
+           (b"if-modified-since", LM.encode()), (b"If-Range", b'"x"')]
+    assert strip_conditionals(fwd) == [(b"Accept", b"*/*")]
+
+
+def test_304_updates_stored_fields() -> None:
+    """RFC 9111 §4.3.4: each field of the 304 replaces all stored fields of that name; the
+    stored framing (Content-Length) and status line stay (§3.2)."""
+    merged = merge_not_modified(HEAD, b"HTTP/1.1 304 Not Modified\r\nCache-Control: max-age=5"
+                                      b"\r\nX-Old: 3\r\nContent-Length: 0\r\nX-New: y\r\n")
+    fields = head_fields(merged)
+    assert merged.startswith(b"HTTP/1.1 200 OK\r\n") and merged.endswith(b"\r\n")
+    assert fields["cache-control"] == "max-age=5" and fields["x-old"] == "3"
+    assert fields["x-new"] == "y" and fields["content-length"] == "10"
+    assert fields["etag"] == '"a1"'
+
+
+@pytest.mark.parametrize(("value", "kind", "first", "last"), [
+    ("bytes=0-9", RangeKind.PARTIAL, 0, 9),
+    ("bytes=10-19", RangeKind.PARTIAL, 10, 19),
+    ("bytes=90-", RangeKind.PARTIAL, 90, 99),
+    ("bytes=90-500", RangeKind.PARTIAL, 90, 99),      # last clipped to the length (§14.1.2)
+    ("bytes=-5", RangeKind.PARTIAL, 95, 99),          # suffix
+    ("bytes=-500", RangeKind.PARTIAL, 0, 99),
+    ("bytes=100-", RangeKind.UNSATISFIABLE, 0, -1),   # first beyond the end (§15.5.17)
+    ("bytes=-0", RangeKind.UNSATISFIABLE, 0, -1),
+    ("bytes=5-1", RangeKind.FULL, 0, -1),             # invalid: ignored (§14.1.1)
+    ("bytes=0-1,5-6", RangeKind.FULL, 0, -1),         # several: MAY be ignored (§14.2)
+    ("items=0-1", RangeKind.FULL, 0, -1),             # unknown unit
+    ("bytes=x-1", RangeKind.FULL, 0, -1),
+    ("bytes=\uff11-2", RangeKind.FULL, 0, -1),       # non-ASCII digits
+])
+def test_range_answer(value: str, kind: RangeKind, first: int, last: int) -> None:
+    answer = range_answer(b"GET", 200, {"range": value}, STORED, 100)
+    assert (answer.kind, answer.first, answer.last) == (kind, first, last)
+
+
+def test_range_only_for_get_on_a_200() -> None:
+    """RFC 9110 §14.2: Range is ignored for methods other than GET; a stored non-200 is not
+    ranged."""
+    assert range_answer(b"HEAD", 200, {"range": "bytes=0-1"}, STORED, 10).kind is RangeKind.FULL
+    assert range_answer(b"GET", 404, {"range": "bytes=0-1"}, STORED, 10).kind is RangeKind.FULL
+
+
+@pytest.mark.parametrize(("if_range", "kind"), [
+    ('"a1"', RangeKind.PARTIAL),
+    ('W/"a1"', RangeKind.FULL),      # If-Range uses the strong comparison (§13.1.5)
+    ('"b"', RangeKind.FULL),
+    (LM, RangeKind.PARTIAL),
+    (formatdate(1_600_000_000, usegmt=True), RangeKind.FULL),
+    ("nonsense", RangeKind.FULL),
+])
+def test_if_range(if_range: str, kind: RangeKind) -> None:
+    request = {"range": "bytes=0-1", "if-range": if_range}
+    assert range_answer(b"GET", 200, request, STORED, 10).kind is kind
+
+
+def test_partial_answer_from_a_chunked_body() -> None:
+    """The stored body keeps its chunked framing; a 206 carries the content bytes, with
+    Content-Length and Content-Range and without Transfer-Encoding."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nETag: \"c\"\r\n"
+    body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    assert dechunk(body) == b"hello world"
+    answer = answer_from_store(b"GET", {"range": "bytes=3-7"}, 200, head, body)
+    assert answer.kind is Answer.PARTIAL and answer.body == b"lo wo"
+    fields = head_fields(answer.head)
+    assert answer.head.startswith(b"HTTP/1.1 206 Partial Content\r\n")
+    assert fields["content-range"] == "bytes 3-7/11" and fields["content-length"] == "5"
+    assert "transfer-encoding" not in fields
+    assert dechunk(b"5\r\nhel") is None and dechunk(b"zz\r\n") is None
+
+
+def test_vary_names_and_secondary_keys() -> None:
+    """RFC 9111 §4.1: Vary names fields case-insensitively; ``*`` never matches; values may
+    be normalised (whitespace, Accept-Encoding as the forwarded variant)."""
+    assert vary_names(None) == () and vary_names("") == ()
+    assert vary_names("X-B, x-a ,X-A") == ("x-a", "x-b")
+    assert vary_names("Accept, *") is None
+    names = ("accept-encoding", "x-lang")
+    base = secondary_key(names, {"accept-encoding": "gzip", "x-lang": "en"})
+    assert base == secondary_key(names, {"accept-encoding": "gzip;q=1", "x-lang": "en"})
+    assert base != secondary_key(names, {"accept-encoding": "br", "x-lang": "en"})
+    assert base != secondary_key(names, {"accept-encoding": "gzip"})  # absent differs
+    assert secondary_key(("x-lang",), {"x-lang": ""}) != secondary_key(("x-lang",), {})
+    assert secondary_key(("accept",), {"accept": "a,  b"}) == secondary_key(
+        ("accept",), {"accept": "a, b"})
+
+
+@pytest.mark.parametrize(("method", "status", "fields", "expected"), [
+    (b"POST", 200, {}, ["/a/b?x"]),
+    (b"DELETE", 204, {"location": "/c"}, ["/a/b?x", "/c"]),
+    (b"PUT", 201, {"content-location": "d"}, ["/a/b?x", "/a/d"]),          # relative
+    (b"POST", 303, {"location": "http://www.x.test:8080/e?f"}, ["/a/b?x", "/e?f"]),
+    (b"POST", 200, {"location": "https://other.test/e"}, ["/a/b?x"]),     # another origin
+    (b"POST", 200, {"location": "//other.test/e"}, ["/a/b?x"]),
+    (b"PATCH", 200, {}, ["/a/b?x"]),                                       # any unsafe method
+    (b"POST", 404, {"location": "/c"}, []),                                # error: nothing
+    (b"POST", 500, {}, []),
+    (b"GET", 200, {"location": "/c"}, []),                                 # safe method
+    (b"OPTIONS", 200, {}, []),
+])
+def test_invalidation_targets(method: bytes, status: int, fields: dict[str, str],
+                              expected: list[str]) -> None:
+    """RFC 9111 §4.4: a non-error response to an unsafe method invalidates the target URI and
+    Location / Content-Location when they share its origin."""
+    assert invalidation_targets(method, status, "www.x.test", "/a/b?x", fields) == expected
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=60), st.text(max_size=60), st.text(max_size=30))
+def test_parsers_never_raise(value: str, other: str, method: str) -> None:
+    request = {"if-none-match": value, "if-modified-since": other, "range": value,
+               "if-range": other}
+    client_not_modified(method.encode(), request, {"etag": other, "last-modified": value})
+    range_answer(b"GET", 200, request, {"etag": other}, len(value))
+    invalidation_targets(b"POST", 200, "h.test", "/" + other, {"location": value})
+    vary_names(value)
+    dechunk(value.encode())
+
+
+# -- the store: variants, URLs, tags --------------------------------------------------------------
+
+
+def _entry(target: str, *, site: str = "s.test", host: str = "s.test", variant: str = "",
+           vary: tuple[str, ...] = (), tags: tuple[str, ...] = (), body: bytes = b"x",
+           scheme: str = "http", ae: str | None = None) -> CacheEntry:
+    key = cache_key(host, target, ae, scheme=scheme)
+    secondary = secondary_key(vary, {"x-v": variant}) if vary else b""
+    return CacheEntry(key, site, target.partition("?")[0], 200, b"HTTP/1.1 200 OK\r\n", body,
+                      ttl=60, swr=0, sie=0, vary=vary, secondary=secondary, tags=tags)
+
+
+def test_variants_are_selected_and_bounded() -> None:
+    cache = ContentCache(1 << 20)
+    for i in range(MAX_VARIANTS + 3):
+        assert cache.put(_entry("/v", vary=("x-v",), variant=str(i)))
+    primary = cache_key("s.test", "/v", None, scheme="http")
+    assert cache.get(primary) is None and cache.has_variants(primary)
+    assert len(cache) == MAX_VARIANTS and cache.evictions == 3
+    assert cache.select(primary, {"x-v": "0"}) is None                  # the oldest went
+    found = cache.select(primary, {"x-v": str(MAX_VARIANTS + 2)})
+    assert found is not None and found.vary == ("x-v",)
+    # the resource stops varying: a plain response replaces every variant
+    assert cache.put(_entry("/v"))
+    assert len(cache) == 1 and not cache.has_variants(primary) and cache.get(primary) is not None
+    assert cache.put(_entry("/v", vary=("x-v",), variant="a"))           # and back
+    assert len(cache) == 1 and cache.get(primary) is None
+
+
+def test_byte_bound_counts_every_variant() -> None:
+    cache = ContentCache(10_000, max_object_bytes=5_000)
+    for i in range(10):
+        cache.put(_entry("/v", vary=("x-v",), variant=str(i), body=b"b" * 1_000))
+    assert cache.size <= 10_000 and 0 < len(cache) < 10
+    assert cache.size == sum(e.size for e in cache.entries())
+
+
+def test_purge_url_drops_every_scheme_encoding_and_variant_of_that_url_only() -> None:
+    cache = ContentCache(1 << 20)
+    cache.put(_entry("/p?q=1", scheme="http"))
+    cache.put(_entry("/p?q=1", scheme="https", ae="gzip"))
+    cache.put(_entry("/p?q=1", scheme="https", vary=("x-v",), variant="a"))
+    cache.put(_entry("/p?q=2"))
+    cache.put(_entry("/p?q=1", host="other.test", site="other.test"))
+    url = url_key(cache_key("S.test.", "/p?q=1", None))
+    assert cache.purge_url(url) == 3
+    assert sorted(e.primary.split(b"\0")[3] for e in cache.entries()) == [b"/p?q=1", b"/p?q=2"]
+    assert cache.invalidations == 3
+
+
+def test_purge_tag_stays_within_the_site() -> None:
+    cache = ContentCache(1 << 20)
+    cache.put(_entry("/a", tags=("red", "blue")))
+    cache.put(_entry("/b", tags=("blue",)))
+    cache.put(_entry("/c", host="o.test", site="o.test", tags=("red",)))
+    assert cache.purge_tag("s.test", "red") == 1
+    assert cache.purge_tag("s.test", "red") == 0
+    assert cache.purge_tag("s.test", "blue") == 1
+    assert [e.path for e in cache.entries()] == ["/c"]
+    cache.clear()
+    assert cache.size == 0 and cache.purge_tag("o.test", "red") == 0
+
+
+def test_entry_tags() -> None:
+    assert entry_tags({"cache-tag": "a, b,,a", "surrogate-key": "c  b d"}) == ("a", "b", "c", "d")
+    assert entry_tags({"cache-tag": ",".join(str(i) for i in range(100))})[-1] == "31"
+    assert entry_tags({}) == ()
+
+
+def test_invalidation_flood_is_coalesced_per_site() -> None:
+    """A burst of unsafe requests to many URLs of one site becomes one site purge in the
+    change feed (every worker of the fleet reads each row), other sites' URLs stay exact."""
+    from httpproxy.server import PUBLISH_SITE_MAX, HttpEngine
+
+    pending = {("invalidate", f"www.a.test/p{i}"): "www.a.test" for i in range(PUBLISH_SITE_MAX + 1)}
+    pending[("invalidate", "www.b.test/x")] = "www.b.test"
+    assert HttpEngine._coalesce(pending) == [("invalidate", "www.b.test/x"), ("purge", "www.a.test")]
+    few = {("invalidate", "www.a.test/1"): "www.a.test", ("purge", "www.c.test"): "www.c.test"}
+    assert HttpEngine._coalesce(few) == list(few)
