@@ -24,9 +24,10 @@ from typing import Any
 from edge import metrics as edge_metrics
 from edge.directory.model import Change, Host, Site, Tenant
 from edge.limits import ConnectionCap, RateLimiter
+from edge.logging import edge_stream_fd
 from edge.proxyproto import ProxyHeaderPolicy, is_trusted
 from edge.registry import ProxyContext
-from httpproxy.accesslog import AccessLog
+from httpproxy.accesslog import LOGGER_NAME, AccessLog, stream_head, stream_ts
 from httpproxy.cache import CacheEntry, ContentCache
 from httpproxy.cachepolicy import CachePolicy, cache_key
 from httpproxy.connection import ClientConnection, Request
@@ -40,7 +41,7 @@ log = logging.getLogger("edge.http")
 _json_str = json.encoder.encode_basestring_ascii
 _perf_counter = time.perf_counter
 _time = time.time
-_ACCESS_LINE = (b'%b"ts":%.3f,"method":"%b","host_header":%b,"path":%b,%b,"status":%d,"bytes":%d,'
+_ACCESS_LINE = (b'%b"ts":%b,"method":"%b","host_header":%b,"path":%b,%b,"status":%d,"bytes":%d,'
                 b'"request_bytes":%d,"duration_ms":%.3f,"cache":%b}\n')
 """One access-log line, built as bytes in one formatting operation (the method is an HTTP
 token llhttp validated; the Host and target are escaped by :func:`_json_bytes`)."""
@@ -57,14 +58,24 @@ def _json_bytes(value: bytes, limit: int) -> bytes:
     return _json_str(value.decode("latin-1")).encode()
 
 
-def _access_line(values: tuple[Any, ...]) -> bytes:
-    """One access-log line from what :meth:`HttpEngine.finished` queued."""
+def _access_line(values: tuple[Any, ...], stream: bool = False) -> bytes:
+    """One access-log line from what :meth:`HttpEngine.finished` queued; ``stream``: as a
+    line of the edge log (``ts`` as RFC 3339 text, the log fields first)."""
     (prefix, ts, method, host_json, host_raw, target, route, status, bytes_out, body_size, duration,
      cache_result) = values
     if host_json is None:
         host_json = _json_bytes(host_raw or b"", 256)
-    return _ACCESS_LINE % (prefix, ts, method, host_json, _json_bytes(target, 1024), route, status,
-                           bytes_out, body_size, duration * 1000, _CACHE_FIELD[cache_result])
+    if stream:
+        prefix = stream_head() + prefix[1:]
+        ts_text = stream_ts(ts)
+    else:
+        ts_text = b"%.3f" % ts
+    return _ACCESS_LINE % (prefix, ts_text, method, host_json, _json_bytes(target, 1024), route,
+                           status, bytes_out, body_size, duration * 1000, _CACHE_FIELD[cache_result])
+
+
+def _access_stream_line(values: tuple[Any, ...]) -> bytes:
+    return _access_line(values, True)
 
 
 SITE_STATES_MAX = 100_000
@@ -190,7 +201,9 @@ class HttpEngine:
         self.cache: ContentCache | None = (
             ContentCache(self.settings.cache_max_bytes) if self.settings.cache_max_bytes else None)
         self.max_object_bytes = self.cache.max_object_bytes if self.cache is not None else 0
-        self.access_log = AccessLog(self.settings.access_log, _access_line)
+        fd = edge_stream_fd(LOGGER_NAME) if self.settings.access_log == "" else -1
+        self.access_log = AccessLog(self.settings.access_log,
+                                    _access_stream_line if fd >= 0 else _access_line, stream_fd=fd)
         trusted = self.settings.trusted_proxies
         self.proxy_policy = ProxyHeaderPolicy("optional", trusted) if trusted else None
         self._trusted = {"http": ProxyHeaderPolicy("off", trusted).networks,
