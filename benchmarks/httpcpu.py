@@ -11,6 +11,9 @@
 * CPU time of the proxy's processes (``/proc`` utime+stime) divided by the requests of the
   run; the cases alternate within each round so every ratio compares the same minutes.
 
+``--defaults`` adds the edge in its default configuration (no ``access_log`` set: the
+lines go to the edge log on stderr, as journald receives them).
+
 ``--baseline DIR`` adds the edge with ``DIR`` first on ``PYTHONPATH`` (e.g. a scratch copy of
 an older ``httpproxy/``) to every round, for A/B comparisons of a change.
 
@@ -150,11 +153,19 @@ async def start_nginx_proxy(workdir: Path, backend_port: int, *, log_buffer: str
     return child
 
 
-async def start_our_edge(workdir: Path, url: str, name: str, *, pythonpath: str = "") -> Child:
+async def start_our_edge(workdir: Path, url: str, name: str, *, pythonpath: str = "",
+                         log_file: bool = True) -> Child:
+    """``log_file=False``: the default ``access_log = ""`` (lines on the edge log's stderr,
+    which ``spawn`` sends to a file as journald would take it)."""
     folder = workdir / name
     folder.mkdir()
-    toml = edge_toml(url, {"http": {"listen": ["127.0.0.1:0"],
-                                    "access_log": str(folder / "access.log")}})
+    http: dict[str, object] = {"listen": ["127.0.0.1:0"]}
+    sections: dict[str, dict[str, object]] = {"http": http}
+    if log_file:
+        http["access_log"] = str(folder / "access.log")
+    else:  # the default log level and format (edge_toml's quiet "warning" drops access lines)
+        sections["log"] = {"level": "info", "format": "json"}
+    toml = edge_toml(url, sections)
     return await start_edge(folder, toml, workers=1, expect=["http"], pythonpath=pythonpath)
 
 
@@ -253,6 +264,9 @@ async def main_async(args: argparse.Namespace) -> None:
             if args.baseline:
                 proxies["baseline"] = await start_our_edge(workdir, url, "baseline",
                                                            pythonpath=args.baseline)
+            if args.defaults:
+                proxies["defaults"] = await start_our_edge(workdir, url, "defaults",
+                                                           log_file=False)
             proxies["nginx"] = await start_nginx_proxy(workdir, backend.ports["http"],
                                                        log_buffer=args.nginx_log_buffer)
             children.extend(proxies.values())
@@ -265,6 +279,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 cases += [Case(f"{tag} miss", e, SITES["miss"][0], "/index.html"),
                           Case(f"{tag} miss + 3 filters", e, SITES["filters"][0], "/index.html"),
                           Case(f"{tag} cache hit", e, SITES["hit"][0], "/c/index.html")]
+            if args.defaults:
+                cases += [Case("defaults miss", "defaults", SITES["miss"][0], "/index.html"),
+                          Case("defaults cache hit", "defaults", SITES["hit"][0], "/c/index.html")]
             cases += [Case("nginx proxy", "nginx", SITES["miss"][0], "/index.html"),
                       Case("nginx proxy_cache hit", "nginx", SITES["hit"][0], "/c/index.html")]
             only = set(args.only.split(",")) if args.only else None
@@ -467,6 +484,9 @@ def main() -> None:
                              "nginx's default)")
     parser.add_argument("--only", default="",
                         help="comma-separated edge case labels to run (nginx always runs)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="also measure the edge in its default configuration (access "
+                             "lines on the edge log, no access_log file)")
     parser.add_argument("--python", action="store_true",
                         help="Python-only cost with fake transports (see the module docstring)")
     parser.add_argument("--count", type=int, default=20_000,

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from edge.config import LogConfig
@@ -65,6 +66,58 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def edge_stream_fd(name: str) -> int:
+    """The file descriptor that :func:`configure`'s JSON handler writes to, when ``name``'s
+    INFO records reach it; -1 otherwise (text format, no edge handler, level above info, a
+    stream without a descriptor). Lets a hot path write JSON lines itself, in batches."""
+    logger = logging.getLogger(name)
+    if not logger.isEnabledFor(logging.INFO):
+        return -1
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "_edge_handler", False) and isinstance(handler.formatter, JsonFormatter):
+            stream = getattr(handler, "stream", None)
+            try:
+                return int(stream.fileno()) if stream is not None else -1
+            except (OSError, ValueError, AttributeError):
+                return -1
+    return -1
+
+
+def json_line_head(name: str, msg: str) -> bytes:
+    """The start of a JSON log line as :class:`JsonFormatter` writes it, without ``ts``:
+    ``{"level":"info","logger":…,"msg":…,"pid":…,<process fields>,`` (ends with a comma)."""
+    data: dict[str, Any] = {"level": "info", "logger": name, "msg": msg, "pid": os.getpid()}
+    data.update(_process_fields)
+    return json.dumps(data, default=str, separators=(",", ":")).encode()[:-1] + b","
+
+
+def rfc3339(created: float) -> str:
+    """``created`` as the ``ts`` of a JSON log line (UTC, milliseconds)."""
+    return _timestamp(created)
+
+
+_reopen_hooks: list[Callable[[], None]] = []
+
+
+def on_reopen(hook: Callable[[], None]) -> Callable[[], None]:
+    """Call ``hook`` when log files must be reopened (SIGUSR1, after logrotate moved them).
+    Returns a function that removes the hook again."""
+    _reopen_hooks.append(hook)
+    return lambda: _reopen_hooks.remove(hook) if hook in _reopen_hooks else None
+
+
+def reopen() -> int:
+    """Run every reopen hook (one failing hook does not stop the others); returns how many ran."""
+    ran = 0
+    for hook in list(_reopen_hooks):
+        try:
+            hook()
+            ran += 1
+        except Exception:  # a log we cannot reopen must not stop serving
+            logging.getLogger("edge.logging").exception("reopening a log failed")
+    return ran
+
+
 def configure(config: LogConfig, stream: TextIO | None = None) -> None:
     """Route the root logger to ``stream`` (stderr) with the configured level and format.
 
@@ -87,4 +140,5 @@ def configure(config: LogConfig, stream: TextIO | None = None) -> None:
     logging.getLogger("asyncssh").setLevel(config.asyncssh_level.upper())
 
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure", "set_process_fields"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "edge_stream_fd", "json_line_head",
+           "on_reopen", "reopen", "rfc3339", "set_process_fields"]

@@ -25,9 +25,10 @@ from edge import metrics as edge_metrics
 from edge.directory.model import Change, Host, Site, Tenant
 from edge.directory.store import append_change
 from edge.limits import ConnectionCap
+from edge.logging import edge_stream_fd
 from edge.proxyproto import ProxyHeaderPolicy, is_trusted
 from edge.registry import ProxyContext
-from httpproxy.accesslog import AccessLog
+from httpproxy.accesslog import LOGGER_NAME, AccessLog, stream_head, stream_ts
 from httpproxy.cache import CacheEntry, ContentCache, entry_tags, url_key
 from httpproxy.cacheflow import (
     head_fields,
@@ -67,7 +68,7 @@ log = logging.getLogger("edge.http")
 _json_str = json.encoder.encode_basestring_ascii
 _perf_counter = time.perf_counter
 _time = time.time
-_ACCESS_LINE = (b'%b"ts":%.3f,"method":"%b","host_header":%b,"path":%b,%b,"status":%d,"bytes":%d,'
+_ACCESS_LINE = (b'%b"ts":%b,"method":"%b","host_header":%b,"path":%b,%b,"status":%d,"bytes":%d,'
                 b'"request_bytes":%d,"duration_ms":%.3f,"cache":%b}\n')
 """One access-log line, built as bytes in one formatting operation (the method is an HTTP
 token llhttp validated; the Host and target are escaped by :func:`_json_bytes`)."""
@@ -112,15 +113,26 @@ PUBLISH_SITE_MAX = 32
 """URLs of one site in one invalidation batch beyond which the whole site is purged instead."""
 
 
-def _access_line(entry: AccessEntry) -> bytes:
-    """One access-log line from what :meth:`HttpEngine.finished` queued."""
+def _access_line(entry: AccessEntry, stream: bool = False) -> bytes:
+    """One access-log line from what :meth:`HttpEngine.finished` queued; ``stream``: as a
+    line of the edge log (``ts`` as RFC 3339 text, the log fields first)."""
     host_json = entry.host_json
     if host_json is None:
         host_json = _json_bytes(entry.host_raw or b"", 256)
-    return _ACCESS_LINE % (entry.prefix, entry.ts, entry.method, host_json,
+    prefix = entry.prefix
+    if stream:
+        prefix = stream_head() + prefix[1:]
+        ts_text = stream_ts(entry.ts)
+    else:
+        ts_text = b"%.3f" % entry.ts
+    return _ACCESS_LINE % (prefix, ts_text, entry.method, host_json,
                            _json_bytes(entry.target, 1024), entry.route, entry.status,
                            entry.bytes_out, entry.body_size, entry.duration * 1000,
                            _CACHE_FIELD[entry.cache_result])
+
+
+def _access_stream_line(entry: AccessEntry) -> bytes:
+    return _access_line(entry, True)
 
 
 class ClientSide(Protocol):
@@ -160,7 +172,9 @@ class HttpEngine:
         self.cache: ContentCache | None = (
             ContentCache(self.settings.cache_max_bytes) if self.settings.cache_max_bytes else None)
         self.max_object_bytes = self.cache.max_object_bytes if self.cache is not None else 0
-        self.access_log = AccessLog(self.settings.access_log, _access_line)
+        fd = edge_stream_fd(LOGGER_NAME) if self.settings.access_log == "" else -1
+        self.access_log = AccessLog(self.settings.access_log,
+                                    _access_stream_line if fd >= 0 else _access_line, stream_fd=fd)
         trusted = self.settings.trusted_proxies
         self.proxy_policy = ProxyHeaderPolicy("optional", trusted) if trusted else None
         self._trusted = {"http": ProxyHeaderPolicy("off", trusted).networks,

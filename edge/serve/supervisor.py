@@ -21,6 +21,8 @@ Signals to the master:
   loaded, or an address that cannot be bound) is logged and the running configuration kept.
   A valid one starts a new generation of workers with it and, once they all accept, drains
   the old generation (nginx-style). Sockets are rebound only for addresses that changed.
+* SIGUSR1: reopen log files (``[http] access_log`` when it is a path) in every worker, for
+  logrotate (``config/logrotate/edge``): move the files away, then signal.
 
 Workers that die unexpectedly are restarted in the same slot after a backoff that doubles
 (0.5 s up to 30 s) while they keep dying within 10 s of starting.
@@ -51,6 +53,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge import logging as edge_logging
 from edge.admin import AdminServer
 from edge.config import EdgeConfig, ListenAddress, load_config
 from edge.errors import ConfigError, EdgeError
@@ -67,7 +70,7 @@ STABLE_AFTER = 10.0
 READY_TIMEOUT = 30.0
 """Seconds a new generation (on SIGHUP) has to start accepting before it is abandoned."""
 KILL_AFTER_GRACE = 10.0
-_FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+_FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1}
 
 ListenerKey = tuple[str, ListenAddress]
 
@@ -267,16 +270,27 @@ class Supervisor:
             loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
             loop.add_signal_handler(signal.SIGCHLD, self._reap)
+            loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
             self._start_generation(self.plan)
             await self._all_exited.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                        signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             self._kill_all(signal.SIGKILL)
             await admin.stop()
             self.pool.close()
         log.info("stopped")
         return self.exit_code
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate's postrotate): every worker reopens its log files."""
+        edge_logging.reopen()
+        live = list(self._by_pid)
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        log.info("SIGUSR1: reopening log files", extra={"workers": len(live)})
 
     def stop(self, why: str = "stop") -> None:
         """First call: drain gracefully; second: kill the workers now."""

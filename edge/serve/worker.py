@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from edge import logging as edge_logging
 from edge.config import EdgeConfig
 from edge.directory.directory import Directory
 from edge.directory.feed import ChangeFeed
@@ -167,9 +168,11 @@ async def _main(spec: WorkerSpec) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    # The master blocked these around fork() so none is lost before the handler exists.
+    loop.add_signal_handler(signal.SIGUSR1, edge_logging.reopen)
+    # The master blocked these around fork() so none is lost before the handler exists (an
+    # early SIGUSR1's default action would kill the worker).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                                signal.SIGCHLD})
+                                                signal.SIGCHLD, signal.SIGUSR1})
 
     store = store_for_url(config.database.read_url, config.database)
     opened = asyncio.Event()
