@@ -445,7 +445,7 @@ async def bulk_load(store: SQLStore, lines: Iterable[str] | str | os.PathLike[st
             if any(loader.counts.values()):
                 # One entry for the whole load: every proxy clears its caches, including the
                 # negative answers it may hold for the names that now exist.
-                await append_change(tx, "all", "*")
+                await append_change(tx, "all", "*", actor="bulk-load")
         return loader.counts
     finally:
         if handle is not None:
