@@ -223,9 +223,10 @@ class DirectoryService:
         self.actor = actor
 
     async def _change(self, tx: Tx, entity: str, name: str, before: dict[str, Any] | None,
-                      after: dict[str, Any] | None) -> None:
-        """Append the change row for a write, with this service's actor and the diff."""
-        if before is not None and after is not None:
+                      after: dict[str, Any] | None, *, diff: bool = True) -> None:
+        """Append the change row for a write, with this service's actor and (``diff``) only
+        the fields whose value changed."""
+        if diff and before is not None and after is not None:
             before, after = changed_fields(before, after)
         await append_change(tx, entity, name, actor=self.actor, before=before, after=after)
 
@@ -382,7 +383,7 @@ class DirectoryService:
                 "UPDATE tenants SET host_id = ?, previous_host_id = ?, drain_deadline = ? "
                 "WHERE id = ?", (new_host_id, old_host_id, time.time() + drain, tenant_id))
             await self._change(tx, "tenant", name, {"host": old[0] if old else None},
-                               {"host": to_host, "drain_seconds": drain})
+                               {"host": to_host, "drain_seconds": drain}, diff=False)
         return await self.get_tenant(name)
 
     async def set_tenant_state(self, name: str, state: str) -> Tenant:
