@@ -31,7 +31,13 @@ from edge.directory.secrets import KeyBox, ensure_secret_key, generate_key
 from edge.directory.service import DEFAULT_MOVE_DRAIN, DirectoryService, iso
 from edge.directory.store import SQLStore
 from edge.directory.stores import store_for_url
-from edge.errors import EdgeError, NotFoundError, SecretsError, ValidationError
+from edge.errors import (
+    DirectoryUnavailable,
+    EdgeError,
+    NotFoundError,
+    SecretsError,
+    ValidationError,
+)
 
 
 @dataclass
@@ -544,7 +550,25 @@ def cmd_serve(args: argparse.Namespace, config: EdgeConfig) -> int:
     from edge.serve.supervisor import serve
 
     only = {p.strip() for p in args.only.split(",") if p.strip()} if args.only else None
+    asyncio.run(_serve_preflight(config))
     return int(serve(config, workers=args.workers, only=only))
+
+
+async def _serve_preflight(config: EdgeConfig) -> None:
+    """`edge serve` never migrates (edge-migrate.service does, once per deploy) but refuses a
+    directory whose schema it cannot read. A database that is down is not refused here: the
+    workers serve from their caches and reconnect (see docs/reliability.md)."""
+    store = store_for_url(config.database.read_url, config.database)
+    try:
+        await store.open()
+    except DirectoryUnavailable:
+        return
+    try:
+        await require_current_schema(store)
+    except DirectoryUnavailable:
+        return
+    finally:
+        await store.close()
 
 
 def cmd_demo(args: argparse.Namespace, config: EdgeConfig) -> int:
