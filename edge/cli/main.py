@@ -759,6 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".edge-demo", help="where the demo keeps its files")
     p.add_argument("--duration", type=float, default=0,
                    help="stop after this many seconds (0: until Ctrl-C)")
+    p.add_argument("--reset", action="store_true",
+                   help="start from scratch: remove the demo directory (directory, keys) first")
     return parser
 
 
