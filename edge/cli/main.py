@@ -504,8 +504,9 @@ def describe_change(change: ChangeRecord, width: int = 60) -> str:
         return "added"
     if change.after is None:
         return "removed"
-    parts = [f"{key}: {_short(change.before.get(key), width)} → {_short(value, width)}"
-             for key, value in sorted(change.after.items())]
+    before = change.before
+    parts = [f"{key}: {_short(before[key], width)} → {_short(value, width)}" if key in before
+             else f"{key}: {_short(value, width)}" for key, value in sorted(change.after.items())]
     return "; ".join(parts) or "-"
 
 
