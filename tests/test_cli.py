@@ -29,6 +29,10 @@ class Edge:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith("EDGE_")}
         self.env["EDGE_DATABASE_URL"] = database_url
+        # Its own home for the default secret key file (`edge init` creates one there when
+        # no key is set): one Edge's key never leaks into another's.
+        self.config_home = tmp_path / f"config-home-{id(self):x}"
+        self.env["XDG_CONFIG_HOME"] = str(self.config_home)
         if secret:
             self.env["EDGE_SECRET_KEY"] = secret
         self.tmp = tmp_path
@@ -83,7 +87,7 @@ def test_init_is_idempotent_and_commands_need_it(database_url: str, tmp_path: Pa
     e = Edge(database_url, tmp_path, None)
     proc = e.run("host", "list", ok=False)
     assert proc.returncode != 0 and "run `edge init` first" in proc.stderr
-    assert e.json("init")["applied"] == [1]  # type: ignore[index]
+    assert e.json("init")["applied"] == [1, 2]  # type: ignore[index]
     assert e.json("init")["applied"] == []  # type: ignore[index]
     assert e.json("host", "list") == []
 

@@ -21,6 +21,7 @@ _TYPES: dict[Dialect, dict[str, str]] = {
         "blob": "BLOB",
         "bool": "INTEGER",
         "table_options": "",
+        "label": "TEXT",
     },
     "mysql": {
         "pk": "BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY",
@@ -29,6 +30,7 @@ _TYPES: dict[Dialect, dict[str, str]] = {
         "blob": "MEDIUMBLOB",
         "bool": "TINYINT(1)",
         "table_options": " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+        "label": "VARCHAR(255)",
     },
 }
 
@@ -98,6 +100,17 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             name {name} NOT NULL,
             created_at DOUBLE NOT NULL
         ){table_options}""",
+    ]),
+    # Per-protocol upstream usernames: an SSH login and an FTP login of the same account may
+    # have different names on the backend (e.g. ``u123`` for SSH, ``u123.ftp`` for a virtual
+    # FTP user). '' means "use upstream_username" (which itself defaults to the username).
+    # Change rows say who changed what: ``actor`` (cli:user@host, api:token, bulk-load) and
+    # ``detail`` (JSON {"before": {...}, "after": {...}} of the fields that changed).
+    (2, "per-protocol upstream usernames; change actor and detail", [
+        "ALTER TABLE accounts ADD COLUMN ssh_upstream_username {name} NOT NULL DEFAULT ''",
+        "ALTER TABLE accounts ADD COLUMN ftp_upstream_username {name} NOT NULL DEFAULT ''",
+        "ALTER TABLE changes ADD COLUMN actor {label} NOT NULL DEFAULT ''",
+        "ALTER TABLE changes ADD COLUMN detail {text} NULL",
     ]),
 ]
 
