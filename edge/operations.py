@@ -12,7 +12,8 @@ commit in the *same* transaction, so:
   (``FOR UPDATE`` on MySQL; SQLite serialises writers with ``BEGIN IMMEDIATE``) and a step
   already done is skipped;
 * starting a drain of a host that already has an unfinished one returns that one (same
-  options) instead of planning again, and a drain of a host with no tenants left writes
+  destination; a new ``--rate``/``--drain`` applies from then on) instead of planning again;
+  a drain of a host with no tenants left writes
   nothing: running the same command twice does nothing the second time.
 
 Each move is :meth:`DirectoryService.move_tenant_in` with the drain's ``--drain`` deadline,
@@ -146,12 +147,15 @@ class Operations:
                 "SELECT id, params FROM operations WHERE kind = ? AND target = ? AND state IN "
                 "(?, ?) ORDER BY id LIMIT 1", (HOST_DRAIN, host, *UNFINISHED))
             if row is not None:
-                if json.loads(row[1]) != options.as_params():
-                    raise ConflictError(
-                        f"host {host!r} already has an unfinished drain (operation {row[0]}) "
-                        f"with other options ({row[1]}): `edge operations resume {row[0]}` "
-                        "continues it")
                 operation_id = int(row[0])
+                if json.loads(row[1]).get("to") != options.to:
+                    raise ConflictError(
+                        f"host {host!r} already has an unfinished drain (operation "
+                        f"{operation_id}) to {json.loads(row[1]).get('to') or 'the spread'}: "
+                        f"`edge operations resume {operation_id}` continues it")
+                # Same destination: the pace and drain time given now apply from here on.
+                await tx.execute("UPDATE operations SET params = ? WHERE id = ?",
+                                 (json.dumps(options.as_params()), operation_id))
             else:
                 tenants = [r[0] for r in await tx.fetchall(
                     "SELECT t.name FROM tenants t JOIN hosts h ON h.id = t.host_id "
