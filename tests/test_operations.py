@@ -91,7 +91,7 @@ async def test_refusals_name_the_problem_and_write_nothing(store: SQLStore,
     await service.set_host_state("web3", "down")
     ops = Operations(store, service)
     latest = await store.latest_change_id()
-    with pytest.raises(ConflictError, match="web3.*down"):
+    with pytest.raises(ConflictError, match=r"web3.*down"):
         await ops.start_host_drain("web1", DrainOptions(to="web3"))
     with pytest.raises(ValidationError, match="is the host being drained"):
         await ops.start_host_drain("web1", DrainOptions(to="web1"))
