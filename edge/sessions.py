@@ -110,6 +110,10 @@ class SessionTable:
     def remove(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
 
+    def of_protocol(self, protocol: str) -> list[LiveSession]:
+        """The live sessions of one protocol (for a proxy applying the session policy)."""
+        return [session for proto, session in self._sessions.values() if proto == protocol]
+
     def __len__(self) -> int:
         return len(self._sessions)
 

@@ -77,6 +77,7 @@ async def _provision(db_url: str, ssh: Sshd, ftp_port: int, ws_port: int, user_p
         await service.add_host("web1", "127.0.0.1", ssh_port=ssh.port, ftp_port=ftp_port,
                                http_port=ws_port)
         await service.update_host("web1", ssh_known_hosts=ssh.host_pub)
+        await service.add_host("web2", "127.0.0.1", http_port=ws_port)
         await service.add_tenant("acme", "web1")
         await service.add_account("alice", "acme", protocols=["ssh"],
                                   upstream_username=os.environ.get("USER") or "root",
@@ -288,6 +289,27 @@ async def test_maintenance_window_is_shown_by_all_three_protocols_and_ends_by_it
     ftp.quit()
     status, _, body = await _http(serve)
     assert status == 200 and body == "hello from web1"
+
+
+async def test_an_open_websocket_is_drained_when_its_tenant_moves(
+        stack: EdgeServe, tmp_path: Path) -> None:
+    serve = stack
+    db_url = f"sqlite:///{tmp_path / 'edge.sqlite3'}"
+    http_port = serve.listeners["http"][-1][1]
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            f"http://127.0.0.1:{http_port}/ws", headers={"Host": "ws.acme.test"}) as ws:
+        await ws.send_str("ping")
+        assert (await asyncio.wait_for(ws.receive(), 10)).data == "echo:ping"
+        code, _, err = await edge_cli(serve, "host", "drain", "web1", "--to", "web2", "--drain",
+                                      "2s", "--database", db_url, admin=False)
+        assert code == 0, err
+        moved_at = time.monotonic()
+        msg = await asyncio.wait_for(ws.receive(), 15)
+        waited = time.monotonic() - moved_at
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001
+        assert msg.extra == "This account has moved to another server; please reconnect."
+        assert waited > 0.5  # at the move's drain deadline, not at once
+    assert await asyncio.to_thread(wait_for, lambda: _count(serve) == 0 or None, 20, "none left")
 
 
 def _ssh_once(serve: EdgeServe, key_dir: Path) -> subprocess.CompletedProcess[str]:
