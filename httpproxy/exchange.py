@@ -36,6 +36,7 @@ reads an :class:`ExchangeRequest`'s fields, talks to the engine through
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Coroutine
@@ -669,9 +670,11 @@ class Exchange:
             self._refuse_status(403, "tenant suspended",
                                 text="This site is currently unavailable.")
             return
-        if host.state != "active":  # the notice only while in maintenance (edge.sessionpolicy)
+        if host.state != "active" and sessionpolicy.host_state(host) != "active":
+            # The notice only while in maintenance, and only until its --until (sessionpolicy).
             if host.state == "maintenance":
-                self._refuse_status(503, "host in maintenance", (("Retry-After", "300"),),
+                self._refuse_status(503, "host in maintenance",
+                                    (("Retry-After", _retry_after(host)),),
                                     text=sessionpolicy.host_notice(host))
             else:
                 self._refuse_status(502, "host down")
@@ -1163,3 +1166,10 @@ def _backend_key(host_header: str, site: Site, host: Host, proxy_header: bytes) 
 
 parse_head = head_fields
 """Response headers as {lowercase name: value} (:func:`httpproxy.cacheflow.head_fields`)."""
+
+
+def _retry_after(host: Host) -> str:
+    """Seconds until a maintenance window ends (``--until``), else five minutes."""
+    if host.maintenance_until is None:
+        return "300"
+    return str(max(1, math.ceil(host.maintenance_until - time.time())))

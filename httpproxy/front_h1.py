@@ -40,7 +40,9 @@ import httptools
 
 from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError
 from edge.relay import Relay
+from edge.sessions import SessionSnapshot
 from httpproxy import pages
+from httpproxy.websocket import WebSocketSession
 from httpproxy.exchange import (
     HOST,
     NAME_CODES,
@@ -541,10 +543,23 @@ class ClientConnection(asyncio.Protocol):
                                   initial_b_to_a=data,
                                   idle_timeout=self.engine.settings.idle_timeout or None,
                                   names=("client", "backend"))
-        self.engine.spawn(self._relay_done(exchange, self.relay))
+        session_id = self._register_websocket(exchange, self.relay, transport)
+        self.engine.spawn(self._relay_done(exchange, self.relay, session_id))
 
-    async def _relay_done(self, req: Exchange, relay: Relay) -> None:
-        result = await relay.wait()
+    def _register_websocket(self, req: Exchange, relay: Relay, transport: asyncio.Transport) -> str:
+        """Add the upgraded connection to the worker's live sessions; returns its id."""
+        snapshot = SessionSnapshot(
+            user=req.site.hostname if req.site else "", tenant=req.tenant.name if req.tenant else "",
+            host=req.host.name if req.host else "", client=f"{self.client.ip}:{self.client.port}",
+            since=time.time(), bytes_up=0, bytes_down=0)
+        return self.engine.context.sessions.add("websocket",
+                                                WebSocketSession(relay, transport, snapshot))
+
+    async def _relay_done(self, req: Exchange, relay: Relay, session_id: str = "") -> None:
+        try:
+            result = await relay.wait()
+        finally:
+            self.engine.context.sessions.remove(session_id)
         req.bytes_out = result.bytes_b_to_a
         self.closed = True
         self.client.local_lookup = None  # no cycle back to this connection (see connection_lost)

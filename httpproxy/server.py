@@ -28,6 +28,7 @@ from edge.limits import ConnectionCap
 from edge.logging import edge_stream_fd
 from edge.proxyproto import ProxyHeaderPolicy, is_trusted
 from edge.registry import ProxyContext
+from httpproxy import websocket
 from httpproxy.accesslog import LOGGER_NAME, AccessLog, stream_head, stream_ts
 from httpproxy.cache import CacheEntry, ContentCache, entry_tags, url_key
 from httpproxy.cacheflow import (
@@ -554,6 +555,7 @@ class HttpEngine:
     def _on_change(self, change: Change) -> None:
         # Any change may touch a remembered route (site, tenant, host, state): forget them all.
         self.routes.clear()
+        websocket.on_change(self.context, change, self.spawn)  # open WebSockets: session policy
         cache = self.cache
         if cache is None:
             return

@@ -112,6 +112,31 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "ALTER TABLE changes ADD COLUMN actor {label} NOT NULL DEFAULT ''",
         "ALTER TABLE changes ADD COLUMN detail {text} NULL",
     ]),
+    (3, "maintenance windows and operations", [
+        "ALTER TABLE hosts ADD COLUMN maintenance_until DOUBLE NULL",
+        # One row per long operation (a host drain); its plan is one row per step, so a
+        # resumed run continues exactly where the last committed step left it.
+        """CREATE TABLE operations (
+            id {pk},
+            kind VARCHAR(32) NOT NULL,
+            target {name} NOT NULL,
+            params {text} NOT NULL,
+            state VARCHAR(16) NOT NULL,
+            error {text} NOT NULL,
+            created_at DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL
+        ){table_options}""",
+        "CREATE INDEX operations_target ON operations (kind, target)",
+        """CREATE TABLE operation_steps (
+            operation_id BIGINT NOT NULL REFERENCES operations (id),
+            seq INTEGER NOT NULL,
+            tenant {name} NOT NULL,
+            to_host {name} NOT NULL,
+            state VARCHAR(16) NOT NULL,
+            done_at DOUBLE NULL,
+            PRIMARY KEY (operation_id, seq)
+        ){table_options}""",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

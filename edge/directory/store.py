@@ -32,6 +32,8 @@ Row = tuple[Any, ...]
 
 HOST_COLUMNS = ("name, address, ssh_port, ftp_port, http_port, https_port, state, notice, "
                 "ssh_known_hosts, ssh_insecure, send_proxy_protocol, backend_tls")
+HOST_READ_COLUMNS = HOST_COLUMNS + ", maintenance_until"
+"""What reads select: ``maintenance_until`` (migration 3) is set only by ``set-state``."""
 ACCOUNT_SELECT = ("SELECT a.username, t.name, a.protocols, a.upstream_username, "
                    "a.authorized_keys, a.ssh_upstream_username, a.ftp_upstream_username "
                    "FROM accounts a JOIN tenants t ON t.id = a.tenant_id")
@@ -60,7 +62,8 @@ def host_from_row(row: Row) -> Host:
     return Host(name=row[0], address=row[1], ssh_port=int(row[2]), ftp_port=int(row[3]),
                 http_port=int(row[4]), https_port=int(row[5]), state=row[6], notice=row[7],
                 ssh_known_hosts=row[8], ssh_insecure=bool(row[9]), send_proxy_protocol=row[10],
-                backend_tls=bool(row[11]))
+                backend_tls=bool(row[11]),
+                maintenance_until=None if len(row) < 13 or row[12] is None else float(row[12]))
 
 
 def tenant_from_row(row: Row) -> Tenant:
@@ -174,7 +177,7 @@ class SQLStore(abc.ABC):
         return None if row is None else tenant_from_row(row)
 
     async def fetch_host(self, name: str) -> Host | None:
-        row = await self.fetchone(f"SELECT {HOST_COLUMNS} FROM hosts WHERE name = ?", (name,))
+        row = await self.fetchone(f"SELECT {HOST_READ_COLUMNS} FROM hosts WHERE name = ?", (name,))
         return None if row is None else host_from_row(row)
 
     async def fetch_site_pair(self, hostname: str,
@@ -244,7 +247,7 @@ class SQLStore(abc.ABC):
 
     async def list_hosts(self) -> list[Host]:
         return [host_from_row(r) for r in
-                await self.fetchall(f"SELECT {HOST_COLUMNS} FROM hosts ORDER BY name")]
+                await self.fetchall(f"SELECT {HOST_READ_COLUMNS} FROM hosts ORDER BY name")]
 
     async def list_tenants(self, *, host: str | None = None, after: str = "",
                            limit: int = 1000) -> list[Tenant]:
@@ -315,4 +318,4 @@ def change_record_from_row(row: Row) -> ChangeRecord:
                         after=detail.get("after"))
 
 
-__all__ = ["HOST_COLUMNS", "SQLStore", "Tx", "append_change"]
+__all__ = ["HOST_COLUMNS", "HOST_READ_COLUMNS", "SQLStore", "Tx", "append_change"]
