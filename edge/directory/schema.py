@@ -99,6 +99,38 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             created_at DOUBLE NOT NULL
         ){table_options}""",
     ]),
+    (2, "admin api tokens, idempotency keys and operations", [
+        # Only a SHA-256 of each token is stored: tokens are 256 random bits, so a fast hash
+        # is enough (nothing to brute-force), and a leaked database grants no API access.
+        """CREATE TABLE api_tokens (
+            id {pk},
+            name {name} NOT NULL,
+            token_sha256 CHAR(64) NOT NULL,
+            scopes VARCHAR(64) NOT NULL,
+            created_at DOUBLE NOT NULL,
+            UNIQUE (name),
+            UNIQUE (token_sha256)
+        ){table_options}""",
+        """CREATE TABLE api_idempotency (
+            id {pk},
+            token_name {name} NOT NULL,
+            idem_key {name} NOT NULL,
+            request_sha256 CHAR(64) NOT NULL,
+            status INTEGER NOT NULL,
+            response {text} NOT NULL,
+            created_at DOUBLE NOT NULL,
+            UNIQUE (token_name, idem_key)
+        ){table_options}""",
+        """CREATE TABLE api_operations (
+            id {pk},
+            kind VARCHAR(32) NOT NULL,
+            target {name} NOT NULL,
+            actor {name} NOT NULL,
+            detail {text} NOT NULL,
+            created_at DOUBLE NOT NULL,
+            deadline DOUBLE NOT NULL
+        ){table_options}""",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
