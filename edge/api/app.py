@@ -368,6 +368,9 @@ async def show_operation(call: Call) -> Reply:
 
 FOLLOW_INTERVAL = 1.0
 """Seconds between lines of ``/operations/{id}/events``."""
+FOLLOW_MAX_SECONDS = 300.0
+"""A stream ends after this long even if the operation still runs (the last line says
+``running``): proxies and load balancers cut day-long responses anyway; clients reconnect."""
 
 
 async def follow_operation(call: Call) -> Reply:
@@ -377,12 +380,14 @@ async def follow_operation(call: Call) -> Reply:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
                                            "Cache-Control": "no-store"})
     await response.prepare(call.request)
+    give_up = time.monotonic() + FOLLOW_MAX_SECONDS
     while True:
         view = op.view()
         await response.write(json.dumps(view).encode() + b"\n")
-        if view["state"] != "running":
+        if view["state"] != "running" or time.monotonic() >= give_up:
             break
-        await asyncio.sleep(min(FOLLOW_INTERVAL, max(0.05, op.deadline - time.time())))
+        await asyncio.sleep(min(FOLLOW_INTERVAL, max(0.05, op.deadline - time.time()),
+                                max(0.0, give_up - time.monotonic())))
     await response.write_eof()
     return Reply(200, response)
 

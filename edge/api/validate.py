@@ -45,6 +45,12 @@ def check(schema: dict[str, Any], value: Any, where: str) -> None:
 def query(operation: Mapping[str, Any], params: Mapping[str, str]) -> dict[str, Any]:
     """The documented query parameters present, converted to their schema's type."""
     out: dict[str, Any] = {}
+    known = {p["name"] for p in operation.get("parameters", ()) if p["in"] == "query"}
+    unknown = sorted(set(params) - known)
+    if unknown:  # a typo (?hots=web1) must not silently list everything
+        raise ValidationError(f"query.{unknown[0][:50]}: unknown parameter"
+                              + (f" (this route takes {', '.join(sorted(known))})" if known
+                                 else " (this route takes none)"))
     for param in operation.get("parameters", ()):
         name = param["name"]
         if param["in"] != "query" or name not in params:
