@@ -73,7 +73,7 @@ def page(title: str, body: str, token: Token | None = None, status: int = 200) -
     return web.Response(status=status, text=text, content_type="text/html", headers={
         "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; "
                                    "script-src 'unsafe-inline'; frame-ancestors 'none'",
-        "X-Frame-Options": "DENY", "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+        "X-Frame-Options": "DENY", "Cache-Control": "no-store", "Referrer-Policy": "same-origin"})
 
 
 def same_origin(request: web.Request) -> bool:
