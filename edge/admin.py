@@ -11,6 +11,8 @@
 * ``GET /metrics`` → Prometheus text format, summed over all workers (multiprocess mode,
   see :mod:`edge.metrics`) plus the master's own ``edge_workers_expected`` and
   ``edge_directory_up`` (the same ping as ``/healthz/directory``, taken at scrape time).
+* ``GET /sessions``, ``POST /sessions/{id}/kill``, ``GET /status``: the live view
+  (:mod:`edge.liveapi`), when the supervisor attached one (``AdminServer.live``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aiohttp import web
 
 from edge.config import DatabaseConfig, ListenAddress
 from edge.directory.stores import store_for_url
+from edge.liveapi import LiveRoutes
 from edge.ports import in_use_message
 
 log = logging.getLogger("edge.admin")
@@ -109,6 +112,8 @@ class AdminServer:
         """Directory pings in flight (see :meth:`ping`)."""
         self.sockets: list[socket.socket] = []
         """The listening sockets (a forked worker closes its copies)."""
+        self.live: LiveRoutes | None = None
+        """Live sessions and status (set by the supervisor before :meth:`start`)."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -116,6 +121,8 @@ class AdminServer:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/healthz/directory", self.directory_health)
         app.router.add_get("/metrics", self.metrics)
+        if self.live is not None:
+            self.live.add_routes(app)
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:

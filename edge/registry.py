@@ -21,11 +21,12 @@ import logging
 import os
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from edge.config import EdgeConfig, ListenAddress, ProxyListenerConfig
 from edge.errors import ConfigError
+from edge.sessions import SessionTable
 
 if TYPE_CHECKING:
     from edge.directory.directory import Directory
@@ -60,6 +61,8 @@ class ProxyContext:
     logger: logging.Logger
     name: str = ""
     """The protocol this proxy was started for (``"ssh"``...)."""
+    sessions: SessionTable = field(default_factory=SessionTable)
+    """This worker's live sessions (``edge sessions``): add one once it is logged in."""
 
 
 @runtime_checkable

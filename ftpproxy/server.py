@@ -145,9 +145,12 @@ class FtpProxy:
         if session.route is not None:
             self._by_tenant[session.route.tenant.name].add(session)
             self._by_host[session.route.host.name].add(session)
+            session.session_id = self.context.sessions.add("ftp", session)
 
     def forget(self, session: FtpSession) -> None:
         self.sessions.discard(session)
+        if session.session_id:
+            self.context.sessions.remove(session.session_id)
         route = session.route
         if route is not None:
             for index, key in ((self._by_tenant, route.tenant.name), (self._by_host, route.host.name)):
@@ -194,13 +197,6 @@ class FtpProxy:
                 host = await self.directory.host(route.host.name)
             except DirectoryUnavailable:
                 continue  # keep the sessions; the next change will be checked again
-            action = sessionpolicy.decide(
+            session.apply(sessionpolicy.decide(
                 route.host.name, tenant, host, now=time.time(),
-                maintenance_drain=self.context.config.serve.maintenance_drain)
-            if action.kind is sessionpolicy.Kind.CLOSE:
-                session.terminate(action.message, action.reason)
-            elif action.kind is sessionpolicy.Kind.DRAIN:
-                session.schedule_terminate(action.deadline - time.time(), action.message,
-                                           action.reason)
-            else:
-                session.cancel_scheduled_terminate()
+                maintenance_drain=self.context.config.serve.maintenance_drain))

@@ -32,6 +32,7 @@ from edge.directory.directory import AccountRoute
 from edge.errors import DirectoryUnavailable
 from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, header_for_backend
 from edge.relay import Relay, SplicePump
+from edge.sessions import SessionSnapshot
 from ftpproxy import metrics
 from ftpproxy.backend import BackendControl, BackendError, BackendGone
 from ftpproxy.data import (
@@ -136,6 +137,8 @@ class FtpSession(asyncio.Protocol):
         self.bytes_down = 0
         self.transfers = 0
         self.result = "closed"
+        self.session_id = ""
+        """Id in the worker's live-session table (``edge sessions``), once logged in."""
         self._drain_handle: asyncio.TimerHandle | None = None
         self._prefetch: asyncio.Task[tuple[BackendControl, Reply]] | None = None
         self._backend_pasv: asyncio.Task[tuple[str, int]] | None = None
@@ -411,7 +414,7 @@ class FtpSession(asyncio.Protocol):
             await self._login_failed(started, "unknown user or suspended tenant")
             return
         host = route.host
-        if host.state != "active":
+        if sessionpolicy.host_state(host) != "active":  # a passed --until counts as active
             self.proxy.login_counters["unavailable"].inc()
             notice = sessionpolicy.host_notice(host)
             self._end(421, notice, "maintenance")
@@ -935,6 +938,24 @@ class FtpSession(asyncio.Protocol):
         return "aborted", 0, {"error": why}
 
     # -- ending --------------------------------------------------------------------------------
+
+    def snapshot(self) -> SessionSnapshot:
+        """Returns who this session is and the bytes of its finished transfers."""
+        route = self.route
+        return SessionSnapshot(
+            user=self.username, tenant=route.tenant.name if route else "",
+            host=route.host.name if route else "",
+            client=f"{self.client_ip}:{self.client_port}", since=self.started,
+            bytes_up=self.bytes_up, bytes_down=self.bytes_down)
+
+    def apply(self, action: sessionpolicy.Action) -> None:
+        """Apply a session-policy verdict (directory change, operator kill): ``421``."""
+        if action.kind is sessionpolicy.Kind.CLOSE:
+            self.terminate(action.message, action.reason)
+        elif action.kind is sessionpolicy.Kind.DRAIN:
+            self.schedule_terminate(action.deadline - time.time(), action.message, action.reason)
+        else:
+            self.cancel_scheduled_terminate()
 
     def terminate(self, text: str | None, result: str) -> None:
         """End the session now (drain deadline, maintenance, shutdown): ``421 text`` to the

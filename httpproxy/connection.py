@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import socket
 import struct
 import time
@@ -42,6 +43,7 @@ from edge.directory.names import hostname_or_none
 from edge.errors import DirectoryUnavailable
 from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, header_for_backend
 from edge.relay import Relay
+from edge.sessions import SessionSnapshot
 from httpproxy import pages
 from httpproxy.authority import Authority, forwarded_value, parse_authority, parse_host
 from httpproxy.cache import CacheEntry, Flight
@@ -56,6 +58,7 @@ from httpproxy.cachepolicy import (
 )
 from httpproxy.rules import RequestHead, evaluate_after_ip, ip_refusal, target_text
 from httpproxy.upstream import BackendConnection, BackendKey, is_close_delimited
+from httpproxy.websocket import WebSocketSession
 
 MEMO_KEY_BYTES = 1024
 """Target + the other request bytes in a memo key beyond which a request's filter outcome or
@@ -731,9 +734,11 @@ class ClientConnection(asyncio.Protocol):
             self._refuse_status(req, 403, "tenant suspended",
                                 text="This site is currently unavailable.")
             return
-        if host.state != "active":  # the notice only while in maintenance (edge.sessionpolicy)
+        if host.state != "active" and sessionpolicy.host_state(host) != "active":
+            # The notice only while in maintenance, and only until its --until (sessionpolicy).
             if host.state == "maintenance":
-                self._refuse_status(req, 503, "host in maintenance", (("Retry-After", "300"),),
+                self._refuse_status(req, 503, "host in maintenance",
+                                    (("Retry-After", _retry_after(host)),),
                                     text=sessionpolicy.host_notice(host))
             else:
                 self._refuse_status(req, 502, "host down")
@@ -1071,10 +1076,23 @@ class ClientConnection(asyncio.Protocol):
                                   initial_b_to_a=data,
                                   idle_timeout=self.engine.settings.idle_timeout or None,
                                   names=("client", "backend"))
-        self.engine.spawn(self._relay_done(req, self.relay))
+        session_id = self._register_websocket(req, self.relay, transport)
+        self.engine.spawn(self._relay_done(req, self.relay, session_id))
 
-    async def _relay_done(self, req: Request, relay: Relay) -> None:
-        result = await relay.wait()
+    def _register_websocket(self, req: Request, relay: Relay, transport: asyncio.Transport) -> str:
+        """Add the upgraded connection to the worker's live sessions; returns its id."""
+        snapshot = SessionSnapshot(
+            user=req.site.hostname if req.site else "", tenant=req.tenant.name if req.tenant else "",
+            host=req.host.name if req.host else "", client=f"{self.client_ip}:{self.client_port}",
+            since=time.time(), bytes_up=0, bytes_down=0)
+        return self.engine.context.sessions.add("websocket",
+                                                WebSocketSession(relay, transport, snapshot))
+
+    async def _relay_done(self, req: Request, relay: Relay, session_id: str = "") -> None:
+        try:
+            result = await relay.wait()
+        finally:
+            self.engine.context.sessions.remove(session_id)
         req.bytes_out = result.bytes_b_to_a
         self.closed = True
         self.engine.finished(self, req)
@@ -1282,6 +1300,13 @@ def _parse_head(head: bytes) -> dict[str, str]:
         text = value.strip().decode("latin-1")
         headers[key] = headers[key] + ", " + text if key in headers else text
     return headers
+
+
+def _retry_after(host: Host) -> str:
+    """Seconds until a maintenance window ends (``--until``), else five minutes."""
+    if host.maintenance_until is None:
+        return "300"
+    return str(max(1, math.ceil(host.maintenance_until - time.time())))
 
 
 def _websocket_upgrade(req: Request) -> bool:

@@ -40,6 +40,7 @@ from edge.errors import DirectoryUnavailable
 from edge.limits import ConnectionCap, DelayMimic, LoginLimits, LoginLimitSettings
 from edge.proxyproto import ProxyHeaderParser, ProxyHeaderPolicy, ProxyProtocolError
 from edge.registry import ProxyContext
+from edge.sessions import SessionSnapshot
 from sshproxy import metrics
 from sshproxy.auth import AuthorizedKeysCache, key_allowed, load_user_ca_keys
 from sshproxy.bridge import BridgeSettings, SessionLink
@@ -258,6 +259,9 @@ class ClientConnection(asyncssh.SSHServer):
         self.client: tuple[str, int] = ("", 0)
         self.admission_release: Callable[[], None] = lambda: None
         self.started = time.monotonic()
+        self.since = time.time()
+        self.session_id = ""
+        """Id in the worker's live-session table (``edge sessions``), once logged in."""
         self.username = ""
         self.route: AccountRoute | None = None
         self.banned = ""
@@ -323,6 +327,7 @@ class ClientConnection(asyncssh.SSHServer):
                 self._fail_count("publickey")
         else:
             metrics.SESSIONS.dec()
+            self.proxy.context.sessions.remove(self.session_id)
         if self._holds_user_slot:
             self.proxy.user_sessions.release(self.route.account.username if self.route else "")
         self.admission_release()
@@ -351,7 +356,7 @@ class ClientConnection(asyncssh.SSHServer):
         if (route is None or "ssh" not in route.account.protocols
                 or route.tenant.state != "active"):
             return True  # fails later exactly like a wrong password
-        if route.host.state != "active":
+        if sessionpolicy.host_state(route.host) != "active":  # a passed --until counts as active
             text = sessionpolicy.host_notice(route.host)
             assert self.conn is not None
             with contextlib.suppress(OSError):
@@ -373,6 +378,7 @@ class ClientConnection(asyncssh.SSHServer):
         self.proxy.limits.login_succeeded(self.client[0], self.username)
         metrics.LOGINS.labels(method=self.method, outcome="success").inc()
         metrics.SESSIONS.inc()
+        self.session_id = self.proxy.context.sessions.add("ssh", self)
         # "ip port", like OpenSSH's SSH_CLIENT, so backends can log the real source.
         self.link = SessionLink(self.upstream, client_address=f"{self.client[0]} {self.client[1]}",
                                 settings=self.proxy.bridge_settings, on_bytes=self._count,
@@ -676,8 +682,16 @@ class ClientConnection(asyncssh.SSHServer):
 
     # -- drain / shutdown ------------------------------------------------------------------
 
+    def snapshot(self) -> SessionSnapshot:
+        """Returns who this session is and what it moved so far (``edge sessions``)."""
+        route = self.route
+        return SessionSnapshot(
+            user=self.username, tenant=route.tenant.name if route else "",
+            host=route.host.name if route else "", client=f"{self.client[0]}:{self.client[1]}",
+            since=self.since, bytes_up=self.bytes_up, bytes_down=self.bytes_down)
+
     def apply(self, action: sessionpolicy.Action) -> None:
-        """Apply the session policy's verdict on a directory change to this session."""
+        """Apply the session policy's verdict (a directory change, an operator's kill)."""
         if action.kind is sessionpolicy.Kind.KEEP:
             if self._drain_handle is not None:  # e.g. the host's maintenance ended
                 self._drain_handle.cancel()

@@ -16,6 +16,7 @@ import pytest
 
 from edge.directory.store import SQLStore
 from edge.directory.tokens import TokenService, token_hash
+from edge.operations import Operations
 from tests.support_api import Api, api
 from tests.support_directory import make_certificate, row_counts
 
@@ -153,7 +154,7 @@ async def test_concurrent_retries_with_one_key_write_once(api: Api) -> None:
     statuses = sorted(a.status for a in answers)
     assert statuses.count(202) >= 1 and set(statuses) <= {202, 409}, statuses
     assert len({a.body["id"] for a in answers if a.status == 202}) == 1
-    assert len(await api.store.fetchall("SELECT id FROM api_operations")) == 1
+    assert len(await api.store.fetchall("SELECT id FROM operations")) == 1
 
 
 async def test_move_returns_an_operation_that_is_polled_and_streamed(api: Api) -> None:
@@ -162,21 +163,55 @@ async def test_move_returns_an_operation_that_is_polled_and_streamed(api: Api) -
                              body={"to": "web2", "drain_seconds": 1.5})
     assert started.status == 202
     op = started.body
-    assert op["state"] == "running" and op["actor"] == "panel"
-    assert op["detail"] == {"tenant": "acme", "from": "web1", "to": "web2", "drain_seconds": 1.5}
+    assert (op["kind"], op["target"], op["state"], op["phase"]) == (
+        "tenant-move", "web1", "done", "draining")
+    assert op["params"] == {"tenant": "acme", "to": "web2", "drain": 1.5, "force": False}
+    assert op["steps"] == {"pending": 0, "done": 1, "skipped": 0, "total": 1}
     assert started.headers["Location"] == f"{V1}/operations/{op['id']}"
     tenant = await api.store.fetch_tenant("acme")
     assert tenant is not None and (tenant.host, tenant.previous_host) == ("web2", "web1")
+    # The CLI sees the same operation (one operations table for both).
+    assert [o.id for o in await Operations(api.store).list_operations()] == [op["id"]]
     polled = await api.call("GET", started.headers["Location"], token="reader")
-    assert polled.body["state"] == "running"
+    assert polled.body["phase"] == "draining"
     stream = await api.call("GET", f"{V1}/operations/{op['id']}/events", token="reader")
     assert stream.headers["Content-Type"].startswith("application/x-ndjson")
     lines = [json.loads(line) for line in stream.body.splitlines()]
-    assert lines[-1]["state"] == "succeeded" and lines[-1]["progress"] == 1.0
-    assert all(line["state"] == "running" for line in lines[:-1]) and len(lines) >= 2
-    listed = (await api.call("GET", f"{V1}/operations")).body
-    assert [o["id"] for o in listed] == [op["id"]] and listed[0]["state"] == "succeeded"
+    assert lines[-1]["phase"] == "finished" and lines[-1]["drain_progress"] == 1.0
+    assert all(line["phase"] == "draining" for line in lines[:-1]) and len(lines) >= 2
+    assert lines[0]["drain_progress"] < 1.0
+    listed = (await api.call("GET", f"{V1}/operations?state=done")).body
+    assert [o["id"] for o in listed] == [op["id"]] and listed[0]["phase"] == "finished"
     assert (await api.call("GET", f"{V1}/operations/999")).status == 404
+    refused = await api.call("POST", f"{V1}/tenants/acme/move", body={"to": "web2"})
+    assert refused.status == 422 and "already on host" in refused.body["error"]
+    assert len(await Operations(api.store).list_operations()) == 1  # no record of a non-move
+
+
+async def test_host_drain_runs_in_the_background_and_is_idempotent(api: Api) -> None:
+    await seed(api)
+    await api.call("POST", f"{V1}/tenants", body={"name": "beta", "host": "web1"})
+    started = await api.call("POST", f"{V1}/hosts/web1/drain",
+                             body={"to": "web2", "drain_seconds": 0})
+    assert started.status == 202 and started.body["kind"] == "host-drain"
+    assert started.body["steps"]["total"] == 2
+    stream = await api.call("GET", f"{V1}/operations/{started.body['id']}/events")
+    last = json.loads(stream.body.splitlines()[-1])
+    assert (last["state"], last["phase"], last["steps"]["done"]) == ("done", "finished", 2)
+    assert {t.host for t in await api.store.list_tenants()} == {"web2"}
+    again = await api.call("POST", f"{V1}/hosts/web1/drain", body={"to": "web2"})
+    assert again.status == 204  # nothing left on web1: nothing written
+    assert len(await Operations(api.store).list_operations()) == 1
+    busy = await api.call("POST", f"{V1}/hosts/web2/drain", body={"to": "web1",
+                                                                   "rate_per_minute": 0})
+    assert busy.status == 422 and "rate_per_minute" in busy.body["error"]
+
+
+async def test_sessions_need_the_sessions_scope_and_a_running_edge(api: Api) -> None:
+    assert (await api.call("GET", f"{V1}/sessions")).status == 403  # read,write only
+    token = (await TokenService(api.store).add("support", "sessions")).secret
+    answer = await api.call("GET", f"{V1}/sessions", token=token)
+    assert answer.status == 503 and "edge serve" in answer.body["error"]
 
 
 async def test_the_console_cookie_reads_but_cannot_write(api: Api) -> None:

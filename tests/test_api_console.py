@@ -66,10 +66,10 @@ async def seed(service: DirectoryService) -> None:
                               upstream_username="deploy")
 
 
-async def wait_for_progress(page: object, above: float) -> None:
-    """Poll the progress bar (the page's CSP forbids the eval wait_for_function needs)."""
+async def wait_for_progress(page: object, selector: str, above: float) -> None:
+    """Poll a progress bar (the page's CSP forbids the eval wait_for_function needs)."""
     for _ in range(100):
-        if await page.eval_on_selector("#progress", "e => e.value") > above:  # type: ignore[attr-defined]
+        if await page.eval_on_selector(selector, "e => e.value") > above:  # type: ignore[attr-defined]
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"progress never passed {above}")
@@ -96,7 +96,8 @@ async def test_console_overview_tenant_and_a_live_move(api: Api, browser: object
     await sign_in(page, api.base, api.writer)
 
     hosts = await page.inner_text("table >> nth=0")
-    assert "web1\t10.0.0.11\tactive\t2" in hosts and "web3\t10.0.0.13\tmaintenance\t0" in hosts
+    assert "web1\t10.0.0.11\tactive\t2\t-" in hosts
+    assert "web3\t10.0.0.13\tmaintenance\t0\t-" in hosts
     assert "disk swap" in hosts
     await page.screenshot(path=str(shots / "console-fleet.png"), full_page=True)
 
@@ -112,14 +113,27 @@ async def test_console_overview_tenant_and_a_live_move(api: Api, browser: object
     await page.fill("input[name=drain]", "3")
     await page.click("#move")
     await page.wait_for_url("**/console/operations/*")
-    assert await page.inner_text("#state") == "running"
-    await wait_for_progress(page, 0.2)
+    assert await page.inner_text("#phase") == "draining"
+    await wait_for_progress(page, "#drained", 0.2)
     await page.screenshot(path=str(shots / "console-move.png"), full_page=True)
     tenant = await api.store.fetch_tenant("acme")
     assert tenant is not None and (tenant.host, tenant.previous_host) == ("web2", "web1")
     # The page follows the operation's stream to the end without a reload.
-    await expect(page.locator("#state")).to_have_text("succeeded", timeout=15000)
-    assert await page.eval_on_selector("#progress", "e => e.value") == 1
+    await expect(page.locator("#phase")).to_have_text("finished", timeout=15000)
+    assert await page.eval_on_selector("#drained", "e => e.value") == 1
+
+    # A host drain from the fleet page, followed live the same way.
+    await page.goto(api.base + "/console/")
+    await page.select_option("select[name=host]", "web1")
+    await page.select_option("select[name=to]", "web2")
+    await page.fill("form[action='/console/drain'] input[name=drain]", "2")
+    await page.click("#drain")
+    await page.wait_for_url("**/console/operations/*")
+    await expect(page.locator("#steps")).to_have_text("1/1", timeout=15000)
+    assert "globex" in await page.inner_text("main")
+    await page.screenshot(path=str(shots / "console-drain.png"), full_page=True)
+    await expect(page.locator("#phase")).to_have_text("finished", timeout=15000)
+    assert {t.host for t in await api.store.list_tenants()} == {"web2"}
     await context.close()
 
 

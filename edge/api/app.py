@@ -19,13 +19,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
+from edge.api import operations as opview
 from edge.api import validate
 from edge.api.idempotency import IdempotencyKeys, request_digest
+from edge.api.live import EdgeUnreachable, call_edge
 from edge.api.openapi import IDEMPOTENCY, PREFIX, document
-from edge.api.operations import Operations
 from edge.cli.output import to_jsonable
 from edge.directory.model import PROTOCOLS, Site, StoredCertificate
 from edge.directory.names import normalize_hostname
@@ -41,6 +43,7 @@ from edge.errors import (
     SecretsError,
     ValidationError,
 )
+from edge.operations import DrainOptions, Operations
 
 log = logging.getLogger("edge.api")
 
@@ -49,27 +52,33 @@ COOKIE = "edge_console"
 
 STATUS_BY_ERROR: tuple[tuple[type[EdgeError], int], ...] = (
     (validate.BadRequest, 400), (ValidationError, 422), (NotFoundError, 404),
-    (ConflictError, 409), (DirectoryUnavailable, 503), (SecretsError, 503))
+    (ConflictError, 409), (DirectoryUnavailable, 503), (SecretsError, 503),
+    (EdgeUnreachable, 503))
 
 
 @dataclass
 class ApiState:
-    """What every handler shares: the store and the services over it."""
+    """What every handler shares: the store, the services over it, running operations."""
 
     store: SQLStore
     keybox: KeyBox | None
+    edge_admin: str = ""
+    """Base URL of this machine's ``edge serve`` admin listener ("" = none)."""
     tokens: TokenService = field(init=False)
-    operations: Operations = field(init=False)
     idempotency: IdempotencyKeys = field(init=False)
+    runner: opview.Runner = field(init=False)
     doc: dict[str, Any] = field(default_factory=document)
 
     def __post_init__(self) -> None:
         self.tokens = TokenService(self.store)
-        self.operations = Operations(self.store)
         self.idempotency = IdempotencyKeys(self.store)
+        self.runner = opview.Runner(Operations(self.store))
 
     def service(self) -> DirectoryService:
         return DirectoryService(self.store, self.keybox)
+
+    def operations(self) -> Operations:
+        return Operations(self.store, self.service())
 
 
 STATE = web.AppKey("state", ApiState)
@@ -264,11 +273,22 @@ async def set_tenant_state(call: Call) -> Reply:
 
 
 async def move_tenant(call: Call) -> Reply:
-    op = await call.state.operations.move_tenant(
-        call.state.service(), call.match["name"], call.body["to"],
+    op = await call.state.operations().move_tenant(
+        call.match["name"], call.body["to"],
         drain=float(call.body.get("drain_seconds", DEFAULT_MOVE_DRAIN)),
-        force=bool(call.body.get("force", False)), actor=call.token.name)
-    return Reply(202, op.view(), {"Location": f"{PREFIX}/operations/{op.id}"})
+        force=bool(call.body.get("force", False)))
+    return Reply(202, opview.view(op), {"Location": f"{PREFIX}/operations/{op.id}"})
+
+
+async def drain_host(call: Call) -> Reply:
+    body = call.body
+    options = DrainOptions(to=body.get("to"), rate=body.get("rate_per_minute"),
+                           drain=float(body.get("drain_seconds", DEFAULT_MOVE_DRAIN)))
+    op = await call.state.operations().start_host_drain(call.match["name"], options)
+    if op is None:
+        return Reply(204)
+    call.state.runner.start(op.id)
+    return Reply(202, opview.view(op), {"Location": f"{PREFIX}/operations/{op.id}"})
 
 
 async def list_accounts(call: Call) -> Reply:
@@ -348,8 +368,9 @@ async def list_changes(call: Call) -> Reply:
 
 async def list_operations(call: Call) -> Reply:
     now = time.time()
-    ops = await call.state.operations.recent(call.query.get("limit", 50))
-    return Reply(200, [op.view(now) for op in ops])
+    ops = await call.state.operations().list_operations(limit=call.query.get("limit", 50),
+                                                        state=call.query.get("state"))
+    return Reply(200, [opview.view(op, now) for op in ops])
 
 
 def _op_id(call: Call) -> int:
@@ -363,7 +384,7 @@ def _op_id(call: Call) -> int:
 
 
 async def show_operation(call: Call) -> Reply:
-    return Reply(200, (await call.state.operations.get(_op_id(call))).view())
+    return Reply(200, opview.view(await call.state.operations().get(_op_id(call))))
 
 
 FOLLOW_INTERVAL = 1.0
@@ -376,25 +397,40 @@ FOLLOW_MAX_SECONDS = 300.0
 async def follow_operation(call: Call) -> Reply:
     """Streams the operation (one JSON line per :data:`FOLLOW_INTERVAL`) until it is done;
     the reply's body is the already-sent stream."""
-    op = await call.state.operations.get(_op_id(call))
+    operations = call.state.operations()
+    op_id = _op_id(call)
+    op = await operations.get(op_id)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
                                            "Cache-Control": "no-store"})
     await response.prepare(call.request)
     give_up = time.monotonic() + FOLLOW_MAX_SECONDS
     while True:
-        view = op.view()
+        view = opview.view(op)
         await response.write(json.dumps(view).encode() + b"\n")
-        if view["state"] != "running" or time.monotonic() >= give_up:
+        if view["phase"] in ("finished", "failed") or time.monotonic() >= give_up:
             break
-        await asyncio.sleep(min(FOLLOW_INTERVAL, max(0.05, op.deadline - time.time()),
-                                max(0.0, give_up - time.monotonic())))
+        await asyncio.sleep(min(FOLLOW_INTERVAL, max(0.0, give_up - time.monotonic())))
+        op = await operations.get(op_id)
     await response.write_eof()
     return Reply(200, response)
+
+
+async def list_sessions(call: Call) -> Reply:
+    params = {k: v for k, v in call.query.items() if k in ("host", "user", "protocol")}
+    return Reply(200, await call_edge(call.state.edge_admin, "GET", "/sessions", params=params))
+
+
+async def kill_session(call: Call) -> Reply:
+    answer = await call_edge(call.state.edge_admin, "POST",
+                             f"/sessions/{quote(call.match['id'], safe='')}/kill",
+                             body={"message": call.body.get("message", "")})
+    return Reply(200, answer)
 
 
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/hosts", list_hosts), ("POST", "/hosts", add_host),
     ("GET", "/hosts/{name}", show_host), ("PATCH", "/hosts/{name}", change_host),
+    ("POST", "/hosts/{name}/drain", drain_host),
     ("GET", "/tenants", list_tenants), ("POST", "/tenants", add_tenant),
     ("GET", "/tenants/{name}", show_tenant), ("PATCH", "/tenants/{name}", set_tenant_state),
     ("POST", "/tenants/{name}/move", move_tenant),
@@ -408,6 +444,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/changes", list_changes),
     ("GET", "/operations", list_operations), ("GET", "/operations/{id}", show_operation),
     ("GET", "/operations/{id}/events", follow_operation),
+    ("GET", "/sessions", list_sessions), ("POST", "/sessions/{id}/kill", kill_session),
 )
 
 
@@ -421,16 +458,24 @@ def add_routes(app: web.Application) -> None:
         app.router.add_route(method, PREFIX + path, _endpoint(handler))
 
 
-def build_app(store: SQLStore, keybox: KeyBox | None, *,
-              metrics_url: str = "") -> web.Application:
+def build_app(store: SQLStore, keybox: KeyBox | None, *, edge_admin: str = "") -> web.Application:
     """The API and the console on one aiohttp app (the caller opens and closes ``store``);
-    ``metrics_url`` is the local ``edge serve``'s /metrics the console summarises."""
+    ``edge_admin`` is the local ``edge serve`` admin listener's base URL (sessions, metrics)."""
     from edge.api import console  # console imports this module: import at call time
 
     app = web.Application(client_max_size=validate.MAX_BODY)
-    app[STATE] = ApiState(store, keybox)
+    state = app[STATE] = ApiState(store, keybox, edge_admin)
     add_routes(app)
-    console.add_routes(app, metrics_url)
+    console.add_routes(app)
+
+    async def resume(app: web.Application) -> None:
+        await state.runner.resume_unfinished()
+
+    async def stop(app: web.Application) -> None:
+        await state.runner.stop()
+
+    app.on_startup.append(resume)
+    app.on_shutdown.append(stop)
     return app
 
 

@@ -24,16 +24,16 @@ from typing import Any
 
 from aiohttp import web
 
+from edge.api import operations as opview
 from edge.api.app import COOKIE, STATE, AuthError, authenticate, error_status, tenant_detail
 from edge.api.fleetmetrics import LocalMetrics, scrape_local_edge
+from edge.api.live import call_edge
 from edge.api.openapi import PREFIX
 from edge.directory.model import Host
 from edge.directory.service import DEFAULT_MOVE_DRAIN, iso
 from edge.directory.tokens import Token
 from edge.errors import EdgeError, ValidationError
-
-METRICS_URL = web.AppKey("metrics_url", str)
-"""``http://HOST:PORT/metrics`` of the local ``edge serve`` admin listener ("" = none)."""
+from edge.operations import DrainOptions, Operation
 
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d2330;background:#f4f6f9}
@@ -42,7 +42,8 @@ header a{color:#cfe0ff;text-decoration:none}header form{margin-left:auto}
 main{padding:1em 1.5em;max-width:1100px}h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
 table{border-collapse:collapse;background:#fff;width:100%}
 th,td{text-align:left;padding:.35em .7em;border-bottom:1px solid #e3e7ee}th{background:#eef1f6}
-.state-active{color:#137333}.state-maintenance{color:#b06000}.state-down,.error{color:#c5221f}
+.state-active,.state-done,.state-finished{color:#137333}
+.state-running,.state-moving,.state-draining,.state-pending{color:#b06000}.state-failed{color:#c5221f}.state-maintenance{color:#b06000}.state-down,.error{color:#c5221f}
 .cards{display:flex;gap:1em;flex-wrap:wrap}.card{background:#fff;padding:.7em 1em;border-radius:6px;
 min-width:10em;box-shadow:0 1px 2px #0002}.card b{display:block;font-size:1.5em}
 progress{width:100%;height:1.4em}form.inline{display:flex;gap:.6em;align-items:end;flex-wrap:wrap}
@@ -148,7 +149,8 @@ async def logout(request: web.Request) -> web.Response:
 
 # -- pages ------------------------------------------------------------------------------------
 
-HOST_COLUMNS = ("Host", "Address", "State", "Tenants", "Notice")
+HOST_COLUMNS = ("Host", "Address", "State", "Tenants", "Live sessions", "Notice")
+OP_COLUMNS = ("Id", "Kind", "Tenant", "From host", "Phase", "Moves")
 SITE_COLUMNS = ("Hostname", "HTTP to", "HTTPS to", "Certificate", "Redirect")
 ACCOUNT_COLUMNS = ("Login", "Protocols", "Upstream user", "SSH to")
 
@@ -184,31 +186,66 @@ def _metric_cards(metrics: LocalMetrics | None) -> str:
             f"({metrics.workers} workers). Fleet-wide rates: the Prometheus dashboards.</p>")
 
 
+async def _sessions_per_host(edge_admin: str) -> dict[str, int] | None:
+    """Live sessions per backend host on this machine's edge (``None``: it did not answer)."""
+    try:
+        listing = await call_edge(edge_admin, "GET", "/sessions")
+    except EdgeError:
+        return None
+    counts: dict[str, int] = {}
+    for session in listing.get("sessions", ()):
+        counts[str(session.get("host"))] = counts.get(str(session.get("host")), 0) + 1
+    return counts
+
+
+def _op_rows(ops: list[Operation], now: float) -> list[str]:
+    return [_cells(f'<a href="/console/operations/{op.id}">#{op.id}</a>', _e(op.kind),
+                   _e(op.params.get("tenant") or op.target), _e(op.target),
+                   _state(opview.phase(op, now)),
+                   f"{op.progress['done'] + op.progress['skipped']}/{op.progress['total']}")
+            for op in ops]
+
+
+def _drain_form(hosts: list[Host], secret: str) -> str:
+    names = "".join(f'<option value="{_e(h.name)}">{_e(h.name)}</option>' for h in hosts)
+    targets = "".join(f'<option value="{_e(h.name)}">{_e(h.name)}</option>'
+                      for h in hosts if h.state == "active")
+    return f"""<h2>Drain a host</h2>
+<form method="post" action="/console/drain" class="inline">
+<input type="hidden" name="csrf" value="{csrf_token(secret)}">
+<label>Host<select name="host">{names}</select></label>
+<label>To<select name="to"><option value="">spread over active hosts</option>{targets}</select>
+</label><label>Moves per minute<input name="rate" type="number" min="0" step="any"
+ placeholder="no limit"></label>
+<label>Drain (seconds)<input name="drain" type="number" min="0" max="86400"
+ value="{DEFAULT_MOVE_DRAIN:g}"></label><button id="drain">Drain</button></form>"""
+
+
 async def overview(request: web.Request) -> web.Response:
     token = await _login_token(request)
     state = request.app[STATE]
     hosts = await state.store.list_hosts()
     counts = await state.store.tenants_per_host()
-    metrics = await scrape_local_edge(request.app[METRICS_URL])
+    edge = state.edge_admin
+    metrics = await scrape_local_edge(edge + "/metrics" if edge else "")
+    live = await _sessions_per_host(edge)
     host_rows = [_cells(f'<a href="/console/?host={_e(h.name)}#tenants">{_e(h.name)}</a>',
                         _e(h.address), _state(h.state), _e(counts.get(h.name, 0)),
+                        _e("-" if live is None else live.get(h.name, 0)),
                         _e(h.notice)) for h in hosts]
     selected = request.query.get("host")
     tenants = await state.store.list_tenants(host=selected or None, limit=200)
     tenant_rows = [_cells(f'<a href="/console/tenants/{_e(t.name)}">{_e(t.name)}</a>',
                           _e(t.host), _state(t.state),
                           _e(t.previous_host or "")) for t in tenants]
-    ops = await state.operations.recent(10)
-    now = time.time()
-    op_rows = [_cells(f'<a href="/console/operations/{op.id}">#{op.id}</a>', _e(op.kind),
-                      _e(op.target), _e(op.actor), _state(op.state(now)),
-                      f"{op.progress(now):.0%}") for op in ops]
+    ops = await state.operations().list_operations(limit=10)
+    drain = _drain_form(hosts, request.cookies[COOKIE]) if token.allows("write") and hosts else ""
     body = (f"<h2>Live (this edge)</h2>{_metric_cards(metrics)}"
             f"<h2>Hosts</h2>{_table(HOST_COLUMNS, host_rows, 'No hosts yet.')}"
             f'<h2 id="tenants">Tenants{" on " + _e(selected) if selected else ""}</h2>'
             f"{_table(('Tenant', 'Host', 'State', 'Moved from'), tenant_rows, 'No tenants.')}"
             f"<h2>Recent operations</h2>"
-            f"{_table(('Id', 'Kind', 'Target', 'By', 'State', 'Progress'), op_rows, 'None yet.')}")
+            f"{_table(OP_COLUMNS, _op_rows(ops, time.time()), 'None yet.')}{drain}")
     return page("Fleet", body, token)
 
 
@@ -267,22 +304,49 @@ async def move(request: web.Request) -> web.Response:
     state = request.app[STATE]
     name = request.match_info["name"]
     try:
-        drain = float(form.get("drain") or DEFAULT_MOVE_DRAIN)
-        if not 0 <= drain <= 86400:
-            raise ValidationError("drain must be 0-86400 seconds")
-        op = await state.operations.move_tenant(state.service(), name, form.get("to", ""),
-                                                drain=drain, force=form.get("force") == "1",
-                                                actor=token.name)
+        op = await state.operations().move_tenant(name, form.get("to", ""),
+                                                  drain=_seconds(form.get("drain")),
+                                                  force=form.get("force") == "1")
+    except EdgeError as exc:
+        return page(f"Move {name}", f'<p class="error">{_e(exc)}</p><p><a href="/console/'
+                    f'tenants/{_e(name)}">Back</a></p>', token, error_status(exc))
+    raise web.HTTPSeeOther(f"/console/operations/{op.id}")
+
+
+async def drain(request: web.Request) -> web.Response:
+    token, form = await _checked_post(request, "write")
+    state = request.app[STATE]
+    host = form.get("host", "")
+    try:
+        rate = float(form["rate"]) if form.get("rate") else None
+        if rate is not None and not rate > 0:
+            raise ValidationError("moves per minute must be more than 0")
+        op = await state.operations().start_host_drain(host, DrainOptions(
+            to=form.get("to") or None, rate=rate, drain=_seconds(form.get("drain"))))
     except (EdgeError, ValueError) as exc:
         status = error_status(exc) if isinstance(exc, EdgeError) else 422
-        return page(f"Move {name}", f'<p class="error">{_e(exc)}</p><p><a href="/console/'
-                    f'tenants/{_e(name)}">Back</a></p>', token, status)
+        return page(f"Drain {host}", f'<p class="error">{_e(exc)}</p><p><a href="/console/">'
+                    "Back</a></p>", token, status)
+    if op is None:
+        return page(f"Drain {host}", f"<p>No tenant is on {_e(host)}: nothing to do.</p>",
+                    token)
+    state.runner.start(op.id)
     raise web.HTTPSeeOther(f"/console/operations/{op.id}")
+
+
+def _seconds(text: str | None) -> float:
+    try:
+        value = float(text) if text else DEFAULT_MOVE_DRAIN
+    except ValueError:
+        raise ValidationError(f"drain {text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400:
+        raise ValidationError("drain must be 0-86400 seconds")
+    return value
 
 
 _FOLLOW_JS = """
 (async () => {
-  const bar = document.getElementById('progress'), state = document.getElementById('state');
+  const set = (id, v) => { document.getElementById(id).textContent = v; };
   const res = await fetch(%(url)s, {credentials: 'same-origin'});
   const reader = res.body.getReader(), decoder = new TextDecoder();
   let buffer = '';
@@ -293,8 +357,11 @@ _FOLLOW_JS = """
     let nl;
     while ((nl = buffer.indexOf('\\n')) >= 0) {
       const op = JSON.parse(buffer.slice(0, nl)); buffer = buffer.slice(nl + 1);
-      bar.value = op.progress; state.textContent = op.state;
-      state.className = op.state === 'succeeded' ? 'state-active' : 'state-maintenance';
+      document.getElementById('moves').value = op.moves_progress;
+      document.getElementById('drained').value = op.drain_progress;
+      set('phase', op.phase); set('steps', op.steps.done + op.steps.skipped + '/' + op.steps.total);
+      set('error', op.error);
+      document.getElementById('phase').className = 'state-' + op.phase;
     }
   }
 })();
@@ -305,19 +372,31 @@ async def operation_page(request: web.Request) -> web.Response:
     token = await _login_token(request)
     state = request.app[STATE]
     try:
-        op = await state.operations.get(int(request.match_info["id"]))
+        op = await state.operations().get(int(request.match_info["id"]))
     except (EdgeError, ValueError) as exc:
         status = error_status(exc) if isinstance(exc, EdgeError) else 404
         return page("Operation", f'<p class="error">{_e(exc)}</p>', token, status)
-    view = op.view()
-    detail = view["detail"]
+    view = opview.view(op)
+    params = op.params
+    what = (f'tenant <a href="/console/tenants/{_e(params.get("tenant"))}">'
+            f'{_e(params.get("tenant"))}</a> from <b>{_e(op.target)}</b> to '
+            f'<b>{_e(params.get("to"))}</b>' if op.kind == "tenant-move" else
+            f'every tenant off <b>{_e(op.target)}</b> to <b>'
+            f'{_e(params.get("to") or "the other active hosts")}</b>')
+    rows = [_cells(_e(s.seq), f'<a href="/console/tenants/{_e(s.tenant)}">{_e(s.tenant)}</a>',
+                   _e(s.to_host), _state(s.state)) for s in op.steps]
     url = f"{PREFIX}/operations/{op.id}/events"
-    body = (f'<p>{_e(op.kind)} of <a href="/console/tenants/{_e(op.target)}">{_e(op.target)}</a>'
-            f" from <b>{_e(detail.get('from'))}</b> to <b>{_e(detail.get('to'))}</b> by "
-            f"{_e(op.actor)}. New sessions go to {_e(detail.get('to'))} within about a second; "
-            f"sessions on {_e(detail.get('from'))} are closed at {_e(view['deadline'])}.</p>"
-            f'<p>State: <b id="state" class="state-maintenance">{_e(view["state"])}</b></p>'
-            f'<progress id="progress" max="1" value="{view["progress"]}"></progress>'
+    body = (f"<p>{_e(op.kind)}: {what}. Each move sends new sessions to the new host within "
+            f"about a second; sessions on the old host are closed "
+            f"{float(params.get('drain', DEFAULT_MOVE_DRAIN)):g} s after their move.</p>"
+            f'<p>Phase: <b id="phase" class="state-{_e(view["phase"])}">{_e(view["phase"])}</b>'
+            f' · moves <span id="steps">{view["steps"]["done"] + view["steps"]["skipped"]}/'
+            f'{view["steps"]["total"]}</span> <span id="error" class="error">{_e(op.error)}'
+            f"</span></p><label>Moves<progress id=\"moves\" max=\"1\" "
+            f'value="{view["moves_progress"]}"></progress></label>'
+            f'<label>Old sessions drained<progress id="drained" max="1" '
+            f'value="{view["drain_progress"]}"></progress></label>'
+            f"<h2>Steps</h2>{_table(('#', 'Tenant', 'To', 'State'), rows, 'No steps.')}"
             f"<script>{_FOLLOW_JS % {'url': repr(url)}}</script>")
     return page(f"Operation #{op.id}", body, token)
 
@@ -326,8 +405,7 @@ async def root(request: web.Request) -> web.Response:
     raise web.HTTPFound("/console/")
 
 
-def add_routes(app: web.Application, metrics_url: str = "") -> None:
-    app[METRICS_URL] = metrics_url
+def add_routes(app: web.Application) -> None:
     app.router.add_get("/", root, allow_head=False)
     app.router.add_get("/console/login", login_form, allow_head=False)
     app.router.add_post("/console/login", login)
@@ -335,6 +413,7 @@ def add_routes(app: web.Application, metrics_url: str = "") -> None:
     app.router.add_get("/console/", overview, allow_head=False)
     app.router.add_get("/console/tenants/{name}", tenant_page, allow_head=False)
     app.router.add_post("/console/tenants/{name}/move", move)
+    app.router.add_post("/console/drain", drain)
     app.router.add_get("/console/operations/{id}", operation_page, allow_head=False)
 
 

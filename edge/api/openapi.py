@@ -20,7 +20,10 @@ PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 STRING = {"type": "string", "maxLength": 65536}
 BOOL = {"type": "boolean"}
 RULES = {"type": "object", "description": "see docs/http.md (validated like the CLI's JSON)"}
-OPERATION_STATES = ("running", "succeeded")
+OPERATION_STATES = ("running", "failed", "done")
+PHASES = ("moving", "draining", "finished", "failed")
+STEP_COUNTS = ("pending", "done", "skipped", "total")
+FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -48,7 +51,9 @@ SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": {"type": "string"}}, ("error",)),
     "Host": _obj({"name": {"type": "string"}, **_HOST_SETTINGS,
                   "address": {"type": "string"}, "state": {"enum": list(HOST_STATES)},
-                  "notice": {"type": "string"}, "ssh_known_hosts": {"type": "string"}},
+                  "notice": {"type": "string"}, "ssh_known_hosts": {"type": "string"},
+                  "maintenance_until": {"type": ["number", "null"],
+                                        "description": "Unix time the maintenance window ends"}},
                  ("name", "address", "state")),
     "HostCreate": _obj({"name": NAME, **_HOST_SETTINGS}, ("name", "address")),
     "HostPatch": _obj({**_HOST_SETTINGS, "state": {"enum": list(HOST_STATES)},
@@ -101,14 +106,38 @@ SCHEMAS: dict[str, Any] = {
     "Change": _obj({"id": {"type": "integer"}, "entity": {"type": "string"},
                     "name": {"type": "string"}, "at": {"type": "string"}},
                    ("id", "entity", "name", "at")),
-    "Operation": _obj({"id": {"type": "integer"}, "kind": {"type": "string"},
-                       "target": {"type": "string"}, "actor": {"type": "string"},
+    "Operation": _obj({"id": {"type": "integer"}, "kind": {"enum": ["host-drain", "tenant-move"]},
+                       "target": {"type": "string", "description": "the host tenants leave"},
                        "state": {"enum": list(OPERATION_STATES)},
-                       "progress": {"type": "number", "minimum": 0, "maximum": 1},
-                       "created_at": {"type": "string"}, "deadline": {"type": "string"},
-                       "detail": {"type": "object"}},
-                      ("id", "kind", "target", "actor", "state", "progress", "created_at",
-                       "deadline", "detail")),
+                       "phase": {"enum": list(PHASES)}, "error": {"type": "string"},
+                       "params": {"type": "object"},
+                       "created_at": {"type": "string"}, "updated_at": {"type": "string"},
+                       "steps": _obj({k: {"type": "integer"} for k in STEP_COUNTS},
+                                     STEP_COUNTS),
+                       "moves_progress": FRACTION, "drain_progress": FRACTION,
+                       "drain_until": {"type": ["string", "null"]}},
+                      ("id", "kind", "target", "state", "phase", "error", "params", "created_at",
+                       "updated_at", "steps", "moves_progress", "drain_progress", "drain_until")),
+    "HostDrain": _obj({"to": {"type": "string", "minLength": 1,
+                              "description": "every tenant to this host (default: spread over "
+                                             "the other active hosts, least loaded first)"},
+                       "rate_per_minute": {"type": "number", "exclusiveMinimum": 0,
+                                           "maximum": 100000},
+                       "drain_seconds": {"type": "number", "minimum": 0, "maximum": 86400}}),
+    "Session": {"type": "object", "description": "one live session (edge.sessions.SessionInfo)",
+                "properties": {"id": {"type": "string"}, "protocol": {"type": "string"},
+                               "user": {"type": "string"}, "tenant": {"type": "string"},
+                               "host": {"type": "string"}, "client": {"type": "string"},
+                               "since": {"type": "number"}, "bytes_up": {"type": "integer"},
+                               "bytes_down": {"type": "integer"}},
+                "required": ["id", "protocol", "host"]},
+    "Sessions": _obj({"sessions": {"type": "array", "items": _ref("Session")},
+                      "errors": {"type": "array", "items": {"type": "string"}}},
+                     ("sessions", "errors")),
+    "SessionKill": _obj({"message": {"type": "string", "maxLength": 400,
+                                     "pattern": "^[^\\r\\n\\x00]*$",
+                                     "description": "shown to the user (one line)"}}),
+    "Killed": _obj({"killed": {"type": "string"}}, ("killed",)),
 }
 
 _ERRORS = {
@@ -118,7 +147,7 @@ _ERRORS = {
     "404": "a named object does not exist",
     "409": "conflicts with what exists (duplicate name, host in use, request in flight)",
     "422": "refused input (names the field); nothing was written",
-    "503": "the directory database is unreachable",
+    "503": "the directory database (or, for sessions, the local edge serve) is unreachable",
 }
 
 
@@ -201,6 +230,12 @@ def _paths() -> dict[str, Any]:
             "patch": _op("change host", "write", _responses("200", _ref("Host"),
                                                             ("400", "404", "409", "422")),
                          params=[host], body="HostPatch", write=True)},
+        f"{PREFIX}/hosts/{{name}}/drain": {
+            "post": _op("drain host", "write",
+                        {**_responses("202", _ref("Operation"), ("400", "404", "409", "422"),
+                                      "planned; runs in the background (poll or follow it)"),
+                         "204": {"description": "no tenant is on the host: nothing to do"}},
+                        params=[host], body="HostDrain", write=True)},
         f"{PREFIX}/tenants": {
             "get": _list("tenants", "Tenant", [_query("host", {"type": "string", "maxLength": 253},
                                                       "only tenants on this host")]),
@@ -270,7 +305,22 @@ def _paths() -> dict[str, Any]:
                        _responses("200", {"type": "array", "items": _ref("Operation")},
                                   ("422",)),
                        params=[_query("limit", {"type": "integer", "minimum": 1,
-                                                "maximum": 1000}, "newest first (50)")])},
+                                                "maximum": 1000}, "newest first (50)"),
+                               _query("state", {"enum": list(OPERATION_STATES)},
+                                      "only operations in this state")])},
+        f"{PREFIX}/sessions": {
+            "get": _op("list sessions", "sessions",
+                       _responses("200", _ref("Sessions"), ("422",),
+                                  "every live session of this machine's edge serve workers"),
+                       params=[_query(n, {"type": "string", "maxLength": 253}, d) for n, d in
+                               (("host", "only sessions to this backend host"),
+                                ("user", "only this login"),
+                                ("protocol", "ssh, ftp or http"))])},
+        f"{PREFIX}/sessions/{{id}}/kill": {
+            "post": _op("kill session", "sessions",
+                        _responses("200", _ref("Killed"), ("400", "404", "422"),
+                                   "closed with the message shown to the user"),
+                        params=[_path_param("id")], body="SessionKill", write=True)},
         f"{PREFIX}/operations/{{id}}": {
             "get": _op("show operation", "read", _responses("200", _ref("Operation"),
                                                             ("404", "422")), params=[op_id])},

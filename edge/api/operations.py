@@ -1,91 +1,98 @@
-"""Long-running admin operations the API hands back an id for (``GET /operations/{id}``).
+"""How the admin API shows and runs long operations (:mod:`edge.operations`, shared with the
+CLI's ``edge host drain`` and ``edge operations``).
 
-Today one kind: ``tenant-move``. The move itself is one directory write
-(:meth:`DirectoryService.move_tenant`); what takes time is the drain — sessions on the old
-host stay until the tenant's ``drain_deadline``, then every proxy closes them (see
-:mod:`edge.sessionpolicy`). So an operation's state is *derived* from the clock and the stored
-deadline rather than advanced by a background task: it is the same after an API restart or
-crash, and a second API process reports it identically.
+An operation has two phases an operator cares about: ``moving`` (its steps — tenant moves —
+being committed) and ``draining`` (sessions still open on the old hosts, closed by every proxy
+``params["drain"]`` seconds after each move; see :mod:`edge.sessionpolicy`). The second phase
+is *derived* from the stored steps and the clock, so every API process (and a restarted one)
+reports the same thing without a background task.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from edge.directory.model import Tenant
-from edge.directory.service import DirectoryService, iso
-from edge.directory.store import SQLStore
-from edge.errors import NotFoundError
+from edge.directory.service import DEFAULT_MOVE_DRAIN, iso
+from edge.operations import Operation, Operations
 
-_SELECT = "SELECT id, kind, target, actor, detail, created_at, deadline FROM api_operations"
+log = logging.getLogger("edge.api")
 
-
-@dataclass(frozen=True, slots=True)
-class Operation:
-    id: int
-    kind: str
-    target: str
-    actor: str
-    detail: dict[str, Any]
-    created_at: float
-    deadline: float
-
-    def state(self, now: float) -> str:
-        return "succeeded" if now >= self.deadline else "running"
-
-    def progress(self, now: float) -> float:
-        span = self.deadline - self.created_at
-        return 1.0 if span <= 0 else round(min(1.0, max(0.0, (now - self.created_at) / span)), 3)
-
-    def view(self, now: float | None = None) -> dict[str, Any]:
-        """The JSON the API returns (schema ``Operation``)."""
-        now = time.time() if now is None else now
-        return {"id": self.id, "kind": self.kind, "target": self.target, "actor": self.actor,
-                "state": self.state(now), "progress": self.progress(now),
-                "created_at": iso(self.created_at), "deadline": iso(self.deadline),
-                "detail": self.detail}
+PHASES = ("moving", "draining", "finished", "failed")
+RESUME_RETRY = 60.0
+"""Seconds a background run keeps retrying an unreachable directory before it gives up (the
+operation stays resumable: the next API start or ``edge operations resume`` continues it)."""
 
 
-def _from_row(row: tuple[Any, ...]) -> Operation:
-    return Operation(int(row[0]), str(row[1]), str(row[2]), str(row[3]), json.loads(row[4]),
-                     float(row[5]), float(row[6]))
+def drain_until(op: Operation) -> float | None:
+    """When the sessions of the last committed move are closed (``None``: nothing moved)."""
+    moved = [s.done_at for s in op.steps if s.state == "done" and s.done_at is not None]
+    if not moved:
+        return None
+    return max(moved) + float(op.params.get("drain", DEFAULT_MOVE_DRAIN))
 
 
-class Operations:
-    """Start and look up operations (rows in ``api_operations``)."""
-
-    def __init__(self, store: SQLStore) -> None:
-        self.store = store
-
-    async def move_tenant(self, service: DirectoryService, name: str, to_host: str, *,
-                          drain: float, force: bool, actor: str) -> Operation:
-        """Move the tenant now; returns the operation that tracks its drain."""
-        tenant: Tenant = await service.move_tenant(name, to_host, drain=drain, force=force)
-        detail = {"tenant": tenant.name, "from": tenant.previous_host, "to": tenant.host,
-                  "drain_seconds": drain}
-        now = time.time()
-        deadline = tenant.drain_deadline if tenant.drain_deadline is not None else now
-        async with self.store.transaction() as tx:
-            op_id = await tx.execute(
-                "INSERT INTO api_operations (kind, target, actor, detail, created_at, deadline) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                ("tenant-move", tenant.name, actor, json.dumps(detail), now, deadline))
-        return Operation(int(op_id), "tenant-move", tenant.name, actor, detail, now, deadline)
-
-    async def get(self, op_id: int) -> Operation:
-        row = await self.store.fetchone(_SELECT + " WHERE id = ?", (op_id,))
-        if row is None:
-            raise NotFoundError(f"operation {op_id} does not exist")
-        return _from_row(row)
-
-    async def recent(self, limit: int = 50, target: str | None = None) -> list[Operation]:
-        where, params = ("WHERE target = ? ", (target,)) if target is not None else ("", ())
-        rows = await self.store.fetchall(
-            f"{_SELECT} {where}ORDER BY id DESC LIMIT {int(limit)}", params)
-        return [_from_row(r) for r in rows]
+def phase(op: Operation, now: float) -> str:
+    if op.state == "failed":
+        return "failed"
+    if op.state != "done":
+        return "moving"
+    until = drain_until(op)
+    return "draining" if until is not None and now < until else "finished"
 
 
-__all__ = ["Operation", "Operations"]
+def _fraction(part: float, whole: float) -> float:
+    return 1.0 if whole <= 0 else round(min(1.0, max(0.0, part / whole)), 3)
+
+
+def view(op: Operation, now: float | None = None) -> dict[str, Any]:
+    """The JSON the API returns (schema ``Operation``)."""
+    now = time.time() if now is None else now
+    progress = op.progress
+    until = drain_until(op)
+    drain = float(op.params.get("drain", DEFAULT_MOVE_DRAIN))
+    drained = 0.0 if until is None else _fraction(now - (until - drain), drain)
+    return {"id": op.id, "kind": op.kind, "target": op.target, "state": op.state,
+            "phase": phase(op, now), "error": op.error, "params": op.params,
+            "created_at": iso(op.created_at), "updated_at": iso(op.updated_at),
+            "steps": progress,
+            "moves_progress": _fraction(progress["done"] + progress["skipped"], progress["total"]),
+            "drain_until": None if until is None else iso(until),
+            "drain_progress": drained if op.state == "done" else 0.0}
+
+
+class Runner:
+    """Runs operations to their end in background tasks of the API process."""
+
+    def __init__(self, operations: Operations) -> None:
+        self.operations = operations
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, operation_id: int) -> None:
+        task = asyncio.create_task(self._run(operation_id))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, operation_id: int) -> None:
+        try:
+            await self.operations.resume(operation_id, retry_for=RESUME_RETRY)
+        except Exception:  # the operation stays resumable; say why it stopped
+            log.exception("operation %s stopped; it stays resumable", operation_id)
+
+    async def resume_unfinished(self) -> None:
+        """At start: continue operations a previous API process left ``running``."""
+        for op in await self.operations.list_operations(state="running", limit=1000):
+            self.start(op.id)
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for task in list(self.tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+__all__ = ["PHASES", "Runner", "drain_until", "phase", "view"]

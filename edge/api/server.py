@@ -32,20 +32,20 @@ def tls_context(config: ApiConfig) -> ssl.SSLContext | None:
     return context
 
 
-def metrics_url(config: EdgeConfig) -> str:
-    """The local ``edge serve`` admin listener's /metrics ("" when it has none)."""
+def edge_admin_url(config: EdgeConfig) -> str:
+    """The local ``edge serve`` admin listener's base URL ("" when it has none)."""
     if not config.admin.listen:
         return ""
     address = config.admin.listen[0]
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
-    return f"http://{ListenAddress(host, address.port)}/metrics"
+    return f"http://{ListenAddress(host, address.port)}"
 
 
 async def serve_api(config: EdgeConfig, store: SQLStore, keybox: KeyBox | None, *,
                     on_ready: Callable[[list[str]], None] | None = None,
                     stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (default: SIGTERM or SIGINT); ``on_ready`` gets the URLs."""
-    app = build_app(store, keybox, metrics_url=metrics_url(config))
+    app = build_app(store, keybox, edge_admin=edge_admin_url(config))
     context = tls_context(config.api)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -71,4 +71,4 @@ def _signal_event() -> asyncio.Event:
     return event
 
 
-__all__ = ["metrics_url", "serve_api", "tls_context"]
+__all__ = ["edge_admin_url", "serve_api", "tls_context"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.cli import admin_commands
+from edge.cli import admin_commands, live
 from edge.cli.output import emit_json, table, to_jsonable
 from edge.config import EdgeConfig, load_config
 from edge.directory.model import HOST_STATES, TENANT_STATES
@@ -179,8 +179,12 @@ async def cmd_host_show(ctx: Context) -> Any:
 
 
 async def cmd_host_set_state(ctx: Context) -> Any:
-    host = await ctx.service().set_host_state(ctx.args.name, ctx.args.state, ctx.args.notice)
-    return host if ctx.json else f"host {host.name} is now {host.state}"
+    until = live.parse_until(ctx.args.until) if ctx.args.until else None
+    host = await ctx.service().set_host_state(ctx.args.name, ctx.args.state, ctx.args.notice,
+                                              until=until)
+    if ctx.json:
+        return host
+    return f"host {host.name} is now {host.state}" + (f" until {iso(until)}" if until else "")
 
 
 async def cmd_tenant_add(ctx: Context) -> Any:
@@ -489,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("state", choices=HOST_STATES)
     p.add_argument("--notice", help="text users see while the host is in maintenance")
+    p.add_argument("--until", metavar="TIME", help="maintenance only: when it ends by itself "
+                   "(ISO 8601, UTC unless given, e.g. 2026-12-08T06:00Z, or +2h)")
+    live.add_host_drain(hs, _leaf)
     p = _leaf(hs, "pin-ssh-key", cmd_host_pin_ssh_key,
               "fetch a host's SSH host keys, show fingerprints, pin them for the SSH proxy")
     p.add_argument("name")
@@ -593,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes (default [serve] workers)")
     p.add_argument("--only", metavar="LIST", help="comma list of proxies to run: ssh,ftp,http,https")
 
+    live.add_commands(sub, _leaf)
+
     p = _leaf(sub, "demo", cmd_demo,
               "set up a demo directory with local backends and run the proxies")
     p.add_argument("--dir", default=".edge-demo", help="where the demo keeps its files")
@@ -607,7 +616,7 @@ _NEEDS_STORE = {cmd_init, cmd_host_add, cmd_host_list, cmd_host_show, cmd_host_s
                 cmd_tenant_set_state, cmd_account_add, cmd_account_list, cmd_account_remove,
                 cmd_site_add, cmd_site_set, cmd_site_list, cmd_site_remove, cmd_cert_import,
                 cmd_cert_list, cmd_cache_purge, cmd_bulk_load, cmd_route,
-                cmd_changes_list, cmd_changes_prune}
+                cmd_changes_list, cmd_changes_prune, *live.NEEDS_STORE}
 
 
 async def _run_async(handler: Handler, ctx: Context) -> Any:
@@ -635,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler in (cmd_serve, cmd_demo):
             return int(handler(args, config))
         ctx = Context(args, config)
-        result = asyncio.run(_run_async(handler, ctx))
+        run = handler(ctx) if handler in live.NO_STORE else _run_async(handler, ctx)
+        result = asyncio.run(run)
     except EdgeError as exc:
         print(f"edge: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -42,6 +42,9 @@ class Host:
     send_proxy_protocol: ProxyProtocolMode = "off"
     backend_tls: bool = False
     """Speak TLS to this host's FTP/HTTP backends (certificates verified)."""
+    maintenance_until: float | None = None
+    """Unix time a maintenance window ends (``set-state ... --until``); from then on the host
+    counts as active (:func:`edge.sessionpolicy.host_state`). ``None``: until changed."""
 
 
 @dataclass(frozen=True, slots=True)

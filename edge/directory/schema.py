@@ -99,7 +99,32 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             created_at DOUBLE NOT NULL
         ){table_options}""",
     ]),
-    (2, "admin api tokens, idempotency keys and operations", [
+    (2, "maintenance windows and operations", [
+        "ALTER TABLE hosts ADD COLUMN maintenance_until DOUBLE NULL",
+        # One row per long operation (a host drain); its plan is one row per step, so a
+        # resumed run continues exactly where the last committed step left it.
+        """CREATE TABLE operations (
+            id {pk},
+            kind VARCHAR(32) NOT NULL,
+            target {name} NOT NULL,
+            params {text} NOT NULL,
+            state VARCHAR(16) NOT NULL,
+            error {text} NOT NULL,
+            created_at DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL
+        ){table_options}""",
+        "CREATE INDEX operations_target ON operations (kind, target)",
+        """CREATE TABLE operation_steps (
+            operation_id BIGINT NOT NULL REFERENCES operations (id),
+            seq INTEGER NOT NULL,
+            tenant {name} NOT NULL,
+            to_host {name} NOT NULL,
+            state VARCHAR(16) NOT NULL,
+            done_at DOUBLE NULL,
+            PRIMARY KEY (operation_id, seq)
+        ){table_options}""",
+    ]),
+    (3, "admin api tokens and idempotency keys", [
         # Only a SHA-256 of each token is stored: tokens are 256 random bits, so a fast hash
         # is enough (nothing to brute-force), and a leaked database grants no API access.
         """CREATE TABLE api_tokens (
@@ -120,15 +145,6 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             response {text} NOT NULL,
             created_at DOUBLE NOT NULL,
             UNIQUE (token_name, idem_key)
-        ){table_options}""",
-        """CREATE TABLE api_operations (
-            id {pk},
-            kind VARCHAR(32) NOT NULL,
-            target {name} NOT NULL,
-            actor {name} NOT NULL,
-            detail {text} NOT NULL,
-            created_at DOUBLE NOT NULL,
-            deadline DOUBLE NOT NULL
         ){table_options}""",
     ]),
 ]

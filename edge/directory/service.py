@@ -35,7 +35,14 @@ from edge.directory.model import (
 from edge.directory.names import normalize_hostname, wildcard_parent
 from edge.directory.rules import validate_cache_policy, validate_filters
 from edge.directory.secrets import KeyBox
-from edge.directory.store import HOST_COLUMNS, SQLStore, Tx, append_change, host_from_row
+from edge.directory.store import (
+    HOST_COLUMNS,
+    HOST_READ_COLUMNS,
+    SQLStore,
+    Tx,
+    append_change,
+    host_from_row,
+)
 from edge.errors import ConflictError, NotFoundError, ValidationError
 
 DEFAULT_MOVE_DRAIN = 300.0
@@ -215,7 +222,7 @@ class DirectoryService:
         return await self.get_host(name)
 
     async def get_host(self, name: str) -> Host:
-        row = await self.store.fetchone(f"SELECT {HOST_COLUMNS} FROM hosts WHERE name = ?", (name,))
+        row = await self.store.fetchone(f"SELECT {HOST_READ_COLUMNS} FROM hosts WHERE name = ?", (name,))
         if row is None:
             raise NotFoundError(f"host {name!r} does not exist")
         return host_from_row(row)
@@ -223,7 +230,8 @@ class DirectoryService:
     async def update_host(self, name: str, **fields: Any) -> Host:
         """Change some of a host's settings (``state``, ``notice``, ``ssh_known_hosts``, ...)."""
         allowed = {"address", "ssh_port", "ftp_port", "http_port", "https_port", "state", "notice",
-                   "ssh_known_hosts", "ssh_insecure", "send_proxy_protocol", "backend_tls"}
+                   "ssh_known_hosts", "ssh_insecure", "send_proxy_protocol", "backend_tls",
+                   "maintenance_until"}
         unknown = set(fields) - allowed
         if unknown:
             raise ValidationError(f"unknown host field {sorted(unknown)[0]!r}")
@@ -247,8 +255,17 @@ class DirectoryService:
             await append_change(tx, "host", name)
         return await self.get_host(name)
 
-    async def set_host_state(self, name: str, state: str, notice: str | None = None) -> Host:
-        fields: dict[str, Any] = {"state": state}
+    async def set_host_state(self, name: str, state: str, notice: str | None = None, *,
+                             until: float | None = None, now: float | None = None) -> Host:
+        """Set ``state``; ``until`` (Unix time, maintenance only) ends the window by itself:
+        from then on every proxy treats the host as active (edge.sessionpolicy.host_state).
+        Any state change clears an earlier ``until``."""
+        if until is not None:
+            if state != "maintenance":
+                raise ValidationError("--until applies only to the maintenance state")
+            if until <= (time.time() if now is None else now):
+                raise ValidationError("--until must be in the future")
+        fields: dict[str, Any] = {"state": state, "maintenance_until": until}
         if notice is not None:
             fields["notice"] = notice
         return await self.update_host(name, **fields)
@@ -280,24 +297,30 @@ class DirectoryService:
         if drain < 0:
             raise ValidationError("--drain must not be negative")
         async with self.store.transaction() as tx:
-            row = await tx.fetchone("SELECT id, host_id FROM tenants WHERE name = ?", (name,))
-            if row is None:
-                raise NotFoundError(f"tenant {name!r} does not exist")
-            tenant_id, old_host_id = row
-            target = await tx.fetchone("SELECT id, state FROM hosts WHERE name = ?", (to_host,))
-            if target is None:
-                raise NotFoundError(f"host {to_host!r} does not exist")
-            new_host_id, state = int(target[0]), str(target[1])
-            if new_host_id == old_host_id:
-                raise ValidationError(f"tenant {name!r} is already on host {to_host!r}")
-            if state != "active" and not force:
-                raise ConflictError(f"host {to_host!r} is {state}: moving tenant {name!r} there "
-                                    "would turn its users away (--force to move anyway)")
-            await tx.execute(
-                "UPDATE tenants SET host_id = ?, previous_host_id = ?, drain_deadline = ? "
-                "WHERE id = ?", (new_host_id, old_host_id, time.time() + drain, tenant_id))
-            await append_change(tx, "tenant", name)
+            await self.move_tenant_in(tx, name, to_host, drain=drain, force=force)
         return await self.get_tenant(name)
+
+    async def move_tenant_in(self, tx: Tx, name: str, to_host: str, *, drain: float,
+                             force: bool = False) -> None:
+        """:meth:`move_tenant` inside the caller's transaction (a host drain commits each
+        move together with its step, so a resumed drain never moves a tenant twice)."""
+        row = await tx.fetchone("SELECT id, host_id FROM tenants WHERE name = ?", (name,))
+        if row is None:
+            raise NotFoundError(f"tenant {name!r} does not exist")
+        tenant_id, old_host_id = row
+        target = await tx.fetchone("SELECT id, state FROM hosts WHERE name = ?", (to_host,))
+        if target is None:
+            raise NotFoundError(f"host {to_host!r} does not exist")
+        new_host_id, state = int(target[0]), str(target[1])
+        if new_host_id == old_host_id:
+            raise ValidationError(f"tenant {name!r} is already on host {to_host!r}")
+        if state != "active" and not force:
+            raise ConflictError(f"host {to_host!r} is {state}: moving tenant {name!r} there "
+                                "would turn its users away (--force to move anyway)")
+        await tx.execute(
+            "UPDATE tenants SET host_id = ?, previous_host_id = ?, drain_deadline = ? "
+            "WHERE id = ?", (new_host_id, old_host_id, time.time() + drain, tenant_id))
+        await append_change(tx, "tenant", name)
 
     async def set_tenant_state(self, name: str, state: str) -> Tenant:
         if state not in TENANT_STATES:

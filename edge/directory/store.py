@@ -24,6 +24,8 @@ Row = tuple[Any, ...]
 
 HOST_COLUMNS = ("name, address, ssh_port, ftp_port, http_port, https_port, state, notice, "
                 "ssh_known_hosts, ssh_insecure, send_proxy_protocol, backend_tls")
+HOST_READ_COLUMNS = HOST_COLUMNS + ", maintenance_until"
+"""What reads select: ``maintenance_until`` (migration 2) is set only by ``set-state``."""
 _ACCOUNT_SELECT = ("SELECT a.username, t.name, a.protocols, a.upstream_username, "
                    "a.authorized_keys FROM accounts a JOIN tenants t ON t.id = a.tenant_id")
 _TENANT_SELECT = ("SELECT t.name, h.name, t.state, p.name, t.drain_deadline FROM tenants t "
@@ -51,7 +53,8 @@ def host_from_row(row: Row) -> Host:
     return Host(name=row[0], address=row[1], ssh_port=int(row[2]), ftp_port=int(row[3]),
                 http_port=int(row[4]), https_port=int(row[5]), state=row[6], notice=row[7],
                 ssh_known_hosts=row[8], ssh_insecure=bool(row[9]), send_proxy_protocol=row[10],
-                backend_tls=bool(row[11]))
+                backend_tls=bool(row[11]),
+                maintenance_until=None if len(row) < 13 or row[12] is None else float(row[12]))
 
 
 def tenant_from_row(row: Row) -> Tenant:
@@ -164,7 +167,7 @@ class SQLStore(abc.ABC):
         return None if row is None else tenant_from_row(row)
 
     async def fetch_host(self, name: str) -> Host | None:
-        row = await self.fetchone(f"SELECT {HOST_COLUMNS} FROM hosts WHERE name = ?", (name,))
+        row = await self.fetchone(f"SELECT {HOST_READ_COLUMNS} FROM hosts WHERE name = ?", (name,))
         return None if row is None else host_from_row(row)
 
     async def fetch_site_pair(self, hostname: str,
@@ -217,7 +220,7 @@ class SQLStore(abc.ABC):
 
     async def list_hosts(self) -> list[Host]:
         return [host_from_row(r) for r in
-                await self.fetchall(f"SELECT {HOST_COLUMNS} FROM hosts ORDER BY name")]
+                await self.fetchall(f"SELECT {HOST_READ_COLUMNS} FROM hosts ORDER BY name")]
 
     async def list_tenants(self, *, host: str | None = None, after: str = "",
                            limit: int = 1000) -> list[Tenant]:
@@ -293,4 +296,4 @@ async def append_change(tx: Tx, entity: str, name: str) -> None:
     await tx.execute(append_change_sql(), (entity, name, time.time()))
 
 
-__all__ = ["HOST_COLUMNS", "SQLStore", "Tx", "append_change"]
+__all__ = ["HOST_COLUMNS", "HOST_READ_COLUMNS", "SQLStore", "Tx", "append_change"]

@@ -51,9 +51,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge.admin import AdminServer
+from edge.admin import AdminServer, render_metrics
 from edge.config import EdgeConfig, ListenAddress, load_config
 from edge.errors import ConfigError, EdgeError
+from edge.liveapi import LiveRoutes
 from edge.ports import AddressInUse, check_free
 from edge.registry import Proxy, enabled_listeners, load_proxy
 from edge.serve.worker import CONFIG_EXIT, WorkerSpec, run_worker
@@ -220,12 +221,14 @@ class Supervisor:
     """The master's event loop: admin listener, worker generations, signals."""
 
     def __init__(self, config: EdgeConfig, plan: Plan, *, workers_override: int | None,
-                 only: set[str] | None, multiproc_dir: str) -> None:
+                 only: set[str] | None, multiproc_dir: str, control_dir: str = "") -> None:
         self.config = config
         self.plan = plan
         self._workers_override = workers_override
         self._only = only
         self._multiproc_dir = multiproc_dir
+        self._control_dir = control_dir
+        """Where workers put their control sockets (edge.sessions); "" = none."""
         self._database_override = _database_override(config)
         self.pool = SocketPool()
         self.generations: list[Generation] = []
@@ -245,10 +248,17 @@ class Supervisor:
     async def run(self) -> int:
         """Serve until stopped; returns the exit code (0). Raises EdgeError on start-up."""
         loop = asyncio.get_running_loop()
+        def admin_expected() -> int:
+            return self.plan.workers if self.plan.proxies else 0
+
         admin = AdminServer(database=lambda: self.config.database, workers=self.workers_problem,
-                            expected_workers=lambda: self.plan.workers if self.plan.proxies else 0,
-                            multiproc_dir=self._multiproc_dir)
+                            expected_workers=admin_expected, multiproc_dir=self._multiproc_dir)
         self._admin = admin
+        admin.live = LiveRoutes(
+            control_dir=self._control_dir, worker_pids=lambda: sorted(self._by_pid),
+            metrics=lambda: render_metrics(self._multiproc_dir, admin_expected()),
+            ping=admin.ping, workers_problem=self.workers_problem,
+            listeners=lambda: sorted(self.plan.listeners))
         try:
             bound = await admin.start(self.config.admin.listen)
         except OSError as exc:
@@ -348,7 +358,8 @@ class Supervisor:
         admin_sockets = self._admin.sockets if self._admin is not None else []
         read_fd, write_fd = os.pipe()
         spec = WorkerSpec(worker_id=slot, generation=gen.number, config=plan.config,
-                          proxies=plan.proxies, sockets=own, ready_fd=write_fd)
+                          proxies=plan.proxies, sockets=own, ready_fd=write_fd,
+                          control_dir=self._control_dir)
         sys.stdout.flush()
         sys.stderr.flush()
         # Block the signals the worker will handle until its own loop has installed handlers,
@@ -585,6 +596,8 @@ def serve(config: EdgeConfig, *, workers: int | None = None, only: set[str] | No
 
     configure(config.log)
     path, saved = _prepare_metrics_dir()
+    # Mode 0700 (mkdtemp): only this user may list or end sessions through worker sockets.
+    control_dir = tempfile.mkdtemp(prefix="edge-control-")
     try:
         plan = make_plan(config, workers, only)
         # Loading the proxies imported edge.metrics here in the master, which created files
@@ -594,10 +607,11 @@ def serve(config: EdgeConfig, *, workers: int | None = None, only: set[str] | No
 
         multiprocess.mark_process_dead(os.getpid(), path)  # type: ignore[no-untyped-call]
         supervisor = Supervisor(config, plan, workers_override=workers, only=only,
-                                multiproc_dir=path)
+                                multiproc_dir=path, control_dir=control_dir)
         return asyncio.run(supervisor.run())
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(control_dir, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

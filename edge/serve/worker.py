@@ -38,6 +38,7 @@ from edge.directory.store import SQLStore
 from edge.directory.stores import store_for_url
 from edge.errors import ConfigError, EdgeError, SecretsError
 from edge.registry import Proxy, ProxyContext
+from edge.sessions import ControlServer, SessionTable
 
 if TYPE_CHECKING:
     from edge.metrics import DirectoryExporter
@@ -66,6 +67,8 @@ class WorkerSpec:
     ready_fd: int = -1
     """Write end of a pipe; the worker writes ``R`` once its proxies accept."""
     master_pid: int = field(default_factory=os.getpid)
+    control_dir: str = ""
+    """Where to serve this worker's control socket (edge.sessions); "" = none."""
 
 
 CONFIG_EXIT = 78
@@ -186,14 +189,18 @@ async def _main(spec: WorkerSpec) -> int:
     feed = ChangeFeed(directory, interval=config.cache.change_poll_interval)
     await feed.start()
 
+    table = SessionTable(spec.worker_id)
     proxies: dict[str, Proxy] = {}
     for name, cls in spec.proxies.items():
         context = ProxyContext(config=config, directory=directory, feed=feed, keybox=keybox,
                                worker_id=spec.worker_id, name=name,
-                               logger=logging.getLogger(f"edge.proxy.{name}"))
+                               logger=logging.getLogger(f"edge.proxy.{name}"), sessions=table)
         proxy = cls(context)
         await proxy.start(spec.sockets.get(name, []))
         proxies[name] = proxy
+    control = ControlServer(table)
+    if spec.control_dir:
+        await control.start(spec.control_dir)
     # The other slots' sockets were closed right after fork; ours now belong to the proxies.
     metrics.WORKER_UP.set(1)
     if spec.ready_fd >= 0:
@@ -218,6 +225,7 @@ async def _main(spec: WorkerSpec) -> int:
         log.info("grace period over, closing sessions", extra={"sessions": left})
     await asyncio.gather(*(p.close() for p in proxies.values()), return_exceptions=True)
     metrics.WORKER_UP.set(0)
+    await control.stop()
     stats_task.cancel()
     opener.cancel()
     await feed.stop()

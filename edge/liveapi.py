@@ -1,0 +1,98 @@
+"""The admin listener's live view: ``/sessions``, ``/sessions/{id}/kill``, ``/status``.
+
+Served by the master (:class:`edge.admin.AdminServer`), loopback by default, like
+``/metrics``: whoever reaches the admin listener may list and end sessions (bind it to
+loopback or put the token-checking admin API in front of it).
+
+* ``GET /sessions?host=&user=&protocol=`` → ``{"sessions": [...], "errors": [...]}`` from every
+  live worker (:mod:`edge.sessions`); ``errors`` names workers that did not answer.
+* ``POST /sessions/{id}/kill`` (JSON body ``{"message": "..."}``, optional) → 200
+  ``{"killed": id}``, 404 if no live worker has that session.
+* ``GET /status?window=1`` → :class:`edge.status.Status` as JSON (two metric readings
+  ``window`` seconds apart, 0.2 to 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+
+from aiohttp import web
+
+from edge import sessions, status
+
+MAX_MESSAGE = 400
+"""Longest kill message (characters): it ends up in an SSH disconnect / FTP 421 line."""
+
+
+class LiveRoutes:
+    """The handlers; the supervisor gives them its live worker pids and metric readings."""
+
+    def __init__(self, *, control_dir: str, worker_pids: Callable[[], list[int]],
+                 metrics: Callable[[], bytes], ping: Callable[[], Awaitable[str | None]],
+                 workers_problem: Callable[[], str | None],
+                 listeners: Callable[[], list[str]]) -> None:
+        self.control_dir = control_dir
+        self._pids = worker_pids
+        self._metrics = metrics
+        self._ping = ping
+        self._workers_problem = workers_problem
+        self._listeners = listeners
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/sessions", self.list_sessions)
+        app.router.add_post("/sessions/{id}/kill", self.kill_session)
+        app.router.add_get("/status", self.status)
+
+    async def list_sessions(self, request: web.Request) -> web.Response:
+        """200 with every live session matching the query's filters."""
+        query = request.query
+        listing = await sessions.list_sessions(self.control_dir, self._pids())
+        rows = [asdict(s) for s in listing.sessions
+                if sessions.matches(s, host=query.get("host"), user=query.get("user"),
+                                    protocol=query.get("protocol"))]
+        return web.json_response({"sessions": rows, "errors": listing.errors})
+
+    async def kill_session(self, request: web.Request) -> web.Response:
+        """200 ``{"killed": id}``; 404 when no live worker holds it; 400 on a bad body."""
+        session_id = request.match_info["id"]
+        message = ""
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                return _error(400, "the body must be JSON: {\"message\": \"...\"}")
+            if not isinstance(body, dict) or not isinstance(body.get("message", ""), str):
+                return _error(400, "\"message\" must be a string")
+            message = body.get("message", "")
+        if len(message) > MAX_MESSAGE or any(c in message for c in "\r\n\0"):
+            return _error(400, f"the message must be one line of at most {MAX_MESSAGE} characters")
+        if not await sessions.kill_session(self.control_dir, self._pids(), session_id, message):
+            return _error(404, f"no live session {session_id!r} (ended already?)")
+        return web.json_response({"killed": session_id})
+
+    async def status(self, request: web.Request) -> web.Response:
+        """200 with the status over ``?window=`` seconds (default 1)."""
+        try:
+            window = min(10.0, max(0.2, float(request.query.get("window", "1"))))
+        except ValueError:
+            return _error(400, "window must be a number of seconds")
+        before = status.parse_samples(self._metrics().decode())
+        started = time.monotonic()
+        problem = await self._ping()
+        latency = None if problem else (time.monotonic() - started) * 1000
+        await asyncio.sleep(max(0.0, window - (time.monotonic() - started)))
+        after = status.parse_samples(self._metrics().decode())
+        result = status.summarize(before, after, window, listeners=self._listeners(),
+                                  workers_problem=self._workers_problem(),
+                                  database_problem=problem, lookup_latency_ms=latency)
+        return web.json_response(asdict(result))
+
+
+def _error(code: int, text: str) -> web.Response:
+    return web.json_response({"error": text}, status=code)
+
+
+__all__ = ["LiveRoutes"]
