@@ -86,6 +86,36 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """``edge admin serve``: the admin HTTP API and web console (a process of its own)."""
+
+    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 9901),)
+    certificate_file: str = ""
+    """PEM chain for HTTPS; required when any listen address is not loopback (tokens and
+    the console cookie must not cross a network in clear text)."""
+    key_file: str = ""
+    """PEM private key for certificate_file ("" = the key is in certificate_file)."""
+
+    def __post_init__(self) -> None:
+        if self.key_file and not self.certificate_file:
+            raise ConfigError("[api] key_file: set certificate_file too")
+        exposed = [str(a) for a in self.listen if not is_loopback(a.host)]
+        if exposed and not self.certificate_file:
+            raise ConfigError(f"[api] listen: {', '.join(exposed)} is not loopback; set "
+                              "certificate_file (and key_file) so the API is served over TLS")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: addresses no other machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
 class ServeConfig:
     workers: int = 1
     grace_period: float = 30.0
@@ -356,6 +386,7 @@ class EdgeConfig:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

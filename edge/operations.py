@@ -40,6 +40,9 @@ from edge.errors import ConflictError, DirectoryUnavailable, NotFoundError, Vali
 log = logging.getLogger("edge.operations")
 
 HOST_DRAIN = "host-drain"
+TENANT_MOVE = "tenant-move"
+"""One tenant moved (the admin API's ``POST /tenants/{name}/move``): a one-step operation whose
+step commits with the move itself; its target is the host the tenant left."""
 UNFINISHED = ("running", "failed")
 """States a later run resumes (``failed``: a step could not be done; fix the cause, rerun)."""
 STEP_STATES = ("pending", "done", "skipped")
@@ -209,6 +212,28 @@ class Operations:
             [(operation_id, seq, tenant, target) for seq, (tenant, target) in enumerate(plan, 1)])
         return int(operation_id)
 
+    async def move_tenant(self, tenant: str, to_host: str, *, drain: float = DEFAULT_MOVE_DRAIN,
+                          force: bool = False) -> Operation:
+        """Move one tenant now, recorded as a finished one-step operation in the same
+        transaction (so the record exists exactly when the move happened). What remains is the
+        drain of its old sessions, ``params["drain"]`` seconds after the step's ``done_at``."""
+        if drain < 0:
+            raise ValidationError("--drain must not be negative")
+        async with self.store.transaction() as tx:
+            row = await tx.fetchone("SELECT h.name FROM tenants t JOIN hosts h ON "
+                                    "h.id = t.host_id WHERE t.name = ?", (tenant,))
+            await self.service.move_tenant_in(tx, tenant, to_host, drain=drain, force=force)
+            now = time.time()
+            params = {"tenant": tenant, "to": to_host, "drain": drain, "force": force}
+            operation_id = await tx.execute(
+                "INSERT INTO operations (kind, target, params, state, error, created_at, "
+                "updated_at) VALUES (?, ?, ?, 'done', '', ?, ?)",
+                (TENANT_MOVE, str(row[0]) if row else "", json.dumps(params), now, now))
+            await tx.execute(
+                "INSERT INTO operation_steps (operation_id, seq, tenant, to_host, state, done_at) "
+                "VALUES (?, 1, ?, ?, 'done', ?)", (operation_id, tenant, to_host, now))
+        return await self.get(int(operation_id))
+
     # -- running -------------------------------------------------------------------------
 
     async def resume(self, operation_id: int, *, retry_for: float = 0.0,
@@ -309,4 +334,4 @@ def _operation(row: Any, steps: list[Step]) -> Operation:
                      updated_at=float(row[7]), steps=steps)
 
 
-__all__ = ["HOST_DRAIN", "DrainOptions", "Operation", "Operations", "Step", "parse_rate"]
+__all__ = ["HOST_DRAIN", "TENANT_MOVE", "DrainOptions", "Operation", "Operations", "Step", "parse_rate"]

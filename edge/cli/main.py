@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.cli import live
+from edge.cli import admin_commands, live
 from edge.cli.output import emit_json, table, to_jsonable
 from edge.config import EdgeConfig, load_config
 from edge.directory.model import HOST_STATES, TENANT_STATES, ChangeRecord
@@ -763,6 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _leaf(sub, "bulk-load", cmd_bulk_load,
               "load hosts/tenants/accounts/sites/certificates from a JSON Lines file, fast")
     p.add_argument("file")
+
+    admin_commands.register(sub, _leaf)
 
     p = _leaf(sub, "serve", cmd_serve, "run the proxies and the admin listener")
     p.add_argument("--workers", type=int, help="worker processes (default [serve] workers)")

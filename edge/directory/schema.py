@@ -137,6 +137,29 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             PRIMARY KEY (operation_id, seq)
         ){table_options}""",
     ]),
+    (4, "admin api tokens and idempotency keys", [
+        # Only a SHA-256 of each token is stored: tokens are 256 random bits, so a fast hash
+        # is enough (nothing to brute-force), and a leaked database grants no API access.
+        """CREATE TABLE api_tokens (
+            id {pk},
+            name {name} NOT NULL,
+            token_sha256 CHAR(64) NOT NULL,
+            scopes VARCHAR(64) NOT NULL,
+            created_at DOUBLE NOT NULL,
+            UNIQUE (name),
+            UNIQUE (token_sha256)
+        ){table_options}""",
+        """CREATE TABLE api_idempotency (
+            id {pk},
+            token_name {name} NOT NULL,
+            idem_key {name} NOT NULL,
+            request_sha256 CHAR(64) NOT NULL,
+            status INTEGER NOT NULL,
+            response {text} NOT NULL,
+            created_at DOUBLE NOT NULL,
+            UNIQUE (token_name, idem_key)
+        ){table_options}""",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -285,6 +285,28 @@ class SQLStore(abc.ABC):
             f"{_CERT_SELECT} WHERE id > ? ORDER BY id LIMIT {int(limit)}", (after,))
         return [certificate_from_row(r) for r in rows]
 
+    async def tenants_per_host(self) -> dict[str, int]:
+        """How many tenants each host serves (hosts without tenants are absent)."""
+        rows = await self.fetchall("SELECT h.name, COUNT(*) FROM tenants t "
+                                   "JOIN hosts h ON h.id = t.host_id GROUP BY h.name")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def changes_about(self, names: dict[str, Sequence[str]],
+                            limit: int = 20) -> list[tuple[Change, float]]:
+        """The newest changes whose (entity, name) is in ``names`` (entity → names), newest
+        first: a tenant's history is its own row plus its accounts' and sites'."""
+        clauses, params = [], []
+        for entity, values in names.items():
+            if values:
+                clauses.append(f"(entity = ? AND name IN ({','.join('?' * len(values))}))")
+                params += [entity, *values]
+        if not clauses:
+            return []
+        rows = await self.fetchall(
+            f"SELECT id, entity, name, created_at FROM changes WHERE {' OR '.join(clauses)} "
+            f"ORDER BY id DESC LIMIT {int(limit)}", params)
+        return [(Change(int(r[0]), r[1], r[2]), float(r[3])) for r in rows]
+
     async def count(self, table: str) -> int:
         if table not in ("hosts", "tenants", "accounts", "sites", "certificates", "changes"):
             raise ValueError(f"unknown table {table}")
