@@ -59,6 +59,10 @@ class DatabaseConfig:
     """``sqlite:///path`` (embedded default) or ``mysql://user:pass@host:port/db``."""
     replica_url: str = ""
     """Optional read replica the proxies use for lookups *and* the change feed."""
+    replica_fallback: str = "primary"
+    """When the replica fails: ``"primary"`` reads from ``url`` until the replica answers and
+    has caught up; ``"stale"`` serves what the workers hold in memory (the primary never sees
+    the proxies' reads). See :mod:`edge.directory.replica`."""
     pool_size: int = 10
     connect_timeout: float = 3.0
     query_timeout: float = 2.0
@@ -351,6 +355,7 @@ class EdgeConfig:
 
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("database", "replica_fallback"): ("primary", "stale"),
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("json", "text"),
     ("log", "asyncssh_level"): ("debug", "info", "warning", "error"),
