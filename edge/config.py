@@ -82,6 +82,10 @@ class SecretsConfig:
     """Base64 (url-safe) 256-bit AES-GCM key for private keys at rest. Prefer key_file or env."""
     key_file: str = ""
     key_env: str = "EDGE_SECRET_KEY"
+    previous_key_files: tuple[str, ...] = ()
+    """Files of keys that are being rotated out: accepted for decrypting what they encrypted,
+    never used to encrypt (``edge secret rotate`` re-encrypts every stored key with the current
+    one; then remove them). See docs/operations.md, "Rotate the secret key"."""
 
 
 @dataclass(frozen=True, slots=True)

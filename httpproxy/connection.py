@@ -1188,6 +1188,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(data)
         req.status = status
         req.bytes_out = len(data)
+        if status >= 500:  # the availability SLI counts only the edge's own 5xx
+            errors = self.engine.stats.edge_errors
+            errors[status] = errors.get(status, 0) + 1
         if status >= 400:
             log.debug("%s %s -> %d: %s", self.client_ip, req.host_header[:100], status, reason)
         self._done(req)

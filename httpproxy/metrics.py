@@ -13,8 +13,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from edge.metrics import BYTES
 
-__all__ = ["BUCKETS", "CACHE_BYTES", "CACHE_RESULTS", "CONNECTIONS_REFUSED", "LATENCY", "LOOKUPS",
-           "REQUESTS", "LocalHistogram", "LocalStats"]
+__all__ = ["BUCKETS", "CACHE_BYTES", "CACHE_RESULTS", "CONNECTIONS_REFUSED", "EDGE_ERRORS",
+           "LATENCY", "LOOKUPS", "REQUESTS", "LocalHistogram", "LocalStats"]
 
 REQUESTS = Counter("edge_http_requests", "HTTP requests answered, by status class (2xx...).",
                    ["status_class"])
@@ -30,6 +30,9 @@ LOOKUPS = Counter("edge_http_site_lookups",
 CONNECTIONS_REFUSED = Counter("edge_http_connections_refused",
                               "Client connections turned away before any request was read: "
                               "per_ip_cap (over [http] max_connections_per_ip).", ["reason"])
+EDGE_ERRORS = Counter("edge_http_edge_errors",
+                      "5xx responses the edge answered itself (a backend's own 5xx is not "
+                      "counted): the HTTP availability SLI's errors.", ["status"])
 CACHE_BYTES = Gauge("edge_http_cache_bytes", "Bytes held by the content cache, summed over workers.",
                     multiprocess_mode="livesum")
 
@@ -88,7 +91,7 @@ class LocalHistogram:
 class LocalStats:
     """Plain counters the hot path increments; :meth:`export` publishes them."""
 
-    __slots__ = ("_sent", "cache", "latency", "lookups", "refused", "status", "traffic")
+    __slots__ = ("_sent", "cache", "edge_errors", "latency", "lookups", "refused", "status", "traffic")
 
     def __init__(self) -> None:
         self.status = [0] * 6  # index: status // 100
@@ -96,6 +99,8 @@ class LocalStats:
         self.cache: dict[str, int] = {"HIT": 0, "MISS": 0, "STALE": 0, "BYPASS": 0}
         self.lookups: dict[str, int] = {"cached": 0, "loaded": 0, "unknown": 0, "error": 0}
         self.refused: dict[str, int] = {"per_ip_cap": 0}
+        self.edge_errors: dict[int, int] = {}
+        """Status → 5xx answers the edge made itself (its own error pages)."""
         self.traffic: dict[str, list[int]] = {"http": [0, 0], "https": [0, 0]}
         """proxy → [downstream bytes, upstream bytes], exported to ``edge_bytes`` (edge.metrics);
         a connection keeps its proxy's list so counting costs two list additions."""
@@ -128,6 +133,10 @@ class LocalStats:
             delta = self._delta("r" + name, value)
             if delta:
                 CONNECTIONS_REFUSED.labels(reason=name).inc(delta)
+        for status, value in self.edge_errors.items():
+            delta = self._delta(f"e{status}", value)
+            if delta:
+                EDGE_ERRORS.labels(status=str(status)).inc(delta)
         self.latency.export()
         for proxy, counts in self.traffic.items():
             for direction, value in zip(("downstream", "upstream"), counts, strict=True):
