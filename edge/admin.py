@@ -28,7 +28,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from edge.config import DatabaseConfig, ListenAddress
-from edge.directory.stores import store_for_url
+from edge.directory.stores import read_store
 from edge.liveapi import LiveRoutes
 from edge.ports import in_use_message
 
@@ -78,7 +78,7 @@ async def ping_directory(config: DatabaseConfig, within: float = PING_TIMEOUT) -
     Opens a short-lived store each time: the master keeps no connection (and so no SQLite
     helper thread) around while it forks workers.
     """
-    store = store_for_url(config.read_url, config)
+    store = read_store(config)
 
     async def _ping() -> None:
         await store.open()

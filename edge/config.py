@@ -59,6 +59,10 @@ class DatabaseConfig:
     """``sqlite:///path`` (embedded default) or ``mysql://user:pass@host:port/db``."""
     replica_url: str = ""
     """Optional read replica the proxies use for lookups *and* the change feed."""
+    replica_fallback: str = "primary"
+    """When the replica fails: ``"primary"`` reads from ``url`` until the replica answers and
+    has caught up; ``"stale"`` serves what the workers hold in memory (the primary never sees
+    the proxies' reads). See :mod:`edge.directory.replica`."""
     pool_size: int = 10
     connect_timeout: float = 3.0
     query_timeout: float = 2.0
@@ -78,6 +82,10 @@ class SecretsConfig:
     """Base64 (url-safe) 256-bit AES-GCM key for private keys at rest. Prefer key_file or env."""
     key_file: str = ""
     key_env: str = "EDGE_SECRET_KEY"
+    previous_key_files: tuple[str, ...] = ()
+    """Files of keys that are being rotated out: accepted for decrypting what they encrypted,
+    never used to encrypt (``edge secret rotate`` re-encrypts every stored key with the current
+    one; then remove them). See docs/operations.md, "Rotate the secret key"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,6 +411,7 @@ class EdgeConfig:
 
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("database", "replica_fallback"): ("primary", "stale"),
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("json", "text"),
     ("log", "asyncssh_level"): ("debug", "info", "warning", "error"),

@@ -53,6 +53,12 @@ DIRECTORY_LAST_SUCCESS_AGE = Gauge(
     "Seconds since a query last reached the directory database (worst live worker; 0 before "
     "the first).", multiprocess_mode="livemax")
 
+DIRECTORY_READ_SOURCE = Gauge(
+    "edge_directory_read_source",
+    "1 for the database live workers read lookups and the change feed from: primary, or "
+    "replica ([database] replica_url); both 1 while workers disagree.", ["source"],
+    multiprocess_mode="livemax")
+
 CONNECTIONS = Counter(
     "edge_connections", "Client connections accepted, by proxy.", ["proxy"])
 
@@ -109,7 +115,13 @@ def export_breaker(is_open: bool, seconds_since_success: float) -> None:
     DIRECTORY_LAST_SUCCESS_AGE.set(seconds_since_success)
 
 
+def export_read_source(source: str) -> None:
+    """Set ``edge_directory_read_source`` (see :mod:`edge.directory.replica`)."""
+    for name in ("primary", "replica"):
+        DIRECTORY_READ_SOURCE.labels(source=name).set(1 if name == source else 0)
+
+
 __all__ = ["ACTIVE_SESSIONS", "BYTES", "CHANGE_FEED_HEALTHY", "CHANGE_FEED_LAG", "CONNECTIONS",
            "DIRECTORY_BREAKER_OPEN", "DIRECTORY_CACHE_ENTRIES", "DIRECTORY_LAST_SUCCESS_AGE",
-           "DIRECTORY_LOOKUPS", "WORKER_UP", "DirectoryExporter", "export_breaker",
-           "export_feed"]
+           "DIRECTORY_LOOKUPS", "DIRECTORY_READ_SOURCE", "WORKER_UP", "DirectoryExporter",
+           "export_breaker", "export_feed", "export_read_source"]

@@ -1133,6 +1133,9 @@ class Exchange:
         body = b"" if self.method == b"HEAD" else page.body
         self.status = status
         self.bytes_out = len(page.head) + len(body) + 2
+        if status >= 500:  # the availability SLI counts only the edge's own 5xx
+            errors = self.services.stats.edge_errors
+            errors[status] = errors.get(status, 0) + 1
         if status >= 400:
             log.debug("%s %s -> %d: %s", self.client.ip, self.host_header[:100], status, reason)
         self.sink.start(self, ResponseHead(status, page.head), body)

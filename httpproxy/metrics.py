@@ -14,8 +14,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from edge.metrics import BYTES
 
 __all__ = ["BUCKETS", "CACHE_BYTES", "CACHE_EVENTS", "CACHE_EVENT_NAMES", "CACHE_RESULTS",
-           "CONNECTIONS_REFUSED", "H2_CONNECTIONS", "H2_REFUSED", "H2_STREAMS", "LATENCY",
-           "LOOKUPS", "REQUESTS", "LocalHistogram", "LocalStats"]
+           "CONNECTIONS_REFUSED", "EDGE_ERRORS", "H2_CONNECTIONS", "H2_REFUSED", "H2_STREAMS",
+           "LATENCY", "LOOKUPS", "REQUESTS", "LocalHistogram", "LocalStats"]
 
 REQUESTS = Counter("edge_http_requests", "HTTP requests answered, by status class (2xx...).",
                    ["status_class"])
@@ -49,6 +49,9 @@ CACHE_EVENTS = Counter(
     "invalidations (dropped by an unsafe method, a purge or a change of Vary), "
     "invalidated_urls (URLs an unsafe method invalidated), publish_failures (invalidations "
     "the change feed did not get).", ["event"])
+EDGE_ERRORS = Counter("edge_http_edge_errors",
+                      "5xx responses the edge answered itself (a backend's own 5xx is not "
+                      "counted): the HTTP availability SLI's errors.", ["status"])
 CACHE_BYTES = Gauge("edge_http_cache_bytes", "Bytes held by the content cache, summed over workers.",
                     multiprocess_mode="livesum")
 
@@ -107,8 +110,8 @@ class LocalHistogram:
 class LocalStats:
     """Plain counters the hot path increments; :meth:`export` publishes them."""
 
-    __slots__ = ("_sent", "cache", "cache_events", "latency", "lookups", "refused", "status",
-                 "traffic")
+    __slots__ = ("_sent", "cache", "cache_events", "edge_errors", "latency", "lookups", "refused",
+                 "status", "traffic")
 
     def __init__(self) -> None:
         self.status = [0] * 6  # index: status // 100
@@ -118,6 +121,8 @@ class LocalStats:
         self.cache_events: dict[str, int] = dict.fromkeys(CACHE_EVENT_NAMES, 0)
         self.lookups: dict[str, int] = {"cached": 0, "loaded": 0, "unknown": 0, "error": 0}
         self.refused: dict[str, int] = {"per_ip_cap": 0}
+        self.edge_errors: dict[int, int] = {}
+        """Status → 5xx answers the edge made itself (its own error pages)."""
         self.traffic: dict[str, list[int]] = {"http": [0, 0], "https": [0, 0]}
         """proxy → [downstream bytes, upstream bytes], exported to ``edge_bytes`` (edge.metrics);
         a connection keeps its proxy's list so counting costs two list additions."""
@@ -154,6 +159,10 @@ class LocalStats:
             delta = self._delta("r" + name, value)
             if delta:
                 CONNECTIONS_REFUSED.labels(reason=name).inc(delta)
+        for status, value in self.edge_errors.items():
+            delta = self._delta(f"e{status}", value)
+            if delta:
+                EDGE_ERRORS.labels(status=str(status)).inc(delta)
         self.latency.export()
         for proxy, counts in self.traffic.items():
             for direction, value in zip(("downstream", "upstream"), counts, strict=True):

@@ -52,7 +52,8 @@ def _free_port() -> int:
 class PrivateMariaDB:
     """One ``mariadbd`` process owned by a test; same datadir and port across restarts."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = ("--skip-log-bin",)) -> None:
+        """``extra_args``: more ``mariadbd`` options (binary log, server id for replication)."""
         if INSTALL_DB is None or MARIADBD is None:
             raise RuntimeError("mariadb-install-db / mariadbd not installed")
         self.base = base
@@ -62,6 +63,7 @@ class PrivateMariaDB:
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.stopped = False
+        self.extra_args = extra_args
         subprocess.run(
             [INSTALL_DB, "--no-defaults", f"--datadir={self.datadir}", "--user=root",
              "--auth-root-authentication-method=normal",
@@ -84,7 +86,7 @@ class PrivateMariaDB:
              "--bind-address=127.0.0.1", f"--socket={self.socket}", "--user=root",
              "--skip-grant-tables", "--skip-name-resolve", f"--pid-file={self.base / 'pid'}",
              "--innodb-buffer-pool-size=16M", "--innodb-log-file-size=8M",
-             "--max-connections=200", "--skip-log-bin", "--performance-schema=OFF"],
+             "--max-connections=200", "--performance-schema=OFF", *self.extra_args],
             stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
@@ -152,6 +154,85 @@ class PrivateMariaDB:
             self.process = None
 
 
+class ReplicatedPair:
+    """A private primary and a replica replicating from it (binary log, row format), each a
+    :class:`PrivateMariaDB` of its own; never the shared server."""
+
+    def __init__(self, base: Path) -> None:
+        self.primary = PrivateMariaDB(base / "primary", (
+            "--log-bin=primary-bin", "--server-id=1", "--binlog-format=ROW"))
+        self.replica = PrivateMariaDB(base / "replica", (
+            "--skip-log-bin", "--server-id=2", "--skip-slave-start"))
+
+    def start(self) -> None:
+        self.primary.start()
+        self.replica.start()
+        self.start_replication(from_start=True)
+
+    def start_replication(self, *, from_start: bool = False) -> None:
+        with self.replica.connect().cursor() as cursor:
+            if from_start:
+                cursor.execute(
+                    "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT=%s, MASTER_USER='root', "
+                    "MASTER_PASSWORD='', MASTER_LOG_FILE='primary-bin.000001', MASTER_LOG_POS=4, "
+                    "MASTER_CONNECT_RETRY=1", (self.primary.port,))
+            cursor.execute("START SLAVE")
+
+    def pause_applying(self) -> None:
+        """The replica keeps receiving the binary log but applies nothing: it lags."""
+        with self.replica.connect().cursor() as cursor:
+            cursor.execute("STOP SLAVE SQL_THREAD")
+
+    def resume_applying(self) -> None:
+        with self.replica.connect().cursor() as cursor:
+            cursor.execute("START SLAVE SQL_THREAD")
+
+    def wait_caught_up(self, database: str, timeout: float = 30.0) -> None:
+        """Until the replica's ``MAX(changes.id)`` in ``database`` equals the primary's."""
+        deadline = time.monotonic() + timeout
+        query = f"SELECT COALESCE(MAX(id), 0) FROM {database}.changes"
+        while True:
+            with self.primary.connect().cursor() as cursor:
+                cursor.execute(query)
+                wanted = cursor.fetchone()[0]
+            try:
+                with self.replica.connect().cursor() as cursor:
+                    cursor.execute(query)
+                    have = cursor.fetchone()[0]
+            except pymysql.err.MySQLError:
+                have = -1
+            if have == wanted:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"replica at change {have}, primary at {wanted}")
+            time.sleep(0.1)
+
+    def shutdown(self) -> None:
+        self.replica.shutdown()
+        self.primary.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mariadb_pair() -> Iterator[ReplicatedPair]:
+    """A private primary + replica pair for this module."""
+    if INSTALL_DB is None or MARIADBD is None:
+        _unavailable("mariadb-install-db/mariadbd not installed")
+    base = Path(tempfile.mkdtemp(prefix="edge-mariadb-pair-"))
+    try:
+        (base / "primary").mkdir()
+        (base / "replica").mkdir()
+        pair = ReplicatedPair(base)
+        pair.start()
+    except (RuntimeError, subprocess.SubprocessError, OSError, pymysql.err.MySQLError) as exc:
+        shutil.rmtree(base, ignore_errors=True)
+        _unavailable(f"cannot start a private MariaDB pair: {exc}")
+    try:
+        yield pair
+    finally:
+        pair.shutdown()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def _unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(reason + " (CI=true: private MariaDB tests must not be skipped)")
@@ -194,4 +275,5 @@ def private_mysql_url(private_mariadb: PrivateMariaDB) -> Iterator[str]:
     admin.close()
 
 
-__all__ = ["PrivateMariaDB", "private_mariadb", "private_mysql_url"]
+__all__ = ["PrivateMariaDB", "ReplicatedPair", "mariadb_pair", "private_mariadb",
+           "private_mysql_url"]

@@ -129,3 +129,17 @@ def test_edge_toml_is_valid_config_and_drops_settings_this_version_lacks(tmp_pat
     assert str(config.http.listen[0]) == "127.0.0.1:0"
     assert str(config.admin.listen[0]) == "127.0.0.1:0"  # never the fixed default admin port
     assert "no_such_setting" not in text
+
+
+@pytest.mark.slow
+def test_fleet_feed_benchmark_runs_and_every_edge_follows_the_move(mysql_url: str) -> None:
+    """benchmarks.fleet_feed with 3 edges and 1 move (its own database, dropped after)."""
+    server = mysql_url.rsplit("/", 1)[0] + "/"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fleet_feed", "--edges", "3", "--idle", "1",
+         "--moves", "1", "--interval", "0.2", "--url", server],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["edges"] == 3 and summary["move_all_edges_ms_max"] < 30_000

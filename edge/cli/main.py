@@ -554,6 +554,14 @@ def cmd_secret_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_secret_rotate(ctx: Context) -> Any:
+    done, current = await ctx.service(keys=True).rotate_secret_key()
+    if ctx.json:
+        return {"reencrypted": done, "already_current": current}
+    return (f"re-encrypted {done} private keys under the current secret key "
+            f"({current} already were); previous_key_files can now be removed")
+
+
 def cmd_serve(args: argparse.Namespace, config: EdgeConfig) -> int:
     from edge.serve.supervisor import serve
 
@@ -620,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     secret_sub = secret.add_subparsers(dest="action", metavar="ACTION", required=True)
     _leaf(secret_sub, "generate", cmd_secret_generate,
           "print a new random key for $EDGE_SECRET_KEY / [secrets] key_file")
+    _leaf(secret_sub, "rotate", cmd_secret_rotate,
+          "re-encrypt every stored private key under the current secret key (the old key in "
+          "[secrets] previous_key_files); idempotent")
 
     host = sub.add_parser("host", help="backend hosts")
     hs = host.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -859,7 +870,7 @@ _NEEDS_STORE = {cmd_init, cmd_host_add, cmd_host_list, cmd_host_show, cmd_host_s
                 cmd_tenant_set_state, cmd_account_add, cmd_account_list, cmd_account_remove,
                 cmd_site_add, cmd_site_set, cmd_site_list, cmd_site_remove, cmd_cert_import,
                 cmd_cert_list, cmd_cache_purge, cmd_bulk_load, cmd_route,
-                cmd_changes_list, cmd_changes_prune, *live.NEEDS_STORE}
+                cmd_changes_list, cmd_changes_prune, cmd_secret_rotate, *live.NEEDS_STORE}
 
 
 async def _run_async(handler: Handler, ctx: Context) -> Any:

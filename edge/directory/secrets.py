@@ -82,16 +82,22 @@ def generate_key() -> str:
 
 
 class KeyBox:
-    """Encrypts and decrypts private keys with one AES-256-GCM key."""
+    """Encrypts private keys with one AES-256-GCM key; decrypts with it or with one of the
+    ``previous`` keys being rotated out (chosen by the stored key id)."""
 
-    __slots__ = ("_aead", "key_id")
+    __slots__ = ("_aead", "key_id", "previous")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, previous: tuple[KeyBox, ...] = ()) -> None:
         if len(key) != 32:
             raise SecretsError(f"the secret key must be 32 bytes (got {len(key)}); "
                                "create one with `edge secret generate`")
         self._aead = AESGCM(key)
         self.key_id = hashlib.sha256(b"edge key id" + key).digest()[:8]
+        self.previous = previous
+
+    def needs_rotation(self, blob: bytes) -> bool:
+        """True when ``blob`` was encrypted with a key other than the current one."""
+        return blob[3:11] != self.key_id
 
     @classmethod
     def from_text(cls, text: str) -> KeyBox:
@@ -110,13 +116,27 @@ class KeyBox:
         the at-rest key is refused, never silently done in plaintext.
         """
         env = os.environ if env is None else env
+        current = cls._current(config, env)
+        if not config.previous_key_files:
+            return current
+        previous = tuple(cls._from_file(path, "previous_key_files")
+                         for path in config.previous_key_files)
+        current.previous = previous
+        return current
+
+    @classmethod
+    def _from_file(cls, path: str, setting: str) -> KeyBox:
+        try:
+            return cls.from_text(Path(path).read_text())
+        except OSError as exc:
+            raise SecretsError(f"[secrets] {setting} {path}: {exc.strerror}") from None
+
+    @classmethod
+    def _current(cls, config: SecretsConfig, env: Mapping[str, str]) -> KeyBox:
         if config.key_env and env.get(config.key_env):
             return cls.from_text(env[config.key_env])
         if config.key_file:
-            try:
-                return cls.from_text(Path(config.key_file).read_text())
-            except OSError as exc:
-                raise SecretsError(f"[secrets] key_file {config.key_file}: {exc.strerror}") from None
+            return cls._from_file(config.key_file, "key_file")
         if config.key:
             return cls.from_text(config.key)
         default = default_key_file(env)
@@ -137,11 +157,13 @@ class KeyBox:
         """Raises :class:`SecretsError` for a wrong key or damaged data (never returns garbage)."""
         if blob[:3] != _MAGIC or len(blob) < 3 + 8 + 12 + 16:
             raise SecretsError("stored private key is not in the encrypted format")
-        if blob[3:11] != self.key_id:
+        box = self if blob[3:11] == self.key_id else next(
+            (old for old in self.previous if old.key_id == blob[3:11]), None)
+        if box is None:
             raise SecretsError("stored private key was encrypted with a different secret key "
-                               "(check [secrets] / $EDGE_SECRET_KEY)")
+                               "(check [secrets] / $EDGE_SECRET_KEY / previous_key_files)")
         nonce, ciphertext = blob[11:23], blob[23:]
         try:
-            return self._aead.decrypt(nonce, ciphertext, _AAD)
+            return box._aead.decrypt(nonce, ciphertext, _AAD)
         except InvalidTag:
             raise SecretsError("stored private key failed authentication (damaged data)") from None

@@ -743,6 +743,38 @@ class DirectoryService:
         return int(certificate_id)
 
 
+    async def rotate_secret_key(self, batch: int = 500) -> tuple[int, int]:
+        """Re-encrypt every stored private key that is not under the current secret key (the
+        keybox must accept the old one: ``[secrets] previous_key_files``). Idempotent and
+        resumable: rows already under the current key are skipped. Returns (re-encrypted,
+        already current). No change rows: the keys themselves do not change."""
+        if self.keybox is None:
+            from edge.errors import SecretsError
+
+            raise SecretsError("rotating needs the new secret key ($EDGE_SECRET_KEY or "
+                               "[secrets] key_file) and the old one in previous_key_files")
+        done = current = 0
+        after = 0
+        while True:
+            rows = await self.store.fetchall(
+                f"SELECT id, key_encrypted FROM certificates WHERE id > ? ORDER BY id "
+                f"LIMIT {int(batch)}", (after,))
+            if not rows:
+                return done, current
+            async with self.store.transaction() as tx:
+                for row in rows:
+                    blob = bytes(row[1])
+                    if not self.keybox.needs_rotation(blob):
+                        current += 1
+                        continue
+                    fresh = self.keybox.encrypt(self.keybox.decrypt(blob))
+                    # Only if nobody rotated it meanwhile (another `rotate` run).
+                    await tx.execute("UPDATE certificates SET key_encrypted = ? WHERE id = ? "
+                                     "AND key_encrypted = ?", (fresh, row[0], blob))
+                    done += 1
+            after = int(rows[-1][0])
+
+
 def _check_upstream_names(**names: str | None) -> dict[str, str]:
     """The upstream-name arguments that were given (not None), each checked like a username
     ('' allowed: back to the default)."""

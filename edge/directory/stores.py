@@ -22,3 +22,14 @@ def store_for_url(url: str, config: DatabaseConfig | None = None) -> SQLStore:
                           query_timeout=config.query_timeout)
     raise ConfigError(f"database url {url!r}: expected sqlite:///PATH or "
                       "mysql://user:pass@host:port/database")
+
+
+def read_store(config: DatabaseConfig) -> SQLStore:
+    """The store the proxies read from: the primary, or the replica with the primary as its
+    fallback (:class:`edge.directory.replica.ReplicaStore`)."""
+    if not config.replica_url:
+        return store_for_url(config.url, config)
+    from edge.directory.replica import ReplicaStore
+
+    return ReplicaStore(store_for_url(config.replica_url, config), store_for_url(config.url, config),
+                        fallback=config.replica_fallback)

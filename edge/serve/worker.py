@@ -36,7 +36,7 @@ from edge.directory.directory import Directory
 from edge.directory.feed import ChangeFeed
 from edge.directory.secrets import KeyBox
 from edge.directory.store import SQLStore
-from edge.directory.stores import store_for_url
+from edge.directory.stores import read_store
 from edge.errors import ConfigError, EdgeError, SecretsError
 from edge.registry import Proxy, ProxyContext
 from edge.sessions import ControlServer, SessionTable
@@ -177,7 +177,7 @@ async def _main(spec: WorkerSpec) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                                                 signal.SIGCHLD, signal.SIGUSR1})
 
-    store = store_for_url(config.database.read_url, config.database)
+    store = read_store(config.database)
     opened = asyncio.Event()
     opener = asyncio.create_task(_keep_store_open(store, opened), name="edge-store-open")
     # Give a reachable database a moment so the feed starts with a cursor (no full flush).
@@ -287,6 +287,7 @@ async def _export_loop(spec: WorkerSpec, directory: Directory, feed: ChangeFeed,
             metrics.export_feed(feed.healthy, feed.last_poll, time.time())
             metrics.export_breaker(directory.breaker.open,
                                    directory.breaker.seconds_since_success())
+            metrics.export_read_source(getattr(directory.store, "source", "primary"))
             for name, proxy in proxies.items():
                 metrics.ACTIVE_SESSIONS.labels(proxy=name).set(proxy.active_sessions())
         except Exception:
