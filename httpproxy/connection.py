@@ -42,7 +42,7 @@ from edge.directory.names import hostname_or_none
 from edge.errors import DirectoryUnavailable
 from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError, header_for_backend
 from edge.relay import Relay
-from httpproxy import pages
+from httpproxy import acme, pages
 from httpproxy.authority import Authority, forwarded_value, parse_authority, parse_host
 from httpproxy.cache import CacheEntry, Flight
 from httpproxy.cachepolicy import (
@@ -628,6 +628,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._refuse(req, 400, "missing Host header")
             return
+        if target.startswith(acme.PREFIX) and acme.answer_http01(self, req):
+            return  # ACME HTTP-01: before routes, redirects and filters (httpproxy/acme.py)
         route = engine.routes.get(host_header)
         if route is not None and route.expires > engine.directory.clock():
             # The warm path: this exact Host was resolved before (see httpproxy.server.Route;

@@ -31,7 +31,7 @@ from edge.directory.model import Certificate, Site
 from edge.errors import DirectoryUnavailable, EdgeError
 from edge.proxyproto import ProxyHeaderPolicy, ProxyMode
 from edge.registry import ProxyContext
-from httpproxy import tls_metrics
+from httpproxy import acme, tls_metrics
 from httpproxy.clienthello import ClientHello
 from httpproxy.contexts import ContextCache, ContextFactory
 from httpproxy.tls import Acceptor, PendingConnection
@@ -129,6 +129,12 @@ class HttpsProxy:
             # OpenSSL would refuse it too, but uvloop drops the alert when a handshake fails:
             # decided here, the client learns why.
             connection.refuse("protocol_version", "protocol_version")
+            return
+        if acme.is_tls_alpn01(hello):  # ACME TLS-ALPN-01 validation (httpproxy/acme.py)
+            connection.arm_deadline()
+            task = self._loop.create_task(acme.serve_tls_alpn01(self, connection, hello))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             return
         # Fast path, no coroutine: site and certificate already in the directory cache.
         name = hello.server_name

@@ -83,7 +83,7 @@ def test_init_is_idempotent_and_commands_need_it(database_url: str, tmp_path: Pa
     e = Edge(database_url, tmp_path, None)
     proc = e.run("host", "list", ok=False)
     assert proc.returncode != 0 and "run `edge init` first" in proc.stderr
-    assert e.json("init")["applied"] == [1]  # type: ignore[index]
+    assert e.json("init")["applied"] == [1, 2]  # type: ignore[index]
     assert e.json("init")["applied"] == []  # type: ignore[index]
     assert e.json("host", "list") == []
 
