@@ -350,6 +350,13 @@ class AcmeConfig:
     """Seconds an order may take (validation + finalisation) before it counts as failed."""
     renew_fraction: float = 2 / 3
     """Renew once this fraction of the lifetime has passed (unless the CA's ARI says other)."""
+    on_demand: bool = False
+    """Issue at the first TLS handshake for a site in the directory without a certificate."""
+    on_demand_wait: float = 10.0
+    """Longest a first client waits for its on-demand certificate (then: alert)."""
+    on_demand_per_tenant: float = 10.0
+    on_demand_total: float = 60.0
+    """On-demand orders per minute, per tenant and in total (per worker process)."""
     backoff_base: float = 60.0
     backoff_max: float = 86_400.0
     """Back-off after failures: base * 2^(failures-1), at most max, per name and per account."""

@@ -90,8 +90,8 @@ class Env:
                 await store.close()
         return asyncio.run(go())
 
-    def add_site(self, name: str, *flags: str) -> None:
-        result = self.cli("site", "add", name, "--tenant", "ta", *flags)
+    def add_site(self, name: str, *flags: str, tenant: str = "ta") -> None:
+        result = self.cli("site", "add", name, "--tenant", tenant, *flags)
         assert result.returncode == 0, result.stderr
 
     def served_certificate(self, name: str) -> x509.Certificate:
@@ -125,11 +125,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     async def provision(service: DirectoryService) -> None:
         await service.add_host("web", "127.0.0.1", http_port=backend.server_address[1])
         await service.add_tenant("ta", "web")
+        await service.add_tenant("tb", "web")
 
     # The edge's ports must be known before pebble starts (they are its validation ports);
     # pebble's own listener certificate is made first so the edge config can trust it.
     ca = tmp / "pebble" / "pebble-listener.pem"
-    serve = EdgeServe(tmp, _config(tmp, db_url, ca, "enabled = true\n"),
+    serve = EdgeServe(tmp, _config(tmp, db_url, ca, "enabled = true\non_demand = true\n"
+                                   "on_demand_per_tenant = 2.0\n"),
                       env={"EDGE_PROXY_OVERRIDES": ""})
     pebble: Pebble | None = None
     try:
@@ -356,3 +358,35 @@ def test_random_sni_flood_causes_no_acme_order(env: Env) -> None:
     time.sleep(1.5)  # three rounds of edge serve's loop
     assert env.pebble.orders() == orders
     assert "flood.test" not in json.dumps(env.status())
+
+
+def test_on_demand_first_handshake_waits_for_its_certificate(env: Env) -> None:
+    """A site in the directory without certificate: the first client's handshake waits while
+    the edge orders one (``[acme] on_demand``), then completes with it."""
+    env.add_site("first.test")
+    orders = env.pebble.orders()
+    leaf = env.served_certificate("first.test")
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["first.test"]
+    assert env.pebble.orders() == orders + 1
+    assert env.status()["first.test"]["state"] == "valid"  # and renewed like --auto-cert
+
+
+def test_on_demand_is_rate_limited_per_tenant(env: Env) -> None:
+    """``on_demand_per_tenant = 2`` per minute (per worker, two workers): of six new sites of
+    one tenant at most four get a certificate at their first handshake; the others get the
+    alert internal_error at once and cost no order."""
+    hosts = [f"s{i}.tb.test" for i in range(6)]
+    for host in hosts:
+        env.add_site(host, tenant="tb")
+    orders = env.pebble.orders()
+    issued = refused = 0
+    for host in hosts:
+        try:
+            env.served_certificate(host)
+            issued += 1
+        except ssl.SSLError as exc:
+            assert "INTERNAL_ERROR" in str(exc).upper(), exc
+            refused += 1
+    assert 2 <= issued <= 4 and refused == 6 - issued
+    assert env.pebble.orders() == orders + issued
