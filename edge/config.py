@@ -388,6 +388,40 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AcmeConfig:
+    """Automatic certificates (edge.acme, docs/tls.md "Automatic certificates")."""
+
+    enabled: bool = False
+    """Run the issuance/renewal loop in the master of ``edge serve``."""
+    environment: str = "production"
+    """Use the ACME accounts of this environment: ``production`` or ``staging``."""
+    challenge: str = "http-01"
+    """The challenge type answered first: ``http-01`` or ``tls-alpn-01``."""
+    ca_file: str = ""
+    """Extra CA certificates (PEM) trusted for ACME directories (a private CA, pebble)."""
+    poll_interval: float = 10.0
+    """Seconds between looks for due names."""
+    concurrency: int = 4
+    """Orders in flight at once per edge process."""
+    lease_seconds: float = 300.0
+    """How long one process owns a name while it works on it (the fleet-wide lock)."""
+    order_timeout: float = 90.0
+    """Seconds an order may take (validation + finalisation) before it counts as failed."""
+    renew_fraction: float = 2 / 3
+    """Renew once this fraction of the lifetime has passed (unless the CA's ARI says other)."""
+    on_demand: bool = False
+    """Issue at the first TLS handshake for a site in the directory without a certificate."""
+    on_demand_wait: float = 10.0
+    """Longest a first client waits for its on-demand certificate (then: alert)."""
+    on_demand_per_tenant: float = 10.0
+    on_demand_total: float = 60.0
+    """On-demand orders per minute, per tenant and in total (per worker process)."""
+    backoff_base: float = 60.0
+    backoff_max: float = 86_400.0
+    """Back-off after failures: base * 2^(failures-1), at most max, per name and per account."""
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     """The whole configuration; sections mirror the TOML tables."""
 
@@ -403,6 +437,7 @@ class EdgeConfig:
     ssh: SshConfig = field(default_factory=SshConfig)
     ftp: FtpConfig = field(default_factory=FtpConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
     source: str = ""
     """Where this configuration came from (file path or "defaults"); not a TOML key."""
 
@@ -415,6 +450,8 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("json", "text"),
     ("log", "asyncssh_level"): ("debug", "info", "warning", "error"),
+    ("acme", "environment"): ("production", "staging"),
+    ("acme", "challenge"): ("http-01", "tls-alpn-01"),
 }
 _SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(EdgeConfig) if f.name != "source"}  # type: ignore[misc]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 DIRECTORY_LOOKUPS = Counter(
     "edge_directory_lookups", "Directory cache lookups by kind and outcome.",
@@ -125,3 +125,24 @@ __all__ = ["ACTIVE_SESSIONS", "BYTES", "CHANGE_FEED_HEALTHY", "CHANGE_FEED_LAG",
            "DIRECTORY_BREAKER_OPEN", "DIRECTORY_CACHE_ENTRIES", "DIRECTORY_LAST_SUCCESS_AGE",
            "DIRECTORY_LOOKUPS", "DIRECTORY_READ_SOURCE", "WORKER_UP", "DirectoryExporter",
            "export_breaker", "export_feed", "export_read_source"]
+
+
+
+ACME_ORDERS = Counter(
+    "edge_acme_orders", "ACME orders by outcome.", ["outcome"])
+"""``outcome``: issued, validation (the CA could not validate), rejected (the CA refused),
+rate_limited, unreachable (CA down), timeout, account_backoff (no CA usable now),
+no_account, install_failed."""
+
+ACME_ORDER_SECONDS = Histogram(
+    "edge_acme_order_seconds", "Seconds from new order to certificate, successful orders.",
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300))
+
+ACME_NAMES = Gauge(
+    "edge_acme_names", "Names with automatic certificates, by state (pending, valid, failing).",
+    ["state"], multiprocess_mode="livemax")
+
+ACME_ACCOUNT_BACKOFF = Gauge(
+    "edge_acme_account_backoff_seconds",
+    "Seconds until an ACME account (CA) is tried again after a CA-wide failure or rate limit.",
+    ["account"], multiprocess_mode="livemax")

@@ -47,7 +47,7 @@ from edge.directory.cache import Miss
 from edge.directory.names import hostname_or_none
 from edge.errors import DirectoryUnavailable
 from edge.proxyproto import header_for_backend
-from httpproxy import pages
+from httpproxy import acme, pages
 from httpproxy.authority import Authority, forwarded_value, parse_authority, parse_host
 from httpproxy.cacheflow import (
     SAFE_METHODS,
@@ -567,6 +567,8 @@ class Exchange:
             else:
                 self.refuse(400, "missing Host header")
             return
+        if target.startswith(acme.PREFIX) and acme.answer_http01(self):
+            return  # ACME HTTP-01: before routes, redirects and filters (httpproxy/acme.py)
         route = services.routes.get(host_header)
         if route is not None and route.expires > services.directory.clock():
             # The warm path: this exact Host was resolved before (see httpproxy.sitestate.Route;
@@ -1107,6 +1109,25 @@ class Exchange:
             self._serve_stale_after_error()
             return
         self._refuse_status(status, reason)
+
+    def refuse_status(self, status: int, reason: str,
+                      headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """Answer with the edge's own page for ``status`` (for request handlers outside this
+        module, e.g. :mod:`httpproxy.acme`); nothing if the exchange is already over."""
+        self._refuse_status(status, reason, headers)
+
+    def answer_local(self, status: int, head: bytes, body: bytes) -> None:
+        """Answer with a response the edge makes itself: ``head`` is the status line and
+        header lines (CRLF-terminated, ``Content-Length`` included, no blank line)."""
+        if self.over:
+            return
+        if self.services.draining or self.body_pending:
+            self.must_close = True
+        self.status = status
+        body = b"" if self.method == b"HEAD" else body
+        self.bytes_out = len(head) + len(body) + 2
+        self.sink.start(self, ResponseHead(status, head), body)
+        self._done()
 
     def _refuse_status(self, status: int, reason: str,
                        headers: tuple[tuple[str, str], ...] = (), *, text: str = "") -> None:

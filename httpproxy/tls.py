@@ -68,7 +68,7 @@ _DISCARD_LIMIT = 1 << 16
 # says MSG_DONTWAIT, and libuv makes the descriptor non-blocking when TLS takes it over.
 _NOWAIT = socket.MSG_DONTWAIT
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-_ESTABLISHED = frozenset(("ok", "default_certificate"))
+_ESTABLISHED = frozenset(("ok", "default_certificate", "on_demand"))
 """Outcomes whose accept → established time goes into ``edge_https_handshake_seconds``."""
 
 

@@ -16,11 +16,14 @@ handshake), timeout, closed (client left before finishing), unavailable (directo
 SNI not cached: alert internal_error), certificate_error (stored certificate unusable),
 proxy_header (bad PROXY protocol header from a trusted peer), overloaded
 ([https] max_pending_handshakes reached), per_ip_cap (the client address already has
-[http] max_connections_per_ip connections in the handshake: closed at once)."""
+[http] max_connections_per_ip connections in the handshake: closed at once), on_demand (ok,
+with a certificate issued at this handshake), on_demand_failed (no on-demand certificate in
+time: alert internal_error), acme_tls_alpn (a CA's TLS-ALPN-01 validation handshake)."""
 
 OUTCOMES = ("ok", "default_certificate", "unrecognized_name", "plain_http", "bad_hello",
             "protocol_version", "tls_error", "timeout", "closed", "unavailable",
-            "certificate_error", "proxy_header", "overloaded", "per_ip_cap")
+            "certificate_error", "proxy_header", "overloaded", "per_ip_cap", "on_demand",
+            "on_demand_failed", "acme_tls_alpn")
 
 HANDSHAKE_SECONDS = Histogram(
     "edge_https_handshake_seconds",

@@ -31,13 +31,15 @@ from edge.directory.model import Certificate, Site
 from edge.errors import DirectoryUnavailable, EdgeError
 from edge.proxyproto import ProxyHeaderPolicy, ProxyMode
 from edge.registry import ProxyContext
-from httpproxy import tls_metrics
+from httpproxy import acme, tls_metrics
 from httpproxy.clienthello import ClientHello
 from httpproxy.contexts import ContextCache, ContextFactory
 from httpproxy.tls import Acceptor, PendingConnection
 
 if TYPE_CHECKING:
     import socket
+
+    from edge.acme.ondemand import OnDemand
 
 __all__ = ["ConnectionEngine", "HttpsProxy"]
 
@@ -75,6 +77,10 @@ class _Choice:
         self.outcome = outcome
 
 
+class _OnDemandFailed(Exception):
+    """No on-demand certificate within the bounded wait (the handshake gets internal_error)."""
+
+
 class HttpsProxy:
     """TLS termination by SNI in front of the shared HTTP engine; one per worker."""
 
@@ -93,6 +99,11 @@ class HttpsProxy:
         self.contexts = ContextCache(self.factory, self.config.context_cache_size)
         self._min_version = 0x0304 if self.config.min_tls_version == "1.3" else 0x0303
         self._engine = engine
+        self.on_demand: OnDemand | None = None
+        if context.config.acme.on_demand and context.keybox is not None:
+            from edge.acme.ondemand import OnDemand
+
+            self.on_demand = OnDemand(context.config, context.directory, context.keybox)
         self._acceptor: Acceptor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._exporter: asyncio.Task[None] | None = None
@@ -132,6 +143,12 @@ class HttpsProxy:
             # decided here, the client learns why.
             connection.refuse("protocol_version", "protocol_version")
             return
+        if acme.is_tls_alpn01(hello):  # ACME TLS-ALPN-01 validation (httpproxy/acme.py)
+            connection.arm_deadline()
+            task = self._loop.create_task(acme.serve_tls_alpn01(self, connection, hello))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         # Fast path, no coroutine: site and certificate already in the directory cache.
         name = hello.server_name
         if name is not None:
@@ -154,7 +171,11 @@ class HttpsProxy:
     async def _serve(self, connection: PendingConnection, hello: ClientHello) -> None:
         """Slow path: lookups that may query the store, or the default certificate."""
         try:
-            choice = await self._choose(hello.server_name)
+            choice = await self._choose(hello.server_name, connection.remaining())
+        except _OnDemandFailed as exc:
+            log.warning("TLS handshake for %s refused: no on-demand certificate in time", exc)
+            connection.refuse("internal_error", "on_demand_failed")
+            return
         except DirectoryUnavailable as exc:
             log.warning("TLS handshake for %r refused: %s", hello.server_name, exc)
             connection.refuse("internal_error", "unavailable")
@@ -218,7 +239,7 @@ class HttpsProxy:
                       connection.client_address, exc_info=exc)
             connection.finish("closed")
 
-    async def _choose(self, server_name: str | None) -> _Choice | None:
+    async def _choose(self, server_name: str | None, remaining: float) -> _Choice | None:
         """The site and certificate for this SNI, the default certificate, or None (refuse).
 
         Raises DirectoryUnavailable (cold key, database down) and SecretsError (no key).
@@ -230,6 +251,13 @@ class HttpsProxy:
                 certificate = await self.directory.certificate(site.certificate_id)
                 if certificate is not None:
                     return _Choice(site, certificate, "ok")
+            if site is not None and site.certificate_id is None and self.on_demand is not None:
+                # Only a name the directory has: random SNI never reaches ACME (edge/acme).
+                certificate = await self.on_demand.obtain(site, remaining)
+                if certificate is not None:
+                    return _Choice(site, certificate, "on_demand")
+                if not self.config.default_certificate:
+                    raise _OnDemandFailed(site.hostname)
         default = await self._default_certificate()
         return None if default is None else _Choice(site, default, "default_certificate")
 
@@ -312,5 +340,7 @@ class HttpsProxy:
             self._exporter = None
         with contextlib.suppress(Exception):
             self.export_metrics()  # the last second's counts
+        if self.on_demand is not None:
+            await self.on_demand.close()
         if self._engine is not None:
             await self._engine.close()  # idempotent: shared with the ``http`` proxy

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge.cli import acme as acme_cli
 from edge.cli import admin_commands, live
 from edge.cli.output import emit_json, table, to_jsonable
 from edge.config import EdgeConfig, load_config
@@ -370,6 +371,8 @@ async def cmd_site_add(ctx: Context) -> Any:
     name = await ctx.service().add_site(
         a.hostname, a.tenant, certificate_id=a.certificate, https_redirect=bool(a.https_redirect),
         hsts=bool(a.hsts), cache_policy=_json_arg(a.cache_policy), filters=_json_arg(a.filters))
+    if a.auto_cert:
+        await ctx.service().enable_auto_cert(name)
     return {"hostname": name, "tenant": a.tenant} if ctx.json else \
         f"site {name} added to tenant {a.tenant}"
 
@@ -715,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "add":
             p.add_argument("--tenant", required=True)
             p.add_argument("--certificate", type=int, metavar="ID")
+            p.add_argument("--auto-cert", action="store_true",
+                           help="get and renew its certificate automatically over ACME")
         else:
             p.add_argument("--tenant", help="give the site to another tenant")
             p.add_argument("--certificate", metavar="ID|none")
@@ -744,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _leaf(cs, "list", cmd_cert_list, "list certificates")
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--after", type=int, default=0, metavar="ID")
+    acme_cli.add_cert_parsers(cs, _leaf)
+    acme_cli.add_acme_parsers(sub, _leaf)
 
     cache = sub.add_parser("cache", help="the HTTP content cache")
     cas = cache.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -870,7 +877,8 @@ _NEEDS_STORE = {cmd_init, cmd_host_add, cmd_host_list, cmd_host_show, cmd_host_s
                 cmd_tenant_set_state, cmd_account_add, cmd_account_list, cmd_account_remove,
                 cmd_site_add, cmd_site_set, cmd_site_list, cmd_site_remove, cmd_cert_import,
                 cmd_cert_list, cmd_cache_purge, cmd_bulk_load, cmd_route,
-                cmd_changes_list, cmd_changes_prune, cmd_secret_rotate, *live.NEEDS_STORE}
+                cmd_changes_list, cmd_changes_prune, cmd_secret_rotate, *live.NEEDS_STORE,
+                *acme_cli.HANDLERS}
 
 
 async def _run_async(handler: Handler, ctx: Context) -> Any:

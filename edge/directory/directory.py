@@ -17,7 +17,7 @@ from typing import Any
 from edge.config import CacheConfig
 from edge.directory.breaker import Breaker
 from edge.directory.cache import MISS, LookupCache, Miss
-from edge.directory.model import Account, Certificate, Change, Host, Site, Tenant
+from edge.directory.model import Account, AcmeChallenge, Certificate, Change, Host, Site, Tenant
 from edge.directory.names import hostname_or_none, wildcard_parent
 from edge.directory.secrets import KeyBox
 from edge.directory.store import SQLStore
@@ -77,9 +77,12 @@ class Directory:
         self.wildcards: LookupCache[str, Site] = cache("wildcard", self._load_wildcard)
         self.certificates: LookupCache[int, Certificate] = cache(
             "certificate", self._load_certificate, config.max_certificates)
+        self.challenges: LookupCache[str, AcmeChallenge] = cache(
+            "acme_challenge", store.fetch_challenge, 1000)
+        """Pending ACME challenge answers (edge.acme), evicted by ``challenge`` changes."""
         self.caches: tuple[LookupCache, ...] = (  # type: ignore[type-arg]
             self.accounts, self.tenants, self.hosts, self.sites, self.wildcards,
-            self.certificates)
+            self.certificates, self.challenges)
 
     # -- loaders -------------------------------------------------------------------------
 
@@ -131,6 +134,13 @@ class Directory:
 
     async def certificate(self, certificate_id: int) -> Certificate | None:
         return await self.certificates.get(certificate_id)
+
+    async def challenge(self, token: str) -> AcmeChallenge | None:
+        """A pending ACME challenge answer (unexpired), or ``None``."""
+        answer = await self.challenges.get(token)
+        if answer is None or answer.expires_at < time.time():
+            return None
+        return answer
 
     def site_nowait(self, hostname: str) -> Site | Miss | None:
         """A cached answer for an already-normalised hostname, or :data:`MISS` (no I/O)."""
@@ -217,6 +227,8 @@ class Directory:
                 self.sites.evict(name)
         elif entity == "certificate":
             self.certificates.evict(int(name))
+        elif entity == "challenge":
+            self.challenges.evict(name)
         elif entity == "all":
             for cache in self.caches:
                 cache.clear()

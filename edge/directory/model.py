@@ -152,3 +152,62 @@ class ChangeRecord:
     """The changed fields before the write (None: the object did not exist)."""
     after: dict[str, Any] | None = field(default=None, hash=False, compare=True)
     """The changed fields after the write (None: the object was removed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeChallenge:
+    """A pending ACME challenge answer, served by every edge worker.
+
+    ``token`` is the HTTP-01 token, or ``tls-alpn-01:HOSTNAME`` for TLS-ALPN-01.
+    """
+
+    token: str
+    hostname: str
+    key_authorization: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeAccount:
+    """An account at one ACME CA (the private key still encrypted)."""
+
+    name: str
+    directory_url: str
+    priority: int
+    """Lower first: the primary CA has the lowest priority, fallbacks follow."""
+    environment: str
+    """``production`` or ``staging``: ``[acme] environment`` picks which accounts are used."""
+    key_encrypted: bytes = field(repr=False)
+    account_url: str = ""
+    eab_kid: str = ""
+    email: str = ""
+    failures: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+
+
+AcmeNameState = Literal["pending", "valid", "failing"]
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeName:
+    """A hostname that gets its certificate automatically, with its issuance state."""
+
+    hostname: str
+    key_type: str = "ec256"
+    """``ec256`` (ECDSA P-256, the default) or ``rsa2048`` / ``rsa4096``."""
+    state: AcmeNameState = "pending"
+    certificate_id: int | None = None
+    renew_at: float = 0.0
+    """Unix time from which the certificate is renewed (2/3 of its lifetime, or ARI)."""
+    failures: int = 0
+    next_attempt: float = 0.0
+    """No attempt before this Unix time (exponential back-off after failures)."""
+    last_error: str = ""
+    """The CA's error text of the last failure ("" after a success)."""
+    account: str = ""
+    """The ACME account that issued the current certificate."""
+    orders: int = 0
+    """Orders placed for this name so far (every attempt counts)."""
+    lease_owner: str = ""
+    lease_until: float = 0.0

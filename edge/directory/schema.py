@@ -160,6 +160,55 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             UNIQUE (token_name, idem_key)
         ){table_options}""",
     ]),
+    (5, "acme certificates", [
+        # One row per ACME account (CA): several CAs, tried by ascending priority.
+        """CREATE TABLE acme_accounts (
+            id {pk},
+            name {name} NOT NULL,
+            directory_url {text} NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0,
+            environment VARCHAR(16) NOT NULL DEFAULT 'production',
+            key_encrypted {blob} NOT NULL,
+            account_url {text} NOT NULL,
+            eab_kid {text} NOT NULL,
+            email {text} NOT NULL,
+            failures INTEGER NOT NULL DEFAULT 0,
+            next_attempt DOUBLE NOT NULL DEFAULT 0,
+            last_error {text} NOT NULL,
+            created_at DOUBLE NOT NULL,
+            UNIQUE (name)
+        ){table_options}""",
+        # One row per name with automatic certificates: its state, back-off and the lease
+        # that makes one edge process (of the whole fleet) work on it at a time.
+        """CREATE TABLE acme_names (
+            id {pk},
+            hostname {name} NOT NULL,
+            key_type VARCHAR(16) NOT NULL DEFAULT 'ec256',
+            state VARCHAR(16) NOT NULL DEFAULT 'pending',
+            certificate_id BIGINT NULL REFERENCES certificates (id),
+            renew_at DOUBLE NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            next_attempt DOUBLE NOT NULL DEFAULT 0,
+            last_error {text} NOT NULL,
+            account {name} NOT NULL,
+            orders INTEGER NOT NULL DEFAULT 0,
+            lease_owner {name} NOT NULL,
+            lease_until DOUBLE NOT NULL DEFAULT 0,
+            updated_at DOUBLE NOT NULL,
+            UNIQUE (hostname)
+        ){table_options}""",
+        "CREATE INDEX acme_names_due ON acme_names (next_attempt, renew_at)",
+        # Pending challenge answers every edge worker serves: HTTP-01 by token, TLS-ALPN-01
+        # by "tls-alpn-01:" + hostname.
+        """CREATE TABLE acme_challenges (
+            id {pk},
+            token {name} NOT NULL,
+            hostname {name} NOT NULL,
+            key_authorization {text} NOT NULL,
+            expires_at DOUBLE NOT NULL,
+            UNIQUE (token)
+        ){table_options}""",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -30,6 +30,8 @@ from edge.directory.model import (
     PROXY_PROTOCOL_MODES,
     TENANT_STATES,
     Account,
+    AcmeAccount,
+    AcmeName,
     Host,
     Tenant,
 )
@@ -38,11 +40,15 @@ from edge.directory.rules import validate_cache_policy, validate_filters
 from edge.directory.secrets import KeyBox
 from edge.directory.store import (
     ACCOUNT_SELECT,
+    ACME_ACCOUNT_SELECT,
+    ACME_NAME_SELECT,
     HOST_COLUMNS,
     HOST_READ_COLUMNS,
     SQLStore,
     Tx,
     account_from_row,
+    acme_account_from_row,
+    acme_name_from_row,
     append_change,
     host_from_row,
 )
@@ -51,6 +57,9 @@ from edge.errors import ConflictError, NotFoundError, ValidationError
 DEFAULT_MOVE_DRAIN = 300.0
 """Seconds ``edge tenant move`` leaves sessions on the old host by default: long enough for
 most uploads and deploys to finish, short enough that the old host can be emptied."""
+
+ACME_KEY_TYPES = ("ec256", "rsa2048", "rsa4096")
+"""Certificate key types for automatic certificates: ECDSA P-256 by default."""
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
@@ -741,6 +750,188 @@ class DirectoryService:
                                {"fingerprint": cert.fingerprint, "names": ",".join(cert.names),
                                 "not_after": iso(cert.not_after)})
         return int(certificate_id)
+
+    # -- ACME (edge.acme): accounts, names with automatic certificates, challenges ---------
+
+    def _require_keybox(self, what: str) -> KeyBox:
+        if self.keybox is None:
+            from edge.errors import SecretsError
+
+            raise SecretsError(f"{what} needs the at-rest secret key: set $EDGE_SECRET_KEY or "
+                               "[secrets] key_file (create one with `edge secret generate`)")
+        return self.keybox
+
+    async def add_acme_account(self, name: str, directory_url: str, key_pem: bytes, *,
+                               account_url: str, priority: int = 0, eab_kid: str = "",
+                               email: str = "", environment: str = "production") -> AcmeAccount:
+        """Store an account registered at a CA; its key encrypted like TLS keys."""
+        check_name("ACME account", name)
+        if not directory_url.startswith(("https://", "http://")):
+            raise ValidationError(f"--directory {directory_url!r} must be an http(s) URL")
+        check_choice("environment", environment, ("production", "staging"))
+        encrypted = self._require_keybox("storing an ACME account key").encrypt(key_pem)
+        async with self.store.transaction() as tx:
+            await self._absent(tx, "acme_accounts", "name", name, "ACME account")
+            await tx.execute(
+                "INSERT INTO acme_accounts (name, directory_url, priority, environment, "
+                "key_encrypted, account_url, eab_kid, email, failures, next_attempt, last_error, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, '', ?)",
+                (name, directory_url, priority, environment, encrypted, account_url, eab_kid, email,
+                 time.time()))
+        return next(a for a in await self.acme_accounts() if a.name == name)
+
+    async def acme_accounts(self) -> list[AcmeAccount]:
+        """Every ACME account, primary (lowest priority) first."""
+        rows = await self.store.fetchall(ACME_ACCOUNT_SELECT + " ORDER BY priority, name")
+        return [acme_account_from_row(r) for r in rows]
+
+    async def record_acme_account_result(self, name: str, *, error: str = "",
+                                         retry_at: float = 0.0) -> None:
+        """A CA-wide failure (down, rate limited: ``error`` and when to try again) or, with
+        no error, a success that ends the account's back-off."""
+        async with self.store.transaction() as tx:
+            if error:
+                await tx.execute("UPDATE acme_accounts SET failures = failures + 1, "
+                                 "next_attempt = ?, last_error = ? WHERE name = ?",
+                                 (retry_at, error[:2000], name))
+            else:
+                await tx.execute("UPDATE acme_accounts SET failures = 0, next_attempt = 0, "
+                                 "last_error = '' WHERE name = ?", (name,))
+
+    async def enable_auto_cert(self, hostname: str, key_type: str = "ec256") -> AcmeName:
+        """Mark a site for automatic certificates (``--auto-cert``); idempotent."""
+        name = normalize_hostname(hostname, allow_wildcard=True)
+        if name.startswith("*."):
+            raise ValidationError(f"{name}: wildcard certificates need DNS-01, which the edge "
+                                  "does not answer; import one with `edge cert import`")
+        check_choice("--key-type", key_type, ACME_KEY_TYPES)
+        async with self.store.transaction() as tx:
+            await self._id(tx, "sites", "hostname", name, "site")
+            row = await tx.fetchone("SELECT id FROM acme_names WHERE hostname = ?", (name,))
+            if row is None:
+                await tx.execute(
+                    "INSERT INTO acme_names (hostname, key_type, state, last_error, account, "
+                    "lease_owner, updated_at) VALUES (?, ?, 'pending', '', '', '', ?)",
+                    (name, key_type, time.time()))
+            else:
+                await tx.execute("UPDATE acme_names SET key_type = ? WHERE id = ?",
+                                 (key_type, row[0]))
+        return await self.acme_name(name)
+
+    async def acme_name(self, hostname: str) -> AcmeName:
+        name = normalize_hostname(hostname, allow_wildcard=True)
+        row = await self.store.fetchone(ACME_NAME_SELECT + " WHERE hostname = ?", (name,))
+        if row is None:
+            raise NotFoundError(f"{name} has no automatic certificate (`edge site set "
+                                f"{name} --auto-cert`)")
+        return acme_name_from_row(row)
+
+    async def acme_names(self, *, failing: bool = False, after: str = "",
+                         limit: int = 1000) -> list[AcmeName]:
+        where = "WHERE hostname > ?" + (" AND state = 'failing'" if failing else "")
+        rows = await self.store.fetchall(
+            f"{ACME_NAME_SELECT} {where} ORDER BY hostname LIMIT {int(limit)}", (after,))
+        return [acme_name_from_row(r) for r in rows]
+
+    async def due_acme_names(self, now: float, limit: int = 100) -> list[AcmeName]:
+        """Names to work on now: no certificate yet or past ``renew_at``, not backing off,
+        not leased by anyone."""
+        rows = await self.store.fetchall(
+            f"{ACME_NAME_SELECT} WHERE next_attempt <= ? AND lease_until < ? "
+            f"AND (certificate_id IS NULL OR renew_at <= ?) ORDER BY next_attempt, renew_at "
+            f"LIMIT {int(limit)}", (now, now, now))
+        return [acme_name_from_row(r) for r in rows]
+
+    async def lease_acme_name(self, hostname: str, owner: str, seconds: float,
+                              now: float | None = None) -> bool:
+        """Take the fleet-wide lease on ``hostname`` for ``seconds``; False if another owner
+        holds it. The conditional UPDATE and the read-back run in one transaction, so of two
+        processes racing exactly one reads its own name back."""
+        now = time.time() if now is None else now
+        async with self.store.transaction() as tx:
+            await tx.execute("UPDATE acme_names SET lease_owner = ?, lease_until = ? "
+                             "WHERE hostname = ? AND (lease_until < ? OR lease_owner = ?)",
+                             (owner, now + seconds, hostname, now, owner))
+            row = await tx.fetchone("SELECT lease_owner FROM acme_names WHERE hostname = ?",
+                                    (hostname,))
+        return row is not None and row[0] == owner
+
+    async def release_acme_name(self, hostname: str, owner: str) -> None:
+        async with self.store.transaction() as tx:
+            await tx.execute("UPDATE acme_names SET lease_owner = '', lease_until = 0 "
+                             "WHERE hostname = ? AND lease_owner = ?", (hostname, owner))
+
+    async def count_acme_order(self, hostname: str) -> None:
+        """One more order placed for ``hostname`` (``edge cert status`` shows the count)."""
+        async with self.store.transaction() as tx:
+            await tx.execute("UPDATE acme_names SET orders = orders + 1 WHERE hostname = ?",
+                             (hostname,))
+
+    async def record_acme_failure(self, hostname: str, error: str, retry_at: float) -> None:
+        """An attempt failed: the CA's text, and no new attempt before ``retry_at``."""
+        async with self.store.transaction() as tx:
+            await tx.execute("UPDATE acme_names SET state = 'failing', failures = failures + 1, "
+                             "next_attempt = ?, last_error = ?, updated_at = ? WHERE hostname = ?",
+                             (retry_at, error[:2000], time.time(), hostname))
+
+    async def request_acme_renewal(self, hostname: str) -> None:
+        """Make a name due now (``edge cert renew NAME``): renew_at and back-off cleared."""
+        name = (await self.acme_name(hostname)).hostname
+        async with self.store.transaction() as tx:
+            await tx.execute("UPDATE acme_names SET renew_at = 0, next_attempt = 0 "
+                             "WHERE hostname = ?", (name,))
+
+    async def install_acme_certificate(self, hostname: str, chain_pem: bytes, key_pem: bytes,
+                                       *, renew_at: float, account: str) -> int:
+        """Store an issued certificate, point the site at it and mark the name valid, in one
+        transaction (change rows for the certificate and the site: every worker serves it
+        after its next feed poll). Returns the certificate id."""
+        keybox = self._require_keybox("storing an issued private key")
+        cert = parse_certificate(chain_pem, key_pem)
+        if not certificate_covers(cert.names, hostname):
+            raise ValidationError(f"the CA's certificate ({', '.join(cert.names)}) does not "
+                                  f"cover {hostname}")
+        async with self.store.transaction() as tx:
+            certificate_id = await tx.execute(
+                "INSERT INTO certificates (fingerprint, names, not_before, not_after, chain_pem, "
+                "key_encrypted) VALUES (?, ?, ?, ?, ?, ?)",
+                (cert.fingerprint, ",".join(cert.names), cert.not_before, cert.not_after,
+                 cert.chain_pem, keybox.encrypt(cert.key_pem)))
+            await append_change(tx, "certificate", str(certificate_id))
+            await tx.execute("UPDATE sites SET certificate_id = ? WHERE hostname = ?",
+                             (certificate_id, hostname))
+            await append_change(tx, "site", hostname)
+            await tx.execute(
+                "UPDATE acme_names SET state = 'valid', certificate_id = ?, renew_at = ?, "
+                "failures = 0, next_attempt = 0, last_error = '', account = ?, updated_at = ? "
+                "WHERE hostname = ?", (certificate_id, renew_at, account, time.time(), hostname))
+        return int(certificate_id)
+
+    async def put_challenge(self, token: str, hostname: str, key_authorization: str,
+                            ttl: float = 3600.0) -> None:
+        """Publish a challenge answer to every edge worker (replaces one with the same token)."""
+        async with self.store.transaction() as tx:
+            await tx.execute("DELETE FROM acme_challenges WHERE token = ?", (token,))
+            await tx.execute("INSERT INTO acme_challenges (token, hostname, key_authorization, "
+                             "expires_at) VALUES (?, ?, ?, ?)",
+                             (token, hostname, key_authorization, time.time() + ttl))
+            await append_change(tx, "challenge", token)
+
+    async def delete_challenges_for(self, hostname: str) -> None:
+        """Withdraw every challenge answer of ``hostname`` (its order ended)."""
+        rows = await self.store.fetchall("SELECT token FROM acme_challenges WHERE hostname = ?",
+                                         (hostname,))
+        for row in rows:
+            await self.delete_challenge(row[0])
+
+    async def acme_state_counts(self) -> dict[str, int]:
+        rows = await self.store.fetchall("SELECT state, COUNT(*) FROM acme_names GROUP BY state")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def delete_challenge(self, token: str) -> None:
+        async with self.store.transaction() as tx:
+            await tx.execute("DELETE FROM acme_challenges WHERE token = ?", (token,))
+            await append_change(tx, "challenge", token)
 
 
     async def rotate_secret_key(self, batch: int = 500) -> tuple[int, int]:

@@ -20,6 +20,9 @@ from typing import Any, Protocol
 from edge.directory import schema
 from edge.directory.model import (
     Account,
+    AcmeAccount,
+    AcmeChallenge,
+    AcmeName,
     Change,
     ChangeRecord,
     Host,
@@ -43,6 +46,11 @@ _SITE_SELECT = ("SELECT s.hostname, t.name, s.certificate_id, s.https_redirect, 
                 "s.cache_policy, s.filters FROM sites s JOIN tenants t ON t.id = s.tenant_id")
 _CERT_SELECT = ("SELECT id, fingerprint, names, not_before, not_after, chain_pem, key_encrypted "
                 "FROM certificates")
+ACME_NAME_SELECT = ("SELECT hostname, key_type, state, certificate_id, renew_at, failures, "
+                    "next_attempt, last_error, account, orders, lease_owner, lease_until "
+                    "FROM acme_names")
+ACME_ACCOUNT_SELECT = ("SELECT name, directory_url, priority, environment, key_encrypted, "
+                       "account_url, eab_kid, email, failures, next_attempt, last_error FROM acme_accounts")
 
 
 class Tx(Protocol):
@@ -90,6 +98,21 @@ def certificate_from_row(row: Row) -> StoredCertificate:
                              names=tuple(n for n in row[2].split(",") if n),
                              not_before=float(row[3]), not_after=float(row[4]),
                              chain_pem=bytes(row[5]), key_encrypted=bytes(row[6]))
+
+
+def acme_name_from_row(row: Row) -> AcmeName:
+    return AcmeName(hostname=row[0], key_type=row[1], state=row[2],
+                    certificate_id=None if row[3] is None else int(row[3]),
+                    renew_at=float(row[4]), failures=int(row[5]), next_attempt=float(row[6]),
+                    last_error=row[7], account=row[8], orders=int(row[9]), lease_owner=row[10],
+                    lease_until=float(row[11]))
+
+
+def acme_account_from_row(row: Row) -> AcmeAccount:
+    return AcmeAccount(name=row[0], directory_url=row[1], priority=int(row[2]),
+                       environment=row[3], key_encrypted=bytes(row[4]), account_url=row[5],
+                       eab_kid=row[6], email=row[7], failures=int(row[8]),
+                       next_attempt=float(row[9]), last_error=row[10])
 
 
 class SQLStore(abc.ABC):
@@ -200,6 +223,11 @@ class SQLStore(abc.ABC):
         row = await self.fetchone(_CERT_SELECT + " WHERE id = ?", (certificate_id,))
         return None if row is None else certificate_from_row(row)
 
+    async def fetch_challenge(self, token: str) -> AcmeChallenge | None:
+        row = await self.fetchone("SELECT token, hostname, key_authorization, expires_at "
+                                  "FROM acme_challenges WHERE token = ?", (token,))
+        return None if row is None else AcmeChallenge(row[0], row[1], row[2], float(row[3]))
+
     # -- change feed ---------------------------------------------------------------------
 
     async def recent_changes(self, limit: int = 50) -> list[tuple[Change, float]]:
@@ -308,7 +336,8 @@ class SQLStore(abc.ABC):
         return [(Change(int(r[0]), r[1], r[2]), float(r[3])) for r in rows]
 
     async def count(self, table: str) -> int:
-        if table not in ("hosts", "tenants", "accounts", "sites", "certificates", "changes"):
+        if table not in ("hosts", "tenants", "accounts", "sites", "certificates", "changes",
+                         "acme_names", "acme_accounts", "acme_challenges"):
             raise ValueError(f"unknown table {table}")
         row = await self.fetchone(f"SELECT COUNT(*) FROM {table}")
         return int(row[0]) if row else 0

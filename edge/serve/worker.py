@@ -216,6 +216,7 @@ async def _main(spec: WorkerSpec) -> int:
     _tune_gc()
     log.info("worker started", extra={"proxies": sorted(proxies)})
 
+    issuer = _start_acme(spec, keybox)
     exporter = metrics.DirectoryExporter()
     stats_task = asyncio.create_task(_export_loop(spec, directory, feed, proxies, exporter, stop),
                                      name="edge-metrics-export")
@@ -232,6 +233,8 @@ async def _main(spec: WorkerSpec) -> int:
     await asyncio.gather(*(p.close() for p in proxies.values()), return_exceptions=True)
     metrics.WORKER_UP.set(0)
     await control.stop()
+    if issuer is not None:
+        issuer.cancel()
     stats_task.cancel()
     opener.cancel()
     await feed.stop()
@@ -240,6 +243,19 @@ async def _main(spec: WorkerSpec) -> int:
         await store.close()
     log.info("worker stopped")
     return 0
+
+
+def _start_acme(spec: WorkerSpec, keybox: KeyBox | None) -> asyncio.Task[None] | None:
+    """``[acme] enabled``: worker 0 runs the issuance/renewal loop (docs/tls.md says why not
+    the master); returns its task, or None."""
+    if not spec.config.acme.enabled or spec.worker_id != 0:
+        return None
+    if keybox is None:
+        log.error("[acme] enabled but no secret key: automatic certificates are off")
+        return None
+    from edge.acme.issuer import run_in_worker
+
+    return asyncio.create_task(run_in_worker(spec.config, keybox), name="edge-acme")
 
 
 def accept_queue(sock: socket.socket) -> int:

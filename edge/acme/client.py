@@ -1,0 +1,241 @@
+"""RFC 8555 on certbot's ``acme`` package: register, order, answer, finalize, revoke.
+
+Everything here is blocking (``acme`` uses ``requests``) and runs in a thread
+(:mod:`edge.acme.issuer` calls it through ``asyncio.to_thread``); nothing here touches the
+directory: challenge answers are handed to a ``publish`` callback. Failures are raised as
+:class:`AcmeFailure` with the CA's own error text and whether they concern the whole account
+(CA unreachable, rate limited: try the fallback CA, back off the account) or only this name.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from acme import challenges, crypto_util, errors, messages
+from acme import client as acme_client
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from josepy.jwa import ES256, RS256, JWASignature
+from josepy.jwk import JWK, JWKEC, JWKRSA
+
+USER_AGENT = "hosting-edge-acme"
+
+KEY_TYPES = ("ec256", "rsa2048", "rsa4096")
+
+
+class AcmeFailure(Exception):
+    """An order or account operation failed; ``str()`` is the CA's text."""
+
+    def __init__(self, text: str, *, account_wide: bool = False, retry_after: float = 0.0,
+                 kind: str = "error") -> None:
+        super().__init__(text)
+        self.account_wide = account_wide
+        """True when the CA as a whole failed us (down, rate limited, account problem)."""
+        self.retry_after = retry_after
+        """Seconds the CA asked us to wait (0: unknown)."""
+        self.kind = kind
+        """For metrics: ``unreachable``, ``rate_limited``, ``validation``, ``rejected``,
+        ``timeout``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    key_pem: bytes
+    account_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    chain_pem: bytes
+    key_pem: bytes
+    not_before: float
+    not_after: float
+    ari_renew_at: float | None
+    """The CA's suggested renewal time (ARI, RFC 9773), or None when it offers none."""
+
+
+Publish = Callable[[str, str, str], None]
+"""``publish(token, hostname, key_authorization)``: make every edge worker serve an answer."""
+
+
+def new_private_key(key_type: str) -> bytes:
+    """A new certificate key in PEM (PKCS#8): ECDSA P-256 by default, RSA on request."""
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    if key_type == "ec256":
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif key_type in ("rsa2048", "rsa4096"):
+        key = rsa.generate_private_key(65537, int(key_type[3:]))
+    else:
+        raise ValueError(f"unknown key type {key_type!r} (one of {', '.join(KEY_TYPES)})")
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@challenges.ChallengeResponse.register
+class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
+    """RFC 8737 response (an empty object on the wire). ``acme`` 5 dropped TLS-ALPN-01; the
+    edge answers it itself (httpproxy/acme.py), so only the message types are defined here."""
+
+    typ = "tls-alpn-01"
+
+
+@challenges.Challenge.register
+class TLSALPN01(challenges.KeyAuthorizationChallenge):
+    response_cls = TLSALPN01Response
+    typ = response_cls.typ
+
+    def validation(self, account_key: JWK, **kwargs: Any) -> str:
+        """The key authorization; the edge puts its SHA-256 into the challenge certificate."""
+        return self.key_authorization(account_key)
+
+
+def _jwk(key_pem: bytes) -> tuple[JWK, JWASignature]:
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return JWKEC(key=key), ES256
+    return JWKRSA(key=key), RS256
+
+
+def _network(key_pem: bytes, ca_file: str, timeout: int) -> acme_client.ClientNetwork:
+    jwk, alg = _jwk(key_pem)
+    net = acme_client.ClientNetwork(jwk, alg=alg, user_agent=USER_AGENT, timeout=timeout)
+    if ca_file:
+        # requests takes a CA bundle path where acme's type says bool.
+        net.verify_ssl = ca_file  # type: ignore[assignment]
+    return net
+
+
+def connect(directory_url: str, key_pem: bytes, account_url: str, *, ca_file: str = "",
+            timeout: int = 30) -> acme_client.ClientV2:
+    """A client for an existing account. Raises AcmeFailure (account-wide) if the CA is
+    unreachable."""
+    net = _network(key_pem, ca_file, timeout)
+    with _translated():
+        directory = acme_client.ClientV2.get_directory(directory_url, net)
+    if account_url:
+        net.account = messages.RegistrationResource(uri=account_url,
+                                                    body=messages.Registration())
+    return acme_client.ClientV2(directory, net)
+
+
+def register(directory_url: str, *, ca_file: str = "", email: str = "", eab_kid: str = "",
+             eab_hmac: str = "") -> Registered:
+    """Create an account key (ECDSA P-256) and register it, with External Account Binding
+    when ``eab_kid``/``eab_hmac`` are given (ZeroSSL, Google). Raises AcmeFailure."""
+    key_pem = new_private_key("ec256")
+    client = connect(directory_url, key_pem, "", ca_file=ca_file)
+    eab: Any = None
+    if eab_kid or eab_hmac:
+        if not (eab_kid and eab_hmac):
+            raise AcmeFailure("External Account Binding needs both --eab-kid and --eab-hmac")
+        assert client.net.key is not None
+        eab = messages.ExternalAccountBinding.from_data(
+            account_public_key=client.net.key.public_key(), kid=eab_kid, hmac_key=eab_hmac,
+            directory=client.directory)
+    elif client.external_account_required():
+        raise AcmeFailure("this CA requires External Account Binding: pass --eab-kid and "
+                          "--eab-hmac from the CA's dashboard")
+    registration = messages.NewRegistration.from_data(
+        email=email or None, terms_of_service_agreed=True, external_account_binding=eab)
+    with _translated():
+        regr = client.new_account(registration)
+    return Registered(key_pem, regr.uri)
+
+
+def issue(client: acme_client.ClientV2, hostname: str, key_type: str, publish: Publish, *,
+          challenge: str = "http-01", timeout: float = 90.0) -> Issued:
+    """Order a certificate for ``hostname`` and see it through. Raises AcmeFailure."""
+    key_pem = new_private_key(key_type)
+    csr = crypto_util.make_csr(key_pem, [hostname])
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    with _translated():
+        order = client.new_order(csr)
+        for authz in order.authorizations:
+            if authz.body.status == messages.STATUS_VALID:
+                continue  # the CA reused an authorization validated earlier
+            body = _pick_challenge(authz, challenge)
+            chall = body.chall
+            assert isinstance(chall, challenges.KeyAuthorizationChallenge)
+            response, validation = chall.response_and_validation(client.net.key)
+            token = (chall.encode("token") if isinstance(chall, challenges.HTTP01)
+                     else "tls-alpn-01:" + hostname)
+            publish(token, hostname, str(validation))
+            client.answer_challenge(body, response)
+        order = client.poll_and_finalize(order, deadline)
+    chain = order.fullchain_pem.encode("ascii")
+    leaf = x509.load_pem_x509_certificate(chain)
+    ari = None
+    try:
+        suggested, _ = client.renewal_time(chain)
+        ari = None if suggested is None else suggested.timestamp()
+    except (errors.Error, requests.RequestException):
+        pass  # ARI is advice: without it the 2/3 rule applies
+    return Issued(chain, key_pem, leaf.not_valid_before_utc.timestamp(),
+                  leaf.not_valid_after_utc.timestamp(), ari)
+
+
+def revoke(client: acme_client.ClientV2, chain_pem: bytes, reason: int = 0) -> None:
+    """Revoke the leaf of ``chain_pem`` (signed with the account key). Raises AcmeFailure."""
+    with _translated():
+        client.revoke(x509.load_pem_x509_certificate(chain_pem), reason)
+
+
+def _pick_challenge(authz: messages.AuthorizationResource, wanted: str) -> messages.ChallengeBody:
+    kinds: dict[str, type[challenges.Challenge]] = {"http-01": challenges.HTTP01,
+                                                    "tls-alpn-01": TLSALPN01}
+    order = [wanted, *(k for k in kinds if k != wanted)]
+    for kind in order:
+        for body in authz.body.challenges:
+            if isinstance(body.chall, kinds[kind]):
+                return body
+    offered = ", ".join(b.chall.typ for b in authz.body.challenges)
+    raise AcmeFailure(f"the CA offers no challenge the edge answers (offered: {offered})",
+                      kind="rejected")
+
+
+class _translated:
+    """Turn acme/requests exceptions into AcmeFailure with the CA's text."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> None:
+        if exc is None or isinstance(exc, AcmeFailure):
+            return
+        raise _failure(exc) from exc
+
+
+def _failure(exc: BaseException) -> AcmeFailure:
+    if isinstance(exc, requests.RequestException):
+        return AcmeFailure(f"CA unreachable: {type(exc).__name__}: {exc}"[:500],
+                           account_wide=True, kind="unreachable")
+    if isinstance(exc, messages.Error):
+        text = f"{exc.typ}: {exc.detail}" if exc.detail else str(exc)
+        if exc.code == "rateLimited":
+            return AcmeFailure(text, account_wide=True, kind="rate_limited", retry_after=3600)
+        if exc.code in ("unauthorized", "rejectedIdentifier", "caa", "dns", "connection",
+                        "incorrectResponse", "tls"):
+            return AcmeFailure(text, kind="validation")
+        if exc.code in ("accountDoesNotExist", "externalAccountRequired", "badNonce",
+                        "serverInternal"):
+            return AcmeFailure(text, account_wide=True, kind="rejected")
+        return AcmeFailure(text, kind="rejected")
+    if isinstance(exc, errors.ValidationError):
+        texts = []
+        for authz in exc.failed_authzrs:
+            for body in authz.body.challenges:
+                if body.error is not None:
+                    texts.append(f"{authz.body.identifier.value}: {body.error.typ}: "
+                                 f"{body.error.detail}")
+        return AcmeFailure("; ".join(texts) or "validation failed", kind="validation")
+    if isinstance(exc, errors.TimeoutError):
+        return AcmeFailure("the order did not complete in time", kind="timeout")
+    if isinstance(exc, errors.Error):
+        return AcmeFailure(f"{type(exc).__name__}: {exc}", kind="rejected")
+    return AcmeFailure(f"{type(exc).__name__}: {exc}", kind="rejected")

@@ -1,0 +1,240 @@
+"""Issuance and renewal: which name, which CA, when, and what happens on failure.
+
+One :class:`Issuer` per ``edge serve`` (in worker 0, see docs/tls.md) and per CLI command.
+For a name it
+
+1. takes the fleet-wide lease in the directory (``acme_names.lease_owner``): of several edge
+   processes, on one machine or many, exactly one places an order for a name at a time;
+2. tries the accounts of ``[acme] environment`` by priority (primary CA, then fallbacks),
+   skipping accounts that are backing off (CA down or rate limited);
+3. publishes challenge answers through the directory (every worker answers them), runs the
+   order in a thread (:mod:`edge.acme.client`), stores the certificate, points the site at it
+   and marks the name valid in one transaction (the change feed makes it live everywhere);
+4. on failure records the CA's text and backs off: ``backoff_base * 2**(failures-1)``, at
+   most ``backoff_max``, per name; per account for account-wide failures.
+
+The renewal time is the CA's ARI suggestion when it gives one, else ``renew_fraction`` (2/3)
+of the lifetime, spread by a per-name offset so that names issued together do not all fall
+due in the same minute (see benchmarks/acme.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from edge import metrics
+from edge.acme import client
+from edge.acme.client import AcmeFailure
+from edge.config import AcmeConfig, EdgeConfig
+from edge.directory.model import AcmeAccount, AcmeName
+from edge.directory.secrets import KeyBox
+from edge.directory.service import DirectoryService
+from edge.directory.stores import store_for_url
+from edge.errors import EdgeError, NotFoundError
+
+log = logging.getLogger("edge.acme")
+
+SPREAD = 0.1
+"""Renewal times are spread over this fraction of the lifetime after the 2/3 point."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    hostname: str
+    ok: bool
+    text: str
+    """The certificate id on success, else the CA's error text (or why nothing was tried)."""
+    skipped: bool = False
+    """Nothing was done because another process holds the name or renewed it meanwhile."""
+
+
+def backoff(config: AcmeConfig, failures: int) -> float:
+    """Seconds to wait after ``failures`` consecutive failures."""
+    return float(min(config.backoff_max, config.backoff_base * 2 ** max(0, failures - 1)))
+
+
+def renewal_time(config: AcmeConfig, hostname: str, not_before: float, not_after: float,
+                 ari: float | None) -> float:
+    """When to renew: the CA's ARI time if it gave one, else at ``renew_fraction`` of the
+    lifetime plus a stable per-name offset of up to ``SPREAD`` of it (no renewal burst)."""
+    if ari is not None:
+        return ari
+    lifetime = max(0.0, not_after - not_before)
+    offset = int.from_bytes(hashlib.sha256(hostname.encode()).digest()[:4], "big") / 2 ** 32
+    fraction = min(config.renew_fraction + SPREAD * offset, 0.95)
+    return not_before + lifetime * fraction
+
+
+def _due(name: AcmeName, now: float) -> bool:
+    """The same test as ``DirectoryService.due_acme_names`` (lease aside)."""
+    return name.next_attempt <= now and (name.certificate_id is None or name.renew_at <= now)
+
+
+def owner_id() -> str:
+    """This process in lease rows: host and pid (readable in ``edge cert status``)."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}"
+
+
+class Issuer:
+    def __init__(self, service: DirectoryService, config: AcmeConfig, keybox: KeyBox, *,
+                 owner: str | None = None) -> None:
+        self.service = service
+        self.config = config
+        self.keybox = keybox
+        self.owner = owner or owner_id()
+        self._slots = asyncio.Semaphore(max(1, config.concurrency))
+
+    # -- one name --------------------------------------------------------------------------
+
+    async def issue(self, hostname: str, *, only_if_due: bool = False) -> Outcome:
+        """Issue (or renew) now for one name, if no other process holds its lease.
+        ``only_if_due``: skip it unless it is still due once the lease is ours (another
+        process may have renewed it between our look at the due list and the lease)."""
+        name = await self.service.acme_name(hostname)
+        if not await self.service.lease_acme_name(name.hostname, self.owner,
+                                                  self.config.lease_seconds):
+            return Outcome(name.hostname, False, "another edge process is working on this name",
+                           skipped=True)
+        try:
+            name = await self.service.acme_name(hostname)  # as of now that the lease is ours
+            if only_if_due and not _due(name, time.time()):
+                return Outcome(name.hostname, True, "renewed meanwhile by another edge process",
+                               skipped=True)
+            async with self._slots:
+                return await self._issue_leased(name)
+        finally:
+            await self.service.release_acme_name(name.hostname, self.owner)
+
+    async def _issue_leased(self, name: AcmeName) -> Outcome:
+        now = time.time()
+        accounts = [a for a in await self.service.acme_accounts()
+                    if a.environment == self.config.environment]
+        if not accounts:
+            text = (f"no ACME account for environment {self.config.environment!r} "
+                    "(`edge acme account add --directory URL`)")
+            await self._failed(name, text, "no_account")
+            return Outcome(name.hostname, False, text)
+        usable = [a for a in accounts if a.next_attempt <= now]
+        if not usable:
+            first = min(a.next_attempt for a in accounts)
+            text = "every CA account is backing off: " + "; ".join(
+                f"{a.name}: {a.last_error}" for a in accounts)
+            await self.service.record_acme_failure(name.hostname, text, first)
+            metrics.ACME_ORDERS.labels(outcome="account_backoff").inc()
+            return Outcome(name.hostname, False, text)
+        errors: list[str] = []
+        for account in usable:
+            outcome = await self._try_account(name, account)
+            if outcome.ok:
+                return outcome
+            errors.append(f"{account.name}: {outcome.text}")
+        text = "; ".join(errors)
+        await self._failed(name, text, None)
+        return Outcome(name.hostname, False, text)
+
+    async def _try_account(self, name: AcmeName, account: AcmeAccount) -> Outcome:
+        loop = asyncio.get_running_loop()
+        service = self.service
+
+        def publish(token: str, hostname: str, key_authorization: str) -> None:
+            asyncio.run_coroutine_threadsafe(
+                service.put_challenge(token, hostname, key_authorization), loop).result(30)
+
+        def run() -> client.Issued:
+            acme = client.connect(account.directory_url, self.keybox.decrypt(account.key_encrypted),
+                                  account.account_url, ca_file=self.config.ca_file)
+            return client.issue(acme, name.hostname, name.key_type, publish,
+                                challenge=self.config.challenge, timeout=self.config.order_timeout)
+
+        await service.count_acme_order(name.hostname)
+        started = time.monotonic()
+        try:
+            issued = await asyncio.to_thread(run)
+        except AcmeFailure as exc:
+            metrics.ACME_ORDERS.labels(outcome=exc.kind).inc()
+            log.warning("ACME order for %s at %s failed: %s", name.hostname, account.name, exc)
+            if exc.account_wide:
+                wait = max(exc.retry_after, backoff(self.config, account.failures + 1))
+                await service.record_acme_account_result(account.name, error=str(exc),
+                                                         retry_at=time.time() + wait)
+            return Outcome(name.hostname, False, str(exc))
+        finally:
+            await self._clear_challenges(name.hostname)
+        metrics.ACME_ORDER_SECONDS.observe(time.monotonic() - started)
+        renew_at = renewal_time(self.config, name.hostname, issued.not_before, issued.not_after,
+                                issued.ari_renew_at)
+        try:
+            certificate_id = await service.install_acme_certificate(
+                name.hostname, issued.chain_pem, issued.key_pem, renew_at=renew_at,
+                account=account.name)
+        except (EdgeError, NotFoundError) as exc:
+            metrics.ACME_ORDERS.labels(outcome="install_failed").inc()
+            return Outcome(name.hostname, False, f"storing the certificate failed: {exc}")
+        if account.failures:
+            await service.record_acme_account_result(account.name)
+        metrics.ACME_ORDERS.labels(outcome="issued").inc()
+        log.info("certificate %d issued for %s by %s", certificate_id, name.hostname, account.name)
+        return Outcome(name.hostname, True, str(certificate_id))
+
+    async def _failed(self, name: AcmeName, text: str, outcome: str | None) -> None:
+        await self.service.record_acme_failure(
+            name.hostname, text, time.time() + backoff(self.config, name.failures + 1))
+        if outcome is not None:
+            metrics.ACME_ORDERS.labels(outcome=outcome).inc()
+
+    async def _clear_challenges(self, hostname: str) -> None:
+        """Challenge answers are only needed while the CA validates."""
+        await self.service.delete_challenges_for(hostname)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run_due(self, limit: int = 100) -> list[Outcome]:
+        """Work on every name due now (up to ``limit``), ``concurrency`` at a time."""
+        due = await self.service.due_acme_names(time.time(), limit)
+        results = await asyncio.gather(*(self.issue(n.hostname, only_if_due=True) for n in due))
+        return list(results)
+
+    async def run_forever(self) -> None:
+        """``edge serve``: look for due names every ``poll_interval`` seconds."""
+        while True:
+            try:
+                await self.run_due()
+                await self.export_metrics()
+            except EdgeError as exc:
+                log.warning("ACME loop: %s", exc)
+            except Exception:
+                log.exception("ACME loop failed")
+            await asyncio.sleep(self.config.poll_interval)
+
+    async def export_metrics(self) -> None:
+        counts = await self.service.acme_state_counts()
+        for state in ("pending", "valid", "failing"):
+            metrics.ACME_NAMES.labels(state=state).set(counts.get(state, 0))
+        accounts = await self.service.acme_accounts()
+        now = time.time()
+        for account in accounts:
+            metrics.ACME_ACCOUNT_BACKOFF.labels(account=account.name).set(
+                max(0.0, account.next_attempt - now))
+
+
+async def run_in_worker(config: EdgeConfig, keybox: KeyBox) -> None:
+    """The ``edge serve`` loop, with its own store on the write URL (the worker's own store
+    may be a read replica)."""
+    store = store_for_url(config.database.url, config.database)
+    while True:
+        try:
+            await store.open()
+            break
+        except EdgeError as exc:
+            log.warning("ACME loop waits for the directory: %s", exc)
+            await asyncio.sleep(5)
+    try:
+        await Issuer(DirectoryService(store, keybox), config.acme, keybox).run_forever()
+    finally:
+        await store.close()

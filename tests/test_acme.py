@@ -1,0 +1,392 @@
+"""Automatic certificates against a REAL ACME CA (pebble), validated through the edge itself.
+
+One module fixture: a SQLite directory, a backend, ``edge serve --workers 2`` (HTTP + HTTPS
+on loopback, ``[acme] enabled``) and pebble + challtestsrv whose HTTP-01 / TLS-ALPN-01
+ports are the edge's listeners. The tests drive it with the real ``edge`` CLI and real
+``curl``/``openssl`` clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from edge.directory.secrets import KeyBox, generate_key
+from edge.directory.service import DirectoryService
+from edge.directory.stores import store_for_url
+from tests import support_pebble
+from tests.support_pebble import Pebble
+from tests.test_serve import ROOT, EdgeServe, make_db, wait_for
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow,
+              pytest.mark.skipif(not support_pebble.available() and not os.environ.get("CI"),
+                                 reason="pebble is not installed")]
+
+
+class _Hello(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = f"backend saw {self.headers['Host']}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@dataclass
+class Env:
+    tmp: Path
+    db_url: str
+    key: str
+    serve: EdgeServe
+    pebble: Pebble
+    http_port: int
+    https_port: int
+    root: Path
+    """pebble's root certificate: what a client trusts to verify issued certificates."""
+
+    def cli(self, *args: str, config: str = "edge.toml",
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("EDGE_CONFIG", None)
+        env.pop("EDGE_DATABASE_URL", None)
+        return subprocess.run(
+            [sys.executable, "-c", "import sys; from edge.cli.main import main; sys.exit(main())",
+             *args, "--config", str(self.tmp / config)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        result = self.cli("cert", "status", "--json")
+        assert result.returncode == 0, result.stderr
+        return {row["hostname"]: row for row in json.loads(result.stdout)}
+
+    def run(self, coro_fn: Any) -> Any:
+        async def go() -> Any:
+            store = store_for_url(self.db_url)
+            await store.open()
+            try:
+                return await coro_fn(DirectoryService(store, KeyBox.from_text(self.key)))
+            finally:
+                await store.close()
+        return asyncio.run(go())
+
+    def add_site(self, name: str, *flags: str, tenant: str = "ta") -> None:
+        result = self.cli("site", "add", name, "--tenant", tenant, *flags)
+        assert result.returncode == 0, result.stderr
+
+    def served_certificate(self, name: str) -> x509.Certificate:
+        """The certificate the edge serves for ``name``, verified against pebble's root."""
+        ctx = ssl.create_default_context(cafile=str(self.root))
+        with socket.create_connection(("127.0.0.1", self.https_port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=name) as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der)
+
+
+def _config(tmp: Path, db_url: str, pebble_ca: Path, extra: str = "") -> str:
+    return (f'[database]\nurl = "{db_url}"\n[secrets]\nkey_file = "{tmp / "secret.key"}"\n'
+            '[admin]\nlisten = ["127.0.0.1:0"]\n[serve]\nworkers = 2\ngrace_period = 2.0\n'
+            '[http]\nlisten = ["127.0.0.1:0"]\naccess_log = "off"\n'
+            '[https]\nlisten = ["127.0.0.1:0"]\n'
+            f'[acme]\nca_file = "{pebble_ca}"\npoll_interval = 0.5\nbackoff_base = 30.0\n'
+            f'order_timeout = 30.0\n{extra}')
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("acme")
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    db_url = make_db(tmp / "directory.sqlite3")
+    key = generate_key()
+    (tmp / "secret.key").write_text(key + "\n")
+
+    async def provision(service: DirectoryService) -> None:
+        await service.add_host("web", "127.0.0.1", http_port=backend.server_address[1])
+        await service.add_tenant("ta", "web")
+        await service.add_tenant("tb", "web")
+
+    # The edge's ports must be known before pebble starts (they are its validation ports);
+    # pebble's own listener certificate is made first so the edge config can trust it.
+    ca = tmp / "pebble" / "pebble-listener.pem"
+    serve = EdgeServe(tmp, _config(tmp, db_url, ca, "enabled = true\non_demand = true\n"
+                                   "on_demand_per_tenant = 2.0\n"),
+                      env={"EDGE_PROXY_OVERRIDES": ""})
+    pebble: Pebble | None = None
+    try:
+        serve.wait_line("admin")
+        _, http_port = serve.wait_line("http")
+        _, https_port = serve.wait_line("https")
+        serve.wait_ready()
+        pebble = Pebble(tmp / "pebble", http_port=http_port, tls_port=https_port)
+        assert pebble.ca_file == ca
+        (tmp / "root.pem").write_bytes(pebble.root_pem())
+        environment = Env(tmp, db_url, key, serve, pebble, http_port, https_port,
+                          tmp / "root.pem")
+        environment.run(provision)
+        (tmp / "alpn.toml").write_text(_config(tmp, db_url, ca, 'challenge = "tls-alpn-01"\n'))
+        (tmp / "staging.toml").write_text(_config(tmp, db_url, ca, 'environment = "staging"\n'))
+        result = environment.cli("acme", "account", "add", "pebble", "--directory",
+                                 pebble.directory, "--email", "ops@example.com")
+        assert result.returncode == 0, result.stderr
+        yield environment
+    finally:
+        serve.kill()
+        if pebble is not None:
+            pebble.stop()
+        backend.shutdown()
+        backend.server_close()
+
+
+def test_auto_cert_site_is_issued_by_edge_serve_and_served_by_every_worker(env: Env) -> None:
+    """``site add --auto-cert``: the loop in ``edge serve`` orders it, pebble validates HTTP-01
+    against the edge, and every worker serves the new certificate without a reload."""
+    env.add_site("www.auto.test", "--auto-cert")
+    wait_for(lambda: env.status()["www.auto.test"]["state"] == "valid", 30,
+             "www.auto.test issued by edge serve")
+    row = env.status()["www.auto.test"]
+    assert row["orders"] == 1 and row["last_error"] == "" and row["account"] == "pebble"
+
+    # Within about a second (one change-feed poll) every worker has it: 12 fresh connections
+    # spread over the two workers by SO_REUSEPORT all verify against pebble's root.
+    def all_served() -> bool:
+        try:
+            return all(env.served_certificate("www.auto.test") for _ in range(12))
+        except (ssl.SSLError, OSError):
+            return False
+    wait_for(all_served, 3, "the certificate on every worker")
+    leaf = env.served_certificate("www.auto.test")
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["www.auto.test"]
+    assert leaf.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+    # Renewal at 2/3 of the lifetime (pebble offers no ARI), spread by at most 10 %.
+    lifetime = (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()
+    renew_at = time.mktime(time.strptime(row["renew_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    fraction = (renew_at - leaf.not_valid_before_utc.timestamp()) / lifetime
+    assert 2 / 3 - 0.01 <= fraction <= 2 / 3 + 0.11
+    curl = subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "--cacert", str(env.root), "--resolve",
+         f"www.auto.test:{env.https_port}:127.0.0.1", f"https://www.auto.test:{env.https_port}/"],
+        capture_output=True, text=True, timeout=30)
+    assert curl.returncode == 0, curl.stderr
+    assert curl.stdout == f"backend saw www.auto.test:{env.https_port}\n"
+
+
+def test_http01_is_answered_before_redirects_and_filters(env: Env) -> None:
+    """A site that denies the CA's address (and every path) and redirects to HTTPS still
+    validates, and ``edge cert issue`` (RSA on request) reports the certificate id."""
+    env.add_site("locked.test", "--https-redirect", "--filters",
+                 json.dumps({"ip_deny": ["127.0.0.0/8"], "path_deny": [{"prefix": "/"}]}))
+    result = env.cli("cert", "issue", "locked.test", "--key-type", "rsa2048")
+    assert result.returncode == 0, result.stderr + env.pebble.log()[-2000:]
+    assert result.stdout.startswith("locked.test: certificate ")
+    leaf = env.served_certificate("locked.test")
+    assert leaf.public_key().key_size == 2048  # type: ignore[union-attr]
+    # The challenge path is not an open door: an unknown token is a 404, and the site's
+    # other paths are still refused by its filters.
+    probe = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: locked.test",
+         f"http://127.0.0.1:{env.http_port}/.well-known/acme-challenge/{'x' * 43}"],
+        capture_output=True, text=True, timeout=20)
+    assert probe.stdout == "404"
+    other = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: locked.test",
+         f"http://127.0.0.1:{env.http_port}/index.html"], capture_output=True, text=True, timeout=20)
+    assert other.stdout == "403"
+
+
+def test_tls_alpn01_validation_through_the_https_listener(env: Env) -> None:
+    env.add_site("alpn.test")
+    result = env.cli("cert", "issue", "alpn.test", config="alpn.toml")
+    assert result.returncode == 0, result.stderr + env.pebble.log()[-2000:]
+    assert env.served_certificate("alpn.test").subject
+
+
+def test_renewal_is_served_without_dropping_an_open_connection(env: Env) -> None:
+    env.add_site("renew.test")
+    assert env.cli("cert", "issue", "renew.test").returncode == 0
+    before = env.served_certificate("renew.test")
+    ctx = ssl.create_default_context(cafile=str(env.root))
+    with socket.create_connection(("127.0.0.1", env.https_port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="renew.test") as tls:
+        request = b"GET / HTTP/1.1\r\nHost: renew.test\r\n\r\n"
+        tls.sendall(request)
+        assert b"backend saw renew.test" in _read_response(tls)
+        result = env.cli("cert", "renew", "renew.test")
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: env.served_certificate("renew.test").serial_number
+                 != before.serial_number, 5, "the renewed certificate served")
+        tls.sendall(request)  # the open connection goes on with its old session
+        assert b"backend saw renew.test" in _read_response(tls)
+    assert env.status()["renew.test"]["orders"] == 2
+
+
+def _read_response(tls: ssl.SSLSocket) -> bytes:
+    """One whole response with a Content-Length body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        chunk = tls.recv(65536)
+        assert chunk, data
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_revoke_at_the_ca(env: Env) -> None:
+    env.add_site("revoke.test")
+    assert env.cli("cert", "issue", "revoke.test").returncode == 0
+    result = env.cli("cert", "revoke", "revoke.test")
+    assert result.returncode == 0, result.stderr
+    assert "revoked" in result.stdout
+    # The CA itself confirms: revoking the same certificate again is refused by pebble.
+    again = env.cli("cert", "revoke", "revoke.test")
+    assert again.returncode != 0 and "alreadyRevoked" in again.stderr, again.stderr
+
+
+def test_rejected_validation_backs_off_and_shows_the_ca_error(env: Env) -> None:
+    env.pebble.add_a("dead.test", "127.0.0.2")  # nothing listens there: validation fails
+    orders = env.pebble.orders()
+    env.add_site("dead.test", "--auto-cert")
+    wait_for(lambda: env.status()["dead.test"]["state"] == "failing", 30, "dead.test failing")
+    row = env.status()["dead.test"]
+    assert row["failures"] == 1 and row["next_attempt"] is not None
+    assert "dead.test" in row["last_error"] and "connection" in row["last_error"].lower()
+    failing = env.cli("cert", "status", "--failing")
+    assert "dead.test" in failing.stdout and "www.auto.test" not in failing.stdout
+    time.sleep(2)  # four loop rounds: the back-off (30 s) keeps it from ordering again
+    assert env.pebble.orders() == orders + 1
+    assert env.status()["dead.test"]["orders"] == 1
+
+
+def test_ca_down_keeps_the_old_certificate_and_falls_back(env: Env) -> None:
+    """A primary CA that is down: the account backs off, the fallback CA issues; with no CA
+    reachable at all the name fails and the old certificate stays served."""
+    env.add_site("fallback.test")
+    assert env.cli("cert", "issue", "fallback.test").returncode == 0
+    old = env.served_certificate("fallback.test")
+    down = f"https://127.0.0.1:{support_pebble.free_port()}/dir"
+
+    async def add_down(service: DirectoryService) -> None:
+        from edge.acme.client import new_private_key
+
+        await service.add_acme_account("down-primary", down, new_private_key("ec256"),
+                                       account_url=down + "/acct/1", priority=-1)
+        await service.add_acme_account("down-staging", down, new_private_key("ec256"),
+                                       account_url=down + "/acct/2", environment="staging")
+    env.run(add_down)
+    try:
+        # Staging has only the dead CA: the renewal fails, the old certificate stays.
+        result = env.cli("cert", "renew", "fallback.test", config="staging.toml")
+        assert result.returncode != 0 and "CA unreachable" in result.stderr, result.stderr
+        assert env.served_certificate("fallback.test").serial_number == old.serial_number
+        assert env.status()["fallback.test"]["state"] == "failing"
+        # Production: the dead primary is skipped after its failure, pebble issues.
+        result = env.cli("cert", "renew", "fallback.test")
+        assert result.returncode == 0, result.stderr
+        accounts = {a["name"]: a for a in json.loads(
+            env.cli("acme", "account", "list", "--json").stdout)}
+        assert accounts["down-primary"]["backoff_seconds"] > 0
+        assert "CA unreachable" in accounts["down-primary"]["last_error"]
+        wait_for(lambda: env.served_certificate("fallback.test").serial_number
+                 != old.serial_number, 5, "the fallback CA's certificate served")
+    finally:
+        async def remove(service: DirectoryService) -> None:
+            async with service.store.transaction() as tx:
+                await tx.execute("DELETE FROM acme_accounts WHERE name LIKE 'down-%'")
+        env.run(remove)
+
+
+def test_two_edge_processes_racing_for_one_name_place_one_order(env: Env) -> None:
+    """``edge serve``'s loop and two ``edge cert renew --due`` processes all find the new
+    name due at once; the lease lets exactly one of them order it."""
+    env.add_site("race.test")
+    orders = env.pebble.orders()
+    env.run(lambda service: service.enable_auto_cert("race.test"))
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", "import sys; from edge.cli.main import main; sys.exit(main())",
+         "cert", "renew", "--due", "--config", str(env.tmp / "edge.toml")],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    wait_for(lambda: env.status()["race.test"]["state"] == "valid", 20, "race.test valid")
+    time.sleep(1.0)  # two more loop rounds: nobody orders it again
+    assert env.pebble.orders() == orders + 1, outputs
+    assert env.status()["race.test"]["orders"] == 1, outputs
+
+
+def test_random_sni_flood_causes_no_acme_order(env: Env) -> None:
+    orders = env.pebble.orders()
+    ctx = ssl.create_default_context(cafile=str(env.root))
+    refused = 0
+    for _ in range(200):
+        name = secrets.token_hex(6) + ".flood.test"
+        try:
+            with socket.create_connection(("127.0.0.1", env.https_port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=name):
+                pass
+        except ssl.SSLError as exc:
+            assert "UNRECOGNIZED_NAME" in str(exc).upper()
+            refused += 1
+    assert refused == 200
+    time.sleep(1.5)  # three rounds of edge serve's loop
+    assert env.pebble.orders() == orders
+    assert "flood.test" not in json.dumps(env.status())
+
+
+def test_on_demand_first_handshake_waits_for_its_certificate(env: Env) -> None:
+    """A site in the directory without certificate: the first client's handshake waits while
+    the edge orders one (``[acme] on_demand``), then completes with it."""
+    env.add_site("first.test")
+    orders = env.pebble.orders()
+    leaf = env.served_certificate("first.test")
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["first.test"]
+    assert env.pebble.orders() == orders + 1
+    assert env.status()["first.test"]["state"] == "valid"  # and renewed like --auto-cert
+
+
+def test_on_demand_is_rate_limited_per_tenant(env: Env) -> None:
+    """``on_demand_per_tenant = 2`` per minute (per worker, two workers): of six new sites of
+    one tenant at most four get a certificate at their first handshake; the others get the
+    alert internal_error at once and cost no order."""
+    hosts = [f"s{i}.tb.test" for i in range(6)]
+    for host in hosts:
+        env.add_site(host, tenant="tb")
+    orders = env.pebble.orders()
+    issued = refused = 0
+    for host in hosts:
+        try:
+            env.served_certificate(host)
+            issued += 1
+        except ssl.SSLError as exc:
+            assert "INTERNAL_ERROR" in str(exc).upper(), exc
+            refused += 1
+    assert 2 <= issued <= 4 and refused == 6 - issued
+    assert env.pebble.orders() == orders + issued

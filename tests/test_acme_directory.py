@@ -1,0 +1,132 @@
+"""The ACME tables on both stores (SQLite and real MariaDB): the fleet-wide lease, due names,
+back-off, certificate install with change rows, challenges through the cached lookup path,
+account keys encrypted at rest. No CA here: tests/test_acme.py runs the real pebble."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edge.acme.client import new_private_key
+from edge.acme.issuer import backoff, renewal_time
+from edge.config import AcmeConfig
+from edge.directory.directory import Directory
+from edge.directory.model import Change
+from edge.directory.secrets import KeyBox
+from edge.directory.service import DirectoryService
+from edge.directory.store import SQLStore
+from edge.directory.stores import store_for_url
+from edge.errors import NotFoundError, ValidationError
+from tests.support_directory import make_certificate
+
+
+async def _site(service: DirectoryService, name: str = "www.a.test") -> None:
+    await service.add_host("web", "127.0.0.1")
+    await service.add_tenant("ta", "web")
+    await service.add_site(name, "ta")
+
+
+async def test_lease_lets_exactly_one_of_many_racers_in(service: DirectoryService,
+                                                        database_url: str, keybox: KeyBox) -> None:
+    """Eight edge processes (each its own connection) grab the same name at once."""
+    await _site(service)
+    await service.enable_auto_cert("www.a.test")
+    stores = [store_for_url(database_url) for _ in range(8)]
+    for racer in stores:
+        await racer.open()
+    try:
+        results = await asyncio.gather(*(
+            DirectoryService(racer, keybox).lease_acme_name("www.a.test", f"edge{i}", 60)
+            for i, racer in enumerate(stores)))
+    finally:
+        for racer in stores:
+            await racer.close()
+    assert results.count(True) == 1
+    holder = f"edge{results.index(True)}"
+    assert await service.lease_acme_name("www.a.test", holder, 60)  # the holder may extend
+    assert not await service.lease_acme_name("www.a.test", "late", 60)
+    await service.release_acme_name("www.a.test", holder)
+    assert await service.lease_acme_name("www.a.test", "late", 60)
+
+
+async def test_due_names_back_off_and_install(service: DirectoryService, store: SQLStore) -> None:
+    await _site(service)
+    with pytest.raises(NotFoundError):
+        await service.enable_auto_cert("nosuch.test")
+    with pytest.raises(ValidationError, match="DNS-01"):
+        await service.add_site("*.w.test", "ta")
+        await service.enable_auto_cert("*.w.test")
+    name = await service.enable_auto_cert("www.a.test")
+    assert name.state == "pending" and name.key_type == "ec256"
+    assert [n.hostname for n in await service.due_acme_names(1e9)] == ["www.a.test"]
+    await service.record_acme_failure("www.a.test", "urn:ietf:params:acme:error:connection: "
+                                      "refused", 2e9)
+    assert await service.due_acme_names(1e9) == []  # backing off
+    failing = await service.acme_names(failing=True)
+    assert failing[0].failures == 1 and "refused" in failing[0].last_error
+    chain, key = make_certificate(["www.a.test"])
+    latest = await store.latest_change_id()
+    cert_id = await service.install_acme_certificate("www.a.test", chain, key,
+                                                     renew_at=1.5e9, account="pebble")
+    changes = await store.fetch_changes(latest)
+    assert [(c.entity, c.name) for c in changes] == [("certificate", str(cert_id)),
+                                                       ("site", "www.a.test")]
+    name = await service.acme_name("www.a.test")
+    assert (name.state, name.certificate_id, name.failures, name.last_error) == (
+        "valid", cert_id, 0, "")
+    assert (await store.fetch_site_pair("www.a.test", None))[0].certificate_id == cert_id  # type: ignore[union-attr]
+    assert await service.due_acme_names(1.4e9) == []
+    assert [n.hostname for n in await service.due_acme_names(1.6e9)] == ["www.a.test"]
+    other, other_key = make_certificate(["other.test"])
+    with pytest.raises(ValidationError, match="does not cover"):
+        await service.install_acme_certificate("www.a.test", other, other_key, renew_at=0,
+                                               account="pebble")
+
+
+async def test_challenge_through_the_cached_lookup(service: DirectoryService,
+                                                   store: SQLStore) -> None:
+    directory = Directory(store)
+    try:
+        assert await directory.challenge("tok") is None  # cached as unknown ...
+        await service.put_challenge("tok", "www.a.test", "tok.thumb")
+        assert await directory.challenge("tok") is None
+        directory.apply_change(Change(0, "challenge", "tok"))  # ... until the feed evicts it
+        answer = await directory.challenge("tok")
+        assert answer is not None and answer.key_authorization == "tok.thumb"
+        await service.delete_challenges_for("www.a.test")
+        directory.apply_change(Change(0, "challenge", "tok"))
+        assert await directory.challenge("tok") is None
+        await service.put_challenge("old", "www.a.test", "x", ttl=-1)  # expired: not served
+        assert await directory.challenge("old") is None
+    finally:
+        await directory.close()
+
+
+async def test_account_key_is_encrypted_at_rest(service: DirectoryService, store: SQLStore,
+                                                keybox: KeyBox) -> None:
+    key = new_private_key("ec256")
+    await service.add_acme_account("le", "https://ca.test/dir", key, account_url="https://ca/1",
+                                   eab_kid="kid1", priority=1)
+    row = await store.fetchone("SELECT key_encrypted FROM acme_accounts WHERE name = 'le'")
+    assert row is not None and key not in bytes(row[0]) and b"PRIVATE KEY" not in bytes(row[0])
+    (account,) = await service.acme_accounts()
+    assert keybox.decrypt(account.key_encrypted) == key
+    assert (account.eab_kid, account.environment, account.priority) == ("kid1", "production", 1)
+    await service.record_acme_account_result("le", error="rateLimited", retry_at=5.0)
+    (account,) = await service.acme_accounts()
+    assert (account.failures, account.next_attempt, account.last_error) == (1, 5.0, "rateLimited")
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    config = AcmeConfig(backoff_base=60, backoff_max=3600)
+    assert [backoff(config, n) for n in (1, 2, 3, 7, 20)] == [60, 120, 240, 3600, 3600]
+
+
+def test_renewal_time_two_thirds_spread_or_ari() -> None:
+    config = AcmeConfig()
+    day = 86400.0
+    times = [renewal_time(config, f"n{i}.test", 0.0, 90 * day, None) for i in range(1000)]
+    assert all(60 * day <= t <= 69 * day for t in times)  # 2/3, spread over 10 % of 90 days
+    assert max(times) - min(times) > 8 * day
+    assert renewal_time(config, "n.test", 0.0, 90 * day, 12345.0) == 12345.0
