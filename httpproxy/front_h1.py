@@ -40,9 +40,8 @@ import httptools
 
 from edge.proxyproto import ProxyHeaderParser, ProxyProtocolError
 from edge.relay import Relay
-from edge.sessions import SessionSnapshot
+from edge.sessions import SessionSnapshot, SessionTable
 from httpproxy import pages
-from httpproxy.websocket import WebSocketSession
 from httpproxy.exchange import (
     HOST,
     NAME_CODES,
@@ -53,6 +52,7 @@ from httpproxy.exchange import (
     ResponseHead,
     header_code,
 )
+from httpproxy.websocket import WebSocketSession
 
 if TYPE_CHECKING:
     from edge.directory.model import Site
@@ -73,6 +73,8 @@ class ConnectionServices(EngineServices, Protocol):
     loop: asyncio.AbstractEventLoop
     proxy_policy: ProxyHeaderPolicy | None
     per_address: ConnectionCap | None
+    sessions: SessionTable
+    """The worker's live sessions (``edge sessions``): upgraded WebSocket connections."""
 
     def opened(self, conn: ClientConnection) -> None:
         """Count ``conn`` as open (its listener's gauge, draining)."""
@@ -552,14 +554,14 @@ class ClientConnection(asyncio.Protocol):
             user=req.site.hostname if req.site else "", tenant=req.tenant.name if req.tenant else "",
             host=req.host.name if req.host else "", client=f"{self.client.ip}:{self.client.port}",
             since=time.time(), bytes_up=0, bytes_down=0)
-        return self.engine.context.sessions.add("websocket",
+        return self.engine.sessions.add("websocket",
                                                 WebSocketSession(relay, transport, snapshot))
 
     async def _relay_done(self, req: Exchange, relay: Relay, session_id: str = "") -> None:
         try:
             result = await relay.wait()
         finally:
-            self.engine.context.sessions.remove(session_id)
+            self.engine.sessions.remove(session_id)
         req.bytes_out = result.bytes_b_to_a
         self.closed = True
         self.client.local_lookup = None  # no cycle back to this connection (see connection_lost)

@@ -160,6 +160,7 @@ class HttpEngine:
 
     def __init__(self, context: ProxyContext) -> None:
         self.context = context
+        self.sessions = context.sessions
         self.loop = asyncio.get_running_loop()
         self.config = context.config
         self.settings = context.config.http

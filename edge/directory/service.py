@@ -664,13 +664,12 @@ class DirectoryService:
 
     # -- certificates --------------------------------------------------------------------
 
-    def _require_keybox(self) -> KeyBox:
+    def _require_keybox(self, what: str = "importing a private key") -> KeyBox:
         if self.keybox is None:
             from edge.errors import SecretsError
 
-            raise SecretsError("importing a private key needs the at-rest secret key: set "
-                               "$EDGE_SECRET_KEY or [secrets] key_file "
-                               "(`edge init` creates one)")
+            raise SecretsError(f"{what} needs the at-rest secret key: set $EDGE_SECRET_KEY or "
+                               "[secrets] key_file (`edge init` creates one)")
         return self.keybox
 
     async def _sites_using(self, tx: Tx, certificate_id: int) -> list[str]:
@@ -752,14 +751,6 @@ class DirectoryService:
         return int(certificate_id)
 
     # -- ACME (edge.acme): accounts, names with automatic certificates, challenges ---------
-
-    def _require_keybox(self, what: str) -> KeyBox:
-        if self.keybox is None:
-            from edge.errors import SecretsError
-
-            raise SecretsError(f"{what} needs the at-rest secret key: set $EDGE_SECRET_KEY or "
-                               "[secrets] key_file (create one with `edge secret generate`)")
-        return self.keybox
 
     async def add_acme_account(self, name: str, directory_url: str, key_pem: bytes, *,
                                account_url: str, priority: int = 0, eab_kid: str = "",
