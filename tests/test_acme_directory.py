@@ -130,3 +130,12 @@ def test_renewal_time_two_thirds_spread_or_ari() -> None:
     assert all(60 * day <= t <= 69 * day for t in times)  # 2/3, spread over 10 % of 90 days
     assert max(times) - min(times) > 8 * day
     assert renewal_time(config, "n.test", 0.0, 90 * day, 12345.0) == 12345.0
+
+
+async def test_concurrent_writes_of_one_process_queue(service: DirectoryService) -> None:
+    """The issuer runs several orders at once over one store: on SQLite (one connection)
+    their transactions used to fail with "cannot start a transaction within a transaction"."""
+    await asyncio.gather(*(service.put_challenge(f"t{i}", "www.a.test", f"t{i}.k")
+                           for i in range(10)))
+    rows = await service.store.fetchall("SELECT token FROM acme_challenges")
+    assert len(rows) == 10

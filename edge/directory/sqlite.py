@@ -6,6 +6,7 @@ so two writers queue on the busy timeout instead of failing on a lock upgrade.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -60,6 +61,9 @@ class SQLiteStore(SQLStore):
         self.url = f"sqlite:///{path}"
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
+        # One connection has one transaction at a time: concurrent writers of one process
+        # (the ACME issuer's orders) queue here instead of failing "within a transaction".
+        self._tx_lock = asyncio.Lock()
 
     async def open(self) -> None:
         if self._db is not None:
@@ -91,6 +95,11 @@ class SQLiteStore(SQLStore):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_SQLiteTx]:
+        async with self._tx_lock, self._transaction() as tx:
+            yield tx
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[_SQLiteTx]:
         db = self._conn()
         try:
             await db.execute("BEGIN IMMEDIATE")
