@@ -390,3 +390,33 @@ def test_on_demand_is_rate_limited_per_tenant(env: Env) -> None:
             refused += 1
     assert 2 <= issued <= 4 and refused == 6 - issued
     assert env.pebble.orders() == orders + issued
+
+
+def test_external_account_binding(env: Env) -> None:
+    """A CA that requires EAB (pebble configured like ZeroSSL): refused without, with a clear
+    message; registered with ``--eab-kid``/``--eab-hmac``; the key id is kept."""
+    hmac = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
+    eab = Pebble(env.tmp / "pebble-eab", http_port=env.http_port, tls_port=env.https_port,
+                 eab={"kid-1": hmac})
+    try:
+        (env.tmp / "eab.toml").write_text(_config(env.tmp, env.db_url, eab.ca_file))
+        refused = env.cli("acme", "account", "add", "zero", "--directory", eab.directory,
+                          config="eab.toml")
+        assert refused.returncode != 0 and "External Account Binding" in refused.stderr
+        wrong = env.cli("acme", "account", "add", "zero", "--directory", eab.directory,
+                        "--eab-kid", "kid-1", "--eab-hmac", "A" * 64, config="eab.toml")
+        assert wrong.returncode != 0 and "registering at" in wrong.stderr, wrong.stderr
+        ok = env.cli("acme", "account", "add", "zero", "--directory", eab.directory,
+                     "--eab-kid", "kid-1", "--eab-hmac", hmac, "--priority", "50",
+                     config="eab.toml")
+        assert ok.returncode == 0, ok.stderr
+        accounts = {a["name"]: a for a in json.loads(
+            env.cli("acme", "account", "list", "--json").stdout)}
+        assert accounts["zero"]["eab"] is True and accounts["zero"]["priority"] == 50
+    finally:
+        eab.stop()
+
+        async def remove(service: DirectoryService) -> None:
+            async with service.store.transaction() as tx:
+                await tx.execute("DELETE FROM acme_accounts WHERE name = 'zero'")
+        env.run(remove)
