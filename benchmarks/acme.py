@@ -92,7 +92,7 @@ async def _valid(db_url: str) -> dict[str, int]:
 
 
 def issue(names: int, concurrency: int, database: str | None, timeout: float) -> dict[str, Any]:
-    from tests.support_pebble import Pebble  # the same loopback pebble the tests use
+    from edge.acme.pebble import Pebble  # the same loopback pebble the tests use
 
     tmp = Path(tempfile.mkdtemp(prefix="edge-acme-bench-"))
     db_url = database or f"sqlite:///{tmp / 'directory.sqlite3'}"

@@ -102,6 +102,17 @@ def test_demo_serves_every_protocol_and_follows_a_move(tmp_path: Path) -> None:
         assert "demo-a" in asyncio.run(_ssh_hostname(known_hosts))
 
         config = demo_dir / "edge.toml"
+        if Path("/usr/bin/pebble").exists():  # the local CA issues secure.demo.test
+            def issued() -> str:
+                status = subprocess.run([*EDGE, "--config", str(config), "cert", "status"],
+                                        cwd=ROOT, env=env, capture_output=True, timeout=30)
+                return status.stdout.decode()
+            assert "valid" in _eventually(issued, "secure.demo.test  valid", 30)
+            secure = subprocess.run(
+                ["curl", "-sS", "--cacert", str(demo_dir / "pebble-root.pem"), "--resolve",
+                 "secure.demo.test:8400:127.0.0.1", "https://secure.demo.test:8400/"],
+                capture_output=True, timeout=20)
+            assert b"demo-a" in secure.stdout, secure.stderr
         moved = subprocess.run([*EDGE, "--config", str(config),
                                 "tenant", "move", "demo", "--to", "demo-b"],
                                cwd=ROOT, env=env, capture_output=True, timeout=30)

@@ -502,6 +502,11 @@ class DirectoryService:
                  time.time()))
         return next(a for a in await self.acme_accounts() if a.name == name)
 
+    async def remove_acme_account(self, name: str) -> None:
+        async with self.store.transaction() as tx:
+            await self._id(tx, "acme_accounts", "name", name, "ACME account")
+            await tx.execute("DELETE FROM acme_accounts WHERE name = ?", (name,))
+
     async def acme_accounts(self) -> list[AcmeAccount]:
         """Every ACME account, primary (lowest priority) first."""
         rows = await self.store.fetchall(ACME_ACCOUNT_SELECT + " ORDER BY priority, name")
