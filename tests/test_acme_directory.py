@@ -139,3 +139,14 @@ async def test_concurrent_writes_of_one_process_queue(service: DirectoryService)
                            for i in range(10)))
     rows = await service.store.fetchall("SELECT token FROM acme_challenges")
     assert len(rows) == 10
+
+
+def test_renewal_simulation_spreads_a_bulk_onboarding() -> None:
+    """benchmarks/acme.py's simulation, small: names issued within one hour fall due over
+    about nine days (no hour gets more than twice the mean) instead of all in one hour."""
+    from benchmarks.acme import simulate
+
+    result = simulate(20_000)["issued_in_one_hour"]
+    assert result["peak_per_hour_without_spread"] == 20_000
+    assert result["window_hours"] >= 200
+    assert result["peak_per_hour"] <= 2 * result["mean_per_hour"]
