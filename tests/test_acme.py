@@ -420,3 +420,16 @@ def test_external_account_binding(env: Env) -> None:
             async with service.store.transaction() as tx:
                 await tx.execute("DELETE FROM acme_accounts WHERE name = 'zero'")
         env.run(remove)
+
+
+def test_policy_marks_every_new_site_auto_cert(env: Env) -> None:
+    (env.tmp / "policy.toml").write_text(_config(env.tmp, env.db_url, env.pebble.ca_file,
+                                                 "auto_cert_new_sites = true\n"))
+    assert env.cli("site", "add", "policy.test", "--tenant", "ta",
+                   config="policy.toml").returncode == 0
+    assert env.cli("site", "add", "*.policy.test", "--tenant", "ta",
+                   config="policy.toml").returncode == 0
+    assert env.cli("site", "add", "nopolicy.test", "--tenant", "ta").returncode == 0
+    status = env.status()
+    assert "policy.test" in status and "*.policy.test" not in status
+    assert "nopolicy.test" not in status
