@@ -109,7 +109,7 @@ def _config(tmp: Path, db_url: str, pebble_ca: Path, extra: str = "") -> str:
             '[admin]\nlisten = ["127.0.0.1:0"]\n[serve]\nworkers = 2\ngrace_period = 2.0\n'
             '[http]\nlisten = ["127.0.0.1:0"]\naccess_log = "off"\n'
             '[https]\nlisten = ["127.0.0.1:0"]\n'
-            f'[acme]\nca_file = "{pebble_ca}"\npoll_interval = 0.5\nbackoff_base = 30.0\n'
+            f'[acme]\nca_file = "{pebble_ca}"\npoll_interval = 0.5\nbackoff_base = 600.0\n'
             f'order_timeout = 30.0\n{extra}')
 
 
@@ -280,7 +280,7 @@ def test_rejected_validation_backs_off_and_shows_the_ca_error(env: Env) -> None:
     assert "dead.test" in row["last_error"] and "connection" in row["last_error"].lower()
     failing = env.cli("cert", "status", "--failing")
     assert "dead.test" in failing.stdout and "www.auto.test" not in failing.stdout
-    time.sleep(2)  # four loop rounds: the back-off (30 s) keeps it from ordering again
+    time.sleep(2)  # four loop rounds: the back-off (600 s) keeps it from ordering again
     assert env.pebble.orders() == orders + 1
     assert env.status()["dead.test"]["orders"] == 1
 
@@ -433,3 +433,24 @@ def test_policy_marks_every_new_site_auto_cert(env: Env) -> None:
     status = env.status()
     assert "policy.test" in status and "*.policy.test" not in status
     assert "nopolicy.test" not in status
+
+
+def test_metrics_show_orders_and_failing_names(env: Env) -> None:
+    """What edge serve's loop did is in /metrics: issued orders, the CA's validation refusals,
+    names by state (the failing dead.test from the back-off test), on-demand handshakes."""
+    from tests.test_serve import http_get, metric_value
+
+    def text() -> str:
+        status, body = http_get(env.serve.url("/metrics"))
+        assert status == 200
+        return body
+
+    def line(body: str, name: str, label: str) -> float:
+        return metric_value("\n".join(x for x in body.splitlines() if label in x), name)
+
+    body = wait_for(lambda: (lambda b: b if line(b, "edge_acme_names", 'state="failing"') >= 1
+                             else None)(text()), 15, "edge_acme_names in /metrics")
+    assert line(body, "edge_acme_orders_total", 'outcome="issued"') >= 1
+    assert line(body, "edge_acme_orders_total", 'outcome="validation"') >= 1
+    assert line(body, "edge_acme_names", 'state="valid"') >= 5
+    assert line(body, "edge_https_handshakes_total", 'outcome="on_demand"') >= 1
