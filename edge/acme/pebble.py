@@ -125,6 +125,13 @@ class Pebble:
             data: bytes = response.read()
         return data
 
+    def certificate_status(self, serial: int) -> str:
+        """pebble's view of an issued certificate: ``Valid`` or ``Revoked``."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        url = f"https://127.0.0.1:{self.management_port}/cert-status-by-serial/{serial:x}"
+        with urllib.request.urlopen(url, context=ctx, timeout=5) as response:
+            return str(json.loads(response.read())["Status"])
+
     def add_a(self, host: str, address: str) -> None:
         """Make challtestsrv resolve ``host`` to ``address`` (e.g. a dead one)."""
         body = json.dumps({"host": host.rstrip(".") + ".", "addresses": [address]}).encode()
