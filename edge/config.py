@@ -409,6 +409,8 @@ class AcmeConfig:
     """Seconds an order may take (validation + finalisation) before it counts as failed."""
     renew_fraction: float = 2 / 3
     """Renew once this fraction of the lifetime has passed (unless the CA's ARI says other)."""
+    auto_cert_new_sites: bool = False
+    """Policy: ``edge site add`` marks every new site (not wildcards) ``--auto-cert``."""
     on_demand: bool = False
     """Issue at the first TLS handshake for a site in the directory without a certificate."""
     on_demand_wait: float = 10.0

@@ -34,7 +34,8 @@ from edge.directory.stores import store_for_url
 from edge.errors import EdgeError
 from edge.ports import AddressInUse, check_free
 
-DEMO_PARTS = ("httpproxy.demo:demo_part", "sshproxy.demo:demo_part", "ftpproxy.demo:demo_part")
+DEMO_PARTS = ("httpproxy.demo:demo_part", "sshproxy.demo:demo_part", "ftpproxy.demo:demo_part",
+              "edge.acme.demo:demo_part")
 """Where each proxy's demo contribution lives; a missing module is simply not shown."""
 
 

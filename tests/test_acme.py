@@ -109,7 +109,7 @@ def _config(tmp: Path, db_url: str, pebble_ca: Path, extra: str = "") -> str:
             '[admin]\nlisten = ["127.0.0.1:0"]\n[serve]\nworkers = 2\ngrace_period = 2.0\n'
             '[http]\nlisten = ["127.0.0.1:0"]\naccess_log = "off"\n'
             '[https]\nlisten = ["127.0.0.1:0"]\n'
-            f'[acme]\nca_file = "{pebble_ca}"\npoll_interval = 0.5\nbackoff_base = 30.0\n'
+            f'[acme]\nca_file = "{pebble_ca}"\npoll_interval = 0.5\nbackoff_base = 600.0\n'
             f'order_timeout = 30.0\n{extra}')
 
 
@@ -260,14 +260,18 @@ def _read_response(tls: ssl.SSLSocket) -> bytes:
 
 
 def test_revoke_at_the_ca(env: Env) -> None:
+    """``edge cert revoke``: the CA marks the certificate revoked, and the name falls due so
+    ``edge serve``'s loop replaces it."""
     env.add_site("revoke.test")
     assert env.cli("cert", "issue", "revoke.test").returncode == 0
+    serial = env.served_certificate("revoke.test").serial_number
+    assert env.pebble.certificate_status(serial) == "Valid"
     result = env.cli("cert", "revoke", "revoke.test")
     assert result.returncode == 0, result.stderr
     assert "revoked" in result.stdout
-    # The CA itself confirms: revoking the same certificate again is refused by pebble.
-    again = env.cli("cert", "revoke", "revoke.test")
-    assert again.returncode != 0 and "alreadyRevoked" in again.stderr, again.stderr
+    assert env.pebble.certificate_status(serial) == "Revoked"
+    wait_for(lambda: env.served_certificate("revoke.test").serial_number != serial, 20,
+             "a new certificate after the revocation")
 
 
 def test_rejected_validation_backs_off_and_shows_the_ca_error(env: Env) -> None:
@@ -280,7 +284,7 @@ def test_rejected_validation_backs_off_and_shows_the_ca_error(env: Env) -> None:
     assert "dead.test" in row["last_error"] and "connection" in row["last_error"].lower()
     failing = env.cli("cert", "status", "--failing")
     assert "dead.test" in failing.stdout and "www.auto.test" not in failing.stdout
-    time.sleep(2)  # four loop rounds: the back-off (30 s) keeps it from ordering again
+    time.sleep(2)  # four loop rounds: the back-off (600 s) keeps it from ordering again
     assert env.pebble.orders() == orders + 1
     assert env.status()["dead.test"]["orders"] == 1
 
@@ -390,3 +394,67 @@ def test_on_demand_is_rate_limited_per_tenant(env: Env) -> None:
             refused += 1
     assert 2 <= issued <= 4 and refused == 6 - issued
     assert env.pebble.orders() == orders + issued
+
+
+def test_external_account_binding(env: Env) -> None:
+    """A CA that requires EAB (pebble configured like ZeroSSL): refused without, with a clear
+    message; registered with ``--eab-kid``/``--eab-hmac``; the key id is kept."""
+    hmac = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
+    eab = Pebble(env.tmp / "pebble-eab", http_port=env.http_port, tls_port=env.https_port,
+                 eab={"kid-1": hmac})
+    try:
+        (env.tmp / "eab.toml").write_text(_config(env.tmp, env.db_url, eab.ca_file))
+        refused = env.cli("acme", "account", "add", "zero", "--directory", eab.directory,
+                          config="eab.toml")
+        assert refused.returncode != 0 and "External Account Binding" in refused.stderr
+        wrong = env.cli("acme", "account", "add", "zero", "--directory", eab.directory,
+                        "--eab-kid", "kid-1", "--eab-hmac", "A" * 64, config="eab.toml")
+        assert wrong.returncode != 0 and "registering at" in wrong.stderr, wrong.stderr
+        ok = env.cli("acme", "account", "add", "zero", "--directory", eab.directory,
+                     "--eab-kid", "kid-1", "--eab-hmac", hmac, "--priority", "50",
+                     config="eab.toml")
+        assert ok.returncode == 0, ok.stderr
+        accounts = {a["name"]: a for a in json.loads(
+            env.cli("acme", "account", "list", "--json").stdout)}
+        assert accounts["zero"]["eab"] is True and accounts["zero"]["priority"] == 50
+    finally:
+        eab.stop()
+
+        async def remove(service: DirectoryService) -> None:
+            async with service.store.transaction() as tx:
+                await tx.execute("DELETE FROM acme_accounts WHERE name = 'zero'")
+        env.run(remove)
+
+
+def test_policy_marks_every_new_site_auto_cert(env: Env) -> None:
+    (env.tmp / "policy.toml").write_text(_config(env.tmp, env.db_url, env.pebble.ca_file,
+                                                 "auto_cert_new_sites = true\n"))
+    assert env.cli("site", "add", "policy.test", "--tenant", "ta",
+                   config="policy.toml").returncode == 0
+    assert env.cli("site", "add", "*.policy.test", "--tenant", "ta",
+                   config="policy.toml").returncode == 0
+    assert env.cli("site", "add", "nopolicy.test", "--tenant", "ta").returncode == 0
+    status = env.status()
+    assert "policy.test" in status and "*.policy.test" not in status
+    assert "nopolicy.test" not in status
+
+
+def test_metrics_show_orders_and_failing_names(env: Env) -> None:
+    """What edge serve's loop did is in /metrics: issued orders, the CA's validation refusals,
+    names by state (the failing dead.test from the back-off test), on-demand handshakes."""
+    from tests.test_serve import http_get, metric_value
+
+    def text() -> str:
+        status, body = http_get(env.serve.url("/metrics"))
+        assert status == 200
+        return body
+
+    def line(body: str, name: str, label: str) -> float:
+        return metric_value("\n".join(x for x in body.splitlines() if label in x), name)
+
+    body = wait_for(lambda: (lambda b: b if line(b, "edge_acme_names", 'state="failing"') >= 1
+                             else None)(text()), 15, "edge_acme_names in /metrics")
+    assert line(body, "edge_acme_orders_total", 'outcome="issued"') >= 1
+    assert line(body, "edge_acme_orders_total", 'outcome="validation"') >= 1
+    assert line(body, "edge_acme_names", 'state="valid"') >= 5
+    assert line(body, "edge_https_handshakes_total", 'outcome="on_demand"') >= 1

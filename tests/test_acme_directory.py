@@ -130,3 +130,23 @@ def test_renewal_time_two_thirds_spread_or_ari() -> None:
     assert all(60 * day <= t <= 69 * day for t in times)  # 2/3, spread over 10 % of 90 days
     assert max(times) - min(times) > 8 * day
     assert renewal_time(config, "n.test", 0.0, 90 * day, 12345.0) == 12345.0
+
+
+async def test_concurrent_writes_of_one_process_queue(service: DirectoryService) -> None:
+    """The issuer runs several orders at once over one store: on SQLite (one connection)
+    their transactions used to fail with "cannot start a transaction within a transaction"."""
+    await asyncio.gather(*(service.put_challenge(f"t{i}", "www.a.test", f"t{i}.k")
+                           for i in range(10)))
+    rows = await service.store.fetchall("SELECT token FROM acme_challenges")
+    assert len(rows) == 10
+
+
+def test_renewal_simulation_spreads_a_bulk_onboarding() -> None:
+    """benchmarks/acme.py's simulation, small: names issued within one hour fall due over
+    about nine days (no hour gets more than twice the mean) instead of all in one hour."""
+    from benchmarks.acme import simulate
+
+    result = simulate(20_000)["issued_in_one_hour"]
+    assert result["peak_per_hour_without_spread"] == 20_000
+    assert result["window_hours"] >= 200
+    assert result["peak_per_hour"] <= 2 * result["mean_per_hour"]

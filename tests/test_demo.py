@@ -166,6 +166,8 @@ def test_demo_serves_every_protocol_and_follows_a_move(tmp_path: Path) -> None:
         assert "demo-a" in _http("www.demo.test", 8400, tls=True)
         assert "demo-a" in _eventually(_ftp_hello, "demo-a")
         assert _ssh_backend(output, demo_dir, shell) == "demo-a"
+        if Path("/usr/bin/pebble").exists():  # the local CA issues secure.demo.test
+            _pebble_issued(demo_dir)
 
         # Every `edge` line the banner prints works when pasted into a new terminal in the
         # repository (no `edge: command not found`), the move last.
@@ -202,6 +204,25 @@ def test_demo_serves_every_protocol_and_follows_a_move(tmp_path: Path) -> None:
         assert "tenant move demo --to demo-b" in fresh
     finally:
         _stop_demo(proc)
+
+
+def _pebble_issued(demo_dir: Path) -> None:
+    """With pebble installed the demo's secure.demo.test gets its certificate from a local
+    ACME CA, and HTTPS serves it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    config = demo_dir / "edge.toml"
+
+    def issued() -> str:
+        status = subprocess.run([*EDGE, "--config", str(config), "cert", "status"],
+                                cwd=ROOT, env=env, capture_output=True, timeout=30)
+        return status.stdout.decode()
+
+    assert "valid" in _eventually(issued, "valid", 30)
+    secure = subprocess.run(
+        ["curl", "-sS", "--cacert", str(demo_dir / "pebble-root.pem"), "--resolve",
+         "secure.demo.test:8400:127.0.0.1", "https://secure.demo.test:8400/"],
+        capture_output=True, timeout=20)
+    assert b"demo-a" in secure.stdout, secure.stderr
 
 
 def _real_sshd_tools(output: str, shell: dict[str, str], tmp_path: Path) -> None:

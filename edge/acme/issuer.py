@@ -197,8 +197,18 @@ class Issuer:
     async def run_due(self, limit: int = 100) -> list[Outcome]:
         """Work on every name due now (up to ``limit``), ``concurrency`` at a time."""
         due = await self.service.due_acme_names(time.time(), limit)
-        results = await asyncio.gather(*(self.issue(n.hostname, only_if_due=True) for n in due))
-        return list(results)
+        results = await asyncio.gather(*(self.issue(n.hostname, only_if_due=True) for n in due),
+                                       return_exceptions=True)
+        outcomes = []
+        for name, result in zip(due, results, strict=True):
+            if isinstance(result, BaseException):
+                # One name's directory error must not stop the others (their leases are
+                # released by issue() either way).
+                log.warning("ACME: %s: %s", name.hostname, result)
+                outcomes.append(Outcome(name.hostname, False, str(result)))
+            else:
+                outcomes.append(result)
+        return outcomes
 
     async def run_forever(self) -> None:
         """``edge serve``: look for due names every ``poll_interval`` seconds."""

@@ -371,7 +371,8 @@ async def cmd_site_add(ctx: Context) -> Any:
     name = await ctx.service().add_site(
         a.hostname, a.tenant, certificate_id=a.certificate, https_redirect=bool(a.https_redirect),
         hsts=bool(a.hsts), cache_policy=_json_arg(a.cache_policy), filters=_json_arg(a.filters))
-    if a.auto_cert:
+    if a.auto_cert or (ctx.config.acme.auto_cert_new_sites and not name.startswith("*.")
+                       and a.certificate is None):
         await ctx.service().enable_auto_cert(name)
     return {"hostname": name, "tenant": a.tenant} if ctx.json else \
         f"site {name} added to tenant {a.tenant}"

@@ -771,6 +771,11 @@ class DirectoryService:
                  time.time()))
         return next(a for a in await self.acme_accounts() if a.name == name)
 
+    async def remove_acme_account(self, name: str) -> None:
+        async with self.store.transaction() as tx:
+            await self._id(tx, "acme_accounts", "name", name, "ACME account")
+            await tx.execute("DELETE FROM acme_accounts WHERE name = ?", (name,))
+
     async def acme_accounts(self) -> list[AcmeAccount]:
         """Every ACME account, primary (lowest priority) first."""
         rows = await self.store.fetchall(ACME_ACCOUNT_SELECT + " ORDER BY priority, name")
@@ -902,10 +907,17 @@ class DirectoryService:
                             ttl: float = 3600.0) -> None:
         """Publish a challenge answer to every edge worker (replaces one with the same token)."""
         async with self.store.transaction() as tx:
-            await tx.execute("DELETE FROM acme_challenges WHERE token = ?", (token,))
-            await tx.execute("INSERT INTO acme_challenges (token, hostname, key_authorization, "
-                             "expires_at) VALUES (?, ?, ?, ?)",
-                             (token, hostname, key_authorization, time.time() + ttl))
+            # Not DELETE + INSERT: on InnoDB a DELETE of an absent key takes a gap lock, and
+            # concurrent orders then deadlock on each other's INSERT.
+            row = await tx.fetchone("SELECT id FROM acme_challenges WHERE token = ?", (token,))
+            if row is None:
+                await tx.execute("INSERT INTO acme_challenges (token, hostname, "
+                                 "key_authorization, expires_at) VALUES (?, ?, ?, ?)",
+                                 (token, hostname, key_authorization, time.time() + ttl))
+            else:
+                await tx.execute("UPDATE acme_challenges SET hostname = ?, key_authorization = ?, "
+                                 "expires_at = ? WHERE id = ?",
+                                 (hostname, key_authorization, time.time() + ttl, row[0]))
             await append_change(tx, "challenge", token)
 
     async def delete_challenges_for(self, hostname: str) -> None:
