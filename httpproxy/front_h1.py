@@ -520,7 +520,8 @@ class ClientConnection(asyncio.Protocol):
                    or self.engine.draining)
         if closing:
             self.closing = True
-        transport.write(b"".join((head.raw, head.extra,
+        _, raw, extra = head  # unpacked: cheaper than two named reads, once per response
+        transport.write(b"".join((raw, extra,
                                   b"Connection: close\r\n\r\n" if closing else b"\r\n", body)))
 
     def body(self, exchange: Exchange, data: bytes) -> None:
