@@ -351,3 +351,26 @@ async def test_a_cancelled_exchange_drops_its_backend_connection(play: Play) -> 
     assert bwire.reset and ex.status == 499 and sink.calls == []
     backend.data_received(OK)  # too late: nothing reaches the sink
     assert sink.calls == []
+
+
+async def test_a_request_body_buffered_past_the_limit_pauses_reading_until_sent(
+        play: Play) -> None:
+    """Flow control client → backend: body bytes that arrive before the backend connection
+    exists are buffered up to BODY_BUFFER_LIMIT, then the client is no longer read; once the
+    connection is there and the buffer went out, reading resumes."""
+    from httpproxy.exchange import BODY_BUFFER_LIMIT
+
+    client, wire = play.client()
+    size = BODY_BUFFER_LIMIT + 4096
+    client.data_received(b"PUT /up HTTP/1.1\r\nHost: www.a.test\r\nContent-Length: %d\r\n\r\n" % size)
+    client.data_received(b"x" * (size - 10))
+    assert wire.paused and play.backends.opened == []  # the connect is still a task
+    await play.settle()
+    backend, bwire = play.backends.opened[0]
+    assert not wire.paused
+    head, _, body = bwire.take().partition(b"\r\n\r\n")
+    assert b"Content-Length: %d" % size in head and body == b"x" * (size - 10)
+    client.data_received(b"y" * 10)  # the rest goes straight through
+    assert bwire.take() == b"y" * 10
+    backend.data_received(OK)
+    assert _status_lines(wire.take()) == [b"HTTP/1.1 200 OK"] and not wire.closed
