@@ -16,6 +16,9 @@ import asyncio
 import datetime
 import importlib
 import os
+import shlex
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -92,19 +95,59 @@ def load_parts(demo_dir: Path, targets: tuple[str, ...] = DEMO_PARTS) -> list[De
     return parts
 
 
-async def _provision(db_url: str, keybox: KeyBox, parts: list[DemoPart]) -> None:
+class DemoState(NamedTuple):
+    """Where the demo's tenants live *now* (a previous run may have moved them): the banner
+    is written from this, never from the initial layout."""
+
+    demo_host: str
+    other_host: str
+
+    @property
+    def move_to(self) -> str:
+        return "demo-b" if self.demo_host == "demo-a" else "demo-a"
+
+
+async def _provision(db_url: str, keybox: KeyBox, parts: list[DemoPart]) -> DemoState:
     store = store_for_url(db_url)
     await store.open()
     try:
         await store.migrate()
-        service = DirectoryService(store, keybox)
+        service = DirectoryService(store, keybox, actor="demo")
         if not await store.count("hosts"):
             await _provision_base(service)
         for part in parts:
             if part.provision is not None:
                 await part.provision(service)
+        demo, other = await service.get_tenant("demo"), await service.get_tenant("other")
+        return DemoState(demo.host, other.host)
     finally:
         await store.close()
+
+
+def edge_command() -> str:
+    """How to run this very ``edge`` from a fresh shell, without activating its virtualenv:
+    the ``edge`` script next to this Python (relative to the current directory when inside
+    it: ``.venv/bin/edge``), else ``python -m edge.cli.main``."""
+    script = Path(sys.executable).parent / "edge"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m edge.cli.main"
+    try:
+        shown = str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return shlex.quote(str(script))
+    return shlex.quote(shown if "/" in shown else f"./{shown}")
+
+
+def reset_demo_dir(demo_dir: Path) -> None:
+    """``edge demo --reset``: start from scratch (new directory, keys, certificate). Only a
+    directory the demo made is removed, never an arbitrary ``--dir``."""
+    if not demo_dir.exists():
+        return
+    made_by_demo = (demo_dir / "edge.toml").exists() or (demo_dir / "edge.sqlite3").exists()
+    if not made_by_demo:
+        raise EdgeError(f"--reset: {demo_dir} does not look like a demo directory "
+                        "(no edge.toml); remove it yourself if you mean it")
+    shutil.rmtree(demo_dir)
 
 
 class DemoHost(NamedTuple):
@@ -147,6 +190,17 @@ async def _provision_base(service: DirectoryService) -> None:
     await service.add_site("www.other.test", "other")
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _fill(commands: str, state: DemoState) -> str:
+    """A part's banner lines with the tenants' current hosts (``{demo_host}``, ``{move_to}``,
+    ``{other_host}``); plain replace, since the commands themselves may hold braces."""
+    return (commands.replace("{demo_host}", state.demo_host)
+            .replace("{move_to}", state.move_to).replace("{other_host}", state.other_host))
+
+
 def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
     for proc in processes:
         if proc.poll() is None:
@@ -161,7 +215,12 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from edge.serve.supervisor import serve
 
+    # SIGTERM before `serve` installs its own handler (the demo still starting its backends)
+    # must still run the `finally` below, or the backends outlive the demo on its ports.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     demo_dir = Path(args.dir).resolve()
+    if getattr(args, "reset", False):
+        reset_demo_dir(demo_dir)
     demo_dir.mkdir(parents=True, exist_ok=True)
     key_file = demo_dir / "secret.key"
     if not key_file.exists():
@@ -179,9 +238,11 @@ def run_demo(args: argparse.Namespace) -> int:
             f'[admin]\nlisten = ["127.0.0.1:{admin_port}"]\n\n[log]\nformat = "text"\n\n'
             + "\n".join(part.config for part in parts))
         config = load_config(config_file)
-        asyncio.run(_provision(db_url, KeyBox.from_config(config.secrets), parts))
-        edge = f"edge --config {config_file}"
-        proxies = "\n".join(part.commands.rstrip() for part in parts) or (
+        state = asyncio.run(_provision(db_url, KeyBox.from_config(config.secrets), parts))
+        shown_config = config_file.relative_to(Path.cwd()) \
+            if config_file.is_relative_to(Path.cwd()) else config_file
+        edge = f"{edge_command()} --config {shlex.quote(str(shown_config))}"
+        proxies = "\n".join(_fill(part.commands.rstrip(), state) for part in parts) or (
             "  (no proxy package is built yet: only the directory and admin API run)")
         print(f"""
 hosting edge demo — directory {db_url}
@@ -190,14 +251,16 @@ hosting edge demo — directory {db_url}
            curl -s http://127.0.0.1:{admin_port}/metrics | grep ^edge_
   look:    {edge} host list
            {edge} site list
-           {edge} route shop.demo.test          (matched by *.demo.test -> demo-a)
+           {edge} route shop.demo.test          (matched by *.demo.test -> {state.demo_host})
            {edge} route --account demo
-  move:    {edge} tenant move demo --to demo-b --drain 10
-           {edge} route shop.demo.test          (now -> demo-b; every proxy follows within ~1 s)
-Ctrl-C stops the demo.
+           {edge} check
+  move:    {edge} tenant move demo --to {state.move_to} --drain 10
+           {edge} route shop.demo.test          (now -> {state.move_to}; every proxy follows within ~1 s)
+           {edge} changes list                  (what changed, before -> after, and by whom)
+  (the edge commands run from this directory; or `source .venv/bin/activate` and type `edge`)
+Ctrl-C stops the demo; `edge demo --reset` (./dev demo --reset) starts it from scratch.
 """, flush=True)
         if args.duration:
-            import signal
             import threading
 
             timer = threading.Timer(args.duration, lambda: os.kill(os.getpid(), signal.SIGTERM))

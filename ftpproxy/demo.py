@@ -49,7 +49,7 @@ def demo_part(demo_dir: Path) -> DemoPart:
             stdout=subprocess.DEVNULL))
     url = f"ftp://{USER}:{PASSWORD}@127.0.0.1:{PROXY_PORT}"
     commands = (
-        f"  ftp:     curl {url}/hello.txt          (demo-a; after the move below demo-b)\n"
+        f"  ftp:     curl {url}/hello.txt          ({{demo_host}}; after the move below {{move_to}})\n"
         f"           curl {url}/                    (listing)   curl -T FILE {url}/\n"
         f"           curl --ssl-reqd --cacert {cert} ftp://{USER}:{PASSWORD}@localhost:{PROXY_PORT}/"
         "hello.txt   (FTPS)\n"

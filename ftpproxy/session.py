@@ -381,7 +381,7 @@ class FtpSession(asyncio.Protocol):
         """Connect to the account's host and replay USER; returns the backend's answer."""
         backend = await self._connect_backend(route)
         try:
-            reply = await backend.command("USER", route.account.backend_username, self._reply_wait)
+            reply = await backend.command("USER", route.account.backend_username_for("ftp"), self._reply_wait)
         except BaseException:
             backend.abort()
             raise

@@ -33,8 +33,8 @@ def demo_part(demo_dir: Path) -> DemoPart:
     http = f"http://127.0.0.1:{HTTP_PORT}"
     resolve = f"--resolve www.demo.test:{HTTPS_PORT}:127.0.0.1 -k"
     commands = (
-        f"  http:    curl -H 'Host: www.demo.test' {http}/            (backend demo-a)\n"
-        f"           curl -H 'Host: www.other.test' {http}/           (backend demo-b)\n"
+        f"  http:    curl -H 'Host: www.demo.test' {http}/            (backend {{demo_host}})\n"
+        f"           curl -H 'Host: www.other.test' {http}/           (backend {{other_host}})\n"
         f"           curl -H 'Host: shop.demo.test' {http}/           (wildcard *.demo.test)\n"
         f"           curl -i -H 'Host: www.demo.test' {http}/style.css  (twice: X-Cache MISS, HIT)\n"
         f"           curl -i -H 'Host: nothing.test' {http}/          (404: unknown site)\n"

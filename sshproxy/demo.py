@@ -1,20 +1,33 @@
 """The SSH part of ``edge demo``: two local SSH backends, pinned, and the commands to try.
 
-The backends are small asyncssh servers (a real ``sshd`` needs root and system users): user
-``demo`` with password ``demo`` (and the proxy's upstream key), a tiny command set (``hostname``
-says which backend you reached, ``whoami``, ``echo``, ``exit N``) and SFTP confined to
-``<demo dir>/backends/<name>``. They listen on the demo hosts' SSH ports (2201, 2202), so
-``edge tenant move demo --to demo-b`` visibly moves the next login.
+When OpenSSH's server is installed (``/usr/sbin/sshd``), each backend is a real ``sshd`` on
+loopback, so a shell, ``scp``, ``rsync`` and ``git`` work through the proxy. A non-root sshd
+can only log in its own user, so the demo account ``demo`` logs in to the backends as the user
+running the demo (its *SSH* upstream username; FTP keeps ``demo``) with the proxy's upstream
+key, and clients log in to the proxy with a generated demo key (``<demo dir>/ssh/client_key``).
+Each sshd sets ``EDGE_DEMO_BACKEND`` to its host's name, so ``echo $EDGE_DEMO_BACKEND`` says
+which backend you reached.
 
-Run one by hand: ``python -m sshproxy.demo NAME PORT DIR``.
+Without sshd (or if it cannot start), the backends are small asyncssh servers: user ``demo``
+with password ``demo``, a tiny command set (``hostname`` says which backend you reached,
+``whoami``, ``echo``, ``exit N``) and SFTP confined to ``<demo dir>/backends/<name>``. Run one
+by hand: ``python -m sshproxy.demo NAME PORT DIR``.
+
+Either way they listen on the demo hosts' SSH ports (2201, 2202), so
+``edge tenant move demo --to demo-b`` visibly moves the next login.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import getpass
+import os
 import shlex
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncssh
@@ -27,6 +40,7 @@ from sshproxy.hostkeys import ensure_keys, host_key_path, pinned_lines
 PROXY_PORT = 2222
 BACKENDS = (("demo-a", 2201), ("demo-b", 2202))
 USER, PASSWORD = "demo", "demo"
+SSHD = "/usr/sbin/sshd"
 
 
 def _backend_key(demo_dir: Path, name: str) -> asyncssh.SSHKey:
@@ -49,22 +63,118 @@ def demo_part(demo_dir: Path) -> DemoPart:
         f"[127.0.0.1]:{PROXY_PORT} " + Path(f"{host_key_path(ssh_dir, kind)}.pub").read_text()
         for kind in ("ed25519", "ecdsa", "rsa")))
     keys = {name: _backend_key(demo_dir, name) for name, _ in BACKENDS}
-    processes: list[subprocess.Popen[bytes]] = [
-        subprocess.Popen([sys.executable, "-m", "sshproxy.demo", name, str(port), str(demo_dir)])
-        for name, port in BACKENDS]
+    processes = _start_sshds(demo_dir) if os.path.exists(SSHD) else None
+    real = processes is not None
+    if processes is None:
+        processes = [subprocess.Popen([sys.executable, "-m", "sshproxy.demo", name, str(port),
+                                       str(demo_dir)]) for name, port in BACKENDS]
+    client_key = _client_key(ssh_dir) if real else None
 
     async def provision(service: DirectoryService) -> None:
         for name, _ in BACKENDS:
             await service.update_host(name, ssh_known_hosts=pinned_lines([keys[name]]))
+        # Idempotent and per run: a demo dir made without sshd works with it and back.
+        await service.update_account(
+            USER, ssh_upstream_username=getpass.getuser() if real else "",
+            authorized_keys=client_key.export_public_key().decode() if client_key else "")
 
-    opts = f"-o UserKnownHostsFile={shlex.quote(str(known_hosts))}"
-    commands = (
-        f"  ssh:     ssh {opts} -p {PROXY_PORT} {USER}@127.0.0.1 hostname   (password: {PASSWORD};"
-        " says demo-a, after the move below demo-b)\n"
-        f"           sftp {opts} -P {PROXY_PORT} {USER}@127.0.0.1\n")
+    opts = f"-o UserKnownHostsFile={shlex.quote(_shown(known_hosts))}"
     return DemoPart(
         config=f'[ssh]\nlisten = ["127.0.0.1:{PROXY_PORT}"]\nhost_key_dir = "{ssh_dir}"\n',
-        commands=commands, processes=processes, provision=provision)
+        commands=_real_commands(opts, ssh_dir) if real else _fallback_commands(opts),
+        processes=processes, provision=provision)
+
+
+def _shown(path: Path) -> str:
+    """A path as the banner prints it: relative to the current directory when inside it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def _real_commands(opts: str, ssh_dir: Path) -> str:
+    key = f"-i {shlex.quote(_shown(ssh_dir / 'client_key'))}"
+    return (
+        f"  ssh:     ssh {opts} {key} -p {PROXY_PORT} {USER}@127.0.0.1 'echo $EDGE_DEMO_BACKEND'"
+        "   (says {demo_host}; after the move below {move_to})\n"
+        f"           ssh {opts} {key} -p {PROXY_PORT} {USER}@127.0.0.1      (a real shell on the "
+        "backend sshd)\n"
+        f"           scp {opts} {key} -P {PROXY_PORT} README.md {USER}@127.0.0.1:/tmp/edge-demo-README.md\n"
+        f"           rsync -e \"ssh {opts} {key} -p {PROXY_PORT}\" -a docs/ "
+        f"{USER}@127.0.0.1:/tmp/edge-demo-docs/\n"
+        f"           sftp {opts} {key} -P {PROXY_PORT} {USER}@127.0.0.1\n")
+
+
+def _fallback_commands(opts: str) -> str:
+    return (
+        f"  ssh:     ssh {opts} -p {PROXY_PORT} {USER}@127.0.0.1 hostname   (password: {PASSWORD};"
+        " says {demo_host}, after the move below {move_to})\n"
+        f"           sftp {opts} -P {PROXY_PORT} {USER}@127.0.0.1\n"
+        f"           (install openssh-server for a real sshd backend: shell, scp, rsync, git)\n")
+
+
+def _client_key(ssh_dir: Path) -> asyncssh.SSHKey:
+    """The demo client's key (OpenSSH format, for ``ssh -i``), made once and kept."""
+    path = ssh_dir / "client_key"
+    if not path.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="edge-demo")
+        path.write_bytes(key.export_private_key())
+        path.chmod(0o600)
+        path.with_suffix(".pub").write_bytes(key.export_public_key())
+    return asyncssh.read_private_key(str(path))
+
+
+def _start_sshds(demo_dir: Path) -> list[subprocess.Popen[bytes]] | None:
+    """A real sshd per backend host, or None (then the asyncssh backends run) if one does not
+    come up: e.g. not root and /run/sshd missing, or a port taken."""
+    ssh_dir = demo_dir / "ssh"
+    upstream_pub = asyncssh.read_private_key(str(ssh_dir / "upstream_key")).export_public_key()
+    (ssh_dir / "backend_authorized_keys").write_bytes(upstream_pub)
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory root sshd wants
+    started: list[subprocess.Popen[bytes]] = []
+    for name, port in BACKENDS:
+        config = ssh_dir / f"sshd-{name}.conf"
+        config.write_text(_sshd_config(ssh_dir, name, port))
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(proc)
+        if not _wait_listening(proc, port):
+            for other in started:
+                other.terminate()
+                other.wait(timeout=5)
+            return None
+    return started
+
+
+def _sshd_config(ssh_dir: Path, name: str, port: int) -> str:
+    # Only the proxy's upstream key may log in, only as the user running the demo.
+    return f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {ssh_dir / f"backend-{name}_key"}
+PidFile none
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+AllowUsers {getpass.getuser()}
+AuthorizedKeysFile {ssh_dir / "backend_authorized_keys"}
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+SetEnv EDGE_DEMO_BACKEND={name}
+Subsystem sftp internal-sftp
+LogLevel ERROR
+"""
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], port: int, limit: float = 5.0) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # -- the backend process -----------------------------------------------------------------------

@@ -548,7 +548,7 @@ class ClientConnection(asyncssh.SSHServer):
         assert route is not None
         credential: asyncio.Future[Credential] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(connect_upstream(
-            route.host, route.account.backend_username, credential, client=self.client,
+            route.host, route.account.backend_username_for("ssh"), credential, client=self.client,
             timeouts=self._login_timeouts(), on_lost=self._upstream_lost))
         task.add_done_callback(_retrieve)
         self._early = (credential, task)
@@ -585,7 +585,7 @@ class ClientConnection(asyncssh.SSHServer):
                     return await task
                 task.cancel()
             return await connect_upstream(
-                route.host, route.account.backend_username, credential, client=self.client,
+                route.host, route.account.backend_username_for("ssh"), credential, client=self.client,
                 timeouts=self._login_timeouts(), on_lost=self._upstream_lost)
         finally:
             metrics.UPSTREAM_CONNECT_SECONDS.observe(time.monotonic() - started)

@@ -102,3 +102,17 @@ def keybox(secret_key: str) -> KeyBox:
 @pytest.fixture
 def service(store: SQLStore, keybox: KeyBox) -> DirectoryService:
     return DirectoryService(store, keybox)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_config_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The default secret key file lives under $XDG_CONFIG_HOME: tests (and the `edge`
+    processes they start, which inherit the environment) use a private one, never read or
+    create the real user's key."""
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config-home"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = old

@@ -29,6 +29,10 @@ class Edge:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith("EDGE_")}
         self.env["EDGE_DATABASE_URL"] = database_url
+        # Its own home for the default secret key file (`edge init` creates one there when
+        # no key is set): one Edge's key never leaks into another's.
+        self.config_home = tmp_path / f"config-home-{id(self):x}"
+        self.env["XDG_CONFIG_HOME"] = str(self.config_home)
         if secret:
             self.env["EDGE_SECRET_KEY"] = secret
         self.tmp = tmp_path

@@ -1714,3 +1714,25 @@ async def test_backend_that_stops_answering_gives_421_in_bounded_time(edges: Edg
     assert answer == b"421 Backend connection lost, closing control connection.\r\n"
     assert rest == b"" and waited < 15
     assert edge.log.find("ftp session", result="backend_lost")
+
+
+async def test_ftp_logs_in_with_the_accounts_ftp_upstream_username(
+        edges: EdgeFactory, backends: Backends) -> None:
+    """An account's backend name can differ per protocol: FTP uses ftp_upstream_username,
+    not the SSH one nor the common default (issue 16: one --upstream-username for both)."""
+    backend = await backends.start()
+    await edges.service.add_host("host-a", "127.0.0.1", ftp_port=backend.port)
+    await edges.service.add_tenant("t1", "host-a")
+    await edges.service.add_account(USER, "t1", upstream_username="nobody",
+                                    ssh_upstream_username="alice-ssh",
+                                    ftp_upstream_username=BACKEND_USER)
+    edge = await edges.start()
+    (backend.root / "hello.txt").write_text("hi\n")
+
+    def session() -> list[str]:
+        ftp = connect(edge.port)
+        names = ftp.nlst()
+        ftp.quit()
+        return names
+
+    assert "hello.txt" in await run(session)

@@ -136,6 +136,26 @@ async def test_rotated_certificate_end_to_end(tls_edge: Tls, service: DirectoryS
     assert old.exit_code == 60
 
 
+async def test_certificate_replaced_in_place_is_served_to_every_site(
+        tls_edge: Tls, service: DirectoryService, tmp_path: Path) -> None:
+    """`edge cert replace`: same id, new chain and key; every site using it (an exact and a
+    wildcard one here) serves the new certificate after the next feed poll, the old no more."""
+    assert (await tls_edge.curl("www.a.test")).status == 200  # the old one, now cached
+    [site] = [s for s in await service.store.list_sites() if s.hostname == "www.a.test"]
+    assert site.certificate_id is not None
+    chain, key = make_certificate(["www.a.test", "*.a.test"], common_name="replaced")
+    sites = await service.replace_certificate(site.certificate_id, chain, key)
+    assert sites == ["*.a.test", "www.a.test"]
+    replaced = tmp_path / "replaced.pem"
+    replaced.write_bytes(chain)
+    tls_edge.cacerts["replaced"] = replaced
+    await tls_edge.feed.poll_once()
+    for name in ("www.a.test", "shop.a.test"):
+        r = await tls_edge.curl(name, cacert="replaced")
+        assert r.status == 200 and r.json()["backend"] == "a"
+        assert (await tls_edge.curl(name, check=False)).exit_code == 60  # old CA: refused
+
+
 async def test_proxy_header_client_reaches_x_forwarded_for(tls_edge: Tls) -> None:
     a, _ = tls_edge.backends
     sock = socket.create_connection(("127.0.0.1", tls_edge.port), timeout=TIMEOUT)

@@ -1265,3 +1265,17 @@ async def test_backend_signing_its_host_key_only_with_sha1_is_refused(
         assert (rc, out) == (0, "backend-a alice\n"), err
     finally:
         await current.stop()
+
+
+async def test_ssh_logs_in_with_the_accounts_ssh_upstream_username(
+        edge: Edge, backend: AsyncsshBackend) -> None:
+    """An account's backend name can differ per protocol: SSH uses ssh_upstream_username,
+    not the FTP one nor the common default (issue 16: one --upstream-username for both)."""
+    await add_backend_host(edge, "web1", backend)
+    await edge.service.add_tenant("acme", "web1")
+    await edge.service.add_account("alice-panel", "acme", protocols=["ssh", "ftp"],
+                                   upstream_username="nobody", ssh_upstream_username="bob",
+                                   ftp_upstream_username="bob-ftp")
+    rc, out, err = await edge.ssh("alice-panel", "whoami", password="bob-pw")
+    assert (rc, out) == (0, "backend-a bob\n"), err
+    assert backend.password_attempts == [("bob", "bob-pw")]

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,12 +27,18 @@ from typing import Any
 from edge.cli import admin_commands, live
 from edge.cli.output import emit_json, table, to_jsonable
 from edge.config import EdgeConfig, load_config
-from edge.directory.model import HOST_STATES, TENANT_STATES
-from edge.directory.secrets import KeyBox, generate_key
+from edge.directory.model import HOST_STATES, TENANT_STATES, ChangeRecord
+from edge.directory.secrets import KeyBox, ensure_secret_key, generate_key
 from edge.directory.service import DEFAULT_MOVE_DRAIN, DirectoryService, iso
 from edge.directory.store import SQLStore
 from edge.directory.stores import store_for_url
-from edge.errors import EdgeError, NotFoundError, SecretsError, ValidationError
+from edge.errors import (
+    DirectoryUnavailable,
+    EdgeError,
+    NotFoundError,
+    SecretsError,
+    ValidationError,
+)
 
 
 @dataclass
@@ -55,7 +63,14 @@ class Context:
 
     def service(self, *, keys: bool = False) -> DirectoryService:
         assert self.store is not None
-        return DirectoryService(self.store, self.keybox(required=keys))
+        return DirectoryService(self.store, self.keybox(required=keys), actor=cli_actor())
+
+
+def cli_actor() -> str:
+    """Who a CLI change is recorded as: ``cli:user@host`` (the sudo caller if there is one:
+    ``sudo edge ...`` by alice is alice's change, not root's)."""
+    user = os.environ.get("SUDO_USER") or getpass.getuser()
+    return f"cli:{user}@{socket.gethostname()}"
 
 
 Handler = Callable[[Context], Awaitable[Any]]
@@ -93,15 +108,39 @@ async def cmd_init(ctx: Context) -> Any:
     assert ctx.store is not None
     applied = await ctx.store.migrate()
     version = await ctx.store.schema_version()
+    secret = ensure_secret_key(ctx.config.secrets)
     ssh_keys = _init_ssh_keys(ctx)
     if ctx.json:
         return {"applied": applied, "schema_version": version, "database": ctx.store.url,
-                "ssh_keys": ssh_keys}
+                "secret_key": secret, "ssh_keys": ssh_keys}
     done = f"applied migrations {applied}" if applied else "already up to date"
-    lines = [f"directory {_safe_url(ctx.store.url)}: {done} (schema version {version})"]
+    lines = [f"directory {_safe_url(ctx.store.url)}: {done} (schema version {version})",
+             secret_key_line(secret)]
     lines += [f"ssh {k['purpose']} {k['path']}: {k['fingerprint']} "
               f"({'created' if k['created'] else 'kept'})" for k in ssh_keys]
     return "\n".join(lines)
+
+
+async def cmd_migrate(ctx: Context) -> Any:
+    """Only the schema: what a deploy runs once (edge-migrate.service), never at every start."""
+    assert ctx.store is not None
+    applied = await ctx.store.migrate()
+    version = await ctx.store.schema_version()
+    if ctx.json:
+        return {"applied": applied, "schema_version": version, "database": ctx.store.url}
+    done = f"applied migrations {applied}" if applied else "already up to date"
+    return f"directory {_safe_url(ctx.store.url)}: {done} (schema version {version})"
+
+
+def secret_key_line(secret: dict[str, Any]) -> str:
+    if secret["source"] == "env":
+        return f"secret key: from ${secret['env']} (no key file written; the variable wins)"
+    if secret["source"] == "inline":
+        return "secret key: from [secrets] key in the configuration (prefer key_file)"
+    if secret["created"]:
+        return (f"secret key: created {secret['path']} (0600). Every edge command reads it "
+                "from there; back it up: without it stored TLS keys cannot be decrypted")
+    return f"secret key: {secret['path']} (kept)"
 
 
 def _init_ssh_keys(ctx: Context) -> list[dict[str, Any]]:
@@ -187,6 +226,65 @@ async def cmd_host_set_state(ctx: Context) -> Any:
     return f"host {host.name} is now {host.state}" + (f" until {iso(until)}" if until else "")
 
 
+async def cmd_host_set(ctx: Context) -> Any:
+    a = ctx.args
+    fields: dict[str, Any] = {key: getattr(a, key) for key in (
+        "address", "ssh_port", "ftp_port", "http_port", "https_port", "send_proxy_protocol",
+        "notice", "backend_tls", "ssh_insecure") if getattr(a, key) is not None}
+    if not fields:
+        raise ValidationError("nothing to change: give at least one option (see --help)")
+    host = await ctx.service().update_host(a.name, **fields)
+    return host if ctx.json else f"host {host.name} updated ({', '.join(sorted(fields))})"
+
+
+async def cmd_host_remove(ctx: Context) -> Any:
+    await ctx.service().remove_host(ctx.args.name)
+    return {"removed": ctx.args.name} if ctx.json else f"host {ctx.args.name} removed"
+
+
+async def cmd_tenant_remove(ctx: Context) -> Any:
+    removed = await ctx.service().remove_tenant(ctx.args.name, cascade=ctx.args.cascade)
+    if ctx.json:
+        return {"removed": ctx.args.name, "also_removed": removed}
+    also = f" with {', '.join(removed)}" if removed else ""
+    return f"tenant {ctx.args.name} removed{also}"
+
+
+async def cmd_account_set(ctx: Context) -> Any:
+    a = ctx.args
+    keys = None
+    if a.authorized_keys is not None:
+        keys = "" if a.authorized_keys == "none" else \
+            _read_file(a.authorized_keys, "authorized keys file").decode()
+    protocols = None if a.protocols is None else \
+        [p.strip() for p in a.protocols.split(",") if p.strip()]
+    account = await ctx.service().update_account(
+        a.username, protocols=protocols, authorized_keys=keys, tenant=a.tenant,
+        upstream_username=a.upstream_username, ssh_upstream_username=a.ssh_upstream_username,
+        ftp_upstream_username=a.ftp_upstream_username)
+    if ctx.json:
+        return account
+    return (f"account {account.username} updated: tenant {account.tenant}, protocols "
+            f"{','.join(sorted(account.protocols))}, backend user ssh "
+            f"{account.backend_username_for('ssh')} / ftp {account.backend_username_for('ftp')}")
+
+
+async def cmd_cert_remove(ctx: Context) -> Any:
+    await ctx.service().remove_certificate(ctx.args.id)
+    return {"removed": ctx.args.id} if ctx.json else f"certificate {ctx.args.id} removed"
+
+
+async def cmd_cert_replace(ctx: Context) -> Any:
+    chain = _read_file(ctx.args.cert, "certificate file")
+    key = _read_file(ctx.args.key, "key file")
+    sites = await ctx.service(keys=True).replace_certificate(ctx.args.id, chain, key)
+    if ctx.json:
+        return {"id": ctx.args.id, "sites": sites}
+    return (f"certificate {ctx.args.id} replaced; {len(sites)} site(s) serve the new one within "
+            f"~{ctx.config.cache.change_poll_interval:g} s" + (f": {', '.join(sites)}" if sites
+                                                                else ""))
+
+
 async def cmd_tenant_add(ctx: Context) -> Any:
     tenant = await ctx.service().add_tenant(ctx.args.name, ctx.args.host)
     return tenant if ctx.json else f"tenant {tenant.name} added on host {tenant.host}"
@@ -242,7 +340,9 @@ async def cmd_account_add(ctx: Context) -> Any:
     protocols = [p.strip() for p in a.protocols.split(",") if p.strip()]
     await ctx.service().add_account(a.username, a.tenant, protocols=protocols,
                                     upstream_username=a.upstream_username or "",
-                                    authorized_keys=keys)
+                                    authorized_keys=keys,
+                                    ssh_upstream_username=a.ssh_upstream_username or "",
+                                    ftp_upstream_username=a.ftp_upstream_username or "")
     if ctx.json:
         return {"username": a.username, "tenant": a.tenant, "protocols": sorted(protocols)}
     return f"account {a.username} added to tenant {a.tenant} ({','.join(sorted(protocols))})"
@@ -254,9 +354,10 @@ async def cmd_account_list(ctx: Context) -> Any:
                                              limit=ctx.args.limit)
     if ctx.json:
         return accounts
-    return table([(a.username, a.tenant, ",".join(sorted(a.protocols)), a.backend_username,
+    return table([(a.username, a.tenant, ",".join(sorted(a.protocols)),
+                   a.backend_username_for("ssh"), a.backend_username_for("ftp"),
                    len(a.authorized_keys.splitlines())) for a in accounts],
-                 ("USERNAME", "TENANT", "PROTOCOLS", "UPSTREAM-USER", "KEYS"))
+                 ("USERNAME", "TENANT", "PROTOCOLS", "SSH-UPSTREAM", "FTP-UPSTREAM", "KEYS"))
 
 
 async def cmd_account_remove(ctx: Context) -> Any:
@@ -391,12 +492,34 @@ def parse_duration(text: str) -> float:
 
 async def cmd_changes_list(ctx: Context) -> Any:
     assert ctx.store is not None
-    changes = await ctx.store.recent_changes(ctx.args.limit)
+    records = await ctx.store.change_records(ctx.args.limit, entity=ctx.args.entity,
+                                             name=ctx.args.name)
     if ctx.json:
-        return [{"id": c.id, "entity": c.entity, "name": c.name, "at": iso(at)}
-                for c, at in changes]
-    return table([(c.id, iso(at), c.entity, c.name) for c, at in changes],
-                 ("ID", "AT", "ENTITY", "NAME"))
+        return [{"id": c.id, "entity": c.entity, "name": c.name, "at": iso(c.at),
+                 "actor": c.actor, "before": c.before, "after": c.after} for c in records]
+    return table([(c.id, iso(c.at), c.actor or "-", c.entity, c.name, describe_change(c))
+                  for c in records], ("ID", "AT", "ACTOR", "ENTITY", "NAME", "CHANGE"))
+
+
+def describe_change(change: ChangeRecord, width: int = 60) -> str:
+    """One line for a change: ``added``, ``removed``, or ``field: before → after; ...``."""
+    if change.before is None and change.after is None:
+        return "-"
+    if change.before is None:
+        return "added"
+    if change.after is None:
+        return "removed"
+    before = change.before
+    parts = [f"{key}: {_short(before[key], width)} → {_short(value, width)}" if key in before
+             else f"{key}: {_short(value, width)}" for key, value in sorted(change.after.items())]
+    return "; ".join(parts) or "-"
+
+
+def _short(value: Any, width: int) -> str:
+    text = "''" if value == "" else json.dumps(value) if isinstance(value, dict | list) \
+        else str(value)
+    text = " ".join(text.split())  # known_hosts and rules are multi-line; a table row is not
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 async def cmd_changes_prune(ctx: Context) -> Any:
@@ -433,7 +556,25 @@ def cmd_serve(args: argparse.Namespace, config: EdgeConfig) -> int:
     from edge.serve.supervisor import serve
 
     only = {p.strip() for p in args.only.split(",") if p.strip()} if args.only else None
+    asyncio.run(_serve_preflight(config))
     return int(serve(config, workers=args.workers, only=only))
+
+
+async def _serve_preflight(config: EdgeConfig) -> None:
+    """`edge serve` never migrates (edge-migrate.service does, once per deploy) but refuses a
+    directory whose schema it cannot read. A database that is down is not refused here: the
+    workers serve from their caches and reconnect (see docs/reliability.md)."""
+    store = store_for_url(config.database.read_url, config.database)
+    try:
+        await store.open()
+    except DirectoryUnavailable:
+        return
+    try:
+        await require_current_schema(store)
+    except DirectoryUnavailable:
+        return
+    finally:
+        await store.close()
 
 
 def cmd_demo(args: argparse.Namespace, config: EdgeConfig) -> int:
@@ -467,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
               "with [ssh] listen set, also create missing SSH proxy keys")
     p.add_argument("--ssh-keys", action="store_true",
                    help="create missing SSH proxy host/upstream keys even if [ssh] listen is empty")
+    _leaf(sub, "migrate", cmd_migrate, "only create or migrate the directory schema "
+          "(what a deploy runs once; `edge serve` never changes the schema)")
+    _check_parser(sub)
     p = _leaf(sub, "schema", cmd_schema, "print the schema as SQL")
     p.add_argument("--dialect", choices=("sqlite", "mysql"), default="mysql")
 
@@ -496,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", metavar="TIME", help="maintenance only: when it ends by itself "
                    "(ISO 8601, UTC unless given, e.g. 2026-12-08T06:00Z, or +2h)")
     live.add_host_drain(hs, _leaf)
+    _host_set_parser(hs)
+    p = _leaf(hs, "remove", cmd_host_remove,
+              "remove a host (refused while tenants live there or drain from it)")
+    p.add_argument("name")
     p = _leaf(hs, "pin-ssh-key", cmd_host_pin_ssh_key,
               "fetch a host's SSH host keys, show fingerprints, pin them for the SSH proxy")
     p.add_argument("name")
@@ -523,6 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _leaf(ts, "set-state", cmd_tenant_set_state, "suspend or re-activate a tenant")
     p.add_argument("name")
     p.add_argument("state", choices=TENANT_STATES)
+    p = _leaf(ts, "remove", cmd_tenant_remove,
+              "remove a tenant (refused while it has sites or accounts, unless --cascade)")
+    p.add_argument("name")
+    p.add_argument("--cascade", action="store_true",
+                   help="also remove its sites and accounts (each proxy forgets them)")
 
     account = sub.add_parser("account", help="SSH/FTP logins")
     acs = account.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -530,9 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("username")
     p.add_argument("--tenant", required=True)
     p.add_argument("--protocols", default="ssh,ftp", help="comma list of ssh, ftp (both)")
-    p.add_argument("--upstream-username", help="name on the backend (default: the same)")
+    _upstream_flags(p)
     p.add_argument("--authorized-keys", metavar="FILE",
                    help="OpenSSH authorized_keys file for public-key login")
+    _account_set_parser(acs)
     p = _leaf(acs, "list", cmd_account_list, "list accounts")
     p.add_argument("--tenant")
     _paging(p)
@@ -567,6 +721,13 @@ def build_parser() -> argparse.ArgumentParser:
               "validate and store a certificate chain and key (key encrypted); prints the id")
     p.add_argument("--cert", required=True, metavar="FILE", help="PEM chain, leaf first")
     p.add_argument("--key", required=True, metavar="FILE", help="PEM private key")
+    p = _leaf(cs, "replace", cmd_cert_replace,
+              "rotate a certificate in place (same id): every site using it serves the new one")
+    p.add_argument("id", type=int)
+    p.add_argument("--cert", required=True, metavar="FILE", help="PEM chain, leaf first")
+    p.add_argument("--key", required=True, metavar="FILE", help="PEM private key")
+    p = _leaf(cs, "remove", cmd_cert_remove, "remove a certificate (refused while sites use it)")
+    p.add_argument("id", type=int)
     p = _leaf(cs, "list", cmd_cert_list, "list certificates")
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--after", type=int, default=0, metavar="ID")
@@ -579,8 +740,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     changes = sub.add_parser("changes", help="the change feed every proxy follows")
     chs = changes.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = _leaf(chs, "list", cmd_changes_list, "the newest changes (what moved, when)")
+    p = _leaf(chs, "list", cmd_changes_list,
+              "the newest changes: what changed (before → after), when, and who changed it")
     p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--entity", choices=("host", "tenant", "account", "site", "certificate",
+                                        "purge", "all"), help="only changes of this kind")
+    p.add_argument("--name", help="only changes of this object (with --entity)")
     p = _leaf(chs, "prune", cmd_changes_prune,
               "delete change rows older than a duration (keeps the newest); run from cron")
     p.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 7d, 12h")
@@ -607,7 +772,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".edge-demo", help="where the demo keeps its files")
     p.add_argument("--duration", type=float, default=0,
                    help="stop after this many seconds (0: until Ctrl-C)")
+    p.add_argument("--reset", action="store_true",
+                   help="start from scratch: remove the demo directory (directory, keys) first")
     return parser
+
+
+def _host_set_parser(hs: Any) -> None:
+    p = _leaf(hs, "set", cmd_host_set, "change a host's address, ports, PROXY protocol, notice")
+    p.add_argument("name")
+    p.add_argument("--address", help="IP address or hostname of the backend")
+    for proto in ("ssh", "ftp", "http", "https"):
+        p.add_argument(f"--{proto}-port", type=int)
+    p.add_argument("--send-proxy-protocol", choices=("off", "v1", "v2"))
+    p.add_argument("--notice", help="text users see while the host is in maintenance")
+    _bool_flag(p, "--backend-tls", "speak TLS to this host's FTP/HTTP backends")
+    _bool_flag(p, "--ssh-insecure", "do not verify this host's SSH host key (not recommended)")
+
+
+def _upstream_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upstream-username",
+                   help="name on the backend for every protocol (default: the same)")
+    p.add_argument("--ssh-upstream-username", help="name on the backend for SSH only")
+    p.add_argument("--ftp-upstream-username", help="name on the backend for FTP only")
+
+
+def _account_set_parser(acs: Any) -> None:
+    p = _leaf(acs, "set", cmd_account_set,
+              "change an account's keys, protocols, tenant or upstream usernames "
+              "('' resets an upstream username to the default)")
+    p.add_argument("username")
+    p.add_argument("--protocols", help="comma list of ssh, ftp")
+    p.add_argument("--tenant", help="give the account to another tenant")
+    _upstream_flags(p)
+    p.add_argument("--authorized-keys", metavar="FILE|none",
+                   help="replace the public keys with this authorized_keys file (none: remove)")
+
+
+def _check_parser(sub: Any) -> None:
+    from edge.check import DEFAULT_EXPIRY_DAYS
+
+    p = _leaf(sub, "check", cmd_check, "validate the configuration and the directory, like "
+              "nginx -t: exits non-zero with the list of problems")
+    p.add_argument("--days", type=int, default=DEFAULT_EXPIRY_DAYS,
+                   help=f"flag certificates expiring within N days ({DEFAULT_EXPIRY_DAYS})")
+    p.add_argument("--timeout", type=float, default=2.0,
+                   help="seconds to wait for each backend port (2)")
+    p.add_argument("--no-connect", action="store_true",
+                   help="do not probe the backend hosts' ports")
+
+
+async def cmd_check(ctx: Context) -> Any:
+    from edge.check import CheckOptions, run_checks
+
+    assert ctx.store is not None
+    options = CheckOptions(days=ctx.args.days, connect_timeout=ctx.args.timeout,
+                           connect=not ctx.args.no_connect)
+    findings = await run_checks(ctx.config, ctx.store, options)
+    problems = [f for f in findings if f.severity == "error"]
+    if ctx.json:
+        emit_json({"ok": not problems, "findings": findings})
+    else:
+        for finding in findings:
+            print(finding.line())
+        print(f"edge check: {len(problems)} problem(s), "
+              f"{len(findings) - len(problems)} warning(s)" if findings else
+              "edge check: configuration and directory OK")
+    if problems:
+        raise CheckFailed(f"{len(problems)} problem(s) found (listed above)")
+    return None
+
+
+class CheckFailed(EdgeError):
+    """``edge check`` found problems (already printed, so the message is short)."""
+
+    exit_code = 1
 
 
 _NEEDS_STORE = {cmd_init, cmd_host_add, cmd_host_list, cmd_host_show, cmd_host_set_state,
@@ -624,12 +862,24 @@ async def _run_async(handler: Handler, ctx: Context) -> Any:
     await store.open()
     ctx.store = store
     try:
-        if handler is not cmd_init and await store.schema_version() == 0:
-            raise EdgeError(f"the directory {_safe_url(store.url)} has no schema yet: "
-                            "run `edge init` first")
+        if handler not in (cmd_init, cmd_migrate):
+            await require_current_schema(store)
         return await handler(ctx)
     finally:
         await store.close()
+
+
+async def require_current_schema(store: SQLStore) -> None:
+    """Refuse to work on a directory whose schema this edge does not know how to read."""
+    from edge.directory.schema import SCHEMA_VERSION
+
+    version = await store.schema_version()
+    if version == 0:
+        raise EdgeError(f"the directory {_safe_url(store.url)} has no schema yet: "
+                        "run `edge init` first")
+    if version < SCHEMA_VERSION:
+        raise EdgeError(f"the directory {_safe_url(store.url)} has schema version {version}, "
+                        f"this edge needs {SCHEMA_VERSION}: run `edge migrate` first")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

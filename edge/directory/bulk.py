@@ -71,7 +71,8 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                         "ssh_known_hosts"})),
     "tenant": (frozenset({"name", "host"}), frozenset({"state"})),
     "account": (frozenset({"username", "tenant"}),
-                frozenset({"protocols", "upstream_username", "authorized_keys"})),
+                frozenset({"protocols", "upstream_username", "authorized_keys",
+                           "ssh_upstream_username", "ftp_upstream_username"})),
     "site": (frozenset({"hostname", "tenant"}),
              frozenset({"certificate", "https_redirect", "hsts", "cache_policy", "filters"})),
     "certificate": (frozenset({"ref", "cert_pem", "key_pem"}), frozenset()),
@@ -81,7 +82,8 @@ _INSERT = {
     "host": f"INSERT INTO hosts (id, {HOST_COLUMNS}) VALUES ({', '.join('?' * 13)})",
     "tenant": "INSERT INTO tenants (id, name, host_id, state) VALUES (?, ?, ?, ?)",
     "account": ("INSERT INTO accounts (id, username, tenant_id, protocols, upstream_username, "
-                "authorized_keys) VALUES (?, ?, ?, ?, ?, ?)"),
+                "authorized_keys, ssh_upstream_username, ftp_upstream_username) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
     "site": ("INSERT INTO sites (id, hostname, tenant_id, certificate_id, https_redirect, hsts, "
              "cache_policy, filters) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
     "certificate": ("INSERT INTO certificates (id, fingerprint, names, not_before, not_after, "
@@ -297,9 +299,14 @@ class _Loader:
     async def _account(self, line: int, obj: dict[str, Any]) -> None:
         # The same checks, in the same order and words, as DirectoryService.add_account.
         username = check_username(_str(obj, "username"))
-        upstream = _str(obj, "upstream_username", "")
-        if upstream:
-            check_username(upstream, "upstream username")
+        upstream, ssh_upstream, ftp_upstream = (
+            _str(obj, key, "") for key in ("upstream_username", "ssh_upstream_username",
+                                           "ftp_upstream_username"))
+        for key, value in (("upstream username", upstream),
+                           ("ssh upstream username", ssh_upstream),
+                           ("ftp upstream username", ftp_upstream)):
+            if value:
+                check_username(value, key)
         protocols = obj.get("protocols", list(PROTOCOLS))
         if not isinstance(protocols, list | str):
             raise ValidationError("protocols must be a list")
@@ -312,7 +319,7 @@ class _Loader:
         self.account_lines[username] = line
         self._add("account", line, username, (
             self._new_id("account"), username, tenant_id, ",".join(protocol_list), upstream,
-            keys))
+            keys, ssh_upstream, ftp_upstream))
 
     async def _site(self, line: int, obj: dict[str, Any]) -> None:
         name = normalize_hostname(_str(obj, "hostname"), allow_wildcard=True)
@@ -445,7 +452,7 @@ async def bulk_load(store: SQLStore, lines: Iterable[str] | str | os.PathLike[st
             if any(loader.counts.values()):
                 # One entry for the whole load: every proxy clears its caches, including the
                 # negative answers it may hold for the names that now exist.
-                await append_change(tx, "all", "*")
+                await append_change(tx, "all", "*", actor="bulk-load")
         return loader.counts
     finally:
         if handle is not None:

@@ -71,10 +71,21 @@ class Account:
     """The name used on the backend; defaults to ``username`` when empty."""
     authorized_keys: str = ""
     """OpenSSH authorized_keys text the proxy checks client keys against."""
+    ssh_upstream_username: str = ""
+    """The name on the backend for SSH logins; '' means :attr:`upstream_username`."""
+    ftp_upstream_username: str = ""
+    """The name on the backend for FTP logins; '' means :attr:`upstream_username`."""
 
     @property
     def backend_username(self) -> str:
+        """The protocol-independent backend name (``upstream_username`` or the username)."""
         return self.upstream_username or self.username
+
+    def backend_username_for(self, protocol: str) -> str:
+        """The name the proxy logs in with on the backend for ``protocol`` (ssh or ftp)."""
+        per_protocol = {"ssh": self.ssh_upstream_username,
+                        "ftp": self.ftp_upstream_username}.get(protocol, "")
+        return per_protocol or self.backend_username
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,3 +135,20 @@ class Change:
     id: int
     entity: str
     name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """A change as operators see it (``edge changes list``): when, who, and what changed."""
+
+    id: int
+    entity: str
+    name: str
+    at: float
+    """Unix time of the commit."""
+    actor: str = ""
+    """Who or what made it: ``cli:user@host``, ``api:<token name>``, ``bulk-load``, ..."""
+    before: dict[str, Any] | None = field(default=None, hash=False, compare=True)
+    """The changed fields before the write (None: the object did not exist)."""
+    after: dict[str, Any] | None = field(default=None, hash=False, compare=True)
+    """The changed fields after the write (None: the object was removed)."""

@@ -21,6 +21,7 @@ _TYPES: dict[Dialect, dict[str, str]] = {
         "blob": "BLOB",
         "bool": "INTEGER",
         "table_options": "",
+        "label": "TEXT",
     },
     "mysql": {
         "pk": "BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY",
@@ -29,6 +30,7 @@ _TYPES: dict[Dialect, dict[str, str]] = {
         "blob": "MEDIUMBLOB",
         "bool": "TINYINT(1)",
         "table_options": " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+        "label": "VARCHAR(255)",
     },
 }
 
@@ -124,7 +126,18 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             PRIMARY KEY (operation_id, seq)
         ){table_options}""",
     ]),
-    (3, "admin api tokens and idempotency keys", [
+    # Per-protocol upstream usernames: an SSH login and an FTP login of the same account may
+    # have different names on the backend (e.g. ``u123`` for SSH, ``u123.ftp`` for a virtual
+    # FTP user). '' means "use upstream_username" (which itself defaults to the username).
+    # Change rows say who changed what: ``actor`` (cli:user@host, api:token, bulk-load) and
+    # ``detail`` (JSON {"before": {...}, "after": {...}} of the fields that changed).
+    (3, "per-protocol upstream usernames; change actor and detail", [
+        "ALTER TABLE accounts ADD COLUMN ssh_upstream_username {name} NOT NULL DEFAULT ''",
+        "ALTER TABLE accounts ADD COLUMN ftp_upstream_username {name} NOT NULL DEFAULT ''",
+        "ALTER TABLE changes ADD COLUMN actor {label} NOT NULL DEFAULT ''",
+        "ALTER TABLE changes ADD COLUMN detail {text} NULL",
+    ]),
+    (4, "admin api tokens and idempotency keys", [
         # Only a SHA-256 of each token is stored: tokens are 256 random bits, so a fast hash
         # is enough (nothing to brute-force), and a leaked database grants no API access.
         """CREATE TABLE api_tokens (

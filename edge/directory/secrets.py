@@ -1,9 +1,12 @@
 """Private keys at rest: AES-256-GCM under an operator key.
 
-The key comes from ``[secrets] key`` / ``key_file`` or the environment variable named by
-``[secrets] key_env`` (default ``EDGE_SECRET_KEY``): 32 random bytes, url-safe base64
-(``edge secret generate`` prints one). There is no plaintext fallback: a missing or wrong key
-is a :class:`SecretsError` at start-up or at import time.
+The key comes from (first found wins) the environment variable named by ``[secrets] key_env``
+(default ``EDGE_SECRET_KEY``), ``[secrets] key_file``, ``[secrets] key``, and finally the
+default key file ``$XDG_CONFIG_HOME/edge/secret.key`` (``~/.config/edge/secret.key``) when
+none of those is set: 32 random bytes, url-safe base64. ``edge init`` creates the key file
+(0600, its directory 0700) when there is no key yet and never overwrites one. There is no
+plaintext fallback: a missing or wrong key is a :class:`SecretsError` at start-up or at import
+time.
 
 Stored format: ``b"EK1" + key_id(8) + nonce(12) + ciphertext+tag``. ``key_id`` is a hash of the
 key so a wrong key is reported as "wrong key" rather than as corrupt data.
@@ -16,6 +19,7 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -25,6 +29,51 @@ from edge.errors import SecretsError
 
 _MAGIC = b"EK1"
 _AAD = b"hosting-edge private key v1"
+
+
+def default_key_file(env: Mapping[str, str] | None = None) -> Path | None:
+    """Where the key lives when the configuration names no key file: per user, like ssh's
+    ``~/.ssh``. None without a home directory (then a key must be configured)."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CONFIG_HOME") or (env.get("HOME") and os.path.join(env["HOME"], ".config"))
+    return Path(base) / "edge" / "secret.key" if base else None
+
+
+def ensure_secret_key(config: SecretsConfig,
+                      env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Make sure a secret key exists; create the key file only when no key is set anywhere.
+
+    Returns where the key comes from: ``{"source": "env"|"inline"|"file", "path", "created",
+    "env"}``. A key file is created with mode 0600 (and a missing parent directory 0700) by an
+    exclusive create, so an existing key is never overwritten, even by two ``edge init`` runs
+    racing. Raises :class:`SecretsError` if the key file cannot be written.
+    """
+    env = os.environ if env is None else env
+    if config.key_env and env.get(config.key_env):
+        return {"source": "env", "env": config.key_env, "path": None, "created": False}
+    if config.key and not config.key_file:
+        return {"source": "inline", "env": None, "path": None, "created": False}
+    path = Path(config.key_file) if config.key_file else default_key_file(env)
+    if path is None:
+        raise SecretsError("no home directory for the default key file: set [secrets] key_file")
+    created = _create_key_file(path)
+    KeyBox.from_text(path.read_text())  # an existing but damaged key file fails here, early
+    return {"source": "file", "env": None, "path": str(path), "created": created}
+
+
+def _create_key_file(path: Path) -> bool:
+    """Write a new key to ``path`` unless it exists; True if written."""
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise SecretsError(f"cannot create the secret key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as file:
+        file.write(generate_key() + "\n")
+    return True
 
 
 def generate_key() -> str:
@@ -70,6 +119,12 @@ class KeyBox:
                 raise SecretsError(f"[secrets] key_file {config.key_file}: {exc.strerror}") from None
         if config.key:
             return cls.from_text(config.key)
+        default = default_key_file(env)
+        if default is not None and default.exists():
+            try:
+                return cls.from_text(default.read_text())
+            except OSError as exc:
+                raise SecretsError(f"secret key file {default}: {exc.strerror}") from None
         raise SecretsError(
             f"no secret key for private keys at rest: set ${config.key_env or 'EDGE_SECRET_KEY'} "
             "or [secrets] key_file (create one with `edge secret generate`)")

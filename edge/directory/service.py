@@ -15,7 +15,7 @@ import json
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +29,7 @@ from edge.directory.model import (
     PROTOCOLS,
     PROXY_PROTOCOL_MODES,
     TENANT_STATES,
+    Account,
     Host,
     Tenant,
 )
@@ -36,10 +37,12 @@ from edge.directory.names import normalize_hostname, wildcard_parent
 from edge.directory.rules import validate_cache_policy, validate_filters
 from edge.directory.secrets import KeyBox
 from edge.directory.store import (
+    ACCOUNT_SELECT,
     HOST_COLUMNS,
     HOST_READ_COLUMNS,
     SQLStore,
     Tx,
+    account_from_row,
     append_change,
     host_from_row,
 )
@@ -179,12 +182,54 @@ def certificate_covers(names: Iterable[str], hostname: str) -> bool:
                for name in names)
 
 
-class DirectoryService:
-    """Validated writes (and the reads operators need around them)."""
+def changed_fields(before: dict[str, Any],
+                   after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keys whose value differs, as (before, after) dicts, for a change row's detail."""
+    keys = [k for k in after if before.get(k) != after.get(k)]
+    return {k: before.get(k) for k in keys}, {k: after[k] for k in keys}
 
-    def __init__(self, store: SQLStore, keybox: KeyBox | None = None) -> None:
+
+_NOT_LOGGED = {"key_encrypted", "chain_pem"}
+"""Fields never copied into change rows: secrets, and bulky PEM (the fingerprint says it)."""
+
+
+def _loggable(obj: Any) -> dict[str, Any]:
+    return {k: v for k, v in asdict(obj).items() if k not in _NOT_LOGGED}
+
+
+@dataclass(frozen=True, slots=True)
+class InUse:
+    """What still refers to an object that was asked to be removed (for the error message)."""
+
+    kind: str
+    names: list[str]
+
+    def text(self, limit: int = 20) -> str:
+        shown = ", ".join(self.names[:limit])
+        more = f" and {len(self.names) - limit} more" if len(self.names) > limit else ""
+        return f"{len(self.names)} {self.kind}: {shown}{more}"
+
+
+class DirectoryService:
+    """Validated writes (and the reads operators need around them).
+
+    ``actor`` is recorded in every change row this service writes (``cli:user@host``,
+    ``api:<token name>``, ``bulk-load``), so ``edge changes list`` says who changed what.
+    """
+
+    def __init__(self, store: SQLStore, keybox: KeyBox | None = None, *,
+                 actor: str = "") -> None:
         self.store = store
         self.keybox = keybox
+        self.actor = actor
+
+    async def _change(self, tx: Tx, entity: str, name: str, before: dict[str, Any] | None,
+                      after: dict[str, Any] | None, *, diff: bool = True) -> None:
+        """Append the change row for a write, with this service's actor and (``diff``) only
+        the fields whose value changed."""
+        if diff and before is not None and after is not None:
+            before, after = changed_fields(before, after)
+        await append_change(tx, entity, name, actor=self.actor, before=before, after=after)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -218,7 +263,10 @@ class DirectoryService:
                 f"INSERT INTO hosts ({HOST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, address, ssh_port, ftp_port, http_port, https_port, state, notice, "",
                  int(ssh_insecure), send_proxy_protocol, int(backend_tls)))
-            await append_change(tx, "host", name)
+            await self._change(tx, "host", name, None, {
+                "address": address, "ssh_port": ssh_port, "ftp_port": ftp_port,
+                "http_port": http_port, "https_port": https_port, "state": state,
+                "send_proxy_protocol": send_proxy_protocol})
         return await self.get_host(name)
 
     async def get_host(self, name: str) -> Host:
@@ -248,12 +296,43 @@ class DirectoryService:
         if not fields:
             return await self.get_host(name)
         async with self.store.transaction() as tx:
-            await self._id(tx, "hosts", "name", name, "host")
+            row = await tx.fetchone(f"SELECT {HOST_READ_COLUMNS} FROM hosts WHERE name = ?", (name,))
+            if row is None:
+                raise NotFoundError(f"host {name!r} does not exist")
             assignments = ", ".join(f"{key} = ?" for key in fields)
             values = [int(v) if isinstance(v, bool) else v for v in fields.values()]
             await tx.execute(f"UPDATE hosts SET {assignments} WHERE name = ?", (*values, name))
-            await append_change(tx, "host", name)
+            await self._change(tx, "host", name, _loggable(host_from_row(row)), fields)
         return await self.get_host(name)
+
+    async def remove_host(self, name: str) -> None:
+        """Remove a backend host. Refused (ConflictError naming them) while tenants live on
+        it or are still draining from it: removing it would strand their users."""
+        async with self.store.transaction() as tx:
+            found = await tx.fetchone("SELECT id, address FROM hosts WHERE name = ?", (name,))
+            if found is None:
+                raise NotFoundError(f"host {name!r} does not exist")
+            host_id, address = int(found[0]), str(found[1])
+            rows = await tx.fetchall(
+                "SELECT name, host_id = ?, drain_deadline FROM tenants "
+                "WHERE host_id = ? OR previous_host_id = ? ORDER BY name",
+                (host_id, host_id, host_id))
+            now = time.time()
+            living = [str(r[0]) for r in rows if r[1]]
+            draining = [str(r[0]) for r in rows if not r[1] and (r[2] or 0) > now]
+            if living:
+                raise ConflictError(f"host {name!r} still has "
+                                    f"{InUse('tenant(s)', living).text()} "
+                                    "(move them first: edge tenant move NAME --to HOST)")
+            if draining:
+                raise ConflictError(f"host {name!r} still has sessions draining for "
+                                    f"{InUse('moved tenant(s)', draining).text()}; "
+                                    "retry after their drain deadline")
+            # Finished drains only remember the old host for display; forget it.
+            await tx.execute("UPDATE tenants SET previous_host_id = NULL, drain_deadline = NULL "
+                             "WHERE previous_host_id = ?", (host_id,))
+            await tx.execute("DELETE FROM hosts WHERE id = ?", (host_id,))
+            await self._change(tx, "host", name, {"address": address}, None)
 
     async def set_host_state(self, name: str, state: str, notice: str | None = None, *,
                              until: float | None = None, now: float | None = None) -> Host:
@@ -279,7 +358,7 @@ class DirectoryService:
             host_id = await self._id(tx, "hosts", "name", host, "host")
             await tx.execute("INSERT INTO tenants (name, host_id, state) VALUES (?, ?, 'active')",
                              (name, host_id))
-            await append_change(tx, "tenant", name)
+            await self._change(tx, "tenant", name, None, {"host": host, "state": "active"})
         return Tenant(name, host)
 
     async def get_tenant(self, name: str) -> Tenant:
@@ -308,6 +387,7 @@ class DirectoryService:
         if row is None:
             raise NotFoundError(f"tenant {name!r} does not exist")
         tenant_id, old_host_id = row
+        old = await tx.fetchone("SELECT name FROM hosts WHERE id = ?", (old_host_id,))
         target = await tx.fetchone("SELECT id, state FROM hosts WHERE name = ?", (to_host,))
         if target is None:
             raise NotFoundError(f"host {to_host!r} does not exist")
@@ -320,25 +400,59 @@ class DirectoryService:
         await tx.execute(
             "UPDATE tenants SET host_id = ?, previous_host_id = ?, drain_deadline = ? "
             "WHERE id = ?", (new_host_id, old_host_id, time.time() + drain, tenant_id))
-        await append_change(tx, "tenant", name)
+        await self._change(tx, "tenant", name, {"host": old[0] if old else None},
+                           {"host": to_host, "drain_seconds": drain}, diff=False)
 
     async def set_tenant_state(self, name: str, state: str) -> Tenant:
         if state not in TENANT_STATES:
             raise ValidationError(f"tenant state {state!r} must be one of {', '.join(TENANT_STATES)}")
         async with self.store.transaction() as tx:
             await self._id(tx, "tenants", "name", name, "tenant")
+            row = await tx.fetchone("SELECT state FROM tenants WHERE name = ?", (name,))
             await tx.execute("UPDATE tenants SET state = ? WHERE name = ?", (state, name))
-            await append_change(tx, "tenant", name)
+            await self._change(tx, "tenant", name, {"state": row[0] if row else None},
+                               {"state": state})
         return await self.get_tenant(name)
+
+    async def remove_tenant(self, name: str, *, cascade: bool = False) -> list[str]:
+        """Remove a tenant. While it has sites or accounts this is refused (ConflictError
+        listing them) unless ``cascade``, which removes them too, each with its own change
+        row so every proxy forgets them. Returns what was removed ("site x", "account y")."""
+        async with self.store.transaction() as tx:
+            tenant_id = await self._id(tx, "tenants", "name", name, "tenant")
+            sites = [str(r[0]) for r in await tx.fetchall(
+                "SELECT hostname FROM sites WHERE tenant_id = ? ORDER BY hostname", (tenant_id,))]
+            accounts = [str(r[0]) for r in await tx.fetchall(
+                "SELECT username FROM accounts WHERE tenant_id = ? ORDER BY username",
+                (tenant_id,))]
+            if (sites or accounts) and not cascade:
+                held = [InUse(kind, names).text() for kind, names in
+                        (("site(s)", sites), ("account(s)", accounts)) if names]
+                raise ConflictError(f"tenant {name!r} still has {'; '.join(held)} "
+                                    "(remove them first, or --cascade to remove them too)")
+            for hostname in sites:
+                await self._change(tx, "site", hostname, {"tenant": name}, None)
+            for username in accounts:
+                await self._change(tx, "account", username, {"tenant": name}, None)
+            await tx.execute("DELETE FROM sites WHERE tenant_id = ?", (tenant_id,))
+            await tx.execute("DELETE FROM accounts WHERE tenant_id = ?", (tenant_id,))
+            await tx.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,))
+            await self._change(tx, "tenant", name, {"name": name}, None)
+        return [f"site {s}" for s in sites] + [f"account {a}" for a in accounts]
 
     # -- accounts ------------------------------------------------------------------------
 
     async def add_account(self, username: str, tenant: str, *,
                           protocols: Iterable[str] = PROTOCOLS, upstream_username: str = "",
-                          authorized_keys: str = "") -> None:
+                          authorized_keys: str = "", ssh_upstream_username: str = "",
+                          ftp_upstream_username: str = "") -> None:
+        """Add a login. ``upstream_username`` is the backend name for every protocol;
+        ``ssh_upstream_username``/``ftp_upstream_username`` override it for one protocol
+        ('' everywhere: the backend name is the username)."""
         check_username(username)
-        if upstream_username:
-            check_username(upstream_username, "upstream username")
+        names = _check_upstream_names(upstream_username=upstream_username,
+                                      ssh_upstream_username=ssh_upstream_username,
+                                      ftp_upstream_username=ftp_upstream_username)
         protocol_list = check_protocols(protocols)
         keys = check_authorized_keys(authorized_keys)
         async with self.store.transaction() as tx:
@@ -346,15 +460,58 @@ class DirectoryService:
             tenant_id = await self._id(tx, "tenants", "name", tenant, "tenant")
             await tx.execute(
                 "INSERT INTO accounts (username, tenant_id, protocols, upstream_username, "
-                "authorized_keys) VALUES (?, ?, ?, ?, ?)",
-                (username, tenant_id, ",".join(protocol_list), upstream_username, keys))
-            await append_change(tx, "account", username)
+                "authorized_keys, ssh_upstream_username, ftp_upstream_username) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (username, tenant_id, ",".join(protocol_list), upstream_username, keys,
+                 ssh_upstream_username, ftp_upstream_username))
+            await self._change(tx, "account", username, None, {
+                "tenant": tenant, "protocols": protocol_list, **names,
+                "authorized_keys": _key_summary(keys)})
+
+    async def get_account(self, username: str) -> Account:
+        account = await self.store.fetch_account(username)
+        if account is None:
+            raise NotFoundError(f"account {username!r} does not exist")
+        return account
+
+    async def update_account(self, username: str, *, protocols: Iterable[str] | None = None,
+                             authorized_keys: str | None = None, tenant: str | None = None,
+                             upstream_username: str | None = None,
+                             ssh_upstream_username: str | None = None,
+                             ftp_upstream_username: str | None = None) -> Account:
+        """Change some of an account's settings (None: leave as is; '' for an upstream name:
+        back to the default). Validated like :meth:`add_account`; returns the account."""
+        columns: dict[str, Any] = _check_upstream_names(
+            upstream_username=upstream_username, ssh_upstream_username=ssh_upstream_username,
+            ftp_upstream_username=ftp_upstream_username)
+        if protocols is not None:
+            columns["protocols"] = ",".join(check_protocols(protocols))
+        if authorized_keys is not None:
+            columns["authorized_keys"] = check_authorized_keys(authorized_keys)
+        if not columns and tenant is None:
+            raise ValidationError("nothing to change: give at least one option")
+        async with self.store.transaction() as tx:
+            old = await _account_in(tx, username)
+            if tenant is not None:
+                columns["tenant_id"] = await self._id(tx, "tenants", "name", tenant, "tenant")
+            assignments = ", ".join(f"{key} = ?" for key in columns)
+            await tx.execute(f"UPDATE accounts SET {assignments} WHERE username = ?",
+                             (*columns.values(), username))
+            logged = {k: v for k, v in columns.items() if k != "tenant_id"}
+            if "protocols" in logged:
+                logged["protocols"] = sorted(logged["protocols"].split(","))
+            if "authorized_keys" in logged:
+                logged["authorized_keys"] = _key_summary(logged["authorized_keys"])
+            if tenant is not None:
+                logged["tenant"] = tenant
+            await self._change(tx, "account", username, _account_log(old), logged)
+        return await self.get_account(username)
 
     async def remove_account(self, username: str) -> None:
         async with self.store.transaction() as tx:
-            await self._id(tx, "accounts", "username", username, "account")
+            old = await _account_in(tx, username)
             await tx.execute("DELETE FROM accounts WHERE username = ?", (username,))
-            await append_change(tx, "account", username)
+            await self._change(tx, "account", username, _account_log(old), None)
 
     # -- sites ---------------------------------------------------------------------------
 
@@ -384,7 +541,9 @@ class DirectoryService:
                 "INSERT INTO sites (hostname, tenant_id, certificate_id, https_redirect, hsts, "
                 "cache_policy, filters) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (name, tenant_id, certificate_id, int(https_redirect), int(hsts), policy, rules))
-            await append_change(tx, "site", name)
+            await self._change(tx, "site", name, None, {
+                "tenant": tenant, "certificate_id": certificate_id,
+                "https_redirect": https_redirect, "hsts": hsts})
         return name
 
     async def update_site(self, hostname: str, **fields: Any) -> str:
@@ -405,6 +564,10 @@ class DirectoryService:
                 columns[flag] = int(bool(fields[flag]))
         async with self.store.transaction() as tx:
             await self._id(tx, "sites", "hostname", name, "site")
+            old_row = await tx.fetchone(
+                "SELECT s.certificate_id, s.https_redirect, s.hsts, s.cache_policy, s.filters, "
+                "t.name FROM sites s JOIN tenants t ON t.id = s.tenant_id WHERE s.hostname = ?",
+                (name,))
             if "certificate_id" in fields:
                 if fields["certificate_id"] is not None:
                     await self._check_site_certificate(tx, name, fields["certificate_id"])
@@ -416,15 +579,24 @@ class DirectoryService:
                 assignments = ", ".join(f"{key} = ?" for key in columns)
                 await tx.execute(f"UPDATE sites SET {assignments} WHERE hostname = ?",
                                  (*columns.values(), name))
-                await append_change(tx, "site", name)
+                before = dict(zip(("certificate_id", "https_redirect", "hsts", "cache_policy",
+                                   "filters", "tenant"), old_row or (), strict=False))
+                after = {k: v for k, v in columns.items() if k != "tenant_id"}
+                if "tenant" in fields:
+                    after["tenant"] = fields["tenant"]
+                await self._change(tx, "site", name, before, after)
         return name
 
     async def remove_site(self, hostname: str) -> None:
         name = normalize_hostname(hostname, allow_wildcard=True)
         async with self.store.transaction() as tx:
             await self._id(tx, "sites", "hostname", name, "site")
+            row = await tx.fetchone("SELECT t.name, s.certificate_id FROM sites s JOIN tenants t "
+                                    "ON t.id = s.tenant_id WHERE s.hostname = ?", (name,))
             await tx.execute("DELETE FROM sites WHERE hostname = ?", (name,))
-            await append_change(tx, "site", name)
+            await self._change(tx, "site", name, {"tenant": row[0] if row else None,
+                                                  "certificate_id": row[1] if row else None},
+                               None)
 
     async def purge_cache(self, hostname: str, path: str = "") -> None:
         """Ask every worker's HTTP cache to drop a site's objects (all, or one path prefix)."""
@@ -433,7 +605,7 @@ class DirectoryService:
             raise ValidationError("--path must start with '/'")
         async with self.store.transaction() as tx:
             await self._id(tx, "sites", "hostname", name, "site")
-            await append_change(tx, "purge", name + path)
+            await self._change(tx, "purge", name + path, None, None)
 
     # -- change log -------------------------------------------------------------------------
 
@@ -459,14 +631,77 @@ class DirectoryService:
 
     # -- certificates --------------------------------------------------------------------
 
-    async def import_certificate(self, chain_pem: bytes, key_pem: bytes) -> int:
-        """Validate and store a certificate with its key encrypted; returns its id."""
+    def _require_keybox(self) -> KeyBox:
         if self.keybox is None:
             from edge.errors import SecretsError
 
             raise SecretsError("importing a private key needs the at-rest secret key: set "
                                "$EDGE_SECRET_KEY or [secrets] key_file "
-                               "(create one with `edge secret generate`)")
+                               "(`edge init` creates one)")
+        return self.keybox
+
+    async def _sites_using(self, tx: Tx, certificate_id: int) -> list[str]:
+        return [str(r[0]) for r in await tx.fetchall(
+            "SELECT hostname FROM sites WHERE certificate_id = ? ORDER BY hostname",
+            (certificate_id,))]
+
+    async def remove_certificate(self, certificate_id: int) -> None:
+        """Remove a certificate. Refused (ConflictError listing them) while sites use it:
+        those sites would fall back to the default certificate and browsers would warn."""
+        async with self.store.transaction() as tx:
+            row = await tx.fetchone("SELECT fingerprint, names FROM certificates WHERE id = ?",
+                                    (certificate_id,))
+            if row is None:
+                raise NotFoundError(f"certificate {certificate_id} does not exist")
+            sites = await self._sites_using(tx, certificate_id)
+            if sites:
+                raise ConflictError(
+                    f"certificate {certificate_id} is used by {InUse('site(s)', sites).text()} "
+                    "(give them another certificate first: edge site set HOST --certificate ID)")
+            await tx.execute("DELETE FROM certificates WHERE id = ?", (certificate_id,))
+            await self._change(tx, "certificate", str(certificate_id),
+                               {"fingerprint": row[0], "names": row[1]}, None)
+
+    async def replace_certificate(self, certificate_id: int, chain_pem: bytes,
+                                  key_pem: bytes) -> list[str]:
+        """Rotate a certificate in place: same id, new chain and key, so every site using it
+        serves the new one as soon as the proxies read the change row (their TLS contexts
+        are keyed by id *and* fingerprint). Refused if the new certificate does not cover
+        every site that uses the old one. Returns those sites."""
+        keybox = self._require_keybox()
+        cert = parse_certificate(chain_pem, key_pem)
+        async with self.store.transaction() as tx:
+            row = await tx.fetchone("SELECT fingerprint, names, not_after FROM certificates "
+                                    "WHERE id = ?", (certificate_id,))
+            if row is None:
+                raise NotFoundError(f"certificate {certificate_id} does not exist")
+            if row[0] == cert.fingerprint:
+                raise ConflictError(f"certificate {certificate_id} already is this certificate")
+            other = await tx.fetchone("SELECT id FROM certificates WHERE fingerprint = ?",
+                                      (cert.fingerprint,))
+            if other is not None:
+                raise ConflictError(f"this certificate is already imported as id {other[0]}")
+            sites = await self._sites_using(tx, certificate_id)
+            uncovered = [s for s in sites if not certificate_covers(cert.names, s)]
+            if uncovered:
+                raise ValidationError(
+                    f"the new certificate ({', '.join(cert.names)}) does not cover "
+                    f"{InUse('site(s)', uncovered).text()} that use certificate {certificate_id}")
+            await tx.execute(
+                "UPDATE certificates SET fingerprint = ?, names = ?, not_before = ?, "
+                "not_after = ?, chain_pem = ?, key_encrypted = ? WHERE id = ?",
+                (cert.fingerprint, ",".join(cert.names), cert.not_before, cert.not_after,
+                 cert.chain_pem, keybox.encrypt(cert.key_pem), certificate_id))
+            await self._change(
+                tx, "certificate", str(certificate_id),
+                {"fingerprint": row[0], "names": row[1], "not_after": iso(float(row[2]))},
+                {"fingerprint": cert.fingerprint, "names": ",".join(cert.names),
+                 "not_after": iso(cert.not_after)})
+        return sites
+
+    async def import_certificate(self, chain_pem: bytes, key_pem: bytes) -> int:
+        """Validate and store a certificate with its key encrypted; returns its id."""
+        keybox = self._require_keybox()
         cert = parse_certificate(chain_pem, key_pem)
         async with self.store.transaction() as tx:
             row = await tx.fetchone("SELECT id FROM certificates WHERE fingerprint = ?",
@@ -477,9 +712,41 @@ class DirectoryService:
                 "INSERT INTO certificates (fingerprint, names, not_before, not_after, chain_pem, "
                 "key_encrypted) VALUES (?, ?, ?, ?, ?, ?)",
                 (cert.fingerprint, ",".join(cert.names), cert.not_before, cert.not_after,
-                 cert.chain_pem, self.keybox.encrypt(cert.key_pem)))
-            await append_change(tx, "certificate", str(certificate_id))
+                 cert.chain_pem, keybox.encrypt(cert.key_pem)))
+            await self._change(tx, "certificate", str(certificate_id), None,
+                               {"fingerprint": cert.fingerprint, "names": ",".join(cert.names),
+                                "not_after": iso(cert.not_after)})
         return int(certificate_id)
+
+
+def _check_upstream_names(**names: str | None) -> dict[str, str]:
+    """The upstream-name arguments that were given (not None), each checked like a username
+    ('' allowed: back to the default)."""
+    given = {k: v for k, v in names.items() if v is not None}
+    for key, value in given.items():
+        if value:
+            check_username(value, key.replace("_", " "))
+    return given
+
+
+async def _account_in(tx: Tx, username: str) -> Account:
+    row = await tx.fetchone(ACCOUNT_SELECT + " WHERE a.username = ?", (username,))
+    if row is None:
+        raise NotFoundError(f"account {username!r} does not exist")
+    return account_from_row(row)
+
+
+def _key_summary(keys: str) -> str:
+    """Authorized keys as a change row shows them: how many, not the key material."""
+    return f"{len(keys.splitlines())} key(s)"
+
+
+def _account_log(account: Account) -> dict[str, Any]:
+    return {"tenant": account.tenant, "protocols": sorted(account.protocols),
+            "upstream_username": account.upstream_username,
+            "ssh_upstream_username": account.ssh_upstream_username,
+            "ftp_upstream_username": account.ftp_upstream_username,
+            "authorized_keys": _key_summary(account.authorized_keys)}
 
 
 def iso(ts: float) -> str:

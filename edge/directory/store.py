@@ -18,7 +18,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from edge.directory import schema
-from edge.directory.model import Account, Change, Host, Site, StoredCertificate, Tenant
+from edge.directory.model import (
+    Account,
+    Change,
+    ChangeRecord,
+    Host,
+    Site,
+    StoredCertificate,
+    Tenant,
+)
 
 Row = tuple[Any, ...]
 
@@ -26,8 +34,9 @@ HOST_COLUMNS = ("name, address, ssh_port, ftp_port, http_port, https_port, state
                 "ssh_known_hosts, ssh_insecure, send_proxy_protocol, backend_tls")
 HOST_READ_COLUMNS = HOST_COLUMNS + ", maintenance_until"
 """What reads select: ``maintenance_until`` (migration 2) is set only by ``set-state``."""
-_ACCOUNT_SELECT = ("SELECT a.username, t.name, a.protocols, a.upstream_username, "
-                   "a.authorized_keys FROM accounts a JOIN tenants t ON t.id = a.tenant_id")
+ACCOUNT_SELECT = ("SELECT a.username, t.name, a.protocols, a.upstream_username, "
+                   "a.authorized_keys, a.ssh_upstream_username, a.ftp_upstream_username "
+                   "FROM accounts a JOIN tenants t ON t.id = a.tenant_id")
 _TENANT_SELECT = ("SELECT t.name, h.name, t.state, p.name, t.drain_deadline FROM tenants t "
                   "JOIN hosts h ON h.id = t.host_id LEFT JOIN hosts p ON p.id = t.previous_host_id")
 _SITE_SELECT = ("SELECT s.hostname, t.name, s.certificate_id, s.https_redirect, s.hsts, "
@@ -65,7 +74,8 @@ def tenant_from_row(row: Row) -> Tenant:
 def account_from_row(row: Row) -> Account:
     protocols = frozenset(p for p in row[2].split(",") if p)
     return Account(username=row[0], tenant=row[1], protocols=protocols,
-                   upstream_username=row[3], authorized_keys=row[4])
+                   upstream_username=row[3], authorized_keys=row[4],
+                   ssh_upstream_username=row[5], ftp_upstream_username=row[6])
 
 
 def site_from_row(row: Row) -> Site:
@@ -159,7 +169,7 @@ class SQLStore(abc.ABC):
     # -- hot-path reads (only on cache misses) -------------------------------------------
 
     async def fetch_account(self, username: str) -> Account | None:
-        row = await self.fetchone(_ACCOUNT_SELECT + " WHERE a.username = ?", (username,))
+        row = await self.fetchone(ACCOUNT_SELECT + " WHERE a.username = ?", (username,))
         return None if row is None else account_from_row(row)
 
     async def fetch_tenant(self, name: str) -> Tenant | None:
@@ -197,6 +207,23 @@ class SQLStore(abc.ABC):
         rows = await self.fetchall(
             f"SELECT id, entity, name, created_at FROM changes ORDER BY id DESC LIMIT {int(limit)}")
         return [(Change(int(r[0]), r[1], r[2]), float(r[3])) for r in rows]
+
+    async def change_records(self, limit: int = 50, *, entity: str | None = None,
+                             name: str | None = None) -> list[ChangeRecord]:
+        """The newest changes, newest first, with who made them and what they changed
+        (``edge changes list``); optionally only one entity kind and/or one object."""
+        where, params = [], []
+        if entity is not None:
+            where.append("entity = ?")
+            params.append(entity)
+        if name is not None:
+            where.append("name = ?")
+            params.append(name)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = await self.fetchall(
+            f"SELECT id, entity, name, created_at, actor, detail FROM changes{clause} "
+            f"ORDER BY id DESC LIMIT {int(limit)}", params)
+        return [change_record_from_row(r) for r in rows]
 
     async def latest_change_id(self) -> int:
         row = await self.fetchone("SELECT MAX(id) FROM changes")
@@ -239,7 +266,7 @@ class SQLStore(abc.ABC):
             where += " AND t.name = ?"
             params.append(tenant)
         rows = await self.fetchall(
-            f"{_ACCOUNT_SELECT} {where} ORDER BY a.username LIMIT {int(limit)}", params)
+            f"{ACCOUNT_SELECT} {where} ORDER BY a.username LIMIT {int(limit)}", params)
         return [account_from_row(r) for r in rows]
 
     async def list_sites(self, *, tenant: str | None = None, after: str = "",
@@ -288,12 +315,29 @@ class SQLStore(abc.ABC):
 
 
 def append_change_sql() -> str:
-    return "INSERT INTO changes (entity, name, created_at) VALUES (?, ?, ?)"
+    return "INSERT INTO changes (entity, name, created_at, actor, detail) VALUES (?, ?, ?, ?, ?)"
 
 
-async def append_change(tx: Tx, entity: str, name: str) -> None:
-    """Record a change in the same transaction as the write it describes."""
-    await tx.execute(append_change_sql(), (entity, name, time.time()))
+async def append_change(tx: Tx, entity: str, name: str, *, actor: str = "",
+                        before: dict[str, Any] | None = None,
+                        after: dict[str, Any] | None = None) -> None:
+    """Record a change in the same transaction as the write it describes.
+
+    ``before``/``after`` are the fields the write changed (None for "did not exist" / "was
+    removed"); they are for operators reading ``edge changes list``; the proxies read only
+    entity and name.
+    """
+    detail = None
+    if before is not None or after is not None:
+        detail = json.dumps({"before": before, "after": after}, sort_keys=True, default=str)
+    await tx.execute(append_change_sql(), (entity, name, time.time(), actor[:255], detail))
+
+
+def change_record_from_row(row: Row) -> ChangeRecord:
+    detail = json.loads(row[5]) if row[5] else {}
+    return ChangeRecord(id=int(row[0]), entity=row[1], name=row[2], at=float(row[3]),
+                        actor=row[4] or "", before=detail.get("before"),
+                        after=detail.get("after"))
 
 
 __all__ = ["HOST_COLUMNS", "HOST_READ_COLUMNS", "SQLStore", "Tx", "append_change"]
