@@ -63,6 +63,7 @@ async def test_writes_are_the_cli_service_writes_and_read_back(api: Api) -> None
     assert [s["hostname"] for s in detail["sites"]] == ["www.acme.example"]
     assert {(c["entity"], c["name"]) for c in detail["changes"]} == {
         ("tenant", "acme"), ("account", "alice"), ("site", "www.acme.example")}
+    assert {c["actor"] for c in detail["changes"]} == {"api:panel"}  # who, for the audit
     host = await api.call("PATCH", f"{V1}/hosts/web2", body={"state": "maintenance",
                                                              "notice": "disk swap"})
     assert host.body["state"] == "maintenance" and host.body["notice"] == "disk swap"
@@ -72,6 +73,52 @@ async def test_writes_are_the_cli_service_writes_and_read_back(api: Api) -> None
     assert (await api.store.recent_changes(1))[0][0].name == "www.acme.example/img"
     assert (await api.call("DELETE", f"{V1}/accounts/alice")).status == 204
     assert await api.store.fetch_account("alice") is None
+
+
+async def test_edit_and_remove_through_the_same_service_as_the_cli(api: Api) -> None:
+    await seed(api)
+    await api.call("POST", f"{V1}/accounts", body={"username": "alice", "tenant": "acme"})
+    changed = await api.call("PATCH", f"{V1}/accounts/alice", body={
+        "ssh_upstream_username": "u123", "ftp_upstream_username": "u123.ftp"})
+    assert changed.status == 200
+    account = await api.store.fetch_account("alice")
+    assert account is not None and (account.backend_username_for("ssh"),
+                                    account.backend_username_for("ftp")) == ("u123", "u123.ftp")
+    history = (await api.call("GET", f"{V1}/changes?entity=account&name=alice&limit=1")).body
+    assert history[0]["actor"] == "api:panel"
+    assert history[0]["after"] == {"ssh_upstream_username": "u123",
+                                   "ftp_upstream_username": "u123.ftp"}
+    in_use = await api.call("DELETE", f"{V1}/hosts/web1")
+    assert in_use.status == 409 and "acme" in in_use.body["error"]
+    refused = await api.call("DELETE", f"{V1}/tenants/acme")
+    assert refused.status == 409 and await api.store.fetch_tenant("acme") is not None
+    removed = await api.call("DELETE", f"{V1}/tenants/acme?cascade=true")
+    assert removed.status == 200 and removed.body["also_removed"] == ["account alice"]
+    assert (await api.call("DELETE", f"{V1}/hosts/web1")).status == 204
+    assert await api.store.fetch_host("web1") is None
+
+
+async def test_certificate_rotation_in_place_and_removal(api: Api) -> None:
+    await seed(api)
+    chain, key = make_certificate(["www.acme.example"])
+    cert_id = (await api.call("POST", f"{V1}/certificates", body={
+        "chain_pem": chain.decode(), "key_pem": key.decode()})).body["id"]
+    await api.call("POST", f"{V1}/sites", body={"hostname": "www.acme.example",
+                                                "tenant": "acme", "certificate_id": cert_id})
+    wrong, wrong_key = make_certificate(["other.example"])
+    refused = await api.call("PUT", f"{V1}/certificates/{cert_id}", body={
+        "chain_pem": wrong.decode(), "key_pem": wrong_key.decode()})
+    assert refused.status == 422 and "www.acme.example" in refused.body["error"]
+    new, new_key = make_certificate(["www.acme.example"], days_valid=90)
+    rotated = await api.call("PUT", f"{V1}/certificates/{cert_id}", body={
+        "chain_pem": new.decode(), "key_pem": new_key.decode()})
+    assert rotated.status == 200 and rotated.body["sites"] == ["www.acme.example"]
+    assert rotated.body["certificate"]["id"] == cert_id
+    in_use = await api.call("DELETE", f"{V1}/certificates/{cert_id}")
+    assert in_use.status == 409 and "www.acme.example" in in_use.body["error"]
+    await api.call("PATCH", f"{V1}/sites/www.acme.example", body={"certificate_id": None})
+    assert (await api.call("DELETE", f"{V1}/certificates/{cert_id}")).status == 204
+    assert await api.store.fetch_certificate(cert_id) is None
 
 
 async def test_refused_writes_say_why_and_write_nothing(api: Api) -> None:
