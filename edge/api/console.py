@@ -379,6 +379,10 @@ _FOLLOW_JS = """
       set('phase', op.phase); set('steps', op.steps.done + op.steps.skipped + '/' + op.steps.total);
       set('error', op.error);
       document.getElementById('phase').className = 'state-' + op.phase;
+      for (const m of op.moves) {
+        const cell = document.getElementById('step-' + m.seq);
+        if (cell) { cell.textContent = m.state; cell.className = 'state-' + m.state; }
+      }
     }
   }
 })();
@@ -401,7 +405,8 @@ async def operation_page(request: web.Request) -> web.Response:
             f'every tenant off <b>{_e(op.target)}</b> to <b>'
             f'{_e(params.get("to") or "the other active hosts")}</b>')
     rows = [_cells(_e(s.seq), f'<a href="/console/tenants/{_e(s.tenant)}">{_e(s.tenant)}</a>',
-                   _e(s.to_host), _state(s.state)) for s in op.steps]
+                   _e(s.to_host), f'<span id="step-{s.seq}" class="state-{_e(s.state)}">'
+                   f"{_e(s.state)}</span>") for s in op.steps]
     url = f"{PREFIX}/operations/{op.id}/events"
     body = (f"<p>{_e(op.kind)}: {what}. Each move sends new sessions to the new host within "
             f"about a second; sessions on the old host are closed "

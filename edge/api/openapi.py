@@ -131,10 +131,15 @@ SCHEMAS: dict[str, Any] = {
                        "created_at": {"type": "string"}, "updated_at": {"type": "string"},
                        "steps": _obj({k: {"type": "integer"} for k in STEP_COUNTS},
                                      STEP_COUNTS),
+                       "moves": {"type": "array", "items": _obj(
+                           {"seq": {"type": "integer"}, "tenant": {"type": "string"},
+                            "to": {"type": "string"}, "state": {"enum": ["pending", "done",
+                                                                          "skipped"]}},
+                           ("seq", "tenant", "to", "state"))},
                        "moves_progress": FRACTION, "drain_progress": FRACTION,
                        "drain_until": {"type": ["string", "null"]}},
                       ("id", "kind", "target", "state", "phase", "error", "params", "created_at",
-                       "updated_at", "steps", "moves_progress", "drain_progress", "drain_until")),
+                       "updated_at", "steps", "moves", "moves_progress", "drain_progress", "drain_until")),
     "HostDrain": _obj({"to": {"type": "string", "minLength": 1,
                               "description": "every tenant to this host (default: spread over "
                                              "the other active hosts, least loaded first)"},

@@ -59,6 +59,8 @@ def view(op: Operation, now: float | None = None) -> dict[str, Any]:
             "phase": phase(op, now), "error": op.error, "params": op.params,
             "created_at": iso(op.created_at), "updated_at": iso(op.updated_at),
             "steps": progress,
+            "moves": [{"seq": st.seq, "tenant": st.tenant, "to": st.to_host, "state": st.state}
+                      for st in op.steps],
             "moves_progress": _fraction(progress["done"] + progress["skipped"], progress["total"]),
             "drain_until": None if until is None else iso(until),
             "drain_progress": drained if op.state == "done" else 0.0}
