@@ -13,10 +13,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestServer
 
+from edge.api.app import build_app
+from edge.directory.secrets import KeyBox
+from edge.directory.service import DirectoryService
 from edge.directory.store import SQLStore
 from edge.directory.tokens import TokenService, token_hash
-from edge.operations import Operations
+from edge.operations import DrainOptions, Operations
 from tests.support_api import Api, api
 from tests.support_directory import make_certificate, row_counts
 
@@ -252,6 +256,30 @@ async def test_host_drain_runs_in_the_background_and_is_idempotent(api: Api) -> 
     busy = await api.call("POST", f"{V1}/hosts/web2/drain", body={"to": "web1",
                                                                    "rate_per_minute": 0})
     assert busy.status == 422 and "rate_per_minute" in busy.body["error"]
+
+
+async def test_an_api_start_resumes_a_drain_an_earlier_process_left_running(
+        store: SQLStore, keybox: KeyBox) -> None:
+    """Planned but never run (the API or the command died after planning): a fresh API
+    process finishes it without being asked."""
+    service = DirectoryService(store)
+    for host in ("web1", "web2"):
+        await service.add_host(host, "127.0.0.1")
+    for tenant in ("acme", "beta"):
+        await service.add_tenant(tenant, "web1")
+    op = await Operations(store).start_host_drain("web1", DrainOptions(to="web2", drain=0))
+    assert op is not None and op.state == "running" and op.progress["pending"] == 2
+    server = TestServer(build_app(store, keybox), host="127.0.0.1")
+    await server.start_server()
+    try:
+        for _ in range(100):
+            if (await Operations(store).get(op.id)).state == "done":
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await server.close()
+    assert (await Operations(store).get(op.id)).progress["done"] == 2
+    assert {t.host for t in await store.list_tenants()} == {"web2"}
 
 
 async def test_sessions_need_the_sessions_scope_and_a_running_edge(api: Api) -> None:
