@@ -49,10 +49,10 @@ class LiveRoutes:
     async def list_sessions(self, request: web.Request) -> web.Response:
         """200 with every live session matching the query's filters."""
         query = request.query
-        listing = await sessions.list_sessions(self.control_dir, self._pids())
-        rows = [asdict(s) for s in listing.sessions
-                if sessions.matches(s, host=query.get("host"), user=query.get("user"),
-                                    protocol=query.get("protocol"))]
+        listing = await sessions.list_sessions(self.control_dir, self._pids(),
+                                               host=query.get("host"), user=query.get("user"),
+                                               protocol=query.get("protocol"))
+        rows = [asdict(s) for s in listing.sessions]
         return web.json_response({"sessions": rows, "errors": listing.errors})
 
     async def kill_session(self, request: web.Request) -> web.Response:

@@ -15,12 +15,13 @@
 | anything else                 | as before                             | kept                         |
 
 The proxies only translate: :func:`decide` says keep/drain/close with a message and a deadline,
-and each proxy says goodbye in its protocol (SSH disconnect message, FTP ``421``). A host's
+and each proxy says goodbye in its protocol (SSH disconnect message, FTP ``421``, WebSocket
+close frame). A host's
 ``notice`` is only shown while it is in maintenance: one left over from a maintenance is not
 the reason a host is down.
 
 A maintenance window with an end (``hosts.maintenance_until``) is evaluated here, at use time,
-by :func:`host_state`: every worker (and the CLI) reads the same row and the same clock, so no
+by :func:`host_state`: every worker reads the same row and the same clock, so no
 job has to flip the row back at the end, the window ends on time while the database is away,
 and the cached host record stays valid (it does not change at the end of the window).
 """

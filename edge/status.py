@@ -45,8 +45,6 @@ class ListenerStatus:
     name: str
     active_sessions: int
     connections_per_s: float
-    requests_per_s: float | None = None
-    """HTTP only."""
     logins_per_s: float | None = None
     """SSH and FTP only: successful logins."""
 
@@ -70,6 +68,8 @@ class Status:
     """Over the window (``None``: no lookups in it)."""
     cache_hit_ratio_total: float | None
     window_s: float
+    http_requests_per_s: float
+    """HTTP and HTTPS together: both listeners share one engine and one request counter."""
     listeners: list[ListenerStatus] = field(default_factory=list)
 
 
@@ -101,8 +101,6 @@ def summarize(before: Samples, after: Samples, window: float, *, listeners: list
             name=name,
             active_sessions=int(total(after, "edge_active_sessions", proxy=name)),
             connections_per_s=_rate(before, after, window, "edge_connections_total", proxy=name),
-            requests_per_s=(_rate(before, after, window, "edge_http_requests_total")
-                            if name in ("http", "https") else None),
             logins_per_s=(_rate(before, after, window, logins[0], **{logins[1]: logins[2]})
                           if logins else None)))
     return Status(
@@ -119,6 +117,7 @@ def summarize(before: Samples, after: Samples, window: float, *, listeners: list
         cache_hit_ratio=_hit_ratio(before, after),
         cache_hit_ratio_total=_hit_ratio(None, after),
         window_s=window,
+        http_requests_per_s=_rate(before, after, window, "edge_http_requests_total"),
         listeners=rows)
 
 
@@ -142,13 +141,13 @@ def render(status: Mapping[str, Any]) -> str:
         + ("" if status["change_feed_healthy"] else ", NOT reaching the directory"),
         f"cache hits:     {pct(status['cache_hit_ratio'])} over {status['window_s']:g} s, "
         f"{pct(status['cache_hit_ratio_total'])} since start",
+        f"http requests:  {num(status['http_requests_per_s'], '/s')} (http and https)",
         "",
-        f"{'LISTENER':<10}{'SESSIONS':>10}{'CONN/S':>10}{'REQ/S':>10}{'LOGINS/S':>10}",
+        f"{'LISTENER':<10}{'SESSIONS':>10}{'CONN/S':>10}{'LOGINS/S':>10}",
     ]
     for row in status["listeners"]:
         lines.append(f"{row['name']:<10}{row['active_sessions']:>10}"
-                     f"{num(row['connections_per_s']):>10}{num(row['requests_per_s']):>10}"
-                     f"{num(row['logins_per_s']):>10}")
+                     f"{num(row['connections_per_s']):>10}{num(row['logins_per_s']):>10}")
     return "\n".join(lines)
 
 

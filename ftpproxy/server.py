@@ -147,10 +147,11 @@ class FtpProxy:
             self._by_host[session.route.host.name].add(session)
             session.session_id = self.context.sessions.add("ftp", session)
 
-    def forget(self, session: FtpSession) -> None:
-        self.sessions.discard(session)
+    def unwatch(self, session: FtpSession) -> None:
+        """Undo :meth:`watch` (the session ends, or starts a new login with USER)."""
         if session.session_id:
             self.context.sessions.remove(session.session_id)
+            session.session_id = ""
         route = session.route
         if route is not None:
             for index, key in ((self._by_tenant, route.tenant.name), (self._by_host, route.host.name)):
@@ -159,6 +160,10 @@ class FtpProxy:
                     group.discard(session)
                     if not group:
                         del index[key]
+
+    def forget(self, session: FtpSession) -> None:
+        self.sessions.discard(session)
+        self.unwatch(session)
         if not self.sessions:
             self._idle.set()
 

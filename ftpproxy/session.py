@@ -359,6 +359,8 @@ class FtpSession(asyncio.Protocol):
     async def _user(self, username: str) -> None:
         if self.backend is not None:
             # A new USER starts a new login: the old backend session ends.
+            if self.logged_in:
+                self.proxy.unwatch(self)
             self._drop_backend_passive()
             self.backend.close()
             self.backend = None

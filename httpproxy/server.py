@@ -26,6 +26,7 @@ from edge.directory.model import Change, Host, Site, Tenant
 from edge.limits import ConnectionCap, RateLimiter
 from edge.proxyproto import ProxyHeaderPolicy, is_trusted
 from edge.registry import ProxyContext
+from httpproxy import websocket
 from httpproxy.accesslog import AccessLog
 from httpproxy.cache import CacheEntry, ContentCache
 from httpproxy.cachepolicy import CachePolicy, cache_key
@@ -446,6 +447,7 @@ class HttpEngine:
     def _on_change(self, change: Change) -> None:
         # Any change may touch a remembered route (site, tenant, host, state): forget them all.
         self.routes.clear()
+        websocket.on_change(self.context, change, self.spawn)  # open WebSockets: session policy
         if change.entity == "purge" and self.cache is not None:
             slash = change.name.find("/")
             site, path = (change.name, "") if slash < 0 else (change.name[:slash], change.name[slash:])

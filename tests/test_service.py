@@ -54,6 +54,10 @@ REFUSED: list[tuple[str, Op, type[EdgeError], str]] = [
      "unknown host field 'colour'"),
     ("bad_update_state", lambda s: s.set_host_state("host-a", "asleep"), ValidationError,
      "host state 'asleep'"),
+    ("until_not_maintenance", lambda s: s.set_host_state("host-a", "down", until=4e9),
+     ValidationError, "--until applies only to the maintenance state"),
+    ("until_in_the_past", lambda s: s.set_host_state("host-a", "maintenance", until=1.0),
+     ValidationError, "--until must be in the future"),
     ("bad_update_port", lambda s: s.update_host("host-a", https_port=0), ValidationError,
      "--https-port"),
     ("move_to_same_host", lambda s: s.move_tenant("t1", "host-a"), ValidationError,
@@ -223,3 +227,13 @@ def test_certificate_covers() -> None:
     assert not certificate_covers(["*.example.com"], "a.b.example.com")
     assert certificate_covers(["*.example.com"], "*.example.com")
     assert not certificate_covers(["a.example.com"], "*.example.com")
+
+
+async def test_a_maintenance_until_is_stored_and_cleared_by_the_next_state_change(
+        service: DirectoryService) -> None:
+    await seed(service)
+    host = await service.set_host_state("host-a", "maintenance", "disks", until=4e9)
+    assert host.maintenance_until == 4e9 and (await service.get_host("host-a")).notice == "disks"
+    assert (await service.store.fetch_host("host-a")).maintenance_until == 4e9  # type: ignore[union-attr]
+    host = await service.set_host_state("host-a", "maintenance")
+    assert host.maintenance_until is None

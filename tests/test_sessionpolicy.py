@@ -7,6 +7,7 @@ import pytest
 from edge.directory.model import Host, Tenant
 from edge.sessionpolicy import (
     DOWN_TEXT,
+    KILLED_TEXT,
     MAINTENANCE_TEXT,
     MOVED_TEXT,
     SUSPENDED_TEXT,
@@ -15,6 +16,8 @@ from edge.sessionpolicy import (
     Kind,
     admit,
     decide,
+    host_state,
+    kill,
 )
 
 NOW = 1_000_000.0
@@ -66,3 +69,30 @@ def test_open_sessions(tenant_now: Tenant | None, host_now: Host | None, expecte
 ], ids=["active", "suspended", "maintenance-notice", "maintenance-default", "down-old-notice"])
 def test_new_connections(tenant_now: Tenant, host_now: Host, expected: Admission) -> None:
     assert admit(tenant_now, host_now) == expected
+
+
+def windowed(until: float, notice: str = "disks") -> Host:
+    return Host(name="host-a", address="10.0.0.1", state="maintenance", notice=notice,
+                maintenance_until=until)
+
+
+def test_a_maintenance_window_ends_at_its_until_without_any_directory_change() -> None:
+    window = windowed(NOW + 600)
+    assert host_state(window, NOW) == "maintenance"
+    assert admit(tenant(), window, NOW) == Admission(False, "maintenance", "disks")
+    assert host_state(window, NOW + 600) == "active"
+    assert admit(tenant(), window, NOW + 600) == Admission(True)
+    # Sessions: drained with the notice only if the window outlasts the drain time ...
+    assert decide("host-a", tenant(), window, now=NOW, maintenance_drain=300) == Action(
+        Kind.DRAIN, "disks", NOW + 300, "maintenance")
+    # ... kept when it ends first (closing them would be for nothing), and after it ended.
+    assert decide("host-a", tenant(), window, now=NOW, maintenance_drain=900) == Action(Kind.KEEP)
+    assert decide("host-a", tenant(), window, now=NOW + 601) == Action(Kind.KEEP)
+    # A down host stays down whatever an old until says.
+    down = Host(name="host-a", address="10.0.0.1", state="down", maintenance_until=NOW - 1)
+    assert host_state(down, NOW) == "down"
+
+
+def test_an_operator_kill_closes_now_with_the_message_or_a_default() -> None:
+    assert kill("back at 06:00") == Action(Kind.CLOSE, "back at 06:00", reason="killed")
+    assert kill("  ") == Action(Kind.CLOSE, KILLED_TEXT, reason="killed")

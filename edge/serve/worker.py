@@ -200,7 +200,10 @@ async def _main(spec: WorkerSpec) -> int:
         proxies[name] = proxy
     control = ControlServer(table)
     if spec.control_dir:
-        await control.start(spec.control_dir)
+        try:
+            await control.start(spec.control_dir)
+        except OSError as exc:  # serving matters more than `edge sessions`: no restart loop
+            log.error("control socket unavailable, `edge sessions` will miss this worker: %s", exc)
     # The other slots' sockets were closed right after fork; ours now belong to the proxies.
     metrics.WORKER_UP.set(1)
     if spec.ready_fd >= 0:
