@@ -172,3 +172,19 @@ async def test_sessions_kill_console_and_move_against_a_running_edge(stack: Stac
         assert "on-web2.txt" in listing
     for ftp in ftps:
         ftp.close()
+
+
+def test_the_api_cpu_benchmark_runs_small() -> None:
+    """``python -m benchmarks.apicpu`` against the real ``edge admin serve`` (tiny: the
+    figures in benchmarks/README.md come from the full run)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.apicpu", "--hosts", "2",
+                           "--tenants", "50", "--seconds", "1", "--connections", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("/api/")]
+    assert len(rows) == 5 and all(int(r[1]) > 0 and float(r[2]) > 0 for r in rows), proc.stdout

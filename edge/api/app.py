@@ -68,8 +68,11 @@ class ApiState:
     idempotency: IdempotencyKeys = field(init=False)
     runner: opview.Runner = field(init=False)
     doc: dict[str, Any] = field(default_factory=document)
+    doc_json: bytes = field(init=False)
+    """The document serialised once (it does not change while the process runs)."""
 
     def __post_init__(self) -> None:
+        self.doc_json = json.dumps(self.doc).encode()
         self.tokens = TokenService(self.store)
         self.idempotency = IdempotencyKeys(self.store)
         self.runner = opview.Runner(Operations(self.store))
@@ -508,7 +511,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE].doc)
+    return web.Response(body=request.app[STATE].doc_json, content_type="application/json")
 
 
 def add_routes(app: web.Application) -> None:
