@@ -370,3 +370,32 @@ def test_admin_serve_over_tls_with_curl(sqlite_url: str, tmp_path: Path) -> None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+
+async def test_sqlite_reads_of_other_requests_never_see_uncommitted_rows(sqlite_url: str) -> None:
+    """The API shares one SQLite connection between requests: a GET arriving while another
+    request's transaction is open waits for it, instead of reading rows it then rolls back."""
+    from edge.directory.stores import store_for_url
+
+    store = store_for_url(sqlite_url)
+    await store.open()
+    await store.migrate()
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def refused_write() -> None:
+        async with store.transaction() as tx:
+            await tx.execute("INSERT INTO hosts (name, address, notice, ssh_known_hosts) "
+                             "VALUES ('ghost', '127.0.0.1', '', '')")
+            inside.set()
+            await release.wait()
+            raise ValueError("refused after the insert")
+
+    writer = asyncio.create_task(refused_write())
+    await inside.wait()
+    reader = asyncio.create_task(store.list_hosts())
+    await asyncio.sleep(0.2)
+    release.set()
+    with pytest.raises(ValueError):
+        await writer
+    assert await reader == []
+    await store.close()
