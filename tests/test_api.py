@@ -399,3 +399,43 @@ async def test_sqlite_reads_of_other_requests_never_see_uncommitted_rows(sqlite_
         await writer
     assert await reader == []
     await store.close()
+
+
+async def test_bulk_load_is_an_operation_all_or_nothing(api: Api) -> None:
+    good = "\n".join(json.dumps(r) for r in (
+        {"kind": "host", "name": "bulk1", "address": "127.0.0.1"},
+        {"kind": "tenant", "name": "bt1", "host": "bulk1"},
+        {"kind": "account", "username": "bt1", "tenant": "bt1"})).encode()
+    started = await api.call("POST", f"{V1}/bulk-load", data=good,
+                             headers={"Content-Type": "application/x-ndjson"})
+    assert started.status == 202 and started.body["kind"] == "bulk-load"
+    assert started.body["phase"] in ("loading", "finished")
+    stream = await api.call("GET", f"{V1}/operations/{started.body['id']}/events")
+    done = json.loads(stream.body.splitlines()[-1])
+    assert (done["state"], done["phase"]) == ("done", "finished")
+    assert {k: v for k, v in done["params"]["counts"].items() if v} == {
+        "host": 1, "tenant": 1, "account": 1}
+    assert (await api.store.fetch_tenant("bt1")) is not None
+
+    before = await row_counts(api.store)
+    fresh = good.replace(b"bulk1", b"bulk2").replace(b'"bt1"', b'"bt2"')
+    syntax = await api.call("POST", f"{V1}/bulk-load", data=fresh + b"\n{not json}\n")
+    assert syntax.status == 422 and "line 4" in syntax.body["error"]  # refused up front
+    orphan = fresh + b'\n{"kind": "tenant", "name": "bt3", "host": "nowhere"}\n'
+    failed = await api.call("POST", f"{V1}/bulk-load", data=orphan)
+    assert failed.status == 202
+    stream = await api.call("GET", f"{V1}/operations/{failed.body['id']}/events")
+    last = json.loads(stream.body.splitlines()[-1])
+    assert (last["state"], last["phase"]) == ("failed", "failed")
+    assert "line 4" in last["error"] and "nowhere" in last["error"]
+    assert await row_counts(api.store) == before  # nothing of the bad load was written
+
+
+async def test_a_load_cut_off_by_an_api_restart_is_marked_failed(store: SQLStore,
+                                                                 keybox: KeyBox) -> None:
+    op = await Operations(store).record("bulk-load", "", {"lines": 10})
+    server = TestServer(build_app(store, keybox), host="127.0.0.1")
+    await server.start_server()
+    await server.close()
+    after = await Operations(store).get(op.id)
+    assert after.state == "failed" and "nothing was written" in after.error

@@ -43,7 +43,7 @@ from edge.errors import (
     SecretsError,
     ValidationError,
 )
-from edge.operations import DrainOptions, Operations
+from edge.operations import BULK_LOAD, DrainOptions, Operations
 
 log = logging.getLogger("edge.api")
 
@@ -160,9 +160,10 @@ def _endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamR
             request.method.lower()]
         try:
             token = await authenticate(request, state, operation["x-scope"])
-            raw = await request.content.read(validate.MAX_BODY + 1)
-            if len(raw) > validate.MAX_BODY:
-                raise validate.BadRequest(f"request body is larger than {validate.MAX_BODY} bytes")
+            limit = validate.MAX_BULK_BODY if handler is bulk_load else validate.MAX_BODY
+            raw = await request.content.read(limit + 1)
+            if len(raw) > limit:
+                raise validate.BadRequest(f"request body is larger than {limit} bytes")
             call = Call(state, request, token, dict(request.match_info),
                         validate.query(operation, request.query), validate.body(operation, raw))
             key = request.headers.get("Idempotency-Key")
@@ -417,6 +418,13 @@ async def remove_certificate(call: Call) -> Reply:
     return Reply(204)
 
 
+async def bulk_load(call: Call) -> Reply:
+    lines = call.body["lines"]
+    op = await call.operations().record(BULK_LOAD, "", {"lines": len(lines)})
+    call.state.runner.start_bulk_load(op.id, call.state.store, call.state.keybox, lines)
+    return Reply(202, opview.view(op), {"Location": f"{PREFIX}/operations/{op.id}"})
+
+
 async def list_changes(call: Call) -> Reply:
     changes = await call.state.store.change_records(call.query.get("limit", 50),
                                                     entity=call.query.get("entity"),
@@ -503,7 +511,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/certificates", list_certificates), ("POST", "/certificates", import_certificate),
     ("PUT", "/certificates/{id}", replace_certificate),
     ("DELETE", "/certificates/{id}", remove_certificate),
-    ("GET", "/changes", list_changes),
+    ("GET", "/changes", list_changes), ("POST", "/bulk-load", bulk_load),
     ("GET", "/operations", list_operations), ("GET", "/operations/{id}", show_operation),
     ("GET", "/operations/{id}/events", follow_operation),
     ("GET", "/sessions", list_sessions), ("POST", "/sessions/{id}/kill", kill_session),

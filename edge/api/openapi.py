@@ -21,9 +21,10 @@ STRING = {"type": "string", "maxLength": 65536}
 BOOL = {"type": "boolean"}
 RULES = {"type": "object", "description": "see docs/http.md (validated like the CLI's JSON)"}
 OPERATION_STATES = ("running", "failed", "done")
-PHASES = ("moving", "draining", "finished", "failed")
+PHASES = ("loading", "moving", "draining", "finished", "failed")
 STEP_COUNTS = ("pending", "done", "skipped", "total")
 FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
+BULK_KINDS = ("host", "tenant", "certificate", "site", "account")
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -115,6 +116,10 @@ SCHEMAS: dict[str, Any] = {
     "TenantRemoved": _obj({"removed": {"type": "string"},
                            "also_removed": {"type": "array", "items": {"type": "string"}}},
                           ("removed", "also_removed")),
+    "BulkRecord": {"type": "object", "required": ["kind"],
+                   "properties": {"kind": {"enum": list(BULK_KINDS)}},
+                   "description": "one line of JSON Lines as `edge bulk-load` reads it (the "
+                                  "schema of each line; fields per kind: edge/directory/bulk.py)"},
     "CertificateCreate": _obj({"chain_pem": {"type": "string", "minLength": 1},
                                "key_pem": {"type": "string", "minLength": 1}},
                               ("chain_pem", "key_pem")),
@@ -123,7 +128,8 @@ SCHEMAS: dict[str, Any] = {
                     "actor": {"type": "string", "description": "cli:user@host, api:TOKEN, ..."},
                     "before": {"type": ["object", "null"]}, "after": {"type": ["object", "null"]}},
                    ("id", "entity", "name", "at", "actor", "before", "after")),
-    "Operation": _obj({"id": {"type": "integer"}, "kind": {"enum": ["host-drain", "tenant-move"]},
+    "Operation": _obj({"id": {"type": "integer"},
+                       "kind": {"enum": ["host-drain", "tenant-move", "bulk-load"]},
                        "target": {"type": "string", "description": "the host tenants leave"},
                        "state": {"enum": list(OPERATION_STATES)},
                        "phase": {"enum": list(PHASES)}, "error": {"type": "string"},
@@ -208,7 +214,8 @@ IDEMPOTENCY: dict[str, Any] = {"name": "Idempotency-Key", "in": "header", "requi
 
 
 def _op(summary: str, scope: str, responses: dict[str, Any], *, params: list[Any] | None = None,
-        body: str | None = None, write: bool = False) -> dict[str, Any]:
+        body: str | None = None, body_content: dict[str, Any] | None = None,
+        write: bool = False) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "x-scope": scope, "responses": responses,
                           "security": [{"bearer": []}],
                           "operationId": summary.lower().replace(" ", "_").replace("'", "")}
@@ -223,6 +230,8 @@ def _op(summary: str, scope: str, responses: dict[str, Any], *, params: list[Any
         op["parameters"] = parameters
     if body is not None:
         op["requestBody"] = {"required": True, "content": _json(_ref(body))}
+    if body_content is not None:
+        op["requestBody"] = {"required": True, "content": body_content}
     return op
 
 
@@ -339,6 +348,14 @@ def _paths() -> dict[str, Any]:
                        params=[cert_id], body="CertificateCreate", write=True),
             "delete": _op("remove certificate", "write", _responses("204", None, ("404", "409")),
                           params=[cert_id], write=True)},
+        f"{PREFIX}/bulk-load": {
+            "post": _op("bulk load", "write",
+                        _responses("202", _ref("Operation"), ("400", "409", "422"),
+                                   "accepted; loads in the background, all or nothing (the "
+                                   "operation ends done with counts, or failed naming the "
+                                   "first bad line)"),
+                        body_content={"application/x-ndjson": {"schema": _ref("BulkRecord")}},
+                        write=True)},
         f"{PREFIX}/changes": {
             "get": _op("list changes", "read",
                        _responses("200", {"type": "array", "items": _ref("Change")}, ("422",)),
