@@ -108,7 +108,7 @@ schema = schemathesis.openapi.from_dict(document())
 
 
 @schema.parametrize()
-@settings(max_examples=12, deadline=None, derandomize=True,
+@settings(max_examples=6, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_openapi_document(case: Case, live_api: LiveApi) -> None:
     # Every check but positive_data_acceptance: a schema cannot say "a PEM chain whose key
