@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -374,3 +375,22 @@ def test_tenant_move_drains_for_300_seconds_by_default(cli: InProcess) -> None:
                               "--json"))
     assert moved["drain_seconds"] == 900
     assert "closed after 0 s" in cli.ok("tenant", "move", "acme", "--to", "web2", "--drain", "0")
+
+
+def test_maintenance_until_is_checked_stored_and_listed_with_its_end(edge: Edge) -> None:
+    edge.run("host", "add", "web1", "--address", "127.0.0.1")
+    edge.fails("host", "set-state", "web1", "maintenance", "--until", "2020-01-01T00:00Z",
+               code=2, says="--until must be in the future")
+    edge.fails("host", "set-state", "web1", "down", "--until", "+1h", code=2,
+               says="--until applies only to the maintenance state")
+    edge.fails("host", "set-state", "web1", "maintenance", "--until", "tomorrow", code=2,
+               says="expected e.g. 2026-12-08T06:00Z or +2h")
+    out = edge.run("host", "set-state", "web1", "maintenance", "--until", "2099-06-01T06:00Z",
+                   "--notice", "disks").stdout
+    assert "until 2099-06-01T06:00:00Z" in out
+    assert "maintenance until 2099-06-01T06:00:00Z" in edge.run("host", "list").stdout
+    shown = edge.json("host", "show", "web1")
+    assert shown["maintenance_until"] == 4083976800.0  # type: ignore[index]
+    edge.run("host", "set-state", "web1", "maintenance", "--until", "+1s")
+    time.sleep(1.2)
+    assert "active (maintenance ended " in edge.run("host", "list").stdout

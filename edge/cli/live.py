@@ -14,9 +14,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from edge.cli.output import table, to_jsonable
+from edge.directory.model import Host
 from edge.directory.service import DEFAULT_MOVE_DRAIN, iso
 from edge.errors import EdgeError, NotFoundError, ValidationError
 from edge.operations import DrainOptions, Operation, Operations, Step, parse_rate
+from edge.sessionpolicy import host_state
 from edge.sessions import PROTOCOLS
 
 if TYPE_CHECKING:
@@ -123,6 +125,16 @@ def parse_until(text: str, now: float | None = None) -> float:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
+
+
+def state_text(host: Host, now: float | None = None) -> str:
+    """A host's state as the proxies see it: a maintenance window shows its end."""
+    until = host.maintenance_until
+    if host.state != "maintenance" or until is None:
+        return host.state
+    if host_state(host, now) == "active":
+        return f"active (maintenance ended {iso(until)})"
+    return f"maintenance until {iso(until)}"
 
 
 def _operations(ctx: Context) -> Operations:
@@ -272,4 +284,4 @@ def add_commands(sub: Any, leaf: Any) -> None:
 
 
 __all__ = ["NEEDS_STORE", "NO_STORE", "add_commands", "add_host_drain", "admin_url",
-           "parse_until"]
+           "parse_until", "state_text"]

@@ -205,8 +205,8 @@ async def cmd_host_list(ctx: Context) -> Any:
     hosts = await ctx.store.list_hosts()
     if ctx.json:
         return hosts
-    return table([(h.name, h.address, h.ssh_port, h.ftp_port, h.http_port, h.https_port, h.state,
-                   h.send_proxy_protocol) for h in hosts],
+    return table([(h.name, h.address, h.ssh_port, h.ftp_port, h.http_port, h.https_port,
+                   live.state_text(h), h.send_proxy_protocol) for h in hosts],
                  ("NAME", "ADDRESS", "SSH", "FTP", "HTTP", "HTTPS", "STATE", "PROXY-PROTO"))
 
 

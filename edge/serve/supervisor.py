@@ -248,6 +248,7 @@ class Supervisor:
     async def run(self) -> int:
         """Serve until stopped; returns the exit code (0). Raises EdgeError on start-up."""
         loop = asyncio.get_running_loop()
+
         def admin_expected() -> int:
             return self.plan.workers if self.plan.proxies else 0
 
@@ -255,7 +256,10 @@ class Supervisor:
                             expected_workers=admin_expected, multiproc_dir=self._multiproc_dir)
         self._admin = admin
         admin.live = LiveRoutes(
-            control_dir=self._control_dir, worker_pids=lambda: sorted(self._by_pid),
+            # Ready workers only (a starting one has no control socket yet), draining
+            # generations included: their sessions are still open.
+            control_dir=self._control_dir,
+            worker_pids=lambda: sorted(pid for pid, proc in self._by_pid.items() if proc.ready),
             metrics=lambda: render_metrics(self._multiproc_dir, admin_expected()),
             ping=admin.ping, workers_problem=self.workers_problem,
             listeners=lambda: sorted(self.plan.listeners))
