@@ -1,8 +1,10 @@
 """``edge check``: validate the configuration and the directory before serving, like ``nginx -t``.
 
 The configuration is already validated when it loads (an unknown key or a bad value is an
-error naming it); this adds what only the directory and the network can tell:
+error naming it); this adds what only the files, the directory and the network can tell:
 
+- the files the configured proxies need at start: the SSH proxy's host keys and upstream key,
+  the FTPS certificate and key;
 - backend hosts reachable on the ports the configured proxies use (TCP connect);
 - SSH: every host has pinned host keys (or is explicitly ``ssh_insecure``), else the SSH proxy
   refuses its logins;
@@ -19,6 +21,7 @@ exits non-zero when there is at least one ``error``.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -28,7 +31,7 @@ from edge.directory.model import Host
 from edge.directory.secrets import KeyBox
 from edge.directory.service import certificate_covers, iso
 from edge.directory.store import SQLStore
-from edge.errors import SecretsError
+from edge.errors import ConfigError, SecretsError
 
 DEFAULT_EXPIRY_DAYS = 21
 """Certificates expiring sooner than this are flagged: three weeks leaves time to renew by
@@ -80,13 +83,32 @@ async def run_checks(config: EdgeConfig, store: SQLStore,
     """Every finding, errors first; an empty list means all is well."""
     options = options or CheckOptions()
     hosts = await store.list_hosts()
-    findings = [*_check_hosts(config, hosts)]
+    findings = [*_check_files(config), *_check_hosts(config, hosts)]
     if options.connect:
         findings += await _check_reachable(config, hosts, options.connect_timeout)
     findings += await _check_orphans(store)
     findings += await _check_certificates(config, store, options.days)
     findings += await _check_site_certificates(store)
     return sorted(findings, key=lambda f: f.severity != "error")
+
+
+def _check_files(config: EdgeConfig) -> list[Finding]:
+    """What `edge serve` would refuse to start without (same loaders, same messages)."""
+    findings = []
+    if config.ssh.listen:
+        import importlib  # edge never imports a proxy package at module top
+
+        hostkeys = importlib.import_module("sshproxy.hostkeys")
+        for load in (hostkeys.load_host_keys, hostkeys.load_upstream_key):
+            try:
+                load(config.ssh)
+            except ConfigError as exc:
+                findings.append(Finding("error", "ssh proxy", str(exc)))
+    if config.ftp.listen:
+        for name in (config.ftp.certificate_file, config.ftp.key_file):
+            if name and not os.access(name, os.R_OK):
+                findings.append(Finding("error", "ftp proxy", f"cannot read {name}"))
+    return findings
 
 
 def _check_hosts(config: EdgeConfig, hosts: list[Host]) -> list[Finding]:

@@ -319,6 +319,12 @@ def test_check_passes_a_healthy_directory_and_lists_every_problem(edge_any_db: E
                               f'host_key_dir = "{tmp_path / "keys"}"\n')
         ssh = edge.run("--config", str(ssh_config), "check", "--no-connect", ok=False)
         assert "error: host web1: no pinned SSH host keys" in ssh.stdout
+        # ... and the proxy's own keys, which `edge serve` would refuse to start without.
+        assert "error: ssh proxy: [ssh] host_key_dir" in ssh.stdout
+        assert "has no host keys: run `edge init`" in ssh.stdout
+        edge.run("--config", str(ssh_config), "init")
+        assert "ssh proxy" not in edge.run("--config", str(ssh_config), "check", "--no-connect",
+                                           ok=False).stdout
         edge.run("host", "set", "web1", "--ssh-insecure")
         edge.run("host", "set", "web2", "--ssh-insecure")
         assert "pinned" not in edge.run("--config", str(ssh_config), "check", "--no-connect",
