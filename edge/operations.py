@@ -40,6 +40,9 @@ from edge.errors import ConflictError, DirectoryUnavailable, NotFoundError, Vali
 log = logging.getLogger("edge.operations")
 
 HOST_DRAIN = "host-drain"
+BULK_LOAD = "bulk-load"
+"""A JSON Lines load through the admin API: no steps (a load is all or nothing); ``params``
+gets the counts when it is done."""
 TENANT_MOVE = "tenant-move"
 """One tenant moved (the admin API's ``POST /tenants/{name}/move``): a one-step operation whose
 step commits with the move itself; its target is the host the tenant left."""
@@ -234,6 +237,27 @@ class Operations:
                 "VALUES (?, 1, ?, ?, 'done', ?)", (operation_id, tenant, to_host, now))
         return await self.get(int(operation_id))
 
+    async def record(self, kind: str, target: str, params: dict[str, Any]) -> Operation:
+        """A ``running`` operation without steps, for work its caller runs (a bulk load);
+        the caller ends it with :meth:`finish`."""
+        now = time.time()
+        async with self.store.transaction() as tx:
+            operation_id = await tx.execute(
+                "INSERT INTO operations (kind, target, params, state, error, created_at, "
+                "updated_at) VALUES (?, ?, ?, 'running', '', ?, ?)",
+                (kind, target, json.dumps(params), now, now))
+        return await self.get(int(operation_id))
+
+    async def finish(self, operation_id: int, state: str, error: str = "",
+                     params: dict[str, Any] | None = None) -> None:
+        """End a :meth:`record`-ed operation (``done`` or ``failed``), optionally with new
+        ``params`` (what it did)."""
+        if params is not None:
+            async with self.store.transaction() as tx:
+                await tx.execute("UPDATE operations SET params = ? WHERE id = ?",
+                                 (json.dumps(params), operation_id))
+        await self._set_state(operation_id, state, error)
+
     # -- running -------------------------------------------------------------------------
 
     async def resume(self, operation_id: int, *, retry_for: float = 0.0,
@@ -334,4 +358,5 @@ def _operation(row: Any, steps: list[Step]) -> Operation:
                      updated_at=float(row[7]), steps=steps)
 
 
-__all__ = ["HOST_DRAIN", "TENANT_MOVE", "DrainOptions", "Operation", "Operations", "Step", "parse_rate"]
+__all__ = ["BULK_LOAD", "HOST_DRAIN", "TENANT_MOVE", "DrainOptions", "Operation", "Operations",
+           "Step", "parse_rate"]

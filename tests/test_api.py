@@ -13,10 +13,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestServer
 
+from edge.api.app import build_app
+from edge.directory.secrets import KeyBox
+from edge.directory.service import DirectoryService
 from edge.directory.store import SQLStore
 from edge.directory.tokens import TokenService, token_hash
-from edge.operations import Operations
+from edge.operations import DrainOptions, Operations
 from tests.support_api import Api, api
 from tests.support_directory import make_certificate, row_counts
 
@@ -63,6 +67,7 @@ async def test_writes_are_the_cli_service_writes_and_read_back(api: Api) -> None
     assert [s["hostname"] for s in detail["sites"]] == ["www.acme.example"]
     assert {(c["entity"], c["name"]) for c in detail["changes"]} == {
         ("tenant", "acme"), ("account", "alice"), ("site", "www.acme.example")}
+    assert {c["actor"] for c in detail["changes"]} == {"api:panel"}  # who, for the audit
     host = await api.call("PATCH", f"{V1}/hosts/web2", body={"state": "maintenance",
                                                              "notice": "disk swap"})
     assert host.body["state"] == "maintenance" and host.body["notice"] == "disk swap"
@@ -72,6 +77,52 @@ async def test_writes_are_the_cli_service_writes_and_read_back(api: Api) -> None
     assert (await api.store.recent_changes(1))[0][0].name == "www.acme.example/img"
     assert (await api.call("DELETE", f"{V1}/accounts/alice")).status == 204
     assert await api.store.fetch_account("alice") is None
+
+
+async def test_edit_and_remove_through_the_same_service_as_the_cli(api: Api) -> None:
+    await seed(api)
+    await api.call("POST", f"{V1}/accounts", body={"username": "alice", "tenant": "acme"})
+    changed = await api.call("PATCH", f"{V1}/accounts/alice", body={
+        "ssh_upstream_username": "u123", "ftp_upstream_username": "u123.ftp"})
+    assert changed.status == 200
+    account = await api.store.fetch_account("alice")
+    assert account is not None and (account.backend_username_for("ssh"),
+                                    account.backend_username_for("ftp")) == ("u123", "u123.ftp")
+    history = (await api.call("GET", f"{V1}/changes?entity=account&name=alice&limit=1")).body
+    assert history[0]["actor"] == "api:panel"
+    assert history[0]["after"] == {"ssh_upstream_username": "u123",
+                                   "ftp_upstream_username": "u123.ftp"}
+    in_use = await api.call("DELETE", f"{V1}/hosts/web1")
+    assert in_use.status == 409 and "acme" in in_use.body["error"]
+    refused = await api.call("DELETE", f"{V1}/tenants/acme")
+    assert refused.status == 409 and await api.store.fetch_tenant("acme") is not None
+    removed = await api.call("DELETE", f"{V1}/tenants/acme?cascade=true")
+    assert removed.status == 200 and removed.body["also_removed"] == ["account alice"]
+    assert (await api.call("DELETE", f"{V1}/hosts/web1")).status == 204
+    assert await api.store.fetch_host("web1") is None
+
+
+async def test_certificate_rotation_in_place_and_removal(api: Api) -> None:
+    await seed(api)
+    chain, key = make_certificate(["www.acme.example"])
+    cert_id = (await api.call("POST", f"{V1}/certificates", body={
+        "chain_pem": chain.decode(), "key_pem": key.decode()})).body["id"]
+    await api.call("POST", f"{V1}/sites", body={"hostname": "www.acme.example",
+                                                "tenant": "acme", "certificate_id": cert_id})
+    wrong, wrong_key = make_certificate(["other.example"])
+    refused = await api.call("PUT", f"{V1}/certificates/{cert_id}", body={
+        "chain_pem": wrong.decode(), "key_pem": wrong_key.decode()})
+    assert refused.status == 422 and "www.acme.example" in refused.body["error"]
+    new, new_key = make_certificate(["www.acme.example"], days_valid=90)
+    rotated = await api.call("PUT", f"{V1}/certificates/{cert_id}", body={
+        "chain_pem": new.decode(), "key_pem": new_key.decode()})
+    assert rotated.status == 200 and rotated.body["sites"] == ["www.acme.example"]
+    assert rotated.body["certificate"]["id"] == cert_id
+    in_use = await api.call("DELETE", f"{V1}/certificates/{cert_id}")
+    assert in_use.status == 409 and "www.acme.example" in in_use.body["error"]
+    await api.call("PATCH", f"{V1}/sites/www.acme.example", body={"certificate_id": None})
+    assert (await api.call("DELETE", f"{V1}/certificates/{cert_id}")).status == 204
+    assert await api.store.fetch_certificate(cert_id) is None
 
 
 async def test_refused_writes_say_why_and_write_nothing(api: Api) -> None:
@@ -152,7 +203,7 @@ async def test_concurrent_retries_with_one_key_write_once(api: Api) -> None:
                                               body={"to": "web2", "drain_seconds": 60},
                                               headers=headers) for _ in range(5)))
     statuses = sorted(a.status for a in answers)
-    assert statuses.count(202) >= 1 and set(statuses) <= {202, 409}, statuses
+    assert statuses.count(202) >= 1 and set(statuses) <= {202, 409}, [a.body for a in answers]
     assert len({a.body["id"] for a in answers if a.status == 202}) == 1
     assert len(await api.store.fetchall("SELECT id FROM operations")) == 1
 
@@ -205,6 +256,30 @@ async def test_host_drain_runs_in_the_background_and_is_idempotent(api: Api) -> 
     busy = await api.call("POST", f"{V1}/hosts/web2/drain", body={"to": "web1",
                                                                    "rate_per_minute": 0})
     assert busy.status == 422 and "rate_per_minute" in busy.body["error"]
+
+
+async def test_an_api_start_resumes_a_drain_an_earlier_process_left_running(
+        store: SQLStore, keybox: KeyBox) -> None:
+    """Planned but never run (the API or the command died after planning): a fresh API
+    process finishes it without being asked."""
+    service = DirectoryService(store)
+    for host in ("web1", "web2"):
+        await service.add_host(host, "127.0.0.1")
+    for tenant in ("acme", "beta"):
+        await service.add_tenant(tenant, "web1")
+    op = await Operations(store).start_host_drain("web1", DrainOptions(to="web2", drain=0))
+    assert op is not None and op.state == "running" and op.progress["pending"] == 2
+    server = TestServer(build_app(store, keybox), host="127.0.0.1")
+    await server.start_server()
+    try:
+        for _ in range(100):
+            if (await Operations(store).get(op.id)).state == "done":
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await server.close()
+    assert (await Operations(store).get(op.id)).progress["done"] == 2
+    assert {t.host for t in await store.list_tenants()} == {"web2"}
 
 
 async def test_sessions_need_the_sessions_scope_and_a_running_edge(api: Api) -> None:
@@ -295,3 +370,72 @@ def test_admin_serve_over_tls_with_curl(sqlite_url: str, tmp_path: Path) -> None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+
+async def test_sqlite_reads_of_other_requests_never_see_uncommitted_rows(sqlite_url: str) -> None:
+    """The API shares one SQLite connection between requests: a GET arriving while another
+    request's transaction is open waits for it, instead of reading rows it then rolls back."""
+    from edge.directory.stores import store_for_url
+
+    store = store_for_url(sqlite_url)
+    await store.open()
+    await store.migrate()
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def refused_write() -> None:
+        async with store.transaction() as tx:
+            await tx.execute("INSERT INTO hosts (name, address, notice, ssh_known_hosts) "
+                             "VALUES ('ghost', '127.0.0.1', '', '')")
+            inside.set()
+            await release.wait()
+            raise ValueError("refused after the insert")
+
+    writer = asyncio.create_task(refused_write())
+    await inside.wait()
+    reader = asyncio.create_task(store.list_hosts())
+    await asyncio.sleep(0.2)
+    release.set()
+    with pytest.raises(ValueError):
+        await writer
+    assert await reader == []
+    await store.close()
+
+
+async def test_bulk_load_is_an_operation_all_or_nothing(api: Api) -> None:
+    good = "\n".join(json.dumps(r) for r in (
+        {"kind": "host", "name": "bulk1", "address": "127.0.0.1"},
+        {"kind": "tenant", "name": "bt1", "host": "bulk1"},
+        {"kind": "account", "username": "bt1", "tenant": "bt1"})).encode()
+    started = await api.call("POST", f"{V1}/bulk-load", data=good,
+                             headers={"Content-Type": "application/x-ndjson"})
+    assert started.status == 202 and started.body["kind"] == "bulk-load"
+    assert started.body["phase"] in ("loading", "finished")
+    stream = await api.call("GET", f"{V1}/operations/{started.body['id']}/events")
+    done = json.loads(stream.body.splitlines()[-1])
+    assert (done["state"], done["phase"]) == ("done", "finished")
+    assert {k: v for k, v in done["params"]["counts"].items() if v} == {
+        "host": 1, "tenant": 1, "account": 1}
+    assert (await api.store.fetch_tenant("bt1")) is not None
+
+    before = await row_counts(api.store)
+    fresh = good.replace(b"bulk1", b"bulk2").replace(b'"bt1"', b'"bt2"')
+    syntax = await api.call("POST", f"{V1}/bulk-load", data=fresh + b"\n{not json}\n")
+    assert syntax.status == 422 and "line 4" in syntax.body["error"]  # refused up front
+    orphan = fresh + b'\n{"kind": "tenant", "name": "bt3", "host": "nowhere"}\n'
+    failed = await api.call("POST", f"{V1}/bulk-load", data=orphan)
+    assert failed.status == 202
+    stream = await api.call("GET", f"{V1}/operations/{failed.body['id']}/events")
+    last = json.loads(stream.body.splitlines()[-1])
+    assert (last["state"], last["phase"]) == ("failed", "failed")
+    assert "line 4" in last["error"] and "nowhere" in last["error"]
+    assert await row_counts(api.store) == before  # nothing of the bad load was written
+
+
+async def test_a_load_cut_off_by_an_api_restart_is_marked_failed(store: SQLStore,
+                                                                 keybox: KeyBox) -> None:
+    op = await Operations(store).record("bulk-load", "", {"lines": 10})
+    server = TestServer(build_app(store, keybox), host="127.0.0.1")
+    await server.start_server()
+    await server.close()
+    after = await Operations(store).get(op.id)
+    assert after.state == "failed" and "nothing was written" in after.error

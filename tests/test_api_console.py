@@ -130,6 +130,7 @@ async def test_console_overview_tenant_and_a_live_move(api: Api, browser: object
     await page.click("#drain")
     await page.wait_for_url("**/console/operations/*")
     await expect(page.locator("#steps")).to_have_text("1/1", timeout=15000)
+    await expect(page.locator("#step-1")).to_have_text("done")  # the table follows too
     assert "globex" in await page.inner_text("main")
     await page.screenshot(path=str(shots / "console-drain.png"), full_page=True)
     await expect(page.locator("#phase")).to_have_text("finished", timeout=15000)

@@ -29,7 +29,7 @@ from edge.api.idempotency import IdempotencyKeys, request_digest
 from edge.api.live import EdgeUnreachable, call_edge
 from edge.api.openapi import IDEMPOTENCY, PREFIX, document
 from edge.cli.output import to_jsonable
-from edge.directory.model import PROTOCOLS, Site, StoredCertificate
+from edge.directory.model import PROTOCOLS, ChangeRecord, Site, StoredCertificate
 from edge.directory.names import normalize_hostname
 from edge.directory.secrets import KeyBox
 from edge.directory.service import DEFAULT_MOVE_DRAIN, DirectoryService, iso
@@ -43,7 +43,7 @@ from edge.errors import (
     SecretsError,
     ValidationError,
 )
-from edge.operations import DrainOptions, Operations
+from edge.operations import BULK_LOAD, DrainOptions, Operations
 
 log = logging.getLogger("edge.api")
 
@@ -68,17 +68,21 @@ class ApiState:
     idempotency: IdempotencyKeys = field(init=False)
     runner: opview.Runner = field(init=False)
     doc: dict[str, Any] = field(default_factory=document)
+    doc_json: bytes = field(init=False)
+    """The document serialised once (it does not change while the process runs)."""
 
     def __post_init__(self) -> None:
+        self.doc_json = json.dumps(self.doc).encode()
         self.tokens = TokenService(self.store)
         self.idempotency = IdempotencyKeys(self.store)
         self.runner = opview.Runner(Operations(self.store))
 
-    def service(self) -> DirectoryService:
-        return DirectoryService(self.store, self.keybox)
+    def service(self, token: Token) -> DirectoryService:
+        """The service writing as ``api:<token name>`` (the actor of its change rows)."""
+        return DirectoryService(self.store, self.keybox, actor=f"api:{token.name}")
 
-    def operations(self) -> Operations:
-        return Operations(self.store, self.service())
+    def operations(self, token: Token) -> Operations:
+        return Operations(self.store, self.service(token))
 
 
 STATE = web.AppKey("state", ApiState)
@@ -94,6 +98,12 @@ class Call:
     match: dict[str, str]
     query: dict[str, Any]
     body: dict[str, Any]
+
+    def service(self) -> DirectoryService:
+        return self.state.service(self.token)
+
+    def operations(self) -> Operations:
+        return self.state.operations(self.token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +160,10 @@ def _endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamR
             request.method.lower()]
         try:
             token = await authenticate(request, state, operation["x-scope"])
-            raw = await request.content.read(validate.MAX_BODY + 1)
-            if len(raw) > validate.MAX_BODY:
-                raise validate.BadRequest(f"request body is larger than {validate.MAX_BODY} bytes")
+            limit = validate.MAX_BULK_BODY if handler is bulk_load else validate.MAX_BODY
+            raw = await request.content.read(limit + 1)
+            if len(raw) > limit:
+                raise validate.BadRequest(f"request body is larger than {limit} bytes")
             call = Call(state, request, token, dict(request.match_info),
                         validate.query(operation, request.query), validate.body(operation, raw))
             key = request.headers.get("Idempotency-Key")
@@ -226,16 +237,21 @@ async def list_hosts(call: Call) -> Reply:
 
 
 async def add_host(call: Call) -> Reply:
-    host = await call.state.service().add_host(**call.body)
+    host = await call.service().add_host(**call.body)
     return Reply(201, host, {"Location": f"{PREFIX}/hosts/{host.name}"})
 
 
 async def show_host(call: Call) -> Reply:
-    return Reply(200, await call.state.service().get_host(call.match["name"]))
+    return Reply(200, await call.service().get_host(call.match["name"]))
 
 
 async def change_host(call: Call) -> Reply:
-    return Reply(200, await call.state.service().update_host(call.match["name"], **call.body))
+    return Reply(200, await call.service().update_host(call.match["name"], **call.body))
+
+
+async def remove_host(call: Call) -> Reply:
+    await call.service().remove_host(call.match["name"])
+    return Reply(204)
 
 
 async def list_tenants(call: Call) -> Reply:
@@ -244,14 +260,16 @@ async def list_tenants(call: Call) -> Reply:
 
 
 async def add_tenant(call: Call) -> Reply:
-    tenant = await call.state.service().add_tenant(call.body["name"], call.body["host"])
+    tenant = await call.service().add_tenant(call.body["name"], call.body["host"])
     return Reply(201, tenant, {"Location": f"{PREFIX}/tenants/{tenant.name}"})
 
 
 async def tenant_detail(state: ApiState, name: str) -> dict[str, Any]:
     """A tenant with its accounts, sites and recent changes (the API and the console)."""
     store = state.store
-    tenant = await state.service().get_tenant(name)
+    tenant = await store.fetch_tenant(name)
+    if tenant is None:
+        raise NotFoundError(f"tenant {name!r} does not exist")
     accounts = await store.list_accounts(tenant=tenant.name, limit=1000)
     sites = await store.list_sites(tenant=tenant.name, limit=1000)
     changes = await store.changes_about({"tenant": [tenant.name],
@@ -259,8 +277,7 @@ async def tenant_detail(state: ApiState, name: str) -> dict[str, Any]:
                                          "site": [s.hostname for s in sites],
                                          "purge": [s.hostname for s in sites]})
     return {"tenant": tenant, "accounts": accounts, "sites": sites,
-            "changes": [{"id": c.id, "entity": c.entity, "name": c.name, "at": iso(at)}
-                        for c, at in changes]}
+            "changes": [change_view(c) for c in changes]}
 
 
 async def show_tenant(call: Call) -> Reply:
@@ -268,12 +285,18 @@ async def show_tenant(call: Call) -> Reply:
 
 
 async def set_tenant_state(call: Call) -> Reply:
-    return Reply(200, await call.state.service().set_tenant_state(call.match["name"],
+    return Reply(200, await call.service().set_tenant_state(call.match["name"],
                                                                   call.body["state"]))
 
 
+async def remove_tenant(call: Call) -> Reply:
+    removed = await call.service().remove_tenant(call.match["name"],
+                                                 cascade=call.query.get("cascade") == "true")
+    return Reply(200, {"removed": call.match["name"], "also_removed": removed})
+
+
 async def move_tenant(call: Call) -> Reply:
-    op = await call.state.operations().move_tenant(
+    op = await call.operations().move_tenant(
         call.match["name"], call.body["to"],
         drain=float(call.body.get("drain_seconds", DEFAULT_MOVE_DRAIN)),
         force=bool(call.body.get("force", False)))
@@ -284,7 +307,7 @@ async def drain_host(call: Call) -> Reply:
     body = call.body
     options = DrainOptions(to=body.get("to"), rate=body.get("rate_per_minute"),
                            drain=float(body.get("drain_seconds", DEFAULT_MOVE_DRAIN)))
-    op = await call.state.operations().start_host_drain(call.match["name"], options)
+    op = await call.operations().start_host_drain(call.match["name"], options)
     if op is None:
         return Reply(204)
     call.state.runner.start(op.id)
@@ -298,16 +321,26 @@ async def list_accounts(call: Call) -> Reply:
 
 async def add_account(call: Call) -> Reply:
     body = call.body
-    await call.state.service().add_account(
+    await call.service().add_account(
         body["username"], body["tenant"], protocols=body.get("protocols", PROTOCOLS),
         upstream_username=body.get("upstream_username", ""),
+        ssh_upstream_username=body.get("ssh_upstream_username", ""),
+        ftp_upstream_username=body.get("ftp_upstream_username", ""),
         authorized_keys=body.get("authorized_keys", ""))
     account = await call.state.store.fetch_account(body["username"])
     return Reply(201, account, {"Location": f"{PREFIX}/accounts/{body['username']}"})
 
 
+async def show_account(call: Call) -> Reply:
+    return Reply(200, await call.service().get_account(call.match["username"]))
+
+
+async def change_account(call: Call) -> Reply:
+    return Reply(200, await call.service().update_account(call.match["username"], **call.body))
+
+
 async def remove_account(call: Call) -> Reply:
-    await call.state.service().remove_account(call.match["username"])
+    await call.service().remove_account(call.match["username"])
     return Reply(204)
 
 
@@ -319,7 +352,7 @@ async def list_sites(call: Call) -> Reply:
 async def add_site(call: Call) -> Reply:
     fields = dict(call.body)
     hostname, tenant = fields.pop("hostname"), fields.pop("tenant")
-    name = await call.state.service().add_site(hostname, tenant, **fields)
+    name = await call.service().add_site(hostname, tenant, **fields)
     return Reply(201, await _site(call.state.store, name), {"Location": f"{PREFIX}/sites/{name}"})
 
 
@@ -328,18 +361,18 @@ async def show_site(call: Call) -> Reply:
 
 
 async def change_site(call: Call) -> Reply:
-    name = await call.state.service().update_site(call.match["hostname"], **call.body)
+    name = await call.service().update_site(call.match["hostname"], **call.body)
     return Reply(200, await _site(call.state.store, name))
 
 
 async def remove_site(call: Call) -> Reply:
-    await call.state.service().remove_site(call.match["hostname"])
+    await call.service().remove_site(call.match["hostname"])
     return Reply(204)
 
 
 async def purge_site(call: Call) -> Reply:
     path = call.body.get("path", "")
-    await call.state.service().purge_cache(call.match["hostname"], path)
+    await call.service().purge_cache(call.match["hostname"], path)
     site = normalize_hostname(call.match["hostname"], allow_wildcard=True)
     return Reply(202, {"site": site, "path": path or "/"})
 
@@ -352,7 +385,7 @@ async def list_certificates(call: Call) -> Reply:
 
 
 async def import_certificate(call: Call) -> Reply:
-    service = call.state.service()
+    service = call.service()
     cert_id = await service.import_certificate(call.body["chain_pem"].encode(),
                                                call.body["key_pem"].encode())
     cert = await call.state.store.fetch_certificate(cert_id)
@@ -360,31 +393,64 @@ async def import_certificate(call: Call) -> Reply:
     return Reply(201, certificate_view(cert))
 
 
+def change_view(change: ChangeRecord) -> dict[str, Any]:
+    return {"id": change.id, "entity": change.entity, "name": change.name,
+            "at": iso(change.at), "actor": change.actor, "before": change.before,
+            "after": change.after}
+
+
+async def _certificate(call: Call, cert_id: int) -> dict[str, Any]:
+    cert = await call.state.store.fetch_certificate(cert_id)
+    if cert is None:
+        raise NotFoundError(f"certificate {cert_id} does not exist")
+    return certificate_view(cert)
+
+
+async def replace_certificate(call: Call) -> Reply:
+    cert_id = _path_id(call)
+    sites = await call.service().replace_certificate(cert_id, call.body["chain_pem"].encode(),
+                                                     call.body["key_pem"].encode())
+    return Reply(200, {"certificate": await _certificate(call, cert_id), "sites": sites})
+
+
+async def remove_certificate(call: Call) -> Reply:
+    await call.service().remove_certificate(_path_id(call))
+    return Reply(204)
+
+
+async def bulk_load(call: Call) -> Reply:
+    lines = call.body["lines"]
+    op = await call.operations().record(BULK_LOAD, "", {"lines": len(lines)})
+    call.state.runner.start_bulk_load(op.id, call.state.store, call.state.keybox, lines)
+    return Reply(202, opview.view(op), {"Location": f"{PREFIX}/operations/{op.id}"})
+
+
 async def list_changes(call: Call) -> Reply:
-    changes = await call.state.store.recent_changes(call.query.get("limit", 50))
-    return Reply(200, [{"id": c.id, "entity": c.entity, "name": c.name, "at": iso(at)}
-                       for c, at in changes])
+    changes = await call.state.store.change_records(call.query.get("limit", 50),
+                                                    entity=call.query.get("entity"),
+                                                    name=call.query.get("name"))
+    return Reply(200, [change_view(c) for c in changes])
 
 
 async def list_operations(call: Call) -> Reply:
     now = time.time()
-    ops = await call.state.operations().list_operations(limit=call.query.get("limit", 50),
+    ops = await call.operations().list_operations(limit=call.query.get("limit", 50),
                                                         state=call.query.get("state"))
     return Reply(200, [opview.view(op, now) for op in ops])
 
 
-def _op_id(call: Call) -> int:
+def _path_id(call: Call) -> int:
     try:
         op_id = int(call.match["id"])
     except ValueError:
-        raise ValidationError(f"operation id {call.match['id']!r} is not a number") from None
+        raise ValidationError(f"id {call.match['id']!r} is not a number") from None
     if not 1 <= op_id <= 2**62:
-        raise ValidationError(f"operation id {op_id} is out of range")
+        raise ValidationError(f"id {op_id} is out of range")
     return op_id
 
 
 async def show_operation(call: Call) -> Reply:
-    return Reply(200, opview.view(await call.state.operations().get(_op_id(call))))
+    return Reply(200, opview.view(await call.operations().get(_path_id(call))))
 
 
 FOLLOW_INTERVAL = 1.0
@@ -397,8 +463,8 @@ FOLLOW_MAX_SECONDS = 300.0
 async def follow_operation(call: Call) -> Reply:
     """Streams the operation (one JSON line per :data:`FOLLOW_INTERVAL`) until it is done;
     the reply's body is the already-sent stream."""
-    operations = call.state.operations()
-    op_id = _op_id(call)
+    operations = call.operations()
+    op_id = _path_id(call)
     op = await operations.get(op_id)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
                                            "Cache-Control": "no-store"})
@@ -430,18 +496,22 @@ async def kill_session(call: Call) -> Reply:
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/hosts", list_hosts), ("POST", "/hosts", add_host),
     ("GET", "/hosts/{name}", show_host), ("PATCH", "/hosts/{name}", change_host),
-    ("POST", "/hosts/{name}/drain", drain_host),
+    ("DELETE", "/hosts/{name}", remove_host), ("POST", "/hosts/{name}/drain", drain_host),
     ("GET", "/tenants", list_tenants), ("POST", "/tenants", add_tenant),
     ("GET", "/tenants/{name}", show_tenant), ("PATCH", "/tenants/{name}", set_tenant_state),
-    ("POST", "/tenants/{name}/move", move_tenant),
+    ("DELETE", "/tenants/{name}", remove_tenant), ("POST", "/tenants/{name}/move", move_tenant),
     ("GET", "/accounts", list_accounts), ("POST", "/accounts", add_account),
+    ("GET", "/accounts/{username}", show_account),
+    ("PATCH", "/accounts/{username}", change_account),
     ("DELETE", "/accounts/{username}", remove_account),
     ("GET", "/sites", list_sites), ("POST", "/sites", add_site),
     ("GET", "/sites/{hostname}", show_site), ("PATCH", "/sites/{hostname}", change_site),
     ("DELETE", "/sites/{hostname}", remove_site),
     ("POST", "/sites/{hostname}/purge", purge_site),
     ("GET", "/certificates", list_certificates), ("POST", "/certificates", import_certificate),
-    ("GET", "/changes", list_changes),
+    ("PUT", "/certificates/{id}", replace_certificate),
+    ("DELETE", "/certificates/{id}", remove_certificate),
+    ("GET", "/changes", list_changes), ("POST", "/bulk-load", bulk_load),
     ("GET", "/operations", list_operations), ("GET", "/operations/{id}", show_operation),
     ("GET", "/operations/{id}/events", follow_operation),
     ("GET", "/sessions", list_sessions), ("POST", "/sessions/{id}/kill", kill_session),
@@ -449,7 +519,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE].doc)
+    return web.Response(body=request.app[STATE].doc_json, content_type="application/json")
 
 
 def add_routes(app: web.Application) -> None:

@@ -150,6 +150,7 @@ async def logout(request: web.Request) -> web.Response:
 # -- pages ------------------------------------------------------------------------------------
 
 HOST_COLUMNS = ("Host", "Address", "State", "Tenants", "Live sessions", "Notice")
+CHANGE_COLUMNS = ("At", "Entity", "Name", "By", "Before → after")
 OP_COLUMNS = ("Id", "Kind", "Tenant", "From host", "Phase", "Moves")
 SITE_COLUMNS = ("Hostname", "HTTP to", "HTTPS to", "Certificate", "Redirect")
 ACCOUNT_COLUMNS = ("Login", "Protocols", "Upstream user", "SSH to")
@@ -238,7 +239,7 @@ async def overview(request: web.Request) -> web.Response:
     tenant_rows = [_cells(f'<a href="/console/tenants/{_e(t.name)}">{_e(t.name)}</a>',
                           _e(t.host), _state(t.state),
                           _e(t.previous_host or "")) for t in tenants]
-    ops = await state.operations().list_operations(limit=10)
+    ops = await state.operations(token).list_operations(limit=10)
     drain = _drain_form(hosts, request.cookies[COOKIE]) if token.allows("write") and hosts else ""
     body = (f"<h2>Live (this edge)</h2>{_metric_cards(metrics)}"
             f"<h2>Hosts</h2>{_table(HOST_COLUMNS, host_rows, 'No hosts yet.')}"
@@ -247,6 +248,21 @@ async def overview(request: web.Request) -> web.Response:
             f"<h2>Recent operations</h2>"
             f"{_table(OP_COLUMNS, _op_rows(ops, time.time()), 'None yet.')}{drain}")
     return page("Fleet", body, token)
+
+
+def _diff_text(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
+    """``host: web1 → web2; state: active → suspended`` (created / removed when one side is
+    missing)."""
+    if before is None:
+        return "created" + (f" ({_pairs(after)})" if after else "")
+    if after is None:
+        return "removed"
+    keys = list(dict.fromkeys([*before, *after]))
+    return "; ".join(f"{k}: {before.get(k, '')} → {after.get(k, '')}" for k in keys)
+
+
+def _pairs(fields: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
 def _route_text(host: Host | None, port: int) -> str:
@@ -273,7 +289,8 @@ async def tenant_page(request: web.Request) -> web.Response:
                            _e(a.backend_username),
                            _e(_route_text(home, home.ssh_port if home else 0)))
                     for a in detail["accounts"]]
-    change_rows = [_cells(_e(c["at"]), _e(c["entity"]), _e(c["name"])) for c in detail["changes"]]
+    change_rows = [_cells(_e(c["at"]), _e(c["entity"]), _e(c["name"]), _e(c["actor"]),
+                          _e(_diff_text(c["before"], c["after"]))) for c in detail["changes"]]
     drain = ""
     if tenant.previous_host:
         drain = (f"<p>Moved from <b>{_e(tenant.previous_host)}</b>; sessions there are closed "
@@ -294,7 +311,7 @@ async def tenant_page(request: web.Request) -> web.Response:
             f"{_state(tenant.state)}.</p>{drain}"
             f"<h2>Sites</h2>{_table(SITE_COLUMNS, site_rows, 'No sites.')}"
             f"<h2>Accounts</h2>{_table(ACCOUNT_COLUMNS, account_rows, 'No accounts.')}"
-            f"<h2>Recent changes</h2>{_table(('At', 'Entity', 'Name'), change_rows, 'None.')}"
+            f"<h2>Recent changes</h2>{_table(CHANGE_COLUMNS, change_rows, 'None.')}"
             f"{move}")
     return page(f"Tenant {tenant.name}", body, token)
 
@@ -304,7 +321,7 @@ async def move(request: web.Request) -> web.Response:
     state = request.app[STATE]
     name = request.match_info["name"]
     try:
-        op = await state.operations().move_tenant(name, form.get("to", ""),
+        op = await state.operations(token).move_tenant(name, form.get("to", ""),
                                                   drain=_seconds(form.get("drain")),
                                                   force=form.get("force") == "1")
     except EdgeError as exc:
@@ -321,7 +338,7 @@ async def drain(request: web.Request) -> web.Response:
         rate = float(form["rate"]) if form.get("rate") else None
         if rate is not None and not rate > 0:
             raise ValidationError("moves per minute must be more than 0")
-        op = await state.operations().start_host_drain(host, DrainOptions(
+        op = await state.operations(token).start_host_drain(host, DrainOptions(
             to=form.get("to") or None, rate=rate, drain=_seconds(form.get("drain"))))
     except (EdgeError, ValueError) as exc:
         status = error_status(exc) if isinstance(exc, EdgeError) else 422
@@ -362,6 +379,10 @@ _FOLLOW_JS = """
       set('phase', op.phase); set('steps', op.steps.done + op.steps.skipped + '/' + op.steps.total);
       set('error', op.error);
       document.getElementById('phase').className = 'state-' + op.phase;
+      for (const m of op.moves) {
+        const cell = document.getElementById('step-' + m.seq);
+        if (cell) { cell.textContent = m.state; cell.className = 'state-' + m.state; }
+      }
     }
   }
 })();
@@ -372,7 +393,7 @@ async def operation_page(request: web.Request) -> web.Response:
     token = await _login_token(request)
     state = request.app[STATE]
     try:
-        op = await state.operations().get(int(request.match_info["id"]))
+        op = await state.operations(token).get(int(request.match_info["id"]))
     except (EdgeError, ValueError) as exc:
         status = error_status(exc) if isinstance(exc, EdgeError) else 404
         return page("Operation", f'<p class="error">{_e(exc)}</p>', token, status)
@@ -384,7 +405,8 @@ async def operation_page(request: web.Request) -> web.Response:
             f'every tenant off <b>{_e(op.target)}</b> to <b>'
             f'{_e(params.get("to") or "the other active hosts")}</b>')
     rows = [_cells(_e(s.seq), f'<a href="/console/tenants/{_e(s.tenant)}">{_e(s.tenant)}</a>',
-                   _e(s.to_host), _state(s.state)) for s in op.steps]
+                   _e(s.to_host), f'<span id="step-{s.seq}" class="state-{_e(s.state)}">'
+                   f"{_e(s.state)}</span>") for s in op.steps]
     url = f"{PREFIX}/operations/{op.id}/events"
     body = (f"<p>{_e(op.kind)}: {what}. Each move sends new sessions to the new host within "
             f"about a second; sessions on the old host are closed "

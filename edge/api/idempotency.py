@@ -14,12 +14,15 @@ duplicate: an existing name, a move to where the tenant already is).
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from edge.directory.store import SQLStore
-from edge.errors import ConflictError, ValidationError
+from edge.errors import ConflictError, EdgeError, ValidationError
+
+log = logging.getLogger("edge.api")
 
 KEY_TTL = 86400.0
 IN_FLIGHT_TTL = 300.0
@@ -41,9 +44,15 @@ def request_digest(method: str, path_qs: str, body: bytes) -> str:
     return digest.hexdigest()
 
 
+PURGE_EVERY = 60.0
+"""Seconds between sweeps of expired keys (a sweep is its own transaction, never part of a
+request's: on MySQL a range DELETE next to concurrent INSERTs of one key deadlocks)."""
+
+
 class IdempotencyKeys:
     def __init__(self, store: SQLStore) -> None:
         self.store = store
+        self._last_purge = 0.0
 
     async def begin(self, token: str, key: str, digest: str) -> Stored | None:
         """``None``: run the request (a placeholder now holds the key); else the stored answer.
@@ -51,10 +60,9 @@ class IdempotencyKeys:
         Raises ConflictError while another request with the key runs, ValidationError when the
         key was used for a different request.
         """
-        try:
-            row = await self._claim(token, key, digest, time.time())
-        except ConflictError:  # a concurrent twin inserted the key first (unique index)
-            row = (digest, _IN_FLIGHT, "")
+        now = time.time()
+        await self._purge(now)
+        row = await self._claim(token, key, digest, now)
         if row is None:
             return None
         if row[0] != digest:
@@ -67,20 +75,35 @@ class IdempotencyKeys:
 
     async def _claim(self, token: str, key: str, digest: str,
                      now: float) -> tuple[Any, ...] | None:
-        """The stored row for the key, or ``None`` after inserting our placeholder."""
-        async with self.store.transaction() as tx:
-            await tx.execute("DELETE FROM api_idempotency WHERE created_at < ? OR "
-                             "(status = ? AND created_at < ?)",
-                             (now - KEY_TTL, _IN_FLIGHT, now - IN_FLIGHT_TTL))
-            row = await tx.fetchone("SELECT request_sha256, status, response FROM "
-                                    "api_idempotency WHERE token_name = ? AND idem_key = ?",
-                                    (token, key))
-            if row is None:
+        """``None`` after inserting our placeholder, else the row that holds the key. The
+        insert comes first: of concurrent twins exactly one wins the unique index."""
+        try:
+            async with self.store.transaction() as tx:
                 await tx.execute("INSERT INTO api_idempotency (token_name, idem_key, "
                                  "request_sha256, status, response, created_at) "
                                  "VALUES (?, ?, ?, ?, '', ?)",
                                  (token, key, digest, _IN_FLIGHT, now))
-        return None if row is None else tuple(row)
+            return None
+        except ConflictError:
+            pass
+        row = await self.store.fetchone("SELECT request_sha256, status, response FROM "
+                                        "api_idempotency WHERE token_name = ? AND idem_key = ?",
+                                        (token, key))
+        # Gone meanwhile (swept, or a 5xx freed it): the key is in flux; the client retries.
+        return tuple(row) if row is not None else (digest, _IN_FLIGHT, "")
+
+    async def _purge(self, now: float) -> None:
+        """Drop expired keys and abandoned placeholders, at most every :data:`PURGE_EVERY`."""
+        if now - self._last_purge < PURGE_EVERY:
+            return
+        self._last_purge = now
+        try:
+            async with self.store.transaction() as tx:
+                await tx.execute("DELETE FROM api_idempotency WHERE created_at < ? OR "
+                                 "(status = ? AND created_at < ?)",
+                                 (now - KEY_TTL, _IN_FLIGHT, now - IN_FLIGHT_TTL))
+        except EdgeError as exc:  # a sweep that loses a lock race waits for the next one
+            log.warning("idempotency key sweep skipped: %s", exc)
 
     async def finish(self, token: str, key: str, status: int, body: str) -> None:
         """Store the answer (or, for a 5xx, free the key so a retry runs)."""

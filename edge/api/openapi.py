@@ -21,9 +21,10 @@ STRING = {"type": "string", "maxLength": 65536}
 BOOL = {"type": "boolean"}
 RULES = {"type": "object", "description": "see docs/http.md (validated like the CLI's JSON)"}
 OPERATION_STATES = ("running", "failed", "done")
-PHASES = ("moving", "draining", "finished", "failed")
+PHASES = ("loading", "moving", "draining", "finished", "failed")
 STEP_COUNTS = ("pending", "done", "skipped", "total")
 FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
+BULK_KINDS = ("host", "tenant", "certificate", "site", "account")
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -46,6 +47,10 @@ _SITE_SETTINGS = {
     "certificate_id": {"type": ["integer", "null"], "minimum": 1},
     "https_redirect": BOOL, "hsts": BOOL, "cache_policy": RULES, "filters": RULES,
 }
+
+_UPSTREAM = {f"{p}upstream_username": {"type": "string", "maxLength": 128,
+                                       "description": "name on the backend ('' = default)"}
+             for p in ("", "ssh_", "ftp_")}
 
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": {"type": "string"}}, ("error",)),
@@ -78,14 +83,19 @@ SCHEMAS: dict[str, Any] = {
     "Account": _obj({"username": {"type": "string"}, "tenant": {"type": "string"},
                      "protocols": {"type": "array", "items": {"enum": list(PROTOCOLS)}},
                      "upstream_username": {"type": "string"},
+                     "ssh_upstream_username": {"type": "string"},
+                     "ftp_upstream_username": {"type": "string"},
                      "authorized_keys": {"type": "string"}},
                     ("username", "tenant", "protocols")),
     "AccountCreate": _obj({"username": {"type": "string", "minLength": 1, "maxLength": 128},
                            "tenant": {"type": "string", "minLength": 1},
                            "protocols": {"type": "array", "minItems": 1, "uniqueItems": True,
                                          "items": {"enum": list(PROTOCOLS)}},
-                           "upstream_username": {"type": "string", "maxLength": 128},
-                           "authorized_keys": STRING}, ("username", "tenant")),
+                           **_UPSTREAM, "authorized_keys": STRING}, ("username", "tenant")),
+    "AccountPatch": _obj({"tenant": {"type": "string", "minLength": 1},
+                          "protocols": {"type": "array", "minItems": 1, "uniqueItems": True,
+                                        "items": {"enum": list(PROTOCOLS)}},
+                          **_UPSTREAM, "authorized_keys": STRING}, minProperties=1),
     "Site": _obj({"hostname": {"type": "string"}, "tenant": {"type": "string"},
                   **_SITE_SETTINGS}, ("hostname", "tenant")),
     "SiteCreate": _obj({"hostname": {"type": "string", "minLength": 1, "maxLength": 253},
@@ -100,13 +110,26 @@ SCHEMAS: dict[str, Any] = {
                          "names": {"type": "array", "items": {"type": "string"}},
                          "not_before": {"type": "string"}, "not_after": {"type": "string"},
                          "expired": BOOL}, ("id", "fingerprint", "names", "not_after")),
+    "CertificateReplaced": _obj({"certificate": _ref("Certificate"),
+                                 "sites": {"type": "array", "items": {"type": "string"}}},
+                                ("certificate", "sites")),
+    "TenantRemoved": _obj({"removed": {"type": "string"},
+                           "also_removed": {"type": "array", "items": {"type": "string"}}},
+                          ("removed", "also_removed")),
+    "BulkRecord": {"type": "object", "required": ["kind"],
+                   "properties": {"kind": {"enum": list(BULK_KINDS)}},
+                   "description": "one line of JSON Lines as `edge bulk-load` reads it (the "
+                                  "schema of each line; fields per kind: edge/directory/bulk.py)"},
     "CertificateCreate": _obj({"chain_pem": {"type": "string", "minLength": 1},
                                "key_pem": {"type": "string", "minLength": 1}},
                               ("chain_pem", "key_pem")),
     "Change": _obj({"id": {"type": "integer"}, "entity": {"type": "string"},
-                    "name": {"type": "string"}, "at": {"type": "string"}},
-                   ("id", "entity", "name", "at")),
-    "Operation": _obj({"id": {"type": "integer"}, "kind": {"enum": ["host-drain", "tenant-move"]},
+                    "name": {"type": "string"}, "at": {"type": "string"},
+                    "actor": {"type": "string", "description": "cli:user@host, api:TOKEN, ..."},
+                    "before": {"type": ["object", "null"]}, "after": {"type": ["object", "null"]}},
+                   ("id", "entity", "name", "at", "actor", "before", "after")),
+    "Operation": _obj({"id": {"type": "integer"},
+                       "kind": {"enum": ["host-drain", "tenant-move", "bulk-load"]},
                        "target": {"type": "string", "description": "the host tenants leave"},
                        "state": {"enum": list(OPERATION_STATES)},
                        "phase": {"enum": list(PHASES)}, "error": {"type": "string"},
@@ -114,10 +137,15 @@ SCHEMAS: dict[str, Any] = {
                        "created_at": {"type": "string"}, "updated_at": {"type": "string"},
                        "steps": _obj({k: {"type": "integer"} for k in STEP_COUNTS},
                                      STEP_COUNTS),
+                       "moves": {"type": "array", "items": _obj(
+                           {"seq": {"type": "integer"}, "tenant": {"type": "string"},
+                            "to": {"type": "string"}, "state": {"enum": ["pending", "done",
+                                                                          "skipped"]}},
+                           ("seq", "tenant", "to", "state"))},
                        "moves_progress": FRACTION, "drain_progress": FRACTION,
                        "drain_until": {"type": ["string", "null"]}},
                       ("id", "kind", "target", "state", "phase", "error", "params", "created_at",
-                       "updated_at", "steps", "moves_progress", "drain_progress", "drain_until")),
+                       "updated_at", "steps", "moves", "moves_progress", "drain_progress", "drain_until")),
     "HostDrain": _obj({"to": {"type": "string", "minLength": 1,
                               "description": "every tenant to this host (default: spread over "
                                              "the other active hosts, least loaded first)"},
@@ -186,7 +214,8 @@ IDEMPOTENCY: dict[str, Any] = {"name": "Idempotency-Key", "in": "header", "requi
 
 
 def _op(summary: str, scope: str, responses: dict[str, Any], *, params: list[Any] | None = None,
-        body: str | None = None, write: bool = False) -> dict[str, Any]:
+        body: str | None = None, body_content: dict[str, Any] | None = None,
+        write: bool = False) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "x-scope": scope, "responses": responses,
                           "security": [{"bearer": []}],
                           "operationId": summary.lower().replace(" ", "_").replace("'", "")}
@@ -201,6 +230,8 @@ def _op(summary: str, scope: str, responses: dict[str, Any], *, params: list[Any
         op["parameters"] = parameters
     if body is not None:
         op["requestBody"] = {"required": True, "content": _json(_ref(body))}
+    if body_content is not None:
+        op["requestBody"] = {"required": True, "content": body_content}
     return op
 
 
@@ -214,6 +245,7 @@ def _paths() -> dict[str, Any]:
     hostname, username = _path_param("hostname"), _path_param("username")
     op_id = {"name": "id", "in": "path", "required": True,
              "schema": {"type": "integer", "minimum": 1, "maximum": 2**62}}
+    cert_id = op_id
     return {
         "/api/openapi.json": {"get": {
             "summary": "this document", "operationId": "openapi", "security": [],
@@ -229,7 +261,9 @@ def _paths() -> dict[str, Any]:
                        params=[host]),
             "patch": _op("change host", "write", _responses("200", _ref("Host"),
                                                             ("400", "404", "409", "422")),
-                         params=[host], body="HostPatch", write=True)},
+                         params=[host], body="HostPatch", write=True),
+            "delete": _op("remove host", "write", _responses("204", None, ("404", "409")),
+                          params=[host], write=True)},
         f"{PREFIX}/hosts/{{name}}/drain": {
             "post": _op("drain host", "write",
                         {**_responses("202", _ref("Operation"), ("400", "404", "409", "422"),
@@ -247,7 +281,13 @@ def _paths() -> dict[str, Any]:
                        params=[tenant]),
             "patch": _op("set tenant state", "write", _responses("200", _ref("Tenant"),
                                                                  ("400", "404", "409", "422")),
-                         params=[tenant], body="TenantPatch", write=True)},
+                         params=[tenant], body="TenantPatch", write=True),
+            "delete": _op("remove tenant", "write",
+                          _responses("200", _ref("TenantRemoved"), ("404", "409")),
+                          params=[tenant, _query("cascade", {"enum": ["true", "false"]},
+                                                 "also remove its sites and accounts "
+                                                 "(else refused while it has any)")],
+                          write=True)},
         f"{PREFIX}/tenants/{{name}}/move": {
             "post": _op("move tenant", "write",
                         _responses("202", _ref("Operation"), ("400", "404", "409", "422"),
@@ -262,6 +302,11 @@ def _paths() -> dict[str, Any]:
                                                            "created"),
                         body="AccountCreate", write=True)},
         f"{PREFIX}/accounts/{{username}}": {
+            "get": _op("show account", "read", _responses("200", _ref("Account"), ("404",)),
+                       params=[username]),
+            "patch": _op("change account", "write",
+                         _responses("200", _ref("Account"), ("400", "404", "409", "422")),
+                         params=[username], body="AccountPatch", write=True),
             "delete": _op("remove account", "write", _responses("204", None, ("404", "409")),
                           params=[username], write=True)},
         f"{PREFIX}/sites": {
@@ -295,11 +340,31 @@ def _paths() -> dict[str, Any]:
                         _responses("201", _ref("Certificate"), ("400", "409", "422"),
                                    "imported (key encrypted at rest)"),
                         body="CertificateCreate", write=True)},
+        f"{PREFIX}/certificates/{{id}}": {
+            "put": _op("replace certificate", "write",
+                       _responses("200", _ref("CertificateReplaced"),
+                                  ("400", "404", "409", "422"),
+                                  "rotated in place (same id); every site using it serves it"),
+                       params=[cert_id], body="CertificateCreate", write=True),
+            "delete": _op("remove certificate", "write", _responses("204", None, ("404", "409")),
+                          params=[cert_id], write=True)},
+        f"{PREFIX}/bulk-load": {
+            "post": _op("bulk load", "write",
+                        _responses("202", _ref("Operation"), ("400", "409", "422"),
+                                   "accepted; loads in the background, all or nothing (the "
+                                   "operation ends done with counts, or failed naming the "
+                                   "first bad line)"),
+                        body_content={"application/x-ndjson": {"schema": _ref("BulkRecord")}},
+                        write=True)},
         f"{PREFIX}/changes": {
             "get": _op("list changes", "read",
                        _responses("200", {"type": "array", "items": _ref("Change")}, ("422",)),
                        params=[_query("limit", {"type": "integer", "minimum": 1,
-                                                "maximum": 1000}, "newest first (50)")])},
+                                                "maximum": 1000}, "newest first (50)"),
+                               _query("entity", {"type": "string", "maxLength": 16},
+                                      "only this kind: host, tenant, account, site, ..."),
+                               _query("name", {"type": "string", "maxLength": 253},
+                                      "only this object")])},
         f"{PREFIX}/operations": {
             "get": _op("list operations", "read",
                        _responses("200", {"type": "array", "items": _ref("Operation")},

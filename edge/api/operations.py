@@ -16,12 +16,18 @@ import logging
 import time
 from typing import Any
 
+from edge.directory.bulk import bulk_load
+from edge.directory.secrets import KeyBox
 from edge.directory.service import DEFAULT_MOVE_DRAIN, iso
-from edge.operations import Operation, Operations
+from edge.directory.store import SQLStore
+from edge.errors import EdgeError
+from edge.operations import BULK_LOAD, HOST_DRAIN, Operation, Operations
 
 log = logging.getLogger("edge.api")
 
-PHASES = ("moving", "draining", "finished", "failed")
+PHASES = ("loading", "moving", "draining", "finished", "failed")
+INTERRUPTED = ("interrupted: the API process ended during the load; nothing was written "
+               "(a load is all or nothing), send it again")
 RESUME_RETRY = 60.0
 """Seconds a background run keeps retrying an unreachable directory before it gives up (the
 operation stays resumable: the next API start or ``edge operations resume`` continues it)."""
@@ -39,7 +45,7 @@ def phase(op: Operation, now: float) -> str:
     if op.state == "failed":
         return "failed"
     if op.state != "done":
-        return "moving"
+        return "loading" if op.kind == BULK_LOAD else "moving"
     until = drain_until(op)
     return "draining" if until is not None and now < until else "finished"
 
@@ -59,6 +65,8 @@ def view(op: Operation, now: float | None = None) -> dict[str, Any]:
             "phase": phase(op, now), "error": op.error, "params": op.params,
             "created_at": iso(op.created_at), "updated_at": iso(op.updated_at),
             "steps": progress,
+            "moves": [{"seq": st.seq, "tenant": st.tenant, "to": st.to_host, "state": st.state}
+                      for st in op.steps],
             "moves_progress": _fraction(progress["done"] + progress["skipped"], progress["total"]),
             "drain_until": None if until is None else iso(until),
             "drain_progress": drained if op.state == "done" else 0.0}
@@ -83,9 +91,37 @@ class Runner:
             log.exception("operation %s stopped; it stays resumable", operation_id)
 
     async def resume_unfinished(self) -> None:
-        """At start: continue operations a previous API process left ``running``."""
+        """At start: continue drains a previous API process left ``running``; its loads
+        were rolled back with it, so they are marked failed."""
         for op in await self.operations.list_operations(state="running", limit=1000):
-            self.start(op.id)
+            if op.kind == HOST_DRAIN:
+                self.start(op.id)
+            elif op.kind == BULK_LOAD:
+                await self.operations.finish(op.id, "failed", INTERRUPTED)
+
+    def start_bulk_load(self, operation_id: int, store: SQLStore, keybox: KeyBox | None,
+                        lines: list[str]) -> None:
+        """Run a load recorded as ``operation_id`` in the background; its counts (or the
+        first bad line) end up in the operation."""
+        task = asyncio.create_task(self._load(operation_id, store, keybox, lines))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _load(self, operation_id: int, store: SQLStore, keybox: KeyBox | None,
+                    lines: list[str]) -> None:
+        started = time.monotonic()
+        try:
+            counts = await bulk_load(store, lines, keybox=keybox)
+        except EdgeError as exc:
+            await self.operations.finish(operation_id, "failed", str(exc))
+            return
+        except Exception:
+            log.exception("bulk load %s failed", operation_id)
+            await self.operations.finish(operation_id, "failed", "internal error (logged)")
+            return
+        await self.operations.finish(operation_id, "done", params={
+            "lines": len(lines), "counts": counts,
+            "seconds": round(time.monotonic() - started, 3)})
 
     async def stop(self) -> None:
         for task in list(self.tasks):

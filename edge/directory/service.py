@@ -305,7 +305,7 @@ class DirectoryService:
         if not fields:
             return await self.get_host(name)
         async with self.store.transaction() as tx:
-            row = await tx.fetchone(f"SELECT {HOST_COLUMNS} FROM hosts WHERE name = ?", (name,))
+            row = await tx.fetchone(f"SELECT {HOST_READ_COLUMNS} FROM hosts WHERE name = ?", (name,))
             if row is None:
                 raise NotFoundError(f"host {name!r} does not exist")
             assignments = ", ".join(f"{key} = ?" for key in fields)
@@ -396,6 +396,7 @@ class DirectoryService:
         if row is None:
             raise NotFoundError(f"tenant {name!r} does not exist")
         tenant_id, old_host_id = row
+        old = await tx.fetchone("SELECT name FROM hosts WHERE id = ?", (old_host_id,))
         target = await tx.fetchone("SELECT id, state FROM hosts WHERE name = ?", (to_host,))
         if target is None:
             raise NotFoundError(f"host {to_host!r} does not exist")

@@ -64,6 +64,9 @@ class SQLiteStore(SQLStore):
         self._tx_lock = asyncio.Lock()
         """One connection carries one transaction at a time: concurrent writers (the admin
         API's requests) queue here instead of failing with "transaction within a transaction"."""
+        self._tx_owner: asyncio.Task[Any] | None = None
+        """The task inside the open transaction: a read by any other task waits for its end,
+        so it never sees rows the transaction may still roll back."""
 
     async def open(self) -> None:
         if self._db is not None:
@@ -95,8 +98,20 @@ class SQLiteStore(SQLStore):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_SQLiteTx]:
-        async with self._tx_lock, self._transaction() as tx:
-            yield tx
+        async with self._tx_lock:
+            self._tx_owner = asyncio.current_task()
+            try:
+                async with self._transaction() as tx:
+                    yield tx
+            finally:
+                self._tx_owner = None
+
+    async def _read_committed(self) -> None:
+        """Wait while another task's transaction is open on this connection (reads between
+        its statements would see its uncommitted rows). Costs nothing when none is open."""
+        while self._tx_owner is not None and self._tx_owner is not asyncio.current_task():
+            async with self._tx_lock:
+                pass
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[_SQLiteTx]:
@@ -120,12 +135,14 @@ class SQLiteStore(SQLStore):
                 raise _translate(exc, self.path) from None
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        await self._read_committed()
         try:
             return await _SQLiteTx(self._conn()).fetchone(sql, params)
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from None
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        await self._read_committed()
         try:
             return await _SQLiteTx(self._conn()).fetchall(sql, params)
         except sqlite3.Error as exc:

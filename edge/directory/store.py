@@ -320,9 +320,10 @@ class SQLStore(abc.ABC):
         return {str(r[0]): int(r[1]) for r in rows}
 
     async def changes_about(self, names: dict[str, Sequence[str]],
-                            limit: int = 20) -> list[tuple[Change, float]]:
+                            limit: int = 20) -> list[ChangeRecord]:
         """The newest changes whose (entity, name) is in ``names`` (entity → names), newest
-        first: a tenant's history is its own row plus its accounts' and sites'."""
+        first, with actor and before/after: a tenant's history is its own row plus its
+        accounts' and sites'."""
         clauses, params = [], []
         for entity, values in names.items():
             if values:
@@ -331,9 +332,9 @@ class SQLStore(abc.ABC):
         if not clauses:
             return []
         rows = await self.fetchall(
-            f"SELECT id, entity, name, created_at FROM changes WHERE {' OR '.join(clauses)} "
-            f"ORDER BY id DESC LIMIT {int(limit)}", params)
-        return [(Change(int(r[0]), r[1], r[2]), float(r[3])) for r in rows]
+            f"SELECT id, entity, name, created_at, actor, detail FROM changes WHERE "
+            f"{' OR '.join(clauses)} ORDER BY id DESC LIMIT {int(limit)}", params)
+        return [change_record_from_row(r) for r in rows]
 
     async def count(self, table: str) -> int:
         if table not in ("hosts", "tenants", "accounts", "sites", "certificates", "changes",
