@@ -607,3 +607,19 @@ async def _curl_plain(port: int, *args: str, path: str) -> Any:
     code, out = await _run("curl", "-sS", "-D", "-", "-o", "/dev/stdout", "-H", "Host: www.a.test",
                            *args, f"http://127.0.0.1:{port}{path}")
     return parse_curl(out.replace("HTTP/2 ", "HTTP/2.0 ").encode(), code, out, check=True)
+
+
+async def test_idle_connection_gets_goaway_after_keepalive_timeout(
+        service: DirectoryService, keybox: KeyBox, tmp_path: Path) -> None:
+    async with h2_edge(service, keybox, tmp_path, keepalive_timeout=0.5) as edge:
+        raw = await raw_client(edge)
+        try:
+            sid = raw.request("www.a.test", "/one")
+            await raw.until(lambda: raw.response(sid)[3])
+            assert raw.response(sid)[0] == 200
+            started = asyncio.get_running_loop().time()
+            goaway = await closed_with_goaway(raw, 0)
+            assert goaway.last_stream_id == sid
+            assert asyncio.get_running_loop().time() - started < 5
+        finally:
+            await raw.close()
