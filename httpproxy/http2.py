@@ -45,6 +45,7 @@ import httptools
 import ngh2
 
 from edge.directory.model import Site
+from edge.limits import RateLimiter
 from httpproxy import metrics
 from httpproxy.authority import parse_host
 from httpproxy.exchange import ClientInfo, Exchange, ResponseHead
@@ -225,6 +226,8 @@ class H2Connection(asyncio.Protocol):
         self._last_sid = 0
         self._answered = 0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._control: RateLimiter | None = None
+        """SETTINGS/PING frames allowed (made on the first one)."""
         self._idle_deadline = 0.0
         """When the connection, without streams, gets GOAWAY (0: it has streams)."""
         settings = engine.settings
@@ -313,7 +316,7 @@ class H2Connection(asyncio.Protocol):
             return
         # Streams the client opens and resets within one read (rapid reset) never start an
         # exchange: nothing is routed or connected for them.
-        reset = {e.stream_id for e in events if type(e) is ngh2.StreamReset}
+        reset = {e.stream_id for e in events if type(e) is ngh2.StreamReset} if len(events) > 1 else ()
         for event in events:
             kind = type(event)
             if kind is ngh2.RequestReceived:
@@ -330,11 +333,26 @@ class H2Connection(asyncio.Protocol):
                 self._end_body(event.stream_id, event.headers)  # type: ignore[attr-defined]
             elif kind is ngh2.WindowUpdated:
                 self._schedule_flush()
+            elif kind is ngh2.PingReceived or kind is ngh2.SettingsReceived:
+                if not self._control_allowed():
+                    self._fail(ngh2.DenialOfServiceError("SETTINGS/PING flood"))
+                    return
             elif kind is ngh2.ConnectionClosed or kind is ngh2.GoAwayReceived:
                 self.closing = True
-        self._flush()
-        if self.closing and not self.streams:
-            self._close()
+        # Written once per loop iteration: the answers of every stream this read started,
+        # and libnghttp2's acknowledgements, in one write.
+        self._schedule_flush()
+
+    def _control_allowed(self) -> bool:
+        """A SETTINGS or PING frame arrived: within ``h2_max_outbound_ack`` at once and
+        ``h2_control_rate`` per second after that? (Each makes us answer: a client that reads
+        its answers fast enough never trips libnghttp2's bound on queued acknowledgements.)"""
+        limiter = self._control
+        if limiter is None:
+            settings = self.engine.settings
+            limiter = self._control = RateLimiter(settings.h2_control_rate or 1,
+                                                  max(settings.h2_max_outbound_ack, 1), max_keys=1)
+        return limiter.allow(None)
 
     def _fail(self, exc: ngh2.NGH2Error) -> None:
         """End the connection after a protocol error or a defence tripped. libnghttp2 has

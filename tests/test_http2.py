@@ -623,3 +623,22 @@ async def test_idle_connection_gets_goaway_after_keepalive_timeout(
             assert asyncio.get_running_loop().time() - started < 5
         finally:
             await raw.close()
+
+
+async def test_ping_flood_from_a_client_that_reads_ends_the_connection(edge: H2Edge) -> None:
+    """Reading every PING ACK keeps libnghttp2's queue empty: the per-connection token bucket
+    (burst h2_max_outbound_ack, then h2_control_rate per second) still ends the flood."""
+    raw = await raw_client(edge)
+    try:
+        for _ in range(40):  # up to 20,000 PINGs, each answered and read
+            for i in range(500):
+                raw.conn.ping(b"%08d" % i)
+            raw.send()
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                await raw.read(timeout=0.2)
+            if raw.goaway() is not None or raw.closed:
+                break
+        goaway = await closed_with_goaway(raw)
+        assert goaway.error_code == 0xB  # ENHANCE_YOUR_CALM
+    finally:
+        await raw.close()
