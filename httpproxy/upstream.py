@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import re
 import ssl
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import httptools
 
@@ -52,9 +52,19 @@ differently (a bare LF hiding ``Transfer-Encoding`` next to the Content-Length t
 counts). Possessive quantifiers: one pass, no backtracking (~1.7 µs for a 230-byte head)."""
 _STRICT_VALUE = re.compile(_FIELD_VALUE)
 
-HeadFacts = tuple[bytes, int, bool, int, bytes]
-"""What :func:`examine_head` finds: (the head as received, its simple body length or -1,
-whether it says ``Connection: close``, the status, the head without hop-by-hop headers)."""
+class HeadFacts(NamedTuple):
+    """What :func:`examine_head` finds in a final response head (made once per distinct head:
+    a connection reuses its last one while the backend sends the same head)."""
+
+    head: bytes
+    """The head as received."""
+    length: int
+    """Its simple body length (see :func:`examine_head`), or -1: llhttp frames the body."""
+    close: bool
+    """It says ``Connection: close``."""
+    status: int
+    stripped: bytes
+    """The head without hop-by-hop headers: what the client is sent."""
 
 
 def examine_head(head: bytes, status: int) -> HeadFacts:
@@ -86,7 +96,7 @@ def examine_head(head: bytes, status: int) -> HeadFacts:
             length = int(match.group(1))
     stripped, hop_headers = _HOP.subn(b"", head)
     if not hop_headers:
-        return (head, length, False, status, head)
+        return HeadFacts(head, length, False, status, head)
     close = _CLOSE.search(head) is not None
     if _CONN_NAMES.search(head) is not None:
         named: set[bytes] = set()
@@ -99,7 +109,7 @@ def examine_head(head: bytes, status: int) -> HeadFacts:
             lines = stripped.split(b"\r\n")
             stripped = b"\r\n".join(line for i, line in enumerate(lines)
                                     if i == 0 or line.partition(b":")[0].strip().lower() not in named)
-    return (head, length, close, status, stripped)
+    return HeadFacts(head, length, close, status, stripped)
 
 
 TEMPLATE_TRIES = 4
@@ -168,8 +178,8 @@ class HeadTemplate:
         if _STRICT_VALUE.fullmatch(date) is None:  # the rest of the head was strict
             return None
         spre, smid, spost = self.stripped
-        return (head, int(digits), self.close, self.status,
-                b"".join((spre, date, smid, digits, spost)))
+        return HeadFacts(head, int(digits), self.close, self.status,
+                         b"".join((spre, date, smid, digits, spost)))
 
 
 def is_strict_head(head: bytes) -> bool:
@@ -257,7 +267,7 @@ class BackendConnection(asyncio.Protocol):
         self._template: HeadTemplate | None = None
         self._misfits = 0
         """Heads in a row that did not fit the template (templates stop after TEMPLATE_TRIES)."""
-        self._last_framing: HeadFacts = (b"", -1, False, 0, b"")
+        self._last_framing = HeadFacts(b"", -1, False, 0, b"")
         """:func:`examine_head` of this connection's last final response head: identical
         heads (same Date second) are examined once; the next response with that head skips the
         status line checks too."""
@@ -352,16 +362,16 @@ class BackendConnection(asyncio.Protocol):
                 return
             sink.response_body(data)
             if self.sink is not None:
-                self._message_done(not self._last_framing[2])
+                self._message_done(not self._last_framing.close)
             return
         buf = self._buf + data if self._buf else data
         end = buf.find(b"\r\n\r\n")
         framing = self._last_framing
         head = buf[:end + 2] if end >= 0 else b""
-        if head and head == framing[0] and not self.head_request:
+        if head and head == framing.head and not self.head_request:
             # The same head as this connection's previous response, whose status line was
             # checked then (most responses within a second): only those checks are skipped.
-            status = framing[3]
+            status = framing.status
             self.responded = True
         else:
             status = self._read_status(sink, buf, end)
@@ -381,13 +391,13 @@ class BackendConnection(asyncio.Protocol):
             self.pool.discard(self)
             sink.response_upgrade(self, head, rest)
             return
-        if head != framing[0]:
+        if head != framing.head:
             facts = self._examine(head, status)
             if facts is None:
                 self._fail("invalid")
                 return
             framing = self._last_framing = facts
-        length = -1 if self.head_request else framing[1]
+        length = -1 if self.head_request else framing.length
         extra = False
         if length >= 0:
             remaining = length - len(rest)
@@ -413,20 +423,20 @@ class BackendConnection(asyncio.Protocol):
                 # never forwarded; the connection is not reused.
                 rest = b""
                 self._held_end = False
-        sink.response_start(self, status, framing[4], rest)
+        sink.response_start(self, status, framing.stripped, rest)
         if self.sink is None:
             return
         if length >= 0:
             if remaining > 0:
                 self._remaining = remaining
             else:
-                self._message_done(not extra and not self._last_framing[2])
+                self._message_done(not extra and not self._last_framing.close)
             return
         if self.head_request:
             # A response to HEAD has no body whatever its headers say; llhttp cannot be told
             # that, so the head never reaches this parser and the next response gets a new one.
             self._parser = httptools.HttpResponseParser(self)
-            self._message_done(not rest and not framing[2])
+            self._message_done(not rest and not framing.close)
             return
         held = self._held_end
         if held is not None:  # no body (204, 304, Content-Length: 0 that llhttp framed, ...)
@@ -453,7 +463,7 @@ class BackendConnection(asyncio.Protocol):
         # A simple length was only given to a strict head; any other is checked here, as
         # llhttp lets some through (controls in the reason phrase) and never sees a response
         # to HEAD.
-        if facts[1] < 0 and not is_strict_head(head):
+        if facts.length < 0 and not is_strict_head(head):
             return None
         # A backend whose heads differ in more than Date and Content-Length (ETag, cookies)
         # would pay for a template per response: stop trying after a few misfits in a row.
