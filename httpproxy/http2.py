@@ -575,7 +575,10 @@ class H2Connection(asyncio.Protocol):
                 stream.write_paused = False
                 if stream.exchange is not None:
                     stream.exchange.resume_response()
-        if self.closing and not self.streams and not self.h2.want_write:
+        h2 = self.h2
+        if not h2.want_write and (not h2.want_read or (self.closing and not self.streams)):
+            # Drained, or libnghttp2 ended the session itself (a GOAWAY it sent after a
+            # defence tripped): streams still open are cancelled when the transport closes.
             self._close()
 
     def _close(self) -> None:

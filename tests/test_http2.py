@@ -229,7 +229,10 @@ class Raw:
 
     async def read(self, timeout: float = TIMEOUT) -> list[Any]:  # noqa: ASYNC109
         """Read once; the events it brought (also kept in ``events``)."""
-        data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        try:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        except ConnectionError:  # closed with unread client bytes: the kernel sends a reset
+            data = b""
         if not data:
             self.closed = True
             return []
