@@ -14,6 +14,12 @@ measures HTTP/1.
   from h2load's per-request log (``--log-file``);
 * memory per idle HTTP/2 connection: RSS of the proxy before and after ``--idle`` connections
   that sent the preface and SETTINGS and then wait (the edge's worker; nginx's worker).
+
+``--python``: only our Python (robust to other load): the engine in this process over a real
+(SQLite) directory, a fake client transport and a fake pooled backend connection, each request
+one HEADERS frame fed to the HTTP/2 front end, answered by the backend's 1 KiB response,
+``time.process_time`` per request (best of the rounds), next to the same for HTTP/1
+(``benchmarks.httpcpu --python``'s request through the HTTP/1 front end).
 """
 
 from __future__ import annotations
@@ -195,12 +201,114 @@ def report(cases: list[Case], idle: dict[str, float], args: argparse.Namespace) 
         print(f"load average at the end: {' '.join(f.read().split()[:3])}")
 
 
+async def python_only(rounds: int, count: int) -> dict[str, float]:
+    """µs of Python per request over HTTP/2 (miss, cache hit) and HTTP/1 (miss), best of
+    ``rounds`` x ``count``."""
+    import logging
+    import time
+
+    import h2.config
+    import h2.connection
+
+    from benchmarks.httpcpu import RESPONSE, _FakeTransport
+    from edge.config import EdgeConfig, HttpConfig
+    from edge.directory.directory import Directory
+    from edge.directory.feed import ChangeFeed
+    from edge.directory.stores import store_for_url
+    from edge.registry import ProxyContext
+    from httpproxy.front_h1 import ClientConnection
+    from httpproxy.http2 import H2Connection
+    from httpproxy.server import HttpEngine
+    from httpproxy.upstream import BackendConnection
+
+    with tempfile.TemporaryDirectory(prefix="edge-h2cpu-py-") as folder:
+        url = f"sqlite:///{folder}/edge.sqlite3"
+        await provision(url, 8)
+        store = store_for_url(url)
+        await store.open()
+        config = EdgeConfig(http=HttpConfig(access_log=f"{folder}/access.log"))
+        directory = Directory(store, config.cache)
+        context = ProxyContext(config=config, directory=directory,
+                               feed=ChangeFeed(directory, interval=3600), keybox=None,
+                               worker_id=0, logger=logging.getLogger("h2cpu"), name="http")
+        engine = HttpEngine(context)
+        backend = BackendConnection(engine.pool, ("127.0.0.1", 8, b"", ""))
+        backend.connection_made(_FakeTransport(("127.0.0.1", 8)))  # type: ignore[arg-type]
+        engine.pool.release(backend)
+
+        def h2_round(host: str, path: str) -> float:
+            """One fresh HTTP/2 connection, ``count`` requests one after another."""
+            front = H2Connection(engine, "http", None, None)
+            front.connection_made(_FakeTransport(("127.0.0.1", 40000)))  # type: ignore[arg-type]
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.initiate_connection()
+            client.increment_flow_control_window(2**31 - 1 - 65535)
+            front.data_received(client.data_to_send())
+            frames = []
+            for _ in range(count):
+                sid = client.get_next_available_stream_id()
+                client.send_headers(sid, [(":method", "GET"), (":scheme", "http"),
+                                          (":authority", host), (":path", path),
+                                          ("user-agent", "h2load"), ("accept", "*/*")],
+                                    end_stream=True)
+                frames.append(client.data_to_send())
+            started = time.process_time()
+            for frame in frames:
+                front.data_received(frame)
+                if backend.sink is not None:
+                    backend.data_received(RESPONSE)
+                front._flush()  # what the loop's call_soon would run
+            spent = time.process_time() - started
+            front.shutdown()
+            return spent / count * 1e6
+
+        def h1_round(host: str, path: str) -> float:
+            conn = ClientConnection(engine, "http", None, None)
+            conn.connection_made(_FakeTransport(("127.0.0.1", 40000)))  # type: ignore[arg-type]
+            request = b"GET %b HTTP/1.1\r\nHost: %b\r\n\r\n" % (path.encode(), host.encode())
+            started = time.process_time()
+            for _ in range(count):
+                conn.data_received(request)
+                if backend.sink is not None:
+                    backend.data_received(RESPONSE)
+            spent = time.process_time() - started
+            conn.shutdown()
+            return spent / count * 1e6
+
+        cases = {"HTTP/2 miss": (h2_round, SITES["miss"][0], "/index.html"),
+                 "HTTP/2 cache hit": (h2_round, SITES["hit"][0], "/c/index.html"),
+                 "HTTP/1.1 miss": (h1_round, SITES["miss"][0], "/index.html"),
+                 "HTTP/1.1 cache hit": (h1_round, SITES["hit"][0], "/c/index.html")}
+        results = {label: float("inf") for label in cases}
+        for run, host, path in cases.values():  # warm: routes looked up, cache filled
+            run(host, path)
+            await asyncio.sleep(0.05)
+            run(host, path)
+        for _ in range(rounds):
+            for label, (run, host, path) in cases.items():
+                results[label] = min(results[label], run(host, path))
+                await asyncio.sleep(0)
+        await engine.close()
+        await store.close()
+        return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--idle", type=int, default=1000, help="idle connections (0: skip)")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--python", action="store_true", help="Python-only cost (see above)")
+    args = parser.parse_args()
+    if args.python:
+        import uvloop
+
+        results = uvloop.run(python_only(args.runs, 1000))
+        print(f"\nPython µs per request (fake transports, process_time, best of {args.runs} x 1000)")
+        for label, value in results.items():
+            print(f"{label:<22} {value:6.2f}")
+        return
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -243,7 +243,10 @@ class HttpConfig(ProxyListenerConfig):
     with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487)."""
     h2_max_outbound_ack: int = 1000
     """SETTINGS/PING acknowledgements queued for a client that does not read them before its
-    connection ends (SETTINGS and PING floods)."""
+    connection ends, and the burst of SETTINGS/PING frames a connection may send at once
+    (SETTINGS and PING floods)."""
+    h2_control_rate: int = 100
+    """SETTINGS/PING frames per second a connection may send after that burst; past it GOAWAY."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ import httptools
 import ngh2
 
 from edge.directory.model import Site
+from edge.limits import RateLimiter
 from httpproxy import metrics
 from httpproxy.authority import parse_host
 from httpproxy.exchange import ClientInfo, Exchange, ResponseHead
@@ -124,9 +125,8 @@ class Stream:
         """1xx interim responses are not forwarded over HTTP/2 (the final one follows)."""
 
     def start(self, exchange: Exchange, head: ResponseHead, body: bytes) -> None:
-        headers = [(b":status", b"%d" % head.status)]
-        headers += [pair for pair in head.fields() if pair[0] not in _HOP_BY_HOP]
-        if head.chunked and not exchange.head_request:
+        headers, chunked = _h2_head(head)
+        if chunked and not exchange.head_request:
             self.chunks = httptools.HttpResponseParser(_ChunkSink(self))
             self.chunks.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         self.front.send_head(self, headers)
@@ -169,6 +169,25 @@ class Stream:
             self.front.acknowledge(self)
 
 
+def _h2_head(head: ResponseHead) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The HTTP/2 header list of a response head (``:status``, lower-case names, no hop-by-hop
+    fields) and whether its body comes chunked-coded; one pass over the lines (what
+    ``ResponseHead.fields()`` and ``.chunked`` give, for a third of their cost together)."""
+    status, raw, extra = head
+    headers = [(b":status", b"%d" % status)]
+    chunked = False
+    for line in (raw + extra).split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        name = name.strip().lower()
+        if name in _HOP_BY_HOP:
+            chunked = chunked or (name == b"transfer-encoding" and b"chunked" in value.lower())
+            continue
+        headers.append((name, value.strip()))
+    return headers, chunked
+
+
 class _ChunkSink:
     """httptools callbacks for a chunked response body: the decoded bytes go out as DATA."""
 
@@ -207,6 +226,10 @@ class H2Connection(asyncio.Protocol):
         self._last_sid = 0
         self._answered = 0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._control: RateLimiter | None = None
+        """SETTINGS/PING frames allowed (made on the first one)."""
+        self._idle_deadline = 0.0
+        """When the connection, without streams, gets GOAWAY (0: it has streams)."""
         settings = engine.settings
         self._buffer_limit = settings.h2_stream_buffer
         self.h2 = ngh2.Connection(ngh2.Role.SERVER, ngh2.Configuration(
@@ -260,7 +283,9 @@ class H2Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_idle()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         for stream in list(self.streams.values()):
             self._cancel(stream)
         self.streams.clear()
@@ -291,7 +316,7 @@ class H2Connection(asyncio.Protocol):
             return
         # Streams the client opens and resets within one read (rapid reset) never start an
         # exchange: nothing is routed or connected for them.
-        reset = {e.stream_id for e in events if type(e) is ngh2.StreamReset}
+        reset = {e.stream_id for e in events if type(e) is ngh2.StreamReset} if len(events) > 1 else ()
         for event in events:
             kind = type(event)
             if kind is ngh2.RequestReceived:
@@ -308,11 +333,26 @@ class H2Connection(asyncio.Protocol):
                 self._end_body(event.stream_id, event.headers)  # type: ignore[attr-defined]
             elif kind is ngh2.WindowUpdated:
                 self._schedule_flush()
+            elif kind is ngh2.PingReceived or kind is ngh2.SettingsReceived:
+                if not self._control_allowed():
+                    self._fail(ngh2.DenialOfServiceError("SETTINGS/PING flood"))
+                    return
             elif kind is ngh2.ConnectionClosed or kind is ngh2.GoAwayReceived:
                 self.closing = True
-        self._flush()
-        if self.closing and not self.streams:
-            self._close()
+        # Written once per loop iteration: the answers of every stream this read started,
+        # and libnghttp2's acknowledgements, in one write.
+        self._schedule_flush()
+
+    def _control_allowed(self) -> bool:
+        """A SETTINGS or PING frame arrived: within ``h2_max_outbound_ack`` at once and
+        ``h2_control_rate`` per second after that? (Each makes us answer: a client that reads
+        its answers fast enough never trips libnghttp2's bound on queued acknowledgements.)"""
+        limiter = self._control
+        if limiter is None:
+            settings = self.engine.settings
+            limiter = self._control = RateLimiter(settings.h2_control_rate or 1,
+                                                  max(settings.h2_max_outbound_ack, 1), max_keys=1)
+        return limiter.allow(None)
 
     def _fail(self, exc: ngh2.NGH2Error) -> None:
         """End the connection after a protocol error or a defence tripped. libnghttp2 has
@@ -535,7 +575,10 @@ class H2Connection(asyncio.Protocol):
                 stream.write_paused = False
                 if stream.exchange is not None:
                     stream.exchange.resume_response()
-        if self.closing and not self.streams and not self.h2.want_write:
+        h2 = self.h2
+        if not h2.want_write and (not h2.want_read or (self.closing and not self.streams)):
+            # Drained, or libnghttp2 ended the session itself (a GOAWAY it sent after a
+            # defence tripped): streams still open are cancelled when the transport closes.
             self._close()
 
     def _close(self) -> None:
@@ -546,19 +589,31 @@ class H2Connection(asyncio.Protocol):
     # -- timers, drain -------------------------------------------------------------------------
 
     def _arm_idle(self, timeout: float) -> None:
-        self._cancel_idle()
-        if timeout > 0:
-            self._idle_timer = self.engine.loop.call_later(timeout, self._idle)
+        """Close after ``timeout`` without streams. One timer, re-armed lazily: the deadline
+        moves on each stream's end without a timer per request."""
+        if timeout <= 0:
+            return
+        loop = self.engine.loop
+        deadline = self._idle_deadline = loop.time() + timeout
+        timer = self._idle_timer
+        if timer is not None and timer.when() > deadline:  # armed for a longer wait
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self._idle_timer = loop.call_at(deadline, self._idle)
 
     def _cancel_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._idle_deadline = 0.0  # checked when the timer fires
 
     def _idle(self) -> None:
         self._idle_timer = None
-        if not self.streams:
-            self.close_if_idle()
+        if self.closed or self.streams or not self._idle_deadline:
+            return
+        now = self.engine.loop.time()
+        if now < self._idle_deadline:
+            self._idle_timer = self.engine.loop.call_at(self._idle_deadline, self._idle)
+            return
+        self.close_if_idle()
 
     def close_if_idle(self) -> None:
         """Draining (or idle): GOAWAY now; the streams in progress finish, then we close."""

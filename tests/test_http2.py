@@ -39,6 +39,7 @@ from tests.support_directory import feed_at_head, make_certificate
 from tests.test_http_support import Backend, listening_socket, parse_curl
 
 TIMEOUT = 20.0
+PREFACE_BYTES = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 @dataclass
@@ -228,7 +229,10 @@ class Raw:
 
     async def read(self, timeout: float = TIMEOUT) -> list[Any]:  # noqa: ASYNC109
         """Read once; the events it brought (also kept in ``events``)."""
-        data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        try:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        except ConnectionError:  # closed with unread client bytes: the kernel sends a reset
+            data = b""
         if not data:
             self.closed = True
             return []
@@ -296,9 +300,9 @@ class Raw:
         return found[0] if found else None
 
     async def close(self) -> None:
-        self.writer.close()
+        self.writer.transport.abort()  # unsent flood frames are dropped, not waited for
         with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
 
 
 async def raw_client(edge: H2Edge, name: str | None = None, **settings: int) -> Raw:
@@ -521,7 +525,8 @@ async def test_empty_data_frame_flood_ends_the_connection(edge: H2Edge) -> None:
 
     raw = await raw_client(edge)
     try:
-        sid = raw.request("www.a.test", "/echo", method="POST", end_stream=False)
+        # An unknown site: answered 404 at once, no backend waits for this body.
+        sid = raw.request("nowhere.test", "/echo", method="POST", end_stream=False)
         empty = DataFrame(sid).serialize()
         with contextlib.suppress(ConnectionError):
             for _ in range(40):
@@ -606,3 +611,149 @@ async def _curl_plain(port: int, *args: str, path: str) -> Any:
     code, out = await _run("curl", "-sS", "-D", "-", "-o", "/dev/stdout", "-H", "Host: www.a.test",
                            *args, f"http://127.0.0.1:{port}{path}")
     return parse_curl(out.replace("HTTP/2 ", "HTTP/2.0 ").encode(), code, out, check=True)
+
+
+async def test_idle_connection_gets_goaway_after_keepalive_timeout(
+        service: DirectoryService, keybox: KeyBox, tmp_path: Path) -> None:
+    async with h2_edge(service, keybox, tmp_path, keepalive_timeout=0.5) as edge:
+        raw = await raw_client(edge)
+        try:
+            sid = raw.request("www.a.test", "/one")
+            await raw.until(lambda: raw.response(sid)[3])
+            assert raw.response(sid)[0] == 200
+            started = asyncio.get_running_loop().time()
+            goaway = await closed_with_goaway(raw, 0)
+            assert goaway.last_stream_id == sid
+            assert asyncio.get_running_loop().time() - started < 5
+        finally:
+            await raw.close()
+
+
+async def test_ping_flood_from_a_client_that_reads_ends_the_connection(edge: H2Edge) -> None:
+    """Reading every PING ACK keeps libnghttp2's queue empty: the per-connection token bucket
+    (burst h2_max_outbound_ack, then h2_control_rate per second) still ends the flood."""
+    raw = await raw_client(edge)
+    try:
+        for _ in range(40):  # up to 20,000 PINGs, each answered and read
+            for i in range(500):
+                raw.conn.ping(b"%08d" % i)
+            raw.send()
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                await raw.read(timeout=0.2)
+            if raw.goaway() is not None or raw.closed:
+                break
+        goaway = await closed_with_goaway(raw)
+        assert goaway.error_code == 0xB  # ENHANCE_YOUR_CALM
+    finally:
+        await raw.close()
+
+
+# -- conformance (h2spec's server cases that matter here) ----------------------------------------
+# h2spec itself is a Go binary from GitHub releases (not in Debian, PyPI or npm): these are its
+# cases for a server, written as raw frames (hyperframe, hpack). Each names its h2spec section.
+
+_GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"www.a.test")]
+
+
+def _frames_for(case: str) -> tuple[bytes, str]:
+    """The bytes a hostile client sends after the preface, and what the edge must answer:
+    "goaway:N" (connection error N), "rst:N" (stream error N on stream 1), or "ok" (answered)."""
+    import hpack
+    from hyperframe.frame import (
+        DataFrame,
+        HeadersFrame,
+        PingFrame,
+        PriorityFrame,
+        SettingsFrame,
+        WindowUpdateFrame,
+    )
+
+    enc = hpack.Encoder()
+
+    def headers(fields: list[tuple[bytes, bytes]], *, end: bool = True, sid: int = 1) -> bytes:
+        frame = HeadersFrame(sid, data=enc.encode(fields))
+        frame.flags.add("END_HEADERS")
+        if end:
+            frame.flags.add("END_STREAM")
+        return frame.serialize()
+
+    settings = SettingsFrame(0).serialize()
+    if case == "6.1 DATA on stream 0":  # hyperframe refuses to build it: patch the stream id
+        data = DataFrame(1, data=b"x").serialize()
+        return settings + data[:5] + b"\x00\x00\x00\x00" + data[9:], "goaway:1"
+    if case == "8.1.2 upper-case header name":
+        return settings + headers([*_GET, (b"X-Upper", b"1")]), "rst:1"
+    if case == "8.1.2.1 pseudo-header after a regular one":
+        return settings + headers([*_GET[:3], (b"x-a", b"1"), _GET[3]]), "rst:1"
+    if case == "8.1.2.2 connection-specific header":
+        return settings + headers([*_GET, (b"connection", b"keep-alive")]), "rst:1"
+    if case == "8.1.2.2 TE other than trailers":
+        return settings + headers([*_GET, (b"te", b"gzip")]), "rst:1"
+    if case == "8.1.2.3 no :path":
+        return settings + headers(_GET[:2] + _GET[3:]), "rst:1"
+    if case == "8.1.2.6 content-length and DATA disagree":
+        body = DataFrame(1, data=b"abc")
+        body.flags.add("END_STREAM")
+        return (settings + headers([*_GET, (b"content-length", b"10")], end=False)
+                + body.serialize()), "rst:1"
+    if case == "6.9 WINDOW_UPDATE of 0 on the connection":
+        return settings + WindowUpdateFrame(0, window_increment=0).serialize(), "goaway:1"
+    if case == "6.5.2 SETTINGS_ENABLE_PUSH = 2":
+        return SettingsFrame(0, settings={SettingsFrame.ENABLE_PUSH: 2}).serialize(), "goaway:1"
+    if case == "4.2 frame larger than SETTINGS_MAX_FRAME_SIZE":
+        return settings + DataFrame(1, data=b"x" * 20000).serialize(), "goaway:6"
+    if case == "6.7 PING on a stream":
+        ping = PingFrame(0, opaque_data=b"12345678").serialize()
+        return settings + ping[:5] + b"\x00\x00\x00\x01" + ping[9:], "goaway:1"
+    if case == "5.5 unknown frame type ignored":
+        unknown = b"\x00\x00\x05\xfa\x00\x00\x00\x00\x00hello"  # type 0xFA, 5 bytes
+        return settings + unknown + headers(_GET), "ok"
+    if case == "5.3 PRIORITY on an idle stream":
+        return settings + PriorityFrame(3, depends_on=0, stream_weight=10).serialize() + headers(_GET), "ok"
+    raise AssertionError(case)
+
+
+CONFORMANCE = ["6.1 DATA on stream 0", "8.1.2 upper-case header name",
+               "8.1.2.1 pseudo-header after a regular one", "8.1.2.2 connection-specific header",
+               "8.1.2.2 TE other than trailers", "8.1.2.3 no :path",
+               "8.1.2.6 content-length and DATA disagree", "6.9 WINDOW_UPDATE of 0 on the connection",
+               "6.5.2 SETTINGS_ENABLE_PUSH = 2", "4.2 frame larger than SETTINGS_MAX_FRAME_SIZE",
+               "6.7 PING on a stream", "5.5 unknown frame type ignored", "5.3 PRIORITY on an idle stream"]
+
+
+async def test_h2spec_server_cases(edge: H2Edge) -> None:
+    from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+
+    failures = []
+    for case in CONFORMANCE:
+        data, expected = _frames_for(case)
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        seen = "closed"
+        try:
+            writer.write(PREFACE_BYTES + data)
+            buffer = b""
+            deadline = asyncio.get_running_loop().time() + 5
+            while seen == "closed" and asyncio.get_running_loop().time() < deadline:
+                chunk = await asyncio.wait_for(reader.read(65536), 5)
+                if not chunk:
+                    break
+                buffer += chunk
+                while len(buffer) >= 9:
+                    frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+                    if len(buffer) < 9 + length:
+                        break
+                    frame.parse_body(memoryview(buffer[9:9 + length]))
+                    buffer = buffer[9 + length:]
+                    if isinstance(frame, GoAwayFrame):
+                        seen = f"goaway:{frame.error_code}"
+                    elif isinstance(frame, RstStreamFrame):
+                        seen = f"rst:{frame.error_code}"
+                    elif isinstance(frame, HeadersFrame) and frame.stream_id == 1:
+                        seen = "ok"
+        finally:
+            writer.transport.abort()
+        if seen != expected:
+            failures.append(f"{case}: expected {expected}, got {seen}")
+    assert not failures, failures
+    # Only the two well-formed requests ever reached a backend.
+    assert len(edge.backends[0].requests) == 2
