@@ -1,16 +1,12 @@
 """ACME challenge answers served by the edge itself, on every worker (docs/tls.md).
 
-* **HTTP-01** (RFC 8555 §8.3): ``GET /.well-known/acme-challenge/TOKEN`` on the HTTP
-  listener is answered with the key authorization the issuer (:mod:`edge.acme`) published
-  in the directory, looked up through the cached lookup path (``Directory.challenge``), before
-  redirects, filters and routing: a site whose rules redirect or deny everything can still
-  prove control. The token must belong to the Host asked for; anything else is a 404 and
-  the request never reaches a backend.
+* **HTTP-01** (RFC 8555 §8.3): :mod:`httpproxy.acme_http01` (called by the exchange).
 * **TLS-ALPN-01** (RFC 8737): a ClientHello offering only ``acme-tls/1`` gets a
   self-signed certificate for the SNI carrying the ``id-pe-acmeIdentifier`` extension
   (SHA-256 of the key authorization); the connection ends after the handshake.
 
-The hooks in :mod:`httpproxy.exchange` and :mod:`httpproxy.tls_server` are one call each.
+The hooks in :mod:`httpproxy.exchange` (through :mod:`httpproxy.acme_http01`) and
+:mod:`httpproxy.tls_server` are one call each.
 """
 
 from __future__ import annotations
@@ -20,9 +16,7 @@ import datetime
 import functools
 import hashlib
 import logging
-import re
 import ssl
-import time
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -30,87 +24,27 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edge.directory.cache import Miss
-from edge.directory.model import AcmeChallenge
 from edge.directory.names import hostname_or_none
 from edge.errors import DirectoryUnavailable
-from httpproxy import pages
 from httpproxy.contexts import load_chain_from_memory
 
 if TYPE_CHECKING:
+    from edge.directory.directory import Directory
     from httpproxy.clienthello import ClientHello
-    from httpproxy.exchange import Exchange
     from httpproxy.tls import PendingConnection
-    from httpproxy.tls_server import HttpsProxy
 
-__all__ = ["ALPN_PROTOCOL", "PREFIX", "answer_http01", "challenge_certificate", "is_tls_alpn01",
+__all__ = ["ALPN_PROTOCOL", "challenge_certificate", "is_tls_alpn01",
            "serve_tls_alpn01", "tls_alpn01_token"]
 
 log = logging.getLogger("edge.acme.challenges")
 
-PREFIX = b"/.well-known/acme-challenge/"
 ALPN_PROTOCOL = "acme-tls/1"
 ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
-_TOKEN_RE = re.compile(rb"[A-Za-z0-9_-]{1,200}")
 
 
 def tls_alpn01_token(hostname: str) -> str:
     """The directory key under which a TLS-ALPN-01 answer for ``hostname`` is published."""
     return "tls-alpn-01:" + hostname
-
-
-# -- HTTP-01 --------------------------------------------------------------------------------
-
-def answer_http01(exchange: Exchange) -> bool:
-    """Answer ``exchange`` if its target is an ACME HTTP-01 path. Returns True when it took
-    the request (answered now or after a lookup), False for any other path."""
-    if not exchange.target.startswith(PREFIX) or exchange.method not in (b"GET", b"HEAD"):
-        return False
-    token = exchange.target[len(PREFIX):]
-    host = hostname_or_none(_host_only(exchange.host_raw or b""))
-    if not _TOKEN_RE.fullmatch(token) or host is None:
-        exchange.refuse_status(404, "not an ACME challenge token")
-        return True
-    key = token.decode("ascii")
-    directory = exchange.services.directory
-    cached = directory.challenges.peek(key)
-    if isinstance(cached, Miss):
-        exchange.services.spawn(_answer_slow(exchange, key, host))
-    else:
-        _reply(exchange, cached, host)
-    return True
-
-
-async def _answer_slow(exchange: Exchange, token: str, host: str) -> None:
-    try:
-        answer = await exchange.services.directory.challenge(token)
-    except DirectoryUnavailable as exc:
-        log.warning("ACME challenge lookup failed: %s", exc)
-        exchange.refuse_status(503, "directory unavailable", (("Retry-After", "5"),))
-        return
-    _reply(exchange, answer, host)
-
-
-def _reply(exchange: Exchange, answer: AcmeChallenge | None, host: str) -> None:
-    if answer is None or answer.hostname != host or answer.expires_at < time.time():
-        exchange.refuse_status(404, "unknown ACME challenge token")
-        return
-    body = answer.key_authorization.encode("ascii")
-    head = (b"HTTP/1.1 200 OK\r\nDate: " + pages.http_date() +
-            b"\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n"
-            b"Cache-Control: no-store\r\n" % len(body))
-    exchange.answer_local(200, head, body)
-
-
-def _host_only(raw: bytes) -> str:
-    """The name of a Host header value (port dropped); "" if it is not ASCII."""
-    try:
-        text = raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        return ""
-    if text.startswith("["):
-        return ""  # an IP literal never has a challenge
-    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
 # -- TLS-ALPN-01 ----------------------------------------------------------------------------
@@ -147,13 +81,13 @@ class _CloseAfterHandshake(asyncio.Protocol):
         transport.close()
 
 
-async def serve_tls_alpn01(proxy: HttpsProxy, connection: PendingConnection,
+async def serve_tls_alpn01(directory: Directory, connection: PendingConnection,
                            hello: ClientHello) -> None:
     """Handshake with the challenge certificate of ``hello``'s SNI, or refuse with the alert
     ``unrecognized_name`` when no answer is published for it (returns None)."""
     name = hostname_or_none(hello.server_name or "")
     try:
-        answer = None if name is None else await proxy.directory.challenge(
+        answer = None if name is None else await directory.challenge(
             tls_alpn01_token(name))
     except DirectoryUnavailable:
         connection.refuse("internal_error", "unavailable")

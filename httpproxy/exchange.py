@@ -47,7 +47,7 @@ from edge.directory.cache import Miss
 from edge.directory.names import hostname_or_none
 from edge.errors import DirectoryUnavailable
 from edge.proxyproto import header_for_backend
-from httpproxy import acme, pages
+from httpproxy import acme_http01, pages
 from httpproxy.authority import Authority, forwarded_value, parse_authority, parse_host
 from httpproxy.cacheflow import (
     SAFE_METHODS,
@@ -568,8 +568,8 @@ class Exchange:
             else:
                 self.refuse(400, "missing Host header")
             return
-        if target.startswith(acme.PREFIX) and acme.answer_http01(self):
-            return  # ACME HTTP-01: before routes, redirects and filters (httpproxy/acme.py)
+        if target.startswith(acme_http01.PREFIX) and acme_http01.answer_http01(self):
+            return  # ACME HTTP-01: before routes, redirects and filters
         route = services.routes.get(host_header)
         if route is not None and route.expires > services.directory.clock():
             # The warm path: this exact Host was resolved before (see httpproxy.sitestate.Route;

@@ -145,7 +145,7 @@ class HttpsProxy:
             return
         if acme.is_tls_alpn01(hello):  # ACME TLS-ALPN-01 validation (httpproxy/acme.py)
             connection.arm_deadline()
-            task = self._loop.create_task(acme.serve_tls_alpn01(self, connection, hello))
+            task = self._loop.create_task(acme.serve_tls_alpn01(self.directory, connection, hello))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
