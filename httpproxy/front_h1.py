@@ -34,7 +34,7 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
@@ -556,26 +556,32 @@ class ClientConnection(asyncio.Protocol):
         self._close(abort=True)
 
     def upgrade(self, exchange: Exchange, data: bytes, transport: object) -> None:
-        assert isinstance(transport, asyncio.Transport) and self.transport is not None
+        # Not isinstance(transport, asyncio.Transport): uvloop's transports are not
+        # asyncio.Transport subclasses (edge serve runs on uvloop).
+        backend = cast(asyncio.Transport, transport)
+        if self.transport is None or self.closed:  # the client left while the 101 came
+            backend.abort()
+            return
         self.active = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.relay = Relay.attach(self.transport, transport, initial_a_to_b=exchange.upgrade_data,
+        self.relay = Relay.attach(self.transport, backend, initial_a_to_b=exchange.upgrade_data,
                                   initial_b_to_a=data,
                                   idle_timeout=self.engine.settings.idle_timeout or None,
                                   names=("client", "backend"))
-        session_id = self._register_websocket(exchange, self.relay, transport)
+        session_id = self._register_websocket(exchange, self.relay, self.transport)
         self.engine.spawn(self._relay_done(exchange, self.relay, session_id))
 
-    def _register_websocket(self, req: Exchange, relay: Relay, transport: asyncio.Transport) -> str:
-        """Add the upgraded connection to the worker's live sessions; returns its id."""
+    def _register_websocket(self, req: Exchange, relay: Relay, client: asyncio.Transport) -> str:
+        """Add the upgraded connection to the worker's live sessions (``client``: the
+        client's transport, where a kill writes its close frame); returns its id."""
         snapshot = SessionSnapshot(
             user=req.site.hostname if req.site else "", tenant=req.tenant.name if req.tenant else "",
             host=req.host.name if req.host else "", client=f"{self.client.ip}:{self.client.port}",
             since=time.time(), bytes_up=0, bytes_down=0)
         return self.engine.sessions.add("websocket",
-                                                WebSocketSession(relay, transport, snapshot))
+                                      WebSocketSession(relay, client, snapshot))
 
     async def _relay_done(self, req: Exchange, relay: Relay, session_id: str = "") -> None:
         try:

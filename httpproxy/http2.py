@@ -156,8 +156,9 @@ class Stream:
 
     def upgrade(self, exchange: Exchange, data: bytes, transport: object) -> None:
         """Never asked for: an HTTP/2 exchange is not marked ``upgrade`` (no RFC 8441)."""
-        if isinstance(transport, asyncio.Transport):
-            transport.abort()
+        abort = getattr(transport, "abort", None)  # uvloop's transports: not asyncio.Transport
+        if abort is not None:
+            abort()
         self.front.reset_stream(self, INTERNAL_ERROR)
 
     def pause_request_body(self, exchange: Exchange) -> None:
