@@ -44,8 +44,10 @@ from typing import Protocol
 import httptools
 import ngh2
 
+from edge import sessionpolicy
 from edge.directory.model import Site
 from edge.limits import RateLimiter
+from edge.sessions import SessionSnapshot
 from httpproxy import metrics
 from httpproxy.authority import parse_host
 from httpproxy.exchange import ClientInfo, Exchange, ResponseHead
@@ -201,6 +203,51 @@ class _ChunkSink:
         self.stream.front.send_data(self.stream, body)
 
 
+class H2Session:
+    """An HTTP/2 connection in ``edge sessions`` (protocol ``h2``). Its user is the SNI's site
+    (else the first request's name); tenant and host are those of the last request routed:
+    a coalescing browser may send several sites over one connection. A kill or a session-policy
+    close sends GOAWAY (the streams in progress finish); a drain does the same at its deadline."""
+
+    def __init__(self, conn: H2Connection) -> None:
+        self.conn = conn
+        self.since = time.time()
+        self.user = conn.sni_site.hostname if conn.sni_site is not None else ""
+        self.tenant = ""
+        self.host = ""
+        self._drain: asyncio.TimerHandle | None = None
+
+    def routed(self, exchange: Exchange) -> None:
+        if not self.user:
+            self.user = exchange.host_header
+        if exchange.tenant is not None and exchange.host is not None:
+            self.tenant, self.host = exchange.tenant.name, exchange.host.name
+
+    def snapshot(self) -> SessionSnapshot:
+        """Returns the connection's client, last route and byte counts so far."""
+        conn = self.conn
+        return SessionSnapshot(self.user, self.tenant, self.host,
+                               f"{conn.client_ip}:{conn.client_port}", self.since,
+                               conn.bytes_in, conn.bytes_out)
+
+    def apply(self, action: sessionpolicy.Action) -> None:
+        """GOAWAY now (close/kill), at a drain deadline, or keep."""
+        if action.kind is sessionpolicy.Kind.KEEP:
+            if self._drain is not None:
+                self._drain.cancel()
+                self._drain = None
+        elif action.kind is sessionpolicy.Kind.CLOSE:
+            self.conn.close_if_idle()
+        elif self._drain is None:
+            delay = max(0.0, action.deadline - time.time())
+            self._drain = asyncio.get_running_loop().call_later(delay, self.conn.close_if_idle)
+
+    def cancel(self) -> None:
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
+
+
 class H2Connection(asyncio.Protocol):
     """One HTTP/2 client connection (TLS with ALPN ``h2``, or prior knowledge on plain HTTP)."""
 
@@ -222,6 +269,10 @@ class H2Connection(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.closing = False
         self.closed = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.session: H2Session | None = None
+        self._session_id = ""
         self._tcp_paused = False
         self._flush_scheduled = False
         self._last_sid = 0
@@ -251,6 +302,8 @@ class H2Connection(asyncio.Protocol):
         self.client = self._client_info(self.sni_site)
         engine.opened(self)
         metrics.H2_CONNECTIONS.inc()
+        self.session = H2Session(self)
+        self._session_id = engine.sessions.add("h2", self.session)
         settings = engine.settings
         self.h2.initiate_connection({
             ngh2.Setting.MAX_CONCURRENT_STREAMS: settings.h2_max_concurrent_streams,
@@ -293,6 +346,10 @@ class H2Connection(asyncio.Protocol):
         if self._answered:
             metrics.H2_STREAMS.inc(self._answered)
             self._answered = 0
+        if self.session is not None:
+            self.session.cancel()
+            self.engine.sessions.remove(self._session_id)
+            self.session = None
         self.engine.closed(self)
 
     def pause_writing(self) -> None:
@@ -308,6 +365,7 @@ class H2Connection(asyncio.Protocol):
         return False
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         h2 = self.h2
         try:
             h2.receive_data(data)
@@ -478,6 +536,8 @@ class H2Connection(asyncio.Protocol):
     # -- responses ---------------------------------------------------------------------------
 
     def send_head(self, stream: Stream, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.session is not None and stream.exchange is not None:
+            self.session.routed(stream.exchange)  # the route the answer came from
         if stream.reset:
             return
         try:
@@ -566,6 +626,7 @@ class H2Connection(asyncio.Protocol):
             self._fail(exc)
             return
         if data:
+            self.bytes_out += len(data)
             transport.write(data)
         if self._tcp_paused:
             return

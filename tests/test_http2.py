@@ -757,3 +757,21 @@ async def test_h2spec_server_cases(edge: H2Edge) -> None:
     assert not failures, failures
     # Only the two well-formed requests ever reached a backend.
     assert len(edge.backends[0].requests) == 2
+
+
+async def test_http2_connections_are_live_sessions_and_a_kill_sends_goaway(edge: H2Edge) -> None:
+    """``edge sessions`` lists an HTTP/2 connection (protocol h2: the SNI's site, the last
+    request's tenant and backend host, bytes both ways); ``sessions kill`` ends it with GOAWAY
+    after the streams in progress."""
+    raw = await raw_client(edge, "www.a.test")
+    try:
+        sid = raw.request("www.b.test", "/coalesced")  # another tenant, same certificate
+        await raw.until(lambda: raw.response(sid)[3])
+        [row] = [r for r in edge.engine.sessions.list() if r.protocol == "h2"]
+        assert (row.user, row.tenant, row.host) == ("www.a.test", "tb", "host-b")
+        assert row.bytes_up > 0 and row.bytes_down > 0 and row.client.startswith("127.0.0.1:")
+        assert edge.engine.sessions.kill(row.id, "maintenance")
+        await closed_with_goaway(raw, 0)
+        assert [r for r in edge.engine.sessions.list() if r.protocol == "h2"] == []
+    finally:
+        await raw.close()
