@@ -10,6 +10,10 @@ loopback or put the token-checking admin API in front of it).
   ``{"killed": id}``, 404 if no live worker has that session.
 * ``GET /status?window=1`` → :class:`edge.status.Status` as JSON (two metric readings
   ``window`` seconds apart, 0.2 to 10).
+
+A request a browser made (it carries ``Origin`` or ``Sec-Fetch-Site``) gets 403: no web page an
+operator has open, nor one that rebinds its DNS name to 127.0.0.1, can list or end sessions
+through the operator's browser (the CLI and the admin API never send those headers).
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ class LiveRoutes:
         self._listeners = listeners
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/sessions", self.list_sessions)
-        app.router.add_post("/sessions/{id}/kill", self.kill_session)
-        app.router.add_get("/status", self.status)
+        app.router.add_get("/sessions", _not_from_browser(self.list_sessions))
+        app.router.add_post("/sessions/{id}/kill", _not_from_browser(self.kill_session))
+        app.router.add_get("/status", _not_from_browser(self.status))
 
     async def list_sessions(self, request: web.Request) -> web.Response:
         """200 with every live session matching the query's filters."""
@@ -89,6 +93,21 @@ class LiveRoutes:
                                   workers_problem=self._workers_problem(),
                                   database_problem=problem, lookup_latency_ms=latency)
         return web.json_response(asdict(result))
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _not_from_browser(handler: Handler) -> Handler:
+    """``handler``, refusing (403) requests a browser sent: cross-site form posts and fetches
+    (CSRF; session ids are guessable, ``pid.serial``) and DNS-rebound pages carry ``Origin``
+    or ``Sec-Fetch-Site``; nothing that should reach these routes does."""
+    async def checked(request: web.Request) -> web.Response:
+        if "Origin" in request.headers or "Sec-Fetch-Site" in request.headers:
+            return _error(403, "requests from web browsers are refused here; use edge sessions "
+                               "or the admin API")
+        return await handler(request)
+    return checked
 
 
 def _error(code: int, text: str) -> web.Response:

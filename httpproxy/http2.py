@@ -343,6 +343,12 @@ class H2Connection(asyncio.Protocol):
         for stream in list(self.streams.values()):
             self._cancel(stream)
         self.streams.clear()
+        # The client infos' local-address lookup is a bound method of this connection: a
+        # cycle the worker's rarely run cyclic GC would keep, libnghttp2 session and all (as
+        # front_h1's connection_lost does).
+        for client in (self.client, self._coalesced):
+            if client is not None:
+                client.local_lookup = None
         if self._answered:
             metrics.H2_STREAMS.inc(self._answered)
             self._answered = 0

@@ -9,6 +9,7 @@ ports are the edge's listeners. The tests drive it with the real ``edge`` CLI an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -362,6 +363,34 @@ def test_random_sni_flood_causes_no_acme_order(env: Env) -> None:
     time.sleep(1.5)  # three rounds of edge serve's loop
     assert env.pebble.orders() == orders
     assert "flood.test" not in json.dumps(env.status())
+
+
+def test_random_sni_under_a_wildcard_site_spends_no_on_demand_budget(env: Env) -> None:
+    """A wildcard site without certificate (``*.wild.test``) matches every random name under
+    it, but ACME cannot issue a wildcard here (DNS-01 only): a flood of such names must neither
+    order anything nor use up the tenant's on-demand rate limit, so the tenant's next real site
+    still gets its certificate at its first handshake (it used to be refused: rate limit)."""
+    result = env.cli("tenant", "add", "tw", "--host", "web")
+    assert result.returncode == 0, result.stderr
+    env.add_site("*.wild.test", tenant="tw")
+    orders = env.pebble.orders()
+    ctx = ssl.create_default_context(cafile=str(env.root))
+    for _ in range(12):  # six per worker: three times the per-tenant burst of two
+        name = secrets.token_hex(6) + ".wild.test"
+        with contextlib.suppress(ssl.SSLError), \
+                socket.create_connection(("127.0.0.1", env.https_port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname=name):
+            raise AssertionError(f"{name}: a handshake without any certificate for it")
+    assert env.pebble.orders() == orders
+    env.add_site("after-wild.test", tenant="tw")
+    for _ in range(4):  # whichever worker takes the connection: each has its budget left
+        leaf = env.served_certificate("after-wild.test")
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert names.get_values_for_type(x509.DNSName) == ["after-wild.test"]
+    wait_for(lambda: env.status()["after-wild.test"]["state"] == "valid", 30,
+             "after-wild.test valid")
+    time.sleep(1.0)  # two rounds of edge serve's loop: nothing more is ordered
+    assert env.pebble.orders() == orders + 1, env.status()["after-wild.test"]
 
 
 def test_on_demand_first_handshake_waits_for_its_certificate(env: Env) -> None:

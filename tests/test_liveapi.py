@@ -108,3 +108,32 @@ async def test_control_socket_answers_garbage_with_an_error_and_keeps_serving(
     table.add("ssh", Recorded("alice"))
     body = await (await client.get("/sessions")).json()
     assert len(body["sessions"]) == 1
+
+
+@pytest.mark.parametrize("headers", [
+    # A cross-site form post (what Chromium sends for <form method=post action=http://127.0.0.1:9900/...>).
+    {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site",
+     "Content-Type": "application/x-www-form-urlencoded"},
+    # A page whose name was rebound to 127.0.0.1: same-origin to the browser, Origin still sent.
+    {"Origin": "http://rebound.example:9900", "Sec-Fetch-Site": "same-origin"},
+    # A browser that sends only the fetch metadata.
+    {"Sec-Fetch-Site": "same-site"},
+])
+async def test_browser_requests_cannot_list_or_kill_sessions(
+        live: tuple[TestClient[web.Request, web.Application], SessionTable],
+        headers: dict[str, str]) -> None:
+    """Session ids are guessable (pid.serial): a web page open in an operator's browser (the
+    admin port tunnelled to a laptop, or a DNS-rebinding page) must not end sessions or read
+    who is connected."""
+    client, table = live
+    alice = Recorded("alice")
+    alice_id = table.add("ssh", alice)
+    response = await client.post(f"/sessions/{alice_id}/kill", data="", headers=headers)
+    assert response.status == 403 and "browsers" in (await response.json())["error"]
+    assert alice.actions == []
+    listing = await client.get("/sessions", headers=headers)
+    assert listing.status == 403 and "alice" not in await listing.text()
+    # The CLI's and the admin API's own requests still work.
+    assert (await client.get("/sessions")).status == 200
+    assert (await client.post(f"/sessions/{alice_id}/kill")).status == 200
+    assert len(alice.actions) == 1
