@@ -41,6 +41,8 @@ values (User-Agent, Cookie) cannot fill the cache with one URL."""
 MAX_TAGS = 32
 """Tags kept per entry (the rest are ignored)."""
 _K = TypeVar("_K")
+_ENCODINGS = (b"br", b"gzip", b"identity")
+"""The encoding variants of :func:`httpproxy.cachepolicy.encoding_variant`."""
 
 
 def url_key(primary: bytes) -> bytes:
@@ -157,6 +159,22 @@ class ContentCache:
         if entry is not None:
             self._entries.move_to_end(key)
         return entry
+
+    def get_identity(self, key: bytes) -> CacheEntry | None:
+        """A response stored for the same URL under another encoding variant whose content
+        is not encoded (no Content-Encoding): usable for any request. Browsers send
+        ``Accept-Encoding: identity`` with Range requests (Fetch standard), so the full
+        response a normal request stored is found for them."""
+        parts = key.split(b"\0", 3)
+        if len(parts) != 4:
+            return None
+        for variant in _ENCODINGS:
+            if variant != parts[2]:
+                entry = self._entries.get(b"\0".join((parts[0], parts[1], variant, parts[3])))
+                if entry is not None and b"\r\ncontent-encoding:" not in entry.head.lower():
+                    self._entries.move_to_end(entry.key)
+                    return entry
+        return None
 
     def has_variants(self, key: bytes) -> bool:
         return key in self._variants

@@ -89,17 +89,26 @@ def _normalise(value: str) -> str:
     return ",".join(" ".join(part.split()) for part in value.split(","))
 
 
+def _normalise_languages(value: str) -> str:
+    # Language ranges are case-insensitive (RFC 4647 §2) and, at equal weight, unordered
+    # (RFC 9110 §12.5.4 ranks by q only): "en, de" and "De, EN" are one variant.
+    return ",".join(sorted("".join(part.split()).lower() for part in value.split(",")))
+
+
 def secondary_key(names: tuple[str, ...], request: Mapping[str, str]) -> bytes:
     """What a request must repeat to be served a response that varies on ``names``.
 
     Accept-Encoding is compared as the encoding variant the edge forwards
     (:func:`httpproxy.cachepolicy.encoding_variant`), so ``gzip`` and ``gzip;q=1`` share a
-    variant; an absent field differs from an empty one."""
+    variant; Accept-Language without case and order; an absent field differs from an
+    empty one."""
     parts = []
     for name in names:
         value = request.get(name)
         if name == "accept-encoding":
             parts.append(encoding_variant(value))
+        elif name == "accept-language" and value is not None:
+            parts.append(_normalise_languages(value))
         else:
             parts.append("\1" if value is None else _normalise(value))
     return "\0".join(parts).encode("utf-8", "surrogatepass")

@@ -771,6 +771,8 @@ class Exchange:
                         if head is None:
                             head = RequestHead.from_pairs(self.method, self.target, self.headers)
                         entry = cache.select(key, head.headers)
+                    if entry is None and not verdict.store_on_miss and self.method == b"GET":
+                        entry = cache.get_identity(key)  # a Range request (identity coding)
                     if entry is not None:
                         now = time.time()
                         if now - entry.stored_at < entry.ttl:  # freshness() inlined for FRESH

@@ -170,6 +170,12 @@ def test_vary_names_and_secondary_keys() -> None:
     assert secondary_key(("x-lang",), {"x-lang": ""}) != secondary_key(("x-lang",), {})
     assert secondary_key(("accept",), {"accept": "a,  b"}) == secondary_key(
         ("accept",), {"accept": "a, b"})
+    # Accept-Language: language ranges are case-insensitive, unordered at equal weight
+    lang = ("accept-language",)
+    assert secondary_key(lang, {"accept-language": "en, de"}) == secondary_key(
+        lang, {"accept-language": "De,EN"})
+    assert secondary_key(lang, {"accept-language": "en"}) != secondary_key(
+        lang, {"accept-language": "en;q=0.5"})
 
 
 @pytest.mark.parametrize(("method", "status", "fields", "expected"), [
@@ -283,3 +289,18 @@ def test_invalidation_flood_is_coalesced_per_site() -> None:
     assert HttpEngine._coalesce(pending) == [("invalidate", "www.b.test/x"), ("purge", "www.a.test")]
     few = {("invalidate", "www.a.test/1"): "www.a.test", ("purge", "www.c.test"): "www.c.test"}
     assert HttpEngine._coalesce(few) == list(few)
+
+
+def test_identity_content_serves_a_request_of_another_encoding() -> None:
+    """A Range request (Fetch sends ``Accept-Encoding: identity`` with it) finds the full
+    response a ``gzip`` request stored, but only when that content is not encoded."""
+    cache = ContentCache(1 << 20)
+    plain = _entry("/f", ae="gzip")
+    cache.put(plain)
+    identity_key = cache_key("s.test", "/f", None, scheme="http")
+    assert cache.get(identity_key) is None and cache.get_identity(identity_key) is plain
+    encoded = CacheEntry(cache_key("s.test", "/g", "br", scheme="http"), "s.test", "/g", 200,
+                         b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\n", b"x", ttl=60, swr=0,
+                         sie=0)
+    cache.put(encoded)
+    assert cache.get_identity(cache_key("s.test", "/g", None, scheme="http")) is None

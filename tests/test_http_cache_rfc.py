@@ -391,6 +391,18 @@ async def test_range_answered_206_from_the_stored_response(service: DirectorySer
         assert origin.gets == 1
 
 
+async def test_range_with_identity_coding_uses_the_stored_full_response(
+        service: DirectoryService) -> None:
+    """RFC 9110 §14.2 with the Fetch standard: browsers send ``Accept-Encoding: identity`` with
+    a Range request; a full response stored for a ``gzip`` request, not content-coded (no
+    Content-Encoding, no Vary), answers it with a 206."""
+    async with edge_with_origin(service) as (edge, origin):
+        await get(edge, "/bytes", "-H", "Accept-Encoding: gzip")
+        part = await get(edge, "/bytes", "-r", "2-4", "-H", "Accept-Encoding: identity")
+        assert part.status == 206 and part.body == CONTENT[2:5]
+        assert part.headers["x-cache"] == "HIT" and origin.gets == 1
+
+
 async def test_if_range(service: DirectoryService) -> None:
     """RFC 9110 §13.1.5: If-Range with the current strong ETag (or the exact Last-Modified)
     keeps the Range; any other validator gets the whole response."""
