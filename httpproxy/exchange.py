@@ -791,6 +791,10 @@ class Exchange:
                             self.stale_entry = entry
                         if verdict.store_on_miss:
                             self.revalidate = entry
+                elif verdict.store_on_miss:
+                    # REFRESH (client no-cache / max-age=0): what we hold may be used after the
+                    # origin validates it (RFC 9111 §5.2.1.4, §5.2.1.1).
+                    self.revalidate = cache.get(key)
                 self.cache_result = "MISS"
                 if verdict.store_on_miss:
                     flight = cache.flight(key)

@@ -201,6 +201,25 @@ async def test_response_needing_revalidation_is_served_after_304(service: Direct
         assert origin.gets == 3
 
 
+@pytest.mark.parametrize("directive", ["Cache-Control: no-cache", "Cache-Control: max-age=0",
+                                       "Pragma: no-cache"])
+async def test_client_no_cache_validates_the_stored_response(service: DirectoryService,
+                                                             directive: str) -> None:
+    """RFC 9111 §5.2.1.4 (no-cache), §5.2.1.1 (max-age=0), §5.4 (Pragma): the stored response
+    is not used without validation at the origin; a conditional request that gets a 304
+    serves it (the origin does not resend the content), a 200 replaces it."""
+    async with edge_with_origin(service) as (edge, origin):
+        await get(edge, "/doc")
+        validated = await get(edge, "/doc", "-H", directive)
+        assert origin.seen[-1]["If-None-Match"] == '"v1"'
+        assert validated.headers["x-cache"] == "REVALIDATED" and validated.body == b"doc v1"
+        origin.version = 2
+        changed = await get(edge, "/doc", "-H", directive)
+        assert changed.body == b"doc v2"
+        assert (await get(edge, "/doc")).body == b"doc v2"  # the 200 replaced it
+        assert origin.gets == 3
+
+
 async def test_revalidations_are_collapsed(service: DirectoryService) -> None:
     """Request collapsing holds for revalidations: concurrent requests for one stale response
     send the origin one conditional request (RFC 9111 §4 lets a cache wait for it)."""
