@@ -21,7 +21,8 @@ HEAD requests look up the GET entry (same key) but a HEAD response has no body, 
 ``verdict.store_on_miss`` is False for HEAD: the caller does not store what it forwards.
 
 Client ``Cache-Control: no-cache`` / ``max-age=0`` / ``Pragma: no-cache`` is honoured as
-"revalidate at the origin": REFRESH (a fresh origin fetch that replaces the entry). The
+"revalidate at the origin": REFRESH (the caller validates what it holds with a conditional
+request: a 304 serves it, a 200 replaces it). The
 caller's single flight per key keeps a flood of such requests from multiplying origin load.
 Client ``Cache-Control: no-store`` is BYPASS. A GET with Range is LOOKUP without
 ``store_on_miss``: a stored full response answers it (206, :mod:`httpproxy.cacheflow`), a
