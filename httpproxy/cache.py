@@ -221,6 +221,29 @@ class ContentCache:
             self._drop(next(iter(self._entries)), counter="evictions")
         return True
 
+    def update(self, entry: CacheEntry, head: bytes, *, ttl: float, swr: float, sie: float,
+               stored_at: float, tags: tuple[str, ...], validators: bytes) -> bool:
+        """Give a stored entry a new head and freshness in place (a 304 updated it; same key,
+        same content). False when ``entry`` is no longer the one stored under its key."""
+        key = entry.key
+        if self._entries.get(key) is not entry:
+            return False
+        if tags != entry.tags:
+            for tag in entry.tags:
+                self._unindex(self._by_tag, (entry.site, tag), key)
+            for tag in tags:
+                self._by_tag.setdefault((entry.site, tag), {})[key] = None
+            entry.tags = tags
+        grown = len(head) - len(entry.head)
+        entry.head, entry.ttl, entry.swr, entry.sie = head, ttl, swr, sie
+        entry.stored_at, entry.validators = stored_at, validators
+        entry.size += grown
+        self.size += grown
+        self._entries.move_to_end(key)
+        while self.size > self.max_bytes and len(self._entries) > 1:
+            self._drop(next(iter(self._entries)), counter="evictions")
+        return True
+
     def _drop(self, key: bytes, *, counter: str) -> None:
         if key in self._entries:
             setattr(self, counter, getattr(self, counter) + 1)

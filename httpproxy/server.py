@@ -426,6 +426,11 @@ class HttpEngine:
         fields = head_fields(head)
         verdict = response_storability(stored.status, fields, state.policy, now,
                                        path=target_text(target))
+        if verdict.store and vary_names(fields.get("vary")) == stored.vary and self.cache.update(
+                stored, head, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
+                sie=verdict.stale_if_error, stored_at=now, tags=entry_tags(fields),
+                validators=revalidation_fields(fields)):
+            return stored  # the usual case: same key, updated in place
         self.cache.remove(stored.key)
         if not verdict.store:
             return None

@@ -304,3 +304,19 @@ def test_identity_content_serves_a_request_of_another_encoding() -> None:
                          sie=0)
     cache.put(encoded)
     assert cache.get_identity(cache_key("s.test", "/g", None, scheme="http")) is None
+
+
+def test_update_in_place_keeps_size_and_tag_indexes_true() -> None:
+    """A 304's merge updates the stored entry in place: the byte count follows the new head
+    and tag purges see the new tags only."""
+    cache = ContentCache(1 << 20)
+    entry = _entry("/u", tags=("old",))
+    cache.put(entry)
+    head = b"HTTP/1.1 200 OK\r\nCache-Tag: new\r\nETag: \"2\"\r\n"
+    assert cache.update(entry, head, ttl=5, swr=0, sie=0, stored_at=1.0, tags=("new",),
+                        validators=b'If-None-Match: "2"\r\n')
+    assert cache.size == sum(e.size for e in cache.entries()) == entry.size
+    assert entry.head == head and entry.ttl == 5 and entry.stored_at == 1.0
+    assert cache.purge_tag("s.test", "old") == 0 and cache.purge_tag("s.test", "new") == 1
+    assert not cache.update(entry, head, ttl=5, swr=0, sie=0, stored_at=1.0, tags=(),
+                            validators=b"")  # no longer stored
