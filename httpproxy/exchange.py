@@ -795,6 +795,10 @@ class Exchange:
                     # REFRESH (client no-cache / max-age=0): what we hold may be used after the
                     # origin validates it (RFC 9111 §5.2.1.4, §5.2.1.1).
                     self.revalidate = cache.get(key)
+                    if self.revalidate is None and cache.has_variants(key):
+                        if head is None:
+                            head = RequestHead.from_pairs(self.method, self.target, self.headers)
+                        self.revalidate = cache.select(key, head.headers)
                 self.cache_result = "MISS"
                 if verdict.store_on_miss:
                     flight = cache.flight(key)

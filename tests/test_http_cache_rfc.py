@@ -69,8 +69,12 @@ class Origin:
         if self.hold is not None:
             await self.hold.wait()
         if path == "/vary":
-            return web.Response(text=f"lang={request.headers.get('X-Lang')}",
-                                headers={"Vary": query["on"], "Cache-Control": "max-age=100"})
+            lang = request.headers.get("X-Lang")
+            vary_headers = {"Vary": query["on"], "Cache-Control": "max-age=100",
+                            "ETag": f'"lang-{lang}"'}
+            if request.headers.get("If-None-Match") == f'"lang-{lang}"':
+                return web.Response(status=304, headers=vary_headers)
+            return web.Response(text=f"lang={lang}", headers=vary_headers)
         if path == "/tagged":
             return web.Response(text=f"tagged {self.version}",
                                 headers={"Cache-Control": "max-age=100",
@@ -313,6 +317,17 @@ async def test_vary_selects_variants_by_secondary_key(service: DirectoryService)
         assert none.headers["x-cache"] == "MISS" and none.body == b"lang=None"
         assert (await get(edge, "/vary?on=X-Lang")).headers["x-cache"] == "HIT"
         assert origin.gets == 3
+
+
+async def test_client_no_cache_validates_the_matching_variant(service: DirectoryService) -> None:
+    """RFC 9111 §4.1 with §5.2.1.4: the variant validated is the one the request selects."""
+    async with edge_with_origin(service) as (edge, origin):
+        for lang in ("en", "de"):
+            await get(edge, "/vary?on=X-Lang", "-H", f"X-Lang: {lang}")
+        again = await get(edge, "/vary?on=X-Lang", "-H", "X-Lang: de",
+                          "-H", "Cache-Control: no-cache")
+        assert origin.seen[-1]["If-None-Match"] == '"lang-de"'
+        assert again.headers["x-cache"] == "REVALIDATED" and again.body == b"lang=de"
 
 
 async def test_vary_star_never_matches(service: DirectoryService) -> None:
