@@ -43,13 +43,15 @@ RFC 9110 heuristically cacheable ones (200, 203, 204, 300, 301, 308, 404, 405, 4
 
 from __future__ import annotations
 
+import calendar
+import dataclasses
+import datetime
 import enum
 import functools
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from edge.directory.rules import validate_cache_policy
@@ -76,6 +78,25 @@ WORDPRESS_BYPASS_PATHS = ("/wp-admin", "/wp-login.php", "/wp-cron.php", "/xmlrpc
 WORDPRESS_BYPASS_COOKIES = ("wordpress_logged_in_", "comment_author_", "wp-postpass_",
                             "woocommerce_items_in_cart", "wp_woocommerce_session_")
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+
+
+DEFAULT_HEURISTIC_FRACTION = 0.1
+"""Mode ``standard``: 10 % of the Last-Modified age (RFC 9111 §4.2.2's typical setting)."""
+
+_CACHE_STATUS = {"HIT": b"hit", "STALE": b"hit; detail=stale", "MISS": b"fwd=uri-miss",
+                 "BYPASS": b"fwd=bypass"}
+
+
+def _result_headers(x_cache: bool, cache_status: bool) -> dict[str | None, bytes]:
+    """The response lines announcing each cache result: ``X-Cache`` and/or the RFC 9211
+    ``Cache-Status`` (cache name ``edge``); built once per site policy."""
+    out: dict[str | None, bytes] = {None: b""}
+    for result, status in _CACHE_STATUS.items():
+        line = b"X-Cache: %s\r\n" % result.encode() if x_cache else b""
+        if cache_status:
+            line += b"Cache-Status: edge; %s\r\n" % status
+        out[result] = line
+    return out
 
 
 class XCache(enum.Enum):
@@ -123,6 +144,11 @@ class StoreVerdict:
     stale_if_error: float = 0.0
     max_bytes: int | None = None
     """Stop storing (keep streaming) when the body grows beyond this; None: no limit."""
+    age: float = 0.0
+    """The corrected initial age (RFC 9111 §4.2.3)."""
+    stored_at: float = 0.0
+    """``now - age``: the entry's ``stored_at``, so that ``now - stored_at`` is its current
+    age and ``ttl`` its freshness lifetime (fresh while current age < ttl, §4.2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +172,20 @@ class CachePolicy:
     stale_while_revalidate: float = 0.0
     stale_if_error: float = 0.0
     max_object_bytes: int | None = None
+    heuristic_fraction: float = 0.0
+    """Heuristic freshness: this fraction of the Last-Modified age (0: none), RFC 9111 §4.2.2."""
+    heuristic_max: float = 86400.0
+    targets: tuple[str, ...] = ("cdn-cache-control",)
+    """Targeted cache-control fields we obey (RFC 9213), highest priority first; lowercase."""
+    strip_set_cookie: bool = False
+    """``set_cookie: "strip"``: store responses with Set-Cookie, minus the Set-Cookie lines."""
+    result_headers: Mapping[str | None, bytes] = dataclasses.field(
+        default_factory=lambda: _result_headers(True, False))
+    """The X-Cache / Cache-Status lines for each cache result ("HIT", "MISS", ...)."""
+    forward_strip: frozenset[bytes] = frozenset({b"cdn-cache-control"})
+    """Fields never forwarded to clients: the targeted fields that are ours (RFC 9213)."""
+    store_strip: frozenset[bytes] = frozenset({b"cdn-cache-control", b"age"})
+    """Fields dropped from a stored head (Age is recomputed on every serve, RFC 9111 §4.2.3)."""
 
     @classmethod
     def from_policy(cls, policy: str | dict[str, Any] | None) -> CachePolicy:
@@ -159,6 +199,11 @@ class CachePolicy:
         if mode == "wordpress":
             cookies = WORDPRESS_BYPASS_COOKIES + cookies
             bypass_paths = WORDPRESS_BYPASS_PATHS
+        target = data.get("target")
+        targets = ((target.lower(),) if target else ()) + ("cdn-cache-control",)
+        strip_cookie = data.get("set_cookie") == "strip"
+        forward_strip = frozenset(t.encode("ascii") for t in targets)
+        store_strip = forward_strip | {b"age"} | ({b"set-cookie"} if strip_cookie else set())
         paths = sorted((PathRule(p["prefix"], p.get("ttl"), bool(p.get("bypass", False)))
                         for p in data.get("paths", ())), key=lambda r: len(r.prefix), reverse=True)
         return cls(
@@ -171,6 +216,15 @@ class CachePolicy:
             stale_while_revalidate=float(data.get("stale_while_revalidate", 0)),
             stale_if_error=float(data.get("stale_if_error", 0)),
             max_object_bytes=data.get("max_object_bytes"),
+            heuristic_fraction=float(data.get(
+                "heuristic_fraction", DEFAULT_HEURISTIC_FRACTION if mode == "standard" else 0)),
+            heuristic_max=float(data.get("heuristic_max", 86400)),
+            targets=targets,
+            strip_set_cookie=strip_cookie,
+            result_headers=_result_headers(data.get("x_cache", True),
+                                           data.get("cache_status", True)),
+            forward_strip=forward_strip,
+            store_strip=frozenset(store_strip),
         )
 
     def path_rule(self, path: str) -> PathRule | None:
@@ -188,6 +242,7 @@ _LOOKUP_GET = RequestVerdict(RequestAction.LOOKUP, "", True)
 _LOOKUP_HEAD = RequestVerdict(RequestAction.LOOKUP, "", False)
 _REFRESH_GET = RequestVerdict(RequestAction.REFRESH, "client no-cache", True)
 _REFRESH_HEAD = RequestVerdict(RequestAction.REFRESH, "client no-cache", False)
+_REFRESH_AUTH_GET = RequestVerdict(RequestAction.REFRESH, "Authorization present", True)
 
 
 def _bypass(reason: str) -> RequestVerdict:
@@ -215,15 +270,13 @@ def request_cacheability(method: str, path: str, headers: Mapping[str, str],
 
     ``path`` is the raw request-target; ``headers`` maps lowercase names to values
     (:attr:`httpproxy.rules.RequestHead.headers`). Checks, in order: mode off, method,
-    Authorization, Range, client no-store, path rules, WordPress paths, bypass cookies,
-    static extensions, then client no-cache (REFRESH).
+    Range, client no-store, path rules, WordPress paths, bypass cookies, static extensions,
+    then Authorization and client no-cache (both REFRESH).
     """
     if policy.mode == "off":
         return _BYPASS_OFF
     if method != "GET" and method != "HEAD":
         return _bypass("method not GET/HEAD")
-    if "authorization" in headers:
-        return _bypass("Authorization present")
     if "range" in headers:
         return _bypass("range request")
     cc = headers.get("cache-control")
@@ -251,6 +304,10 @@ def request_cacheability(method: str, path: str, headers: Mapping[str, str],
         if dot < 0 or last[dot + 1:].lower() not in policy.extensions:
             return _bypass("extension not cached in static mode")
     get = method == "GET"
+    if "authorization" in headers:
+        # Never answered from the cache (the answer may be this user's); stored only when the
+        # response allows it (RFC 9111 §3.5, response_storability(authorization=True)).
+        return _REFRESH_AUTH_GET if get else _REFRESH_HEAD
     if ("no-cache" in directives or directives.get("max-age") == "0"
             or "no-cache" in headers.get("pragma", "").lower()):
         return _REFRESH_GET if get else _REFRESH_HEAD
@@ -259,46 +316,174 @@ def request_cacheability(method: str, path: str, headers: Mapping[str, str],
 
 # -- response side --------------------------------------------------------------------------
 
+DELTA_SECONDS_MAX = 2147483648
+"""RFC 9111 §1.2.2: a delta-seconds value too large to represent is taken as 2^31."""
 
-def _seconds(value: str) -> float | None:
-    value = value.strip()
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_LONG_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_MONTHS = {m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug",
+                                       "sep", "oct", "nov", "dec"), 1)}
+_TIME = r"(\d\d):(\d\d):(\d\d)"
+_MON = "(" + "|".join(_MONTHS) + ")"
+# RFC 9110 §5.6.7, matched case-insensitively as RFC 9111 §4.2 asks of caches; nothing else
+# (no two-digit years in IMF-fixdate, no other zones, no dashes, no extra spaces).
+_IMF_FIXDATE = re.compile(r"(?:" + "|".join(_DAYS) + r"), (\d\d) " + _MON + r" (\d{4}) "
+                          + _TIME + " GMT", re.IGNORECASE | re.ASCII)
+_RFC850_DATE = re.compile(r"(?:" + "|".join(_LONG_DAYS) + r"), (\d\d)-" + _MON + r"-(\d\d) "
+                          + _TIME + " GMT", re.IGNORECASE | re.ASCII)
+_ASCTIME_DATE = re.compile(r"(?:" + "|".join(_DAYS) + r") " + _MON + r" (\d\d| \d) " + _TIME
+                           + r" (\d{4})", re.IGNORECASE | re.ASCII)
+
+
+def http_date(value: str, now: float | None = None) -> float | None:
+    """An HTTP-date (RFC 9110 §5.6.7) as Unix time, or None when it is not one.
+
+    Accepts IMF-fixdate and the two obsolete forms recipients must read (rfc850-date,
+    asctime-date), case-insensitively (RFC 9111 §4.2); refuses everything else Python's
+    e-mail date parser would take (two-digit years outside rfc850-date, zones other than
+    GMT, dashes, missing comma, extra spaces, one-digit hours, lists). An rfc850-date year
+    that looks more than 50 years ahead of ``now`` is the same two digits in the past.
+    """
+    m = _IMF_FIXDATE.fullmatch(value)
+    if m is not None:
+        day, month, year, hh, mm, ss = m.groups()
+    else:
+        m = _RFC850_DATE.fullmatch(value)
+        if m is not None:
+            day, month, yy, hh, mm, ss = m.groups()
+            current = time.gmtime(time.time() if now is None else now).tm_year
+            year = str(current - current % 100 + int(yy))
+            if int(year) > current + 50:
+                year = str(int(year) - 100)
+        else:
+            m = _ASCTIME_DATE.fullmatch(value)
+            if m is None:
+                return None
+            month, day, hh, mm, ss, year = m.groups()
+    month_number = _MONTHS[month.lower()]
+    hour, minute, second = int(hh), int(mm), int(ss)
+    try:
+        if hour > 23 or minute > 59 or second > 60:
+            return None
+        datetime.date(int(year), month_number, int(day))  # day exists in that month
+    except ValueError:
+        return None
+    return float(calendar.timegm((int(year), month_number, int(day), hour, minute,
+                                  min(second, 59), 0, 0, 0)))
+
+
+def delta_seconds(value: str) -> int | None:
+    """RFC 9111 §1.2.2 delta-seconds (1*DIGIT, capped at 2^31), or None when invalid."""
     if not value.isascii() or not value.isdigit():
         return None
-    return float(value)
+    return min(int(value), DELTA_SECONDS_MAX)
 
 
-def _http_date(value: str) -> float | None:
-    try:
-        parsed = parsedate_to_datetime(value)
-        if parsed.tzinfo is None:  # "-0000": UTC, not local time
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
+def age_value(value: str | None) -> int:
+    """The ``Age`` field as RFC 9111 §5.1 reads it: the first member of a list; a value that
+    is not a non-negative integer is ignored (0, as if absent); too large is 2^31."""
+    if not value:
+        return 0
+    parsed = delta_seconds(value.partition(",")[0].strip())
+    return 0 if parsed is None else parsed
+
+
+def corrected_initial_age(headers: Mapping[str, str], response_time: float,
+                          request_time: float | None = None) -> float:
+    """RFC 9111 §4.2.3 ``corrected_initial_age``: the larger of the apparent age (from
+    ``Date``) and ``Age`` plus the response delay. The entry's current age is this plus its
+    resident time, so storing it as ``stored_at = response_time - age`` makes
+    ``now - stored_at`` the current age (what ``Age`` says on a serve)."""
+    date_text = headers.get("date")
+    date = http_date(date_text, response_time) if date_text else None
+    apparent = max(0.0, response_time - date) if date is not None else 0.0
+    delay = max(0.0, response_time - request_time) if request_time is not None else 0.0
+    return max(apparent, age_value(headers.get("age")) + delay)
+
+
+def _seconds(value: str) -> float | None:
+    parsed = delta_seconds(value.strip())
+    return None if parsed is None else float(parsed)
 
 
 def _no_store(reason: str) -> StoreVerdict:
     return StoreVerdict(False, reason)
 
 
+def _response_directives(headers: Mapping[str, str], policy: CachePolicy) -> dict[str, str]:
+    """The directives that govern us: the first valid targeted field the policy names
+    (RFC 9213 §2.2: it replaces ``Cache-Control`` entirely), else ``Cache-Control``."""
+    for name in policy.targets:
+        value = headers.get(name)
+        if value is not None:
+            parsed = targeted_directives(value)
+            if parsed is not None:
+                return parsed
+    cc = headers.get("cache-control")
+    return _directives(cc) if cc else {}
+
+
+def _explicit_lifetime(directives: Mapping[str, str], headers: Mapping[str, str],
+                       now: float) -> float | str | None:
+    """RFC 9111 §4.2.1 freshness lifetime: s-maxage, max-age, then Expires minus Date (an
+    invalid or repeated Expires is already expired, §5.3). None: no explicit lifetime;
+    a str: why the response cannot be stored."""
+    for name in ("s-maxage", "max-age"):
+        if name in directives:
+            seconds = _seconds(directives[name])
+            return f"invalid {name}" if seconds is None else seconds
+    expires_text = headers.get("expires")
+    if expires_text is None:
+        return None
+    expires = http_date(expires_text, now)
+    if expires is None:
+        return 0.0
+    date_text = headers.get("date")
+    date = http_date(date_text, now) if date_text else None
+    return expires - (date if date is not None else now)
+
+
+def _heuristic_lifetime(headers: Mapping[str, str], policy: CachePolicy, now: float) -> float:
+    """RFC 9111 §4.2.2: a fraction of the time since Last-Modified, at most the policy's
+    bound; 0 when the policy allows no heuristics or there is no valid Last-Modified."""
+    if policy.heuristic_fraction <= 0:
+        return 0.0
+    modified_text = headers.get("last-modified")
+    modified = http_date(modified_text, now) if modified_text else None
+    if modified is None:
+        return 0.0
+    date_text = headers.get("date")
+    date = http_date(date_text, now) if date_text else None
+    since = (date if date is not None else now) - modified
+    return min(max(since, 0.0) * policy.heuristic_fraction, policy.heuristic_max)
+
+
 def response_storability(status: int, headers: Mapping[str, str], policy: CachePolicy,
-                         now: float, *, path: str = "/") -> StoreVerdict:
+                         now: float, *, path: str = "/", authorization: bool = False,
+                         request_time: float | None = None) -> StoreVerdict:
     """May this response be stored, and for how long? (See the module docstring.)
 
-    ``headers`` maps lowercase names to values; ``now`` is Unix time; ``path`` is the
-    request-target (for the per-path TTL override).
+    ``headers`` maps lowercase names to values (repeats joined with ", "); ``now`` is the
+    Unix time the response arrived; ``path`` is the request-target (for the per-path TTL
+    override); ``authorization``: the request carried ``Authorization`` (RFC 9111 §3.5);
+    ``request_time``: when the request was sent (for the response delay, §4.2.3).
+    Returns a :class:`StoreVerdict` whose ``ttl`` is the freshness lifetime and ``age`` the
+    corrected initial age: store with ``stored_at = verdict.stored_at`` (``now - age``) and
+    the head through ``strip_fields(head, policy.store_strip)``.
     """
     if policy.mode == "off":
         return _no_store("cache off")
-    if status == 206:
-        return _no_store("partial content")
-    if "set-cookie" in headers:
+    if status == 206 or status == 304 or status < 200:
+        return _no_store(f"status {status}")
+    if "set-cookie" in headers and not policy.strip_set_cookie:
         return _no_store("Set-Cookie")
-    cc = headers.get("cache-control")
-    directives = _directives(cc) if cc else {}
+    directives = _response_directives(headers, policy)
     for name in ("no-store", "private", "no-cache"):
         if name in directives:
             return _no_store(f"Cache-Control {name}")
+    if authorization and not ("public" in directives or "s-maxage" in directives
+                              or "must-revalidate" in directives):
+        return _no_store("Authorization without public, s-maxage or must-revalidate")
     vary = headers.get("vary")
     if vary:
         for item in vary.split(","):
@@ -314,39 +499,28 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
         if max_bytes is not None and length > max_bytes:
             return _no_store("larger than max_object_bytes")
 
-    status_ttl = policy.ttl.get(status) if policy.ttl else None
-    ttl: float | None = None
-    explicit = False
-    for name in ("s-maxage", "max-age"):
-        if name in directives:
-            ttl = _seconds(directives[name])
-            if ttl is None:
-                return _no_store(f"invalid {name}")
-            explicit = True
-            break
-    if ttl is None and "expires" in headers:
-        explicit = True
-        expires = _http_date(headers["expires"])
-        if expires is None:
-            ttl = 0.0  # an invalid Expires means "already expired" (RFC 9111 §5.3)
+    lifetime = _explicit_lifetime(directives, headers, now)
+    if isinstance(lifetime, str):
+        return _no_store(lifetime)
+    if lifetime is None:
+        # No explicit freshness: the operator's TTL for the status (full/static/wordpress
+        # overrides), else a heuristic for the codes RFC 9110 §15.1 lets caches guess for.
+        status_ttl = policy.ttl.get(status) if policy.ttl else None
+        if status_ttl is not None:
+            lifetime = status_ttl
+            if policy.paths:
+                npath = normalise_path(path)
+                rule = policy.path_rule(npath) if npath is not None else None
+                if rule is not None and rule.ttl is not None:
+                    lifetime = rule.ttl
+        elif status in HEURISTIC_STATUSES or "public" in directives:
+            lifetime = _heuristic_lifetime(headers, policy, now)
+            if lifetime <= 0:
+                return _no_store("no freshness information")
         else:
-            date = _http_date(headers["date"]) if "date" in headers else None
-            ttl = expires - (date if date is not None else now)
-    if explicit:
-        if status_ttl is None and status not in HEURISTIC_STATUSES:
-            return _no_store(f"status {status} not cacheable")
-        age = _seconds(headers.get("age", "")) or 0.0
-        ttl = (ttl or 0.0) - age
-    else:
-        if status_ttl is None:
-            return _no_store(f"status {status} has no ttl")
-        ttl = status_ttl
-        if policy.paths:
-            npath = normalise_path(path)
-            rule = policy.path_rule(npath) if npath is not None else None
-            if rule is not None and rule.ttl is not None:
-                ttl = rule.ttl
-    if ttl <= 0:
+            return _no_store(f"status {status} has no explicit freshness")
+    age = corrected_initial_age(headers, now, request_time)
+    if lifetime - age <= 0:
         return _no_store("zero ttl")
 
     swr, sie = policy.stale_while_revalidate, policy.stale_if_error
@@ -357,7 +531,95 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
             swr = _seconds(directives["stale-while-revalidate"]) or 0.0
         if "stale-if-error" in directives:
             sie = _seconds(directives["stale-if-error"]) or 0.0
-    return StoreVerdict(True, "", ttl, swr, sie, max_bytes)
+    return StoreVerdict(True, "", lifetime, swr, sie, max_bytes, age, now - age)
+
+
+# -- targeted Cache-Control (RFC 9213) ------------------------------------------------------
+
+_SF_KEY = re.compile(r"[a-z*][a-z0-9_.*-]*", re.ASCII)
+_SF_BARE = re.compile(
+    r"-?[0-9]{1,15}(?:\.[0-9]{1,3})?"          # integer or decimal
+    r'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*"'  # string
+    r"|[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]*"    # token
+    r"|:[A-Za-z0-9+/=]*:"                      # byte sequence
+    r"|\?[01]", re.ASCII)                        # boolean
+_INTEGER_DIRECTIVES = ("max-age", "s-maxage", "stale-while-revalidate", "stale-if-error")
+
+
+def _sf_members(value: str) -> list[tuple[str, str]] | None:
+    """An RFC 8941 Dictionary as (key, bare item text; "?1" for a bare key), parameters
+    dropped; None when it is not a valid one."""
+    members: list[tuple[str, str]] = []
+    pos, end = 0, len(value)
+    while pos < end:
+        m = _SF_KEY.match(value, pos)
+        if m is None:
+            return None
+        key, pos = m.group(), m.end()
+        item = "?1"
+        if pos < end and value[pos] == "=":
+            v = _SF_BARE.match(value, pos + 1)
+            if v is None:
+                return None
+            item, pos = v.group(), v.end()
+        while pos < end and value[pos] == ";":  # parameters: ;key[=bare-item]
+            p = _SF_KEY.match(value, pos + 1)
+            if p is None:
+                return None
+            pos = p.end()
+            if pos < end and value[pos] == "=":
+                v = _SF_BARE.match(value, pos + 1)
+                if v is None:
+                    return None
+                pos = v.end()
+        members.append((key, item))
+        while pos < end and value[pos] in " \t":
+            pos += 1
+        if pos == end:
+            break
+        if value[pos] != ",":
+            return None
+        pos += 1
+        while pos < end and value[pos] in " \t":
+            pos += 1
+        if pos == end:
+            return None  # trailing comma
+    return members
+
+
+def targeted_directives(value: str) -> dict[str, str] | None:
+    """A targeted cache-control field (RFC 9213 §2.1: an RFC 8941 Dictionary) as
+    {directive: argument ("" when none)}, last value of a repeated key winning (RFC 8941
+    §3.2); None when the field is invalid (then it is ignored as a whole, §2.2), including a
+    freshness directive whose value is not a non-negative integer."""
+    members = _sf_members(value.strip(" \t"))
+    if members is None:
+        return None
+    out: dict[str, str] = {}
+    for key, item in members:
+        if key in _INTEGER_DIRECTIVES:
+            if not item.isdigit():
+                return None
+            item = str(min(int(item), DELTA_SECONDS_MAX))
+        elif item in ("?1", "?0"):
+            if item == "?0":
+                out.pop(key, None)  # a false boolean is the directive's absence
+                continue
+            item = ""
+        out[key] = item.strip('"')
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _field_lines(names: frozenset[bytes]) -> re.Pattern[bytes]:
+    alternatives = b"|".join(re.escape(n) for n in sorted(names))
+    return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[^\r]*", re.IGNORECASE)
+
+
+def strip_fields(head: bytes, names: frozenset[bytes]) -> bytes:
+    """``head`` (status line, then field lines each after a CRLF, no final blank line)
+    without the field lines whose lowercase names are in ``names`` (one C-level scan)."""
+    return _field_lines(names).sub(b"", head) if names else head
 
 
 # -- keys and freshness ---------------------------------------------------------------------

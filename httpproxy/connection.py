@@ -53,6 +53,7 @@ from httpproxy.cachepolicy import (
     freshness,
     request_cacheability,
     response_storability,
+    strip_fields,
 )
 from httpproxy.rules import RequestHead, evaluate_after_ip, ip_refusal, target_text
 from httpproxy.upstream import BackendConnection, BackendKey, is_close_delimited
@@ -985,7 +986,11 @@ class ClientConnection(asyncio.Protocol):
             self._start_capture(req, status, head, rest)
         elif req.flight is not None:
             self.engine.cache_end_flight(req, None)
-        x_cache = _X_CACHE[req.cache_result]
+        x_cache = b""
+        if req.cache_result is not None and req.state is not None:
+            policy = req.state.policy
+            x_cache = policy.result_headers[req.cache_result]
+            head = strip_fields(head, policy.forward_strip)  # our targeted fields (RFC 9213)
         closing = (self.closing or not req.keep_alive or req.upgrade or req.http10
                    or self.engine.draining)
         if closing:
@@ -1093,14 +1098,15 @@ class ClientConnection(asyncio.Protocol):
         assert state is not None
         headers = _parse_head(head)
         verdict = response_storability(status, headers, state.policy, time.time(),
-                                       path=target_text(req.target))
+                                       path=target_text(req.target),
+                                       authorization=req.authorization is not None)
         if not verdict.store or is_close_delimited(head, status):  # a hit needs framing
             req.store = False
             self.engine.cache_end_flight(req, None)
             return
         req.capture = [rest]
         req.capture_size = len(rest)
-        req.capture_head = head
+        req.capture_head = strip_fields(head, state.policy.store_strip)
         req.verdict = verdict
 
     def _serve_entry(self, req: Request, entry: CacheEntry, result: str, now: float = 0.0) -> None:
@@ -1112,7 +1118,9 @@ class ClientConnection(asyncio.Protocol):
         if closing:
             self.closing = True
         age = int((now or time.time()) - entry.stored_at)
-        data = b"".join((entry.head, _X_CACHE[result], b"Age: %d\r\n" % (age if age > 0 else 0),
+        assert req.state is not None
+        data = b"".join((entry.head, req.state.policy.result_headers[result],
+                         b"Age: %d\r\n" % (age if age > 0 else 0),
                          req.extra, b"Connection: close\r\n\r\n" if closing else b"\r\n",
                          b"" if req.method == b"HEAD" else entry.body))
         self.transport.write(data)
@@ -1265,10 +1273,6 @@ def _host_name(value: bytes) -> str:
     if text.startswith("["):
         return text.partition("]")[0] + "]"
     return text.partition(":")[0]
-
-
-_X_CACHE = {None: b"", "HIT": b"X-Cache: HIT\r\n", "MISS": b"X-Cache: MISS\r\n",
-            "STALE": b"X-Cache: STALE\r\n", "BYPASS": b"X-Cache: BYPASS\r\n"}
 
 
 def _parse_head(head: bytes) -> dict[str, str]:

@@ -430,7 +430,8 @@ class HttpEngine:
                 and key is not None and site is not None and req.method == b"GET"):
             entry = CacheEntry(key, site.hostname, target_text(req.target).partition("?")[0],
                                req.status, req.capture_head, b"".join(capture), ttl=verdict.ttl,
-                               swr=verdict.stale_while_revalidate, sie=verdict.stale_if_error)
+                               swr=verdict.stale_while_revalidate, sie=verdict.stale_if_error,
+                               stored_at=verdict.stored_at)
             if not self.cache.put(entry):
                 entry = None
         self.cache_end_flight(req, entry)
@@ -512,7 +513,7 @@ class _Refresh:
         pass
 
     def response_start(self, conn: BackendConnection, status: int, head: bytes, rest: bytes) -> None:
-        from httpproxy.cachepolicy import response_storability
+        from httpproxy.cachepolicy import response_storability, strip_fields
         from httpproxy.connection import _parse_head
 
         self.status = status
@@ -524,7 +525,7 @@ class _Refresh:
             self._finish(None)
             return
         self.verdict = verdict
-        self.headbytes = head
+        self.headbytes = strip_fields(head, self.state.policy.store_strip)
         self.capture = [rest]
         self.size = len(rest)
 
@@ -548,7 +549,8 @@ class _Refresh:
                                target_text(self.target).partition("?")[0], self.status,
                                self.headbytes, b"".join(self.capture), ttl=self.verdict.ttl,
                                swr=self.verdict.stale_while_revalidate,
-                               sie=self.verdict.stale_if_error)
+                               sie=self.verdict.stale_if_error,
+                               stored_at=self.verdict.stored_at)
             if not cache.put(entry):
                 entry = None
         self._finish(entry)

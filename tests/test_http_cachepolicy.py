@@ -51,8 +51,9 @@ def action(method: str, path: str, policy: CachePolicy, **headers: str) -> Reque
     (FULL, "POST", "/", {}, RequestAction.BYPASS, "method not GET/HEAD"),
     (FULL, "get", "/", {}, RequestAction.BYPASS, "method not GET/HEAD"),
     (FULL, "OPTIONS", "/", {}, RequestAction.BYPASS, "method not GET/HEAD"),
-    (FULL, "GET", "/", {"authorization": "Basic x"}, RequestAction.BYPASS, "Authorization present"),
-    (FULL, "GET", "/", {"authorization": ""}, RequestAction.BYPASS, "Authorization present"),
+    # RFC 9111 §3.5: always forwarded, stored only when the response allows it
+    (FULL, "GET", "/", {"authorization": "Basic x"}, RequestAction.REFRESH, "Authorization present"),
+    (FULL, "GET", "/", {"authorization": ""}, RequestAction.REFRESH, "Authorization present"),
     (FULL, "GET", "/v.mp4", {"range": "bytes=0-"}, RequestAction.BYPASS, "range request"),
     (FULL, "GET", "/", {"cache-control": "no-store"}, RequestAction.BYPASS, "client no-store"),
     (FULL, "GET", "/", {"cache-control": "no-cache"}, RequestAction.REFRESH, "client no-cache"),
@@ -171,7 +172,7 @@ def test_not_storable(headers: dict[str, str], reason: str) -> None:
     (200, {"cache_control": "max-age=120, s-maxage=7"}, "/", 7),        # s-maxage over max-age
     (200, {"cache_control": "public, max-age=\"90\""}, "/", 90),
     (200, {"cache_control": "max-age=120", "expires": "0"}, "/", 120),  # max-age over Expires
-    (200, {"cache_control": "max-age=120", "age": "20"}, "/", 100),
+    (200, {"cache_control": "max-age=120", "age": "20"}, "/", 120),    # lifetime; age apart
     (200, {"expires": formatdate(NOW + 50, usegmt=True)}, "/", 50),
     (200, {"expires": formatdate(NOW + 500, usegmt=True),
            "date": formatdate(NOW + 400, usegmt=True)}, "/", 100),     # relative to Date
@@ -190,11 +191,12 @@ def test_storable_ttl(status: int, headers: dict[str, str], path: str, ttl: floa
 
 
 @pytest.mark.parametrize(("status", "headers", "reason"), [
-    (500, {}, "status 500 has no ttl"),
-    (302, {}, "status 302 has no ttl"),
-    (302, {"cache_control": "max-age=60"}, "status 302 not cacheable"),
-    (503, {"cache_control": "max-age=60"}, "status 503 not cacheable"),
-    (206, {"cache_control": "max-age=60"}, "partial content"),
+    (500, {}, "status 500 has no explicit freshness"),
+    (302, {}, "status 302 has no explicit freshness"),
+    (302, {"cache_control": "max-age=60"}, None),         # RFC 9111 §3: explicit, any status
+    (503, {"cache_control": "max-age=60"}, None),
+    (206, {"cache_control": "max-age=60"}, "status 206"),
+    (304, {"cache_control": "max-age=60"}, "status 304"),
     (200, {}, None),
 ])
 def test_status_rules(status: int, headers: dict[str, str], reason: str | None) -> None:
@@ -322,6 +324,6 @@ def test_never_raises(headers: dict[str, str], status: int, path: str, method: s
         verdict = response_storability(status, headers, policy, NOW, path=path)
         assert verdict.store in (True, False)
         if verdict.store:
-            assert verdict.ttl > 0
+            assert verdict.ttl - verdict.age > 0 and verdict.stored_at == NOW - verdict.age
         request_cacheability(method, path, headers, policy)
         encoding_variant(headers.get("vary"))
