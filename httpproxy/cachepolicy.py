@@ -84,7 +84,9 @@ DEFAULT_HEURISTIC_FRACTION = 0.1
 """Mode ``standard``: 10 % of the Last-Modified age (RFC 9111 §4.2.2's typical setting)."""
 
 _CACHE_STATUS = {"HIT": b"hit", "STALE": b"hit; detail=stale", "MISS": b"fwd=uri-miss",
-                 "BYPASS": b"fwd=bypass"}
+                 "BYPASS": b"fwd=bypass", "REVALIDATED": b"fwd=stale; fwd-status=304"}
+"""RFC 9211 §2 parameters per X-Cache result: ``hit`` (no trip to the origin), else ``fwd=``
+why it went forward; a stale entry served while refreshing is a hit flagged ``detail``."""
 
 
 def _result_headers(x_cache: bool, cache_status: bool) -> dict[str | None, bytes]:
