@@ -412,30 +412,32 @@ def _no_store(reason: str) -> StoreVerdict:
     return StoreVerdict(False, reason)
 
 
-def _response_directives(headers: Mapping[str, str], policy: CachePolicy) -> dict[str, str]:
-    """The directives that govern us: the first valid targeted field the policy names
-    (RFC 9213 §2.2: it replaces ``Cache-Control`` entirely), else ``Cache-Control``."""
+def _response_directives(headers: Mapping[str, str],
+                         policy: CachePolicy) -> tuple[dict[str, str], bool]:
+    """The directives that govern us, and whether they came from a targeted field: the
+    first valid, non-empty targeted field the policy names (RFC 9213 §2.2: then
+    ``Cache-Control`` and ``Expires`` are ignored), else ``Cache-Control``."""
     for name in policy.targets:
         value = headers.get(name)
-        if value is not None:
+        if value:
             parsed = targeted_directives(value)
-            if parsed is not None:
-                return parsed
+            if parsed:
+                return parsed, True
     cc = headers.get("cache-control")
-    return _directives(cc) if cc else {}
+    return (_directives(cc) if cc else {}), False
 
 
 def _explicit_lifetime(directives: Mapping[str, str], headers: Mapping[str, str],
-                       now: float) -> float | str | None:
+                       now: float, *, targeted: bool = False) -> float | str | None:
     """RFC 9111 §4.2.1 freshness lifetime: s-maxage, max-age, then Expires minus Date (an
-    invalid or repeated Expires is already expired, §5.3). None: no explicit lifetime;
-    a str: why the response cannot be stored."""
+    invalid or repeated Expires is already expired, §5.3; ignored under a targeted field,
+    RFC 9213 §2.2). None: no explicit lifetime; a str: why the response cannot be stored."""
     for name in ("s-maxage", "max-age"):
         if name in directives:
             seconds = _seconds(directives[name])
             return f"invalid {name}" if seconds is None else seconds
     expires_text = headers.get("expires")
-    if expires_text is None:
+    if expires_text is None or targeted:
         return None
     expires = http_date(expires_text, now)
     if expires is None:
@@ -479,7 +481,7 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
         return _no_store(f"status {status}")
     if "set-cookie" in headers and not policy.strip_set_cookie:
         return _no_store("Set-Cookie")
-    directives = _response_directives(headers, policy)
+    directives, targeted = _response_directives(headers, policy)
     for name in ("no-store", "private", "no-cache"):
         if name in directives:
             return _no_store(f"Cache-Control {name}")
@@ -501,9 +503,10 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
         if max_bytes is not None and length > max_bytes:
             return _no_store("larger than max_object_bytes")
 
-    lifetime = _explicit_lifetime(directives, headers, now)
+    lifetime = _explicit_lifetime(directives, headers, now, targeted=targeted)
     if isinstance(lifetime, str):
         return _no_store(lifetime)
+    age = corrected_initial_age(headers, now, request_time)
     if lifetime is None:
         # No explicit freshness: the operator's TTL for the status (full/static/wordpress
         # overrides), else a heuristic for the codes RFC 9110 §15.1 lets caches guess for.
@@ -515,13 +518,15 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
                 rule = policy.path_rule(npath) if npath is not None else None
                 if rule is not None and rule.ttl is not None:
                     lifetime = rule.ttl
+            # The operator's TTL counts from arrival here, whatever Age or a skewed Date say
+            # (the Age sent on hits still tells the truth).
+            lifetime += age
         elif status in HEURISTIC_STATUSES or "public" in directives:
             lifetime = _heuristic_lifetime(headers, policy, now)
             if lifetime <= 0:
                 return _no_store("no freshness information")
         else:
             return _no_store(f"status {status} has no explicit freshness")
-    age = corrected_initial_age(headers, now, request_time)
     if lifetime - age <= 0:
         return _no_store("zero ttl")
 

@@ -461,3 +461,22 @@ def test_strip_fields() -> None:
     assert strip_fields(head, frozenset({b"age", b"cdn-cache-control", b"set-cookie"})) == (
         b"HTTP/1.1 200 OK\r\ncdn-cache-control-x: y\r\nX-Age: 1")
     assert strip_fields(head, frozenset()) is head
+
+
+def test_targeted_field_ignores_expires() -> None:
+    """RFC 9213 §2.2: when a targeted field is used, Cache-Control and Expires are ignored;
+    an empty targeted field is not used."""
+    future = formatdate(NOW + 3600, usegmt=True)
+    policy = CachePolicy.from_policy({"mode": "standard"})
+    assert not response_storability(200, {"cdn-cache-control": "public", "expires": future},
+                                    policy, NOW).store
+    assert response_storability(200, {"cdn-cache-control": "", "expires": future},
+                                policy, NOW).ttl == pytest.approx(3600)
+
+
+def test_operator_ttl_counts_from_arrival() -> None:
+    """An operator TTL (mode full) is kept for its length after arrival even when the origin
+    says the response is already older (Age, or a Date behind our clock); the age is still
+    what a hit reports (RFC 9111 §4.2.3)."""
+    verdict = store(age="900")
+    assert verdict.store and verdict.ttl - verdict.age == 600 and verdict.age == 900
