@@ -78,6 +78,12 @@ WORDPRESS_BYPASS_PATHS = ("/wp-admin", "/wp-login.php", "/wp-cron.php", "/xmlrpc
 WORDPRESS_BYPASS_COOKIES = ("wordpress_logged_in_", "comment_author_", "wp-postpass_",
                             "woocommerce_items_in_cart", "wp_woocommerce_session_")
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+UNDERSTOOD_STATUSES = frozenset(
+    {200, 201, 202, 203, 204, 205, 300, 301, 302, 303, 307, 308}
+    | set(range(400, 418)) | {421, 422, 426, 428, 429, 431, 451}
+    | set(range(500, 506)) | {511})
+"""Final status codes whose semantics we know (RFC 9110 §15, RFC 6585, RFC 7725): what a
+``must-understand`` response may be stored with (206 and 304 are never stored)."""
 
 
 DEFAULT_HEURISTIC_FRACTION = 0.1
@@ -482,7 +488,14 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
     if "set-cookie" in headers and not policy.strip_set_cookie:
         return _no_store("Set-Cookie")
     directives, targeted = _response_directives(headers, policy)
-    for name in ("no-store", "private", "no-cache"):
+    refusing: tuple[str, ...] = ("no-store", "private", "no-cache")
+    if "must-understand" in directives:
+        # RFC 9111 §5.2.2.3: store only a status code we understand, and then no-store
+        # (there for caches that do not know must-understand) does not apply.
+        if status not in UNDERSTOOD_STATUSES:
+            return _no_store(f"must-understand with status {status}")
+        refusing = ("private", "no-cache")
+    for name in refusing:
         if name in directives:
             return _no_store(f"Cache-Control {name}")
     if authorization and not ("public" in directives or "s-maxage" in directives

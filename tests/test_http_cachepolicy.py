@@ -480,3 +480,18 @@ def test_operator_ttl_counts_from_arrival() -> None:
     what a hit reports (RFC 9111 §4.2.3)."""
     verdict = store(age="900")
     assert verdict.store and verdict.ttl - verdict.age == 600 and verdict.age == 900
+
+
+@pytest.mark.parametrize(("status", "cc", "stored"), [
+    (200, "max-age=60, no-store, must-understand", True),
+    (404, "max-age=60, no-store, must-understand", True),
+    (599, "max-age=60, no-store, must-understand", False),
+    (599, "max-age=60, must-understand", False),
+    (599, "max-age=60", True),                              # §3: explicit freshness, any status
+    (200, "max-age=60, private, must-understand", False),
+])
+def test_must_understand(status: int, cc: str, stored: bool) -> None:
+    """RFC 9111 §5.2.2.3: with must-understand a response is stored only when the cache
+    understands its status code, and then no-store is ignored."""
+    policy = CachePolicy.from_policy({"mode": "standard"})
+    assert response_storability(status, {"cache-control": cc}, policy, NOW).store is stored
