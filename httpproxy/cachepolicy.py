@@ -6,7 +6,7 @@ The site's ``cache_policy`` JSON (validated on write by
 
     verdict = request_cacheability(method, target, headers, policy)
     BYPASS  -> forward, never look up, never store                        X-Cache: BYPASS
-    REFRESH -> forward (client sent no-cache), store the answer if storable X-Cache: MISS
+    REFRESH -> forward (client no-cache, or Authorization), store if storable X-Cache: MISS
     LOOKUP  -> key = cache_key(host, target, headers.get("accept-encoding"), scheme=...)
                entry found: freshness(entry.stored_at, entry.ttl, entry.swr, entry.sie, now)
                  FRESH               -> serve it                            X-Cache: HIT
@@ -24,21 +24,32 @@ Client ``Cache-Control: no-cache`` / ``max-age=0`` / ``Pragma: no-cache`` is hon
 "revalidate at the origin": REFRESH (a fresh origin fetch that replaces the entry). The
 caller's single flight per key keeps a flood of such requests from multiplying origin load.
 Client ``Cache-Control: no-store`` is BYPASS. Range requests are BYPASS (the cache stores
-whole objects only).
+whole objects only). A request with ``Authorization`` is REFRESH: never answered from the
+cache (the answer may be that user's), its response stored only as RFC 9111 §3.5 allows.
 
-Storability of a response (:func:`response_storability`): never with ``Set-Cookie``;
-never with ``Cache-Control: no-store``, ``private`` or ``no-cache`` (no revalidation
-support); never with ``Vary`` other than ``Accept-Encoding`` (``*`` included); never partial
-(206) or above ``max_object_bytes`` when Content-Length says so (otherwise the caller stops
-storing once the body exceeds ``verdict.max_bytes``). TTL: ``s-maxage`` > ``max-age`` >
-``Expires`` (relative to ``Date``, else ``now``; minus ``Age``) > the policy: the per-path
-``ttl`` of the longest matching ``paths`` prefix replaces the per-status ``ttl`` for the
-statuses the status table lists (a path rule does not make other statuses cacheable).
-Explicit origin freshness applies to the statuses the status table lists and to the
-RFC 9110 heuristically cacheable ones (200, 203, 204, 300, 301, 308, 404, 405, 410, 414,
-501). A TTL of 0 is not stored. Stale windows: the response's ``stale-while-revalidate=`` /
-``stale-if-error=`` extensions, else the policy's; ``must-revalidate`` /
-``proxy-revalidate`` disable both.
+Storability of a response (:func:`response_storability`), RFC 9111 §3: the directives are
+those of the first valid targeted field the site obeys (its ``target``, then
+``CDN-Cache-Control``, RFC 9213), else ``Cache-Control``. Never stored: ``no-store``,
+``private``, ``no-cache`` (no revalidation yet); ``must-understand`` with a status we do not
+know; ``Set-Cookie`` unless the policy strips it (``set_cookie: "strip"``); a request with
+``Authorization`` unless ``public``/``s-maxage``/``must-revalidate`` (§3.5); ``Vary`` other
+than ``Accept-Encoding``; 206/304; above ``max_object_bytes`` when Content-Length says so
+(otherwise the caller stops storing once the body exceeds ``verdict.max_bytes``).
+Freshness lifetime (§4.2.1): ``s-maxage`` > ``max-age`` > ``Expires`` - ``Date`` (strict
+HTTP-date, :func:`http_date`; invalid = expired) for any final status; without those, the
+policy's per-status/per-path TTL (modes full/static/wordpress, counted from arrival) or, for
+heuristically cacheable codes (or ``public``), a heuristic: ``heuristic_fraction`` of the
+time since ``Last-Modified``, at most ``heuristic_max`` (§4.2.2). The verdict carries the
+corrected initial age (§4.2.3, from ``Age`` and ``Date``) and ``stored_at = now - age``: the
+store keeps that, so ``now - stored_at`` is the current age everywhere (the ``Age`` sent)
+and an entry is fresh while it is below ``ttl``. Not stored when already stale. Stale
+windows: the response's ``stale-while-revalidate=`` / ``stale-if-error=`` extensions, else
+the policy's; ``must-revalidate`` / ``proxy-revalidate`` disable both.
+
+Stored heads drop ``policy.store_strip`` (the origin's ``Age``, our targeted fields,
+``Set-Cookie`` when stripping); forwarded heads drop ``policy.forward_strip`` (our targeted
+fields), both with :func:`strip_fields`. ``policy.result_headers`` are the prebuilt
+``X-Cache`` / ``Cache-Status`` (RFC 9211) lines per result.
 """
 
 from __future__ import annotations
