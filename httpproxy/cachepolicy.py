@@ -555,6 +555,11 @@ def response_storability(status: int, headers: Mapping[str, str], policy: CacheP
         return _no_store("zero ttl")
 
     swr, sie = policy.stale_while_revalidate, policy.stale_if_error
+    if "s-maxage" in directives:
+        # RFC 9111 §5.2.2.10: s-maxage carries proxy-revalidate for shared caches, so our
+        # own stale windows do not apply; the origin's explicit stale-* below still do
+        # (RFC 5861 permissions, the usual "s-maxage=60, stale-while-revalidate=30").
+        swr = sie = 0.0
     if "must-revalidate" in directives or "proxy-revalidate" in directives:
         swr = sie = 0.0
     else:

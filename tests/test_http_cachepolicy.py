@@ -227,6 +227,10 @@ def test_off_policy_never_stores() -> None:
     ({"cache_control": "max-age=60, stale-if-error=x"}, 30, 0),
     ({"cache_control": "max-age=60, must-revalidate, stale-if-error=7"}, 0, 0),
     ({"cache_control": "max-age=60, proxy-revalidate"}, 0, 0),
+    # RFC 9111 §5.2.2.10: s-maxage implies proxy-revalidate: not the policy's windows...
+    ({"cache_control": "s-maxage=60"}, 0, 0),
+    # ... but the origin's own RFC 5861 permissions
+    ({"cache_control": "s-maxage=60, stale-while-revalidate=9"}, 9, 0),
 ])
 def test_stale_windows(headers: dict[str, str], swr: float, sie: float) -> None:
     verdict = store(**headers)

@@ -111,6 +111,8 @@ def test_filters_refused(rules: Any, path: str) -> None:
     ({"mode": "static", "extensions": [".CSS", "Js"]},
      {"mode": "static", "ttl": DEFAULT_TTL, "extensions": ["css", "js"]}),
     ({"mode": "off", "ttl": {"200": 5}}, {"mode": "off", "ttl": {"200": 5}}),
+    ("standard", {"mode": "standard", "ttl": {}}),    # a bare mode name (CLI shorthand)
+    (" full ", {"mode": "full", "ttl": DEFAULT_TTL}),
     # no mode: standard (RFC 9111 as the origin says), no TTLs of ours
     ({"stale_if_error": 60}, {"mode": "standard", "ttl": {}, "stale_if_error": 60}),
     ({"mode": "standard", "target": "Edge-Cache-Control", "set_cookie": "strip",

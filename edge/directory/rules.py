@@ -191,7 +191,10 @@ def validate_filters(rules: str | dict[str, Any] | None) -> dict[str, Any]:
 
 
 def validate_cache_policy(policy: str | dict[str, Any] | None) -> dict[str, Any]:
-    """Check a site's cache policy; returns it canonicalised or raises ValidationError."""
+    """Check a site's cache policy; returns it canonicalised or raises ValidationError.
+    A bare mode name (``standard``, ``off``, ...) is short for ``{"mode": NAME}``."""
+    if isinstance(policy, str) and policy.strip() in CACHE_MODES:
+        policy = {"mode": policy.strip()}
     data = _obj("cache_policy", _parse(policy, "cache_policy"), {
         "mode", "ttl", "paths", "extensions", "bypass_cookies", "stale_while_revalidate",
         "stale_if_error", "max_object_bytes", "heuristic_fraction", "heuristic_max", "target",
