@@ -240,8 +240,10 @@ class CachePolicy:
             heuristic_max=float(data.get("heuristic_max", 86400)),
             targets=targets,
             strip_set_cookie=strip_cookie,
+            # Cache-Status is on by default in mode standard; the older modes keep the exact
+            # response bytes existing sites had (X-Cache only) unless a site asks for it.
             result_headers=_result_headers(data.get("x_cache", True),
-                                           data.get("cache_status", True)),
+                                           data.get("cache_status", mode == "standard")),
             forward_strip=forward_strip,
             store_strip=frozenset(store_strip),
         )

@@ -324,8 +324,15 @@ async def test_operator_target_outranks_cdn_cache_control(rig: Rig) -> None:
 
 async def test_cache_status_and_x_cache_switchable(rig: Rig) -> None:
     """RFC 9211 §2: Cache-Status names the cache and says hit, or why it went forward
-    (fwd=uri-miss, fwd=bypass); X-Cache says the same in the old way. Each is a site switch."""
+    (fwd=uri-miss, fwd=bypass); X-Cache says the same in the old way. Each is a site switch;
+    Cache-Status is on by default in mode standard, off in the older modes."""
     fields = (("Cache-Control", "max-age=3600"),)
+    first, second = await rig.twice("/old", *fields)  # mode full: X-Cache only, as before
+    assert (first.one("cache-status"), second.one("cache-status")) == (None, None)
+    assert second.x_cache == "HIT"
+    await rig.policy({"mode": "full", "ttl": {}, "cache_status": True})
+    assert (await rig.get("/old")).one("cache-status") == "edge; hit"
+    await rig.policy({"mode": "standard"})
     first, second = await rig.twice("/cs", *fields)
     assert (first.one("cache-status"), first.x_cache) == ("edge; fwd=uri-miss", "MISS")
     assert (second.one("cache-status"), second.x_cache) == ("edge; hit", "HIT")

@@ -449,7 +449,8 @@ def test_heuristic_freshness(status: int, headers: dict[str, str], ttl: float | 
 
 
 def test_status_headers_per_site() -> None:
-    """X-Cache and RFC 9211 Cache-Status are on by default and each can be switched off."""
+    """X-Cache and RFC 9211 Cache-Status are on by default in mode standard, each can be
+    switched off or on."""
     both = CachePolicy.from_policy({"mode": "standard"}).result_headers
     assert both["HIT"] == b"X-Cache: HIT\r\nCache-Status: edge; hit\r\n"
     assert both["MISS"] == b"X-Cache: MISS\r\nCache-Status: edge; fwd=uri-miss\r\n"
@@ -457,6 +458,10 @@ def test_status_headers_per_site() -> None:
     quiet = CachePolicy.from_policy({"mode": "standard", "x_cache": False,
                                      "cache_status": False}).result_headers
     assert set(quiet.values()) == {b""}
+    # the older modes keep their responses byte for byte unless asked
+    assert FULL.result_headers["HIT"] == b"X-Cache: HIT\r\n"
+    assert CachePolicy.from_policy({"mode": "wordpress", "cache_status": True}).result_headers[
+        "BYPASS"] == b"X-Cache: BYPASS\r\nCache-Status: edge; fwd=bypass\r\n"
 
 
 def test_strip_fields() -> None:

@@ -25,7 +25,8 @@ cache_policy::
      "stale_while_revalidate": 30, "stale_if_error": 300, "max_object_bytes": 10485760,
      "heuristic_fraction": 0.1, "heuristic_max": 86400,
      "target": "Edge-Cache-Control",           # obeyed before CDN-Cache-Control (RFC 9213)
-     "set_cookie": "no-store" | "strip", "x_cache": true, "cache_status": true}
+     "set_cookie": "no-store" | "strip", "x_cache": true,
+     "cache_status": true}                     # default: true in standard, false elsewhere
 
 A policy that names no mode is ``standard``: the origin's headers decide (RFC 9111), with no
 TTLs of the operator's; ``full``, ``static`` and ``wordpress`` add operator TTLs for
