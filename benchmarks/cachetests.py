@@ -155,9 +155,11 @@ def _run(args: argparse.Namespace) -> int:
             out = subprocess.run([node, "--no-warnings", "test-engine/cli.mjs"], cwd=suite,
                                  env=cli_env, stdout=subprocess.PIPE, check=False).stdout
         finally:
-            edge.shutdown()
-            origin.terminate()
-            origin.wait(10)
+            try:
+                edge.shutdown()
+            finally:  # never leave the suite's origin running
+                origin.terminate()
+                origin.wait(10)
         if args.id:
             sys.stdout.write(out.decode(errors="replace"))
             return 0
