@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from pathlib import Path
 
 from benchmarks.procs import (
@@ -287,7 +288,10 @@ async def main_async(args: argparse.Namespace) -> None:
 
 # -- Python-only ---------------------------------------------------------------------------
 
-RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 23 Nov 2026 20:00:00 GMT\r\n"
+# Date is now: a cache computes the response's age from it (RFC 9111 §4.2.3), and a fixed
+# date would make max-age=300 stale on arrival once the date is five minutes old.
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: "
+            + formatdate(usegmt=True).encode() + b"\r\n"
             b"Content-Type: text/html\r\nContent-Length: 1024\r\n"
             b"Last-Modified: Mon, 23 Nov 2026 20:00:00 GMT\r\nConnection: keep-alive\r\n"
             b'ETag: "6b049bcd-400"\r\nCache-Control: public, max-age=300\r\n'

@@ -13,9 +13,8 @@ import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
-from httpproxy.cachepolicy import encoding_variant
+from httpproxy.cachepolicy import encoding_variant, http_date
 
 __all__ = [
     "NOT_MODIFIED_FIELDS",
@@ -156,13 +155,9 @@ def _strong_match(a: str, b: str) -> bool:
 
 
 def _date(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    return parsed.timestamp() if parsed.tzinfo is not None else None
+    """A strict HTTP-date (RFC 9110 §5.6.7, the one parser of :mod:`httpproxy.cachepolicy`);
+    None when absent or invalid (an invalid If-Modified-Since is ignored, §13.1.3)."""
+    return http_date(value) if value else None
 
 
 def client_not_modified(method: bytes, request: Mapping[str, str], stored: Mapping[str, str]

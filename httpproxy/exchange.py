@@ -64,6 +64,7 @@ from httpproxy.cachepolicy import (
     freshness,
     request_cacheability,
     response_storability,
+    strip_fields,
 )
 from httpproxy.rules import RequestHead, evaluate_after_ip, ip_refusal, target_text
 from httpproxy.sitestate import CacheMemo, FilterMemo
@@ -298,9 +299,6 @@ _NAME_CODES_MAX = 4096
 _FORWARDED_HEADERS = (b"Host: %b\r\nX-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: %b\r\n"
                       b"X-Forwarded-Host: %b\r\nForwarded: %b\r\n")
 _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT"})
-_X_CACHE = {None: b"", "HIT": b"X-Cache: HIT\r\n", "MISS": b"X-Cache: MISS\r\n",
-            "STALE": b"X-Cache: STALE\r\n", "BYPASS": b"X-Cache: BYPASS\r\n",
-            "REVALIDATED": b"X-Cache: REVALIDATED\r\n"}
 
 
 def header_code(name: bytes) -> int:
@@ -954,9 +952,12 @@ class Exchange:
         elif self.flight is not None:
             self.services.cache_end_flight(self, None)
         extra = self.extra
-        x_cache = _X_CACHE[self.cache_result]
-        if x_cache:
-            extra = x_cache + extra
+        if self.cache_result is not None and self.state is not None:
+            # The site's X-Cache / Cache-Status lines; its targeted Cache-Control fields are
+            # ours, not the client's (RFC 9213 §2.1), on every front end (HTTP/2 reads raw).
+            policy = self.state.policy
+            extra = policy.result_headers[self.cache_result] + extra
+            head = strip_fields(head, policy.forward_strip)
         self.bytes_out += len(head) + len(extra) + len(rest) + 2
         self.sink.start(self, ResponseHead(status, head, extra), rest)
 
@@ -1047,14 +1048,17 @@ class Exchange:
         assert state is not None
         headers = head_fields(head)
         verdict = response_storability(status, headers, state.policy, time.time(),
-                                       path=target_text(self.target))
+                                       path=target_text(self.target),
+                                       authorization=self.authorization is not None)
         if not verdict.store or is_close_delimited(head, status):  # a hit needs framing
             self.store = False
             self.services.cache_end_flight(self, None)
             return
         self.capture = [rest]
         self.capture_size = len(rest)
-        self.capture_head = head
+        # Without the origin's Age (recomputed on every serve), our targeted fields and,
+        # per policy, Set-Cookie; capture_fields keep what the origin sent (Vary, tags).
+        self.capture_head = strip_fields(head, state.policy.store_strip)
         self.capture_fields = headers
         self.verdict = verdict
 
@@ -1063,8 +1067,13 @@ class Exchange:
         self.status = entry.status
         if self.body_pending:
             self.must_close = True
+        state = self.state
+        assert state is not None
+        # stored_at is arrival minus the corrected initial age (RFC 9111 §4.2.3), so this is
+        # the current age; the stored head has no Age of its own.
         age = int((now or time.time()) - entry.stored_at)
-        extra = b"".join((_X_CACHE[result], b"Age: %d\r\n" % (age if age > 0 else 0), self.extra))
+        extra = b"".join((state.policy.result_headers[result],
+                          b"Age: %d\r\n" % (age if age > 0 else 0), self.extra))
         status, head, body = entry.status, entry.head, b"" if self.method == b"HEAD" else entry.body
         if self.cache_sensitive:  # conditionals or Range: httpproxy.cacheflow answers them
             answer = answer_from_store(self.method, RequestHead.from_pairs(

@@ -1,7 +1,7 @@
 """The HTTP edge: :class:`HttpEngine` (per-worker request handling shared by the plain and the
 TLS listener) and :class:`HttpProxy` (the registry's ``http`` proxy: the plain listener).
 
-Per request (:mod:`httpproxy.connection`): Host → site (exact, then wildcard) → tenant → host
+Per request (:mod:`httpproxy.exchange`): Host → site (exact, then wildcard) → tenant → host
 from the directory cache, the site's filters (:mod:`httpproxy.rules`) and cache policy
 (:mod:`httpproxy.cachepolicy`) compiled once per site version, then a pooled keep-alive
 connection to the backend (:mod:`httpproxy.upstream`) or an answer from the content cache
@@ -37,7 +37,7 @@ from httpproxy.cacheflow import (
     secondary_key,
     vary_names,
 )
-from httpproxy.cachepolicy import StoreVerdict, cache_key, response_storability
+from httpproxy.cachepolicy import StoreVerdict, cache_key, response_storability, strip_fields
 from httpproxy.exchange import ClientInfo, Exchange
 from httpproxy.front_h1 import ClientConnection
 from httpproxy.metrics import LocalStats
@@ -392,11 +392,13 @@ class HttpEngine:
 
     def store_entry(self, key: bytes, site: Site, target: bytes,
                     request: list[tuple[bytes, bytes]], status: int, head: bytes, body: bytes,
-                    verdict: StoreVerdict, *, stored_at: float | None = None,
+                    verdict: StoreVerdict, *,
                     fields: dict[str, str] | None = None) -> CacheEntry | None:
         """Build and store an entry (a variant when the response has Vary: its secondary key
-        from ``request``'s fields; ``fields``: head's, when already parsed); returns it, or
-        None when it was not stored."""
+        from ``request``'s fields; ``fields``: head's, when already parsed); ``head`` is
+        already stripped of ``policy.store_strip``, ``verdict`` says when it arrived with
+        what age (``stored_at``, RFC 9111 §4.2.3). Returns the entry, or None when it was
+        not stored."""
         assert self.cache is not None
         if fields is None:
             fields = head_fields(head)
@@ -410,32 +412,40 @@ class HttpEngine:
         entry = CacheEntry(key, site.hostname, target_text(target).partition("?")[0], status,
                            head, body, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
                            sie=verdict.stale_if_error, vary=vary, secondary=secondary,
-                           tags=entry_tags(fields), stored_at=stored_at,
+                           tags=entry_tags(fields), stored_at=verdict.stored_at,
                            validators=revalidation_fields(fields))
         return entry if self.cache.put(entry) else None
 
     def cache_update(self, stored: CacheEntry, head_304: bytes, state: SiteState, site: Site,
                      target: bytes, request: list[tuple[bytes, bytes]]) -> CacheEntry | None:
         """The origin validated ``stored`` with a 304 (RFC 9111 §4.3.4): store its head
-        updated by the 304's fields, fresh from now. Returns the stored update, or None when
-        the updated response may no longer be stored (then it is dropped)."""
+        updated by the 304's fields, its age counted from the 304 (its Date and Age, §4.2.3).
+        Returns the stored update, or None when the updated response may no longer be stored
+        (then it is dropped)."""
         assert self.cache is not None
         self.cache_events["revalidated"] += 1
-        head = merge_not_modified(stored.head, head_304)
-        now = time.time()
-        fields = head_fields(head)
-        verdict = response_storability(stored.status, fields, state.policy, now,
-                                       path=target_text(target))
+        merged = merge_not_modified(stored.head, head_304)
+        # Decided on the fields as merged (the 304's targeted Cache-Control counts), with
+        # the 304's own Age (merge_not_modified keeps no Age line): the age restarts from
+        # the 304 (RFC 9111 §4.2.3). Stored without what policy.store_strip names.
+        fields = head_fields(merged)
+        age_304 = head_fields(head_304).get("age")
+        if age_304 is not None:
+            fields["age"] = age_304
+        verdict = response_storability(
+            stored.status, fields, state.policy, time.time(), path=target_text(target),
+            authorization=any(name.lower() == b"authorization" for name, _ in request))
+        head = strip_fields(merged, state.policy.store_strip)
         if verdict.store and vary_names(fields.get("vary")) == stored.vary and self.cache.update(
                 stored, head, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
-                sie=verdict.stale_if_error, stored_at=now, tags=entry_tags(fields),
+                sie=verdict.stale_if_error, stored_at=verdict.stored_at, tags=entry_tags(fields),
                 validators=revalidation_fields(fields)):
             return stored  # the usual case: same key, updated in place
         self.cache.remove(stored.key)
         if not verdict.store:
             return None
         return self.store_entry(stored.primary, site, target, request, stored.status, head,
-                                stored.body, verdict, stored_at=now, fields=fields)
+                                stored.body, verdict, fields=fields)
 
     def cache_revalidated(self, req: Exchange, stored: CacheEntry, head_304: bytes) -> CacheEntry:
         """:meth:`cache_update` for a client's request: ends its flight with the update and
@@ -444,9 +454,11 @@ class HttpEngine:
         entry = self.cache_update(stored, head_304, req.state, req.site, req.target, req.headers)
         self.cache_end_flight(req, entry)
         if entry is None:
-            entry = CacheEntry(stored.primary, stored.site, stored.path, stored.status,
-                               merge_not_modified(stored.head, head_304), stored.body,
-                               ttl=0.0, swr=0.0, sie=0.0)
+            # Served to this client only: the 304's fields, minus our targeted ones (RFC 9213).
+            head = strip_fields(merge_not_modified(stored.head, head_304),
+                                req.state.policy.forward_strip)
+            entry = CacheEntry(stored.primary, stored.site, stored.path, stored.status, head,
+                               stored.body, ttl=0.0, swr=0.0, sie=0.0)
         return entry
 
     # -- invalidation (RFC 9111 §4.4) ------------------------------------------------------------
@@ -625,7 +637,7 @@ class _Refresh:
             self._finish(None)
             return
         self.verdict = verdict
-        self.headbytes = head
+        self.headbytes = strip_fields(head, self.state.policy.store_strip)
         self.capture = [rest]
         self.size = len(rest)
 
