@@ -109,17 +109,20 @@ PUBLISH_INTERVAL = 0.05
 """Seconds between two invalidation transactions of one worker (the feed polls every 1 s)."""
 PUBLISH_SITE_MAX = 32
 """URLs of one site in one invalidation batch beyond which the whole site is purged instead."""
+_new_entry = tuple.__new__
 
 
 def _access_line(entry: AccessEntry) -> bytes:
     """One access-log line from what :meth:`HttpEngine.finished` queued."""
-    host_json = entry.host_json
+    # Unpacked in field order: on Python 3.11 each named read of a NamedTuple field is an
+    # unspecialised attribute lookup (~12 of them per request cost ~3 % of a request's
+    # instructions); the entry is still built and documented by name.
+    (prefix, ts, method, host_json, host_raw, target, route, status, bytes_out, body_size, duration,
+     cache_result) = entry
     if host_json is None:
-        host_json = _json_bytes(entry.host_raw or b"", 256)
-    return _ACCESS_LINE % (entry.prefix, entry.ts, entry.method, host_json,
-                           _json_bytes(entry.target, 1024), entry.route, entry.status,
-                           entry.bytes_out, entry.body_size, entry.duration * 1000,
-                           _CACHE_FIELD[entry.cache_result])
+        host_json = _json_bytes(host_raw or b"", 256)
+    return _ACCESS_LINE % (prefix, ts, method, host_json, _json_bytes(target, 1024), route, status,
+                           bytes_out, body_size, duration * 1000, _CACHE_FIELD[cache_result])
 
 
 class HttpEngine:
@@ -349,9 +352,10 @@ class HttpEngine:
                 else:
                     route = b'"site":null,"tenant":null,"host":null'
                 host_json = None
-            access_log.add(AccessEntry(client.log_prefix, _time(), req.method, host_json,
-                                       req.host_raw, req.target, route, status, req.bytes_out,
-                                       req.body_size, duration, cache_result))
+            # tuple.__new__: the entry without a call to AccessEntry.__new__ (Python, 12 args).
+            access_log.add(_new_entry(AccessEntry, (
+                client.log_prefix, _time(), req.method, host_json, req.host_raw, req.target,
+                route, status, req.bytes_out, req.body_size, duration, cache_result)))
             return
         if not access_log.enabled:
             return
