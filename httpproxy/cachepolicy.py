@@ -379,22 +379,43 @@ def http_date(value: str, now: float | None = None) -> float | None:
     GMT, dashes, missing comma, extra spaces, one-digit hours, lists). An rfc850-date year
     that looks more than 50 years ahead of ``now`` is the same two digits in the past.
     """
+    if len(value) > _LONGEST_DATE:
+        return None
+    matched, parsed = _fixed_form_date(value)
+    if matched:
+        return parsed
+    m = _RFC850_DATE.fullmatch(value)
+    if m is None:
+        return None
+    day, month, yy, hh, mm, ss = m.groups()
+    current = time.gmtime(time.time() if now is None else now).tm_year
+    year = current - current % 100 + int(yy)
+    if year > current + 50:
+        year -= 100
+    return _date_value(str(year), month, day, hh, mm, ss)
+
+
+_LONGEST_DATE = len("Wednesday, 09-Nov-94 08:49:37 GMT")
+"""No valid HTTP-date is longer (no optional whitespace in the grammar)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _fixed_form_date(value: str) -> tuple[bool, float | None]:
+    """IMF-fixdate or asctime-date, the forms that need no ``now``: (whether ``value`` has
+    one of them, its Unix time or None when a field is out of range). Memoised: a cache
+    reads the same Date / Last-Modified / Expires values again and again."""
     m = _IMF_FIXDATE.fullmatch(value)
     if m is not None:
         day, month, year, hh, mm, ss = m.groups()
     else:
-        m = _RFC850_DATE.fullmatch(value)
-        if m is not None:
-            day, month, yy, hh, mm, ss = m.groups()
-            current = time.gmtime(time.time() if now is None else now).tm_year
-            year = str(current - current % 100 + int(yy))
-            if int(year) > current + 50:
-                year = str(int(year) - 100)
-        else:
-            m = _ASCTIME_DATE.fullmatch(value)
-            if m is None:
-                return None
-            month, day, hh, mm, ss, year = m.groups()
+        m = _ASCTIME_DATE.fullmatch(value)
+        if m is None:
+            return False, None
+        month, day, hh, mm, ss, year = m.groups()
+    return True, _date_value(year, month, day, hh, mm, ss)
+
+
+def _date_value(year: str, month: str, day: str, hh: str, mm: str, ss: str) -> float | None:
     month_number = _MONTHS[month.lower()]
     hour, minute, second = int(hh), int(mm), int(ss)
     try:

@@ -421,11 +421,13 @@ class HttpEngine:
         return entry if self.cache.put(entry) else None
 
     def cache_update(self, stored: CacheEntry, head_304: bytes, state: SiteState, site: Site,
-                     target: bytes, request: list[tuple[bytes, bytes]]) -> CacheEntry | None:
+                     target: bytes, request: list[tuple[bytes, bytes]], *,
+                     authorization: bool = False) -> CacheEntry | None:
         """The origin validated ``stored`` with a 304 (RFC 9111 §4.3.4): store its head
         updated by the 304's fields, its age counted from the 304 (its Date and Age, §4.2.3).
-        Returns the stored update, or None when the updated response may no longer be stored
-        (then it is dropped)."""
+        ``authorization``: the validating request carried Authorization (§3.5). Returns the
+        stored update, or None when the updated response may no longer be stored (then it is
+        dropped)."""
         assert self.cache is not None
         self.cache_events["revalidated"] += 1
         merged = merge_not_modified(stored.head, head_304)
@@ -433,12 +435,11 @@ class HttpEngine:
         # the 304's own Age (merge_not_modified keeps no Age line): the age restarts from
         # the 304 (RFC 9111 §4.2.3). Stored without what policy.store_strip names.
         fields = head_fields(merged)
-        age_304 = head_fields(head_304).get("age")
+        age_304 = _AGE_LINE.search(head_304)
         if age_304 is not None:
-            fields["age"] = age_304
-        verdict = response_storability(
-            stored.status, fields, state.policy, time.time(), path=target_text(target),
-            authorization=any(name.lower() == b"authorization" for name, _ in request))
+            fields["age"] = age_304.group(1).decode("latin-1").strip()
+        verdict = response_storability(stored.status, fields, state.policy, time.time(),
+                                       path=target_text(target), authorization=authorization)
         head = strip_fields(merged, state.policy.store_strip)
         if verdict.store and vary_names(fields.get("vary")) == stored.vary and self.cache.update(
                 stored, head, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
@@ -455,7 +456,8 @@ class HttpEngine:
         """:meth:`cache_update` for a client's request: ends its flight with the update and
         returns what to serve it (the updated response even when it is no longer stored)."""
         assert req.state is not None and req.site is not None
-        entry = self.cache_update(stored, head_304, req.state, req.site, req.target, req.headers)
+        entry = self.cache_update(stored, head_304, req.state, req.site, req.target, req.headers,
+                                  authorization=req.authorization is not None)
         self.cache_end_flight(req, entry)
         if entry is None:
             # Served to this client only: the 304's fields, minus our targeted ones (RFC 9213).
@@ -575,6 +577,11 @@ class HttpEngine:
                 self.export_metrics()
             except Exception:  # metrics must never stop serving
                 log.exception("exporting HTTP metrics failed")
+
+
+_AGE_LINE = re.compile(rb"\r\nage:([^\r]*)", re.IGNORECASE)
+"""A response head's first Age line (the strict response parser allows no space before the
+colon); RFC 9111 §5.1 reads only the first member anyway."""
 
 
 class _Refresh:
