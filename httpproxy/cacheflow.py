@@ -9,12 +9,10 @@ Header fields are ``{lowercase name: value}`` with repeated lines joined by ``",
 from __future__ import annotations
 
 import enum
-import functools
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from httpproxy.cachepolicy import encoding_variant, http_date
+from httpproxy.cachepolicy import encoding_variant, http_date, strip_fields
 
 __all__ = [
     "NOT_MODIFIED_FIELDS",
@@ -232,16 +230,8 @@ def merge_not_modified(stored_head: bytes, head_304: bytes) -> bytes:
                 updates.append(line)
     if not updates:
         return stored_head
-    kept = _lines_named(frozenset(names)).sub(b"", stored_head)
+    kept = strip_fields(stored_head, frozenset(names))
     return kept + b"\r\n".join(updates) + b"\r\n"
-
-
-@functools.lru_cache(maxsize=256)
-def _lines_named(names: frozenset[bytes]) -> re.Pattern[bytes]:
-    """Matches the header lines (after the first line) with one of these lowercase names.
-    An origin's 304s carry the same few names each time: compiled once per set."""
-    alternatives = b"|".join(re.escape(name) for name in sorted(names))
-    return re.compile(rb"(?<=\r\n)(?:" + alternatives + rb"):[^\r\n]*\r\n", re.IGNORECASE)
 
 
 # -- ranges (RFC 9110 §14) --------------------------------------------------------------------
