@@ -41,6 +41,8 @@ values (User-Agent, Cookie) cannot fill the cache with one URL."""
 MAX_TAGS = 32
 """Tags kept per entry (the rest are ignored)."""
 _K = TypeVar("_K")
+_ENCODINGS = (b"br", b"gzip", b"identity")
+"""The encoding variants of :func:`httpproxy.cachepolicy.encoding_variant`."""
 
 
 def url_key(primary: bytes) -> bytes:
@@ -158,6 +160,22 @@ class ContentCache:
             self._entries.move_to_end(key)
         return entry
 
+    def get_identity(self, key: bytes) -> CacheEntry | None:
+        """A response stored for the same URL under another encoding variant whose content
+        is not encoded (no Content-Encoding): usable for any request. Browsers send
+        ``Accept-Encoding: identity`` with Range requests (Fetch standard), so the full
+        response a normal request stored is found for them."""
+        parts = key.split(b"\0", 3)
+        if len(parts) != 4:
+            return None
+        for variant in _ENCODINGS:
+            if variant != parts[2]:
+                entry = self._entries.get(b"\0".join((parts[0], parts[1], variant, parts[3])))
+                if entry is not None and b"\r\ncontent-encoding:" not in entry.head.lower():
+                    self._entries.move_to_end(entry.key)
+                    return entry
+        return None
+
     def has_variants(self, key: bytes) -> bool:
         return key in self._variants
 
@@ -200,6 +218,29 @@ class ContentCache:
             self._variants.setdefault(primary, {})[key] = None
         self.size += entry.size
         while self.size > self.max_bytes and self._entries:
+            self._drop(next(iter(self._entries)), counter="evictions")
+        return True
+
+    def update(self, entry: CacheEntry, head: bytes, *, ttl: float, swr: float, sie: float,
+               stored_at: float, tags: tuple[str, ...], validators: bytes) -> bool:
+        """Give a stored entry a new head and freshness in place (a 304 updated it; same key,
+        same content). False when ``entry`` is no longer the one stored under its key."""
+        key = entry.key
+        if self._entries.get(key) is not entry:
+            return False
+        if tags != entry.tags:
+            for tag in entry.tags:
+                self._unindex(self._by_tag, (entry.site, tag), key)
+            for tag in tags:
+                self._by_tag.setdefault((entry.site, tag), {})[key] = None
+            entry.tags = tags
+        grown = len(head) - len(entry.head)
+        entry.head, entry.ttl, entry.swr, entry.sie = head, ttl, swr, sie
+        entry.stored_at, entry.validators = stored_at, validators
+        entry.size += grown
+        self.size += grown
+        self._entries.move_to_end(key)
+        while self.size > self.max_bytes and len(self._entries) > 1:
             self._drop(next(iter(self._entries)), counter="evictions")
         return True
 

@@ -9,13 +9,10 @@ Header fields are ``{lowercase name: value}`` with repeated lines joined by ``",
 from __future__ import annotations
 
 import enum
-import functools
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
-from httpproxy.cachepolicy import encoding_variant
+from httpproxy.cachepolicy import encoding_variant, http_date, strip_fields
 
 __all__ = [
     "NOT_MODIFIED_FIELDS",
@@ -89,17 +86,26 @@ def _normalise(value: str) -> str:
     return ",".join(" ".join(part.split()) for part in value.split(","))
 
 
+def _normalise_languages(value: str) -> str:
+    # Language ranges are case-insensitive (RFC 4647 §2) and, at equal weight, unordered
+    # (RFC 9110 §12.5.4 ranks by q only): "en, de" and "De, EN" are one variant.
+    return ",".join(sorted("".join(part.split()).lower() for part in value.split(",")))
+
+
 def secondary_key(names: tuple[str, ...], request: Mapping[str, str]) -> bytes:
     """What a request must repeat to be served a response that varies on ``names``.
 
     Accept-Encoding is compared as the encoding variant the edge forwards
     (:func:`httpproxy.cachepolicy.encoding_variant`), so ``gzip`` and ``gzip;q=1`` share a
-    variant; an absent field differs from an empty one."""
+    variant; Accept-Language without case and order; an absent field differs from an
+    empty one."""
     parts = []
     for name in names:
         value = request.get(name)
         if name == "accept-encoding":
             parts.append(encoding_variant(value))
+        elif name == "accept-language" and value is not None:
+            parts.append(_normalise_languages(value))
         else:
             parts.append("\1" if value is None else _normalise(value))
     return "\0".join(parts).encode("utf-8", "surrogatepass")
@@ -147,13 +153,9 @@ def _strong_match(a: str, b: str) -> bool:
 
 
 def _date(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    return parsed.timestamp() if parsed.tzinfo is not None else None
+    """A strict HTTP-date (RFC 9110 §5.6.7, the one parser of :mod:`httpproxy.cachepolicy`);
+    None when absent or invalid (an invalid If-Modified-Since is ignored, §13.1.3)."""
+    return http_date(value) if value else None
 
 
 def client_not_modified(method: bytes, request: Mapping[str, str], stored: Mapping[str, str]
@@ -228,16 +230,8 @@ def merge_not_modified(stored_head: bytes, head_304: bytes) -> bytes:
                 updates.append(line)
     if not updates:
         return stored_head
-    kept = _lines_named(frozenset(names)).sub(b"", stored_head)
+    kept = strip_fields(stored_head, frozenset(names))
     return kept + b"\r\n".join(updates) + b"\r\n"
-
-
-@functools.lru_cache(maxsize=256)
-def _lines_named(names: frozenset[bytes]) -> re.Pattern[bytes]:
-    """Matches the header lines (after the first line) with one of these lowercase names.
-    An origin's 304s carry the same few names each time: compiled once per set."""
-    alternatives = b"|".join(re.escape(name) for name in sorted(names))
-    return re.compile(rb"(?<=\r\n)(?:" + alternatives + rb"):[^\r\n]*\r\n", re.IGNORECASE)
 
 
 # -- ranges (RFC 9110 §14) --------------------------------------------------------------------

@@ -65,6 +65,7 @@ from httpproxy.cachepolicy import (
     freshness,
     request_cacheability,
     response_storability,
+    strip_fields,
 )
 from httpproxy.rules import RequestHead, evaluate_after_ip, ip_refusal, target_text
 from httpproxy.sitestate import CacheMemo, FilterMemo
@@ -300,9 +301,6 @@ _NAME_CODES_MAX = 4096
 _FORWARDED_HEADERS = (b"Host: %b\r\nX-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Forwarded-Proto: %b\r\n"
                       b"X-Forwarded-Host: %b\r\nForwarded: %b\r\n")
 _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT"})
-_X_CACHE = {None: b"", "HIT": b"X-Cache: HIT\r\n", "MISS": b"X-Cache: MISS\r\n",
-            "STALE": b"X-Cache: STALE\r\n", "BYPASS": b"X-Cache: BYPASS\r\n",
-            "REVALIDATED": b"X-Cache: REVALIDATED\r\n"}
 
 
 def header_code(name: bytes) -> int:
@@ -776,6 +774,8 @@ class Exchange:
                         if head is None:
                             head = RequestHead.from_pairs(self.method, self.target, self.headers)
                         entry = cache.select(key, head.headers)
+                    if entry is None and not verdict.store_on_miss and self.method == b"GET":
+                        entry = cache.get_identity(key)  # a Range request (identity coding)
                     if entry is not None:
                         now = time.time()
                         if now - entry.stored_at < entry.ttl:  # freshness() inlined for FRESH
@@ -794,6 +794,14 @@ class Exchange:
                             self.stale_entry = entry
                         if verdict.store_on_miss:
                             self.revalidate = entry
+                elif verdict.store_on_miss:
+                    # REFRESH (client no-cache / max-age=0): what we hold may be used after the
+                    # origin validates it (RFC 9111 §5.2.1.4, §5.2.1.1).
+                    self.revalidate = cache.get(key)
+                    if self.revalidate is None and cache.has_variants(key):
+                        if head is None:
+                            head = RequestHead.from_pairs(self.method, self.target, self.headers)
+                        self.revalidate = cache.select(key, head.headers)
                 self.cache_result = "MISS"
                 if verdict.store_on_miss:
                     flight = cache.flight(key)
@@ -952,9 +960,12 @@ class Exchange:
         elif self.flight is not None:
             self.services.cache_end_flight(self, None)
         extra = self.extra
-        x_cache = _X_CACHE[self.cache_result]
-        if x_cache:
-            extra = x_cache + extra
+        if self.cache_result is not None and self.state is not None:
+            # The site's X-Cache / Cache-Status lines; its targeted Cache-Control fields are
+            # ours, not the client's (RFC 9213 §2.1), on every front end (HTTP/2 reads raw).
+            policy = self.state.policy
+            extra = policy.result_headers[self.cache_result] + extra
+            head = strip_fields(head, policy.forward_strip)
         self.bytes_out += len(head) + len(extra) + len(rest) + 2
         self.sink.start(self, _new_head(ResponseHead, (status, head, extra)), rest)
 
@@ -1048,14 +1059,17 @@ class Exchange:
         assert state is not None
         headers = head_fields(head)
         verdict = response_storability(status, headers, state.policy, time.time(),
-                                       path=target_text(self.target))
+                                       path=target_text(self.target),
+                                       authorization=self.authorization is not None)
         if not verdict.store or is_close_delimited(head, status):  # a hit needs framing
             self.store = False
             self.services.cache_end_flight(self, None)
             return
         self.capture = [rest]
         self.capture_size = len(rest)
-        self.capture_head = head
+        # Without the origin's Age (recomputed on every serve), our targeted fields and,
+        # per policy, Set-Cookie; capture_fields keep what the origin sent (Vary, tags).
+        self.capture_head = strip_fields(head, state.policy.store_strip)
         self.capture_fields = headers
         self.verdict = verdict
 
@@ -1064,8 +1078,13 @@ class Exchange:
         self.status = entry.status
         if not self.complete and (self.chunked or self.content_length > 0):  # body_pending
             self.must_close = True
+        state = self.state
+        assert state is not None
+        # stored_at is arrival minus the corrected initial age (RFC 9111 §4.2.3), so this is
+        # the current age; the stored head has no Age of its own.
         age = int((now or time.time()) - entry.stored_at)
-        extra = b"%bAge: %d\r\n%b" % (_X_CACHE[result], age if age > 0 else 0, self.extra)
+        extra = b"%bAge: %d\r\n%b" % (state.policy.result_headers[result], age if age > 0 else 0,
+                                       self.extra)
         head, body = entry.head, b"" if self.method == b"HEAD" else entry.body
         if self.cache_sensitive:  # conditionals or Range: httpproxy.cacheflow answers them
             head, body = self._answer_from_store(entry)

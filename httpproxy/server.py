@@ -1,7 +1,7 @@
 """The HTTP edge: :class:`HttpEngine` (per-worker request handling shared by the plain and the
 TLS listener) and :class:`HttpProxy` (the registry's ``http`` proxy: the plain listener).
 
-Per request (:mod:`httpproxy.connection`): Host → site (exact, then wildcard) → tenant → host
+Per request (:mod:`httpproxy.exchange`): Host → site (exact, then wildcard) → tenant → host
 from the directory cache, the site's filters (:mod:`httpproxy.rules`) and cache policy
 (:mod:`httpproxy.cachepolicy`) compiled once per site version, then a pooled keep-alive
 connection to the backend (:mod:`httpproxy.upstream`) or an answer from the content cache
@@ -39,7 +39,7 @@ from httpproxy.cacheflow import (
     secondary_key,
     vary_names,
 )
-from httpproxy.cachepolicy import StoreVerdict, cache_key, response_storability
+from httpproxy.cachepolicy import StoreVerdict, cache_key, response_storability, strip_fields
 from httpproxy.exchange import ClientInfo, Exchange
 from httpproxy.front_h1 import ClientConnection
 from httpproxy.http2 import choose_protocol
@@ -435,11 +435,13 @@ class HttpEngine:
 
     def store_entry(self, key: bytes, site: Site, target: bytes,
                     request: list[tuple[bytes, bytes]], status: int, head: bytes, body: bytes,
-                    verdict: StoreVerdict, *, stored_at: float | None = None,
+                    verdict: StoreVerdict, *,
                     fields: dict[str, str] | None = None) -> CacheEntry | None:
         """Build and store an entry (a variant when the response has Vary: its secondary key
-        from ``request``'s fields; ``fields``: head's, when already parsed); returns it, or
-        None when it was not stored."""
+        from ``request``'s fields; ``fields``: head's, when already parsed); ``head`` is
+        already stripped of ``policy.store_strip``, ``verdict`` says when it arrived with
+        what age (``stored_at``, RFC 9111 §4.2.3). Returns the entry, or None when it was
+        not stored."""
         assert self.cache is not None
         if fields is None:
             fields = head_fields(head)
@@ -453,38 +455,55 @@ class HttpEngine:
         entry = CacheEntry(key, site.hostname, target_text(target).partition("?")[0], status,
                            head, body, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
                            sie=verdict.stale_if_error, vary=vary, secondary=secondary,
-                           tags=entry_tags(fields), stored_at=stored_at,
+                           tags=entry_tags(fields), stored_at=verdict.stored_at,
                            validators=revalidation_fields(fields))
         return entry if self.cache.put(entry) else None
 
     def cache_update(self, stored: CacheEntry, head_304: bytes, state: SiteState, site: Site,
-                     target: bytes, request: list[tuple[bytes, bytes]]) -> CacheEntry | None:
+                     target: bytes, request: list[tuple[bytes, bytes]], *,
+                     authorization: bool = False) -> CacheEntry | None:
         """The origin validated ``stored`` with a 304 (RFC 9111 §4.3.4): store its head
-        updated by the 304's fields, fresh from now. Returns the stored update, or None when
-        the updated response may no longer be stored (then it is dropped)."""
+        updated by the 304's fields, its age counted from the 304 (its Date and Age, §4.2.3).
+        ``authorization``: the validating request carried Authorization (§3.5). Returns the
+        stored update, or None when the updated response may no longer be stored (then it is
+        dropped)."""
         assert self.cache is not None
         self.cache_events["revalidated"] += 1
-        head = merge_not_modified(stored.head, head_304)
-        now = time.time()
-        fields = head_fields(head)
-        verdict = response_storability(stored.status, fields, state.policy, now,
-                                       path=target_text(target))
+        merged = merge_not_modified(stored.head, head_304)
+        # Decided on the fields as merged (the 304's targeted Cache-Control counts), with
+        # the 304's own Age (merge_not_modified keeps no Age line): the age restarts from
+        # the 304 (RFC 9111 §4.2.3). Stored without what policy.store_strip names.
+        fields = head_fields(merged)
+        age_304 = _AGE_LINE.search(head_304)
+        if age_304 is not None:
+            fields["age"] = age_304.group(1).decode("latin-1").strip()
+        verdict = response_storability(stored.status, fields, state.policy, time.time(),
+                                       path=target_text(target), authorization=authorization)
+        head = strip_fields(merged, state.policy.store_strip)
+        if verdict.store and vary_names(fields.get("vary")) == stored.vary and self.cache.update(
+                stored, head, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
+                sie=verdict.stale_if_error, stored_at=verdict.stored_at, tags=entry_tags(fields),
+                validators=revalidation_fields(fields)):
+            return stored  # the usual case: same key, updated in place
         self.cache.remove(stored.key)
         if not verdict.store:
             return None
         return self.store_entry(stored.primary, site, target, request, stored.status, head,
-                                stored.body, verdict, stored_at=now, fields=fields)
+                                stored.body, verdict, fields=fields)
 
     def cache_revalidated(self, req: Exchange, stored: CacheEntry, head_304: bytes) -> CacheEntry:
         """:meth:`cache_update` for a client's request: ends its flight with the update and
         returns what to serve it (the updated response even when it is no longer stored)."""
         assert req.state is not None and req.site is not None
-        entry = self.cache_update(stored, head_304, req.state, req.site, req.target, req.headers)
+        entry = self.cache_update(stored, head_304, req.state, req.site, req.target, req.headers,
+                                  authorization=req.authorization is not None)
         self.cache_end_flight(req, entry)
         if entry is None:
-            entry = CacheEntry(stored.primary, stored.site, stored.path, stored.status,
-                               merge_not_modified(stored.head, head_304), stored.body,
-                               ttl=0.0, swr=0.0, sie=0.0)
+            # Served to this client only: the 304's fields, minus our targeted ones (RFC 9213).
+            head = strip_fields(merge_not_modified(stored.head, head_304),
+                                req.state.policy.forward_strip)
+            entry = CacheEntry(stored.primary, stored.site, stored.path, stored.status, head,
+                               stored.body, ttl=0.0, swr=0.0, sie=0.0)
         return entry
 
     # -- invalidation (RFC 9111 §4.4) ------------------------------------------------------------
@@ -600,6 +619,11 @@ class HttpEngine:
                 log.exception("exporting HTTP metrics failed")
 
 
+_AGE_LINE = re.compile(rb"\r\nage:([^\r]*)", re.IGNORECASE)
+"""A response head's first Age line (the strict response parser allows no space before the
+colon); RFC 9111 §5.1 reads only the first member anyway."""
+
+
 class _Refresh:
     """A background fetch that only fills the cache (stale-while-revalidate)."""
 
@@ -664,7 +688,7 @@ class _Refresh:
             self._finish(None)
             return
         self.verdict = verdict
-        self.headbytes = head
+        self.headbytes = strip_fields(head, self.state.policy.store_strip)
         self.capture = [rest]
         self.size = len(rest)
 

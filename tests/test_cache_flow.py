@@ -170,6 +170,12 @@ def test_vary_names_and_secondary_keys() -> None:
     assert secondary_key(("x-lang",), {"x-lang": ""}) != secondary_key(("x-lang",), {})
     assert secondary_key(("accept",), {"accept": "a,  b"}) == secondary_key(
         ("accept",), {"accept": "a, b"})
+    # Accept-Language: language ranges are case-insensitive, unordered at equal weight
+    lang = ("accept-language",)
+    assert secondary_key(lang, {"accept-language": "en, de"}) == secondary_key(
+        lang, {"accept-language": "De,EN"})
+    assert secondary_key(lang, {"accept-language": "en"}) != secondary_key(
+        lang, {"accept-language": "en;q=0.5"})
 
 
 @pytest.mark.parametrize(("method", "status", "fields", "expected"), [
@@ -283,3 +289,34 @@ def test_invalidation_flood_is_coalesced_per_site() -> None:
     assert HttpEngine._coalesce(pending) == [("invalidate", "www.b.test/x"), ("purge", "www.a.test")]
     few = {("invalidate", "www.a.test/1"): "www.a.test", ("purge", "www.c.test"): "www.c.test"}
     assert HttpEngine._coalesce(few) == list(few)
+
+
+def test_identity_content_serves_a_request_of_another_encoding() -> None:
+    """A Range request (Fetch sends ``Accept-Encoding: identity`` with it) finds the full
+    response a ``gzip`` request stored, but only when that content is not encoded."""
+    cache = ContentCache(1 << 20)
+    plain = _entry("/f", ae="gzip")
+    cache.put(plain)
+    identity_key = cache_key("s.test", "/f", None, scheme="http")
+    assert cache.get(identity_key) is None and cache.get_identity(identity_key) is plain
+    encoded = CacheEntry(cache_key("s.test", "/g", "br", scheme="http"), "s.test", "/g", 200,
+                         b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\n", b"x", ttl=60, swr=0,
+                         sie=0)
+    cache.put(encoded)
+    assert cache.get_identity(cache_key("s.test", "/g", None, scheme="http")) is None
+
+
+def test_update_in_place_keeps_size_and_tag_indexes_true() -> None:
+    """A 304's merge updates the stored entry in place: the byte count follows the new head
+    and tag purges see the new tags only."""
+    cache = ContentCache(1 << 20)
+    entry = _entry("/u", tags=("old",))
+    cache.put(entry)
+    head = b"HTTP/1.1 200 OK\r\nCache-Tag: new\r\nETag: \"2\"\r\n"
+    assert cache.update(entry, head, ttl=5, swr=0, sie=0, stored_at=1.0, tags=("new",),
+                        validators=b'If-None-Match: "2"\r\n')
+    assert cache.size == sum(e.size for e in cache.entries()) == entry.size
+    assert entry.head == head and entry.ttl == 5 and entry.stored_at == 1.0
+    assert cache.purge_tag("s.test", "old") == 0 and cache.purge_tag("s.test", "new") == 1
+    assert not cache.update(entry, head, ttl=5, swr=0, sie=0, stored_at=1.0, tags=(),
+                            validators=b"")  # no longer stored

@@ -118,6 +118,10 @@ def test_hosts_tenants_accounts_sites_round_trip(edge: Edge, tmp_path: Path) -> 
                      "accounts": ["alice"], "sites": ["www.acme.example"]}
     # Human output is a table with the names in it.
     assert "www.acme.example" in edge.run("site", "list").stdout
+    # the cache's RFC 9111 mode by name alone
+    edge.run("site", "set", "www.acme.example", "--cache-policy", "standard")
+    [site] = edge.json("site", "list")  # type: ignore[misc]
+    assert site["cache_policy"] == {"mode": "standard", "ttl": {}}
 
     assert edge.run("route", "shop.ACME.example.", ok=False).returncode == 3  # no wildcard
     route = edge.json("route", "www.acme.example")

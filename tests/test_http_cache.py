@@ -57,7 +57,8 @@ async def test_no_x_cache_when_cache_off(service: DirectoryService) -> None:
 async def test_bypass_and_not_stored(service: DirectoryService) -> None:
     async with running(service.store, service) as (edge, (_a,)):
         await _policy(edge, service, {"mode": "wordpress"})
-        assert (await edge.curl("-u", "u:p", path="/a")).headers["x-cache"] == "BYPASS"
+        # Authorization: forwarded, stored only if public/s-maxage/must-revalidate (RFC 9111 §3.5)
+        assert (await edge.curl("-u", "u:p", path="/a")).headers["x-cache"] == "MISS"
         assert (await edge.curl("-X", "POST", path="/a")).headers["x-cache"] == "BYPASS"
         assert (await edge.curl(path="/wp-admin/x")).headers["x-cache"] == "BYPASS"
         r = await edge.curl("-H", "Cookie: wordpress_logged_in_abc=1", path="/a")

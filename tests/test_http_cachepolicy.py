@@ -15,11 +15,16 @@ from httpproxy.cachepolicy import (
     Freshness,
     RequestAction,
     XCache,
+    age_value,
     cache_key,
+    corrected_initial_age,
     encoding_variant,
     freshness,
+    http_date,
     request_cacheability,
     response_storability,
+    strip_fields,
+    targeted_directives,
 )
 
 NOW = 1_700_000_000.0
@@ -51,10 +56,13 @@ def action(method: str, path: str, policy: CachePolicy, **headers: str) -> Reque
     (FULL, "POST", "/", {}, RequestAction.BYPASS, "method not GET/HEAD"),
     (FULL, "get", "/", {}, RequestAction.BYPASS, "method not GET/HEAD"),
     (FULL, "OPTIONS", "/", {}, RequestAction.BYPASS, "method not GET/HEAD"),
-    (FULL, "GET", "/", {"authorization": "Basic x"}, RequestAction.BYPASS, "Authorization present"),
-    (FULL, "GET", "/", {"authorization": ""}, RequestAction.BYPASS, "Authorization present"),
+    # RFC 9111 §3.5: always forwarded, stored only when the response allows it
+    (FULL, "GET", "/", {"authorization": "Basic x"}, RequestAction.REFRESH, "Authorization present"),
+    (FULL, "GET", "/", {"authorization": ""}, RequestAction.REFRESH, "Authorization present"),
     # answered from a stored full response (206); a miss is not stored
     (FULL, "GET", "/v.mp4", {"range": "bytes=0-"}, RequestAction.LOOKUP, "range request"),
+    (FULL, "GET", "/v.mp4", {"range": "bytes=0-", "authorization": "Basic x"},
+     RequestAction.REFRESH, "Authorization present"),
     (FULL, "GET", "/", {"cache-control": "no-store"}, RequestAction.BYPASS, "client no-store"),
     (FULL, "GET", "/", {"cache-control": "no-cache"}, RequestAction.REFRESH, "client no-cache"),
     (FULL, "GET", "/", {"cache-control": "max-age=0"}, RequestAction.REFRESH, "client no-cache"),
@@ -172,7 +180,7 @@ def test_not_storable(headers: dict[str, str], reason: str) -> None:
     (200, {"cache_control": "max-age=120, s-maxage=7"}, "/", 7),        # s-maxage over max-age
     (200, {"cache_control": "public, max-age=\"90\""}, "/", 90),
     (200, {"cache_control": "max-age=120", "expires": "0"}, "/", 120),  # max-age over Expires
-    (200, {"cache_control": "max-age=120", "age": "20"}, "/", 100),
+    (200, {"cache_control": "max-age=120", "age": "20"}, "/", 120),    # lifetime; age apart
     (200, {"expires": formatdate(NOW + 50, usegmt=True)}, "/", 50),
     (200, {"expires": formatdate(NOW + 500, usegmt=True),
            "date": formatdate(NOW + 400, usegmt=True)}, "/", 100),     # relative to Date
@@ -192,12 +200,45 @@ def test_storable_ttl(status: int, headers: dict[str, str], path: str, ttl: floa
     assert verdict.max_bytes == 1000
 
 
+STANDARD = CachePolicy.from_policy("standard")
+
+
+@pytest.mark.parametrize(("policy", "headers", "ttl", "age"), [
+    # RFC 9111 §5.2.2.4: no-cache with a validator is stored, never fresh, whatever max-age
+    # or the operator's TTL say, and without freshness information of its own
+    (PATHS, {"cache_control": "no-cache", "etag": '"a"'}, 0, 0),
+    (PATHS, {"cache_control": "no-cache, max-age=600", "last_modified": "x"}, 0, 0),
+    (STANDARD, {"cache_control": "no-cache", "etag": '"a"'}, 0, 0),
+    # §4.2 / §4.2.3: stale on arrival with a validator: kept for revalidation, its lifetime
+    # and age as they are (the stale windows count from the true age)
+    (PATHS, {"cache_control": "max-age=60", "age": "90", "etag": '"a"'}, 60, 90),
+    (PATHS, {"cache_control": "max-age=0", "etag": '"a"'}, 0, 0),
+    (PATHS, {"expires": "0", "etag": '"a"'}, 0, 0),  # invalid Expires: already expired
+])
+def test_stored_only_to_be_revalidated(policy: CachePolicy, headers: dict[str, str],
+                                       ttl: float, age: float) -> None:
+    verdict = store(policy=policy, **headers)
+    assert verdict.store, verdict
+    assert (verdict.ttl, verdict.age, verdict.stored_at) == (ttl, age, NOW - age)
+    assert freshness(verdict.stored_at, verdict.ttl, verdict.stale_while_revalidate,
+                     verdict.stale_if_error, NOW) is not Freshness.FRESH
+    if "no-cache" in headers.get("cache_control", ""):
+        assert (verdict.stale_while_revalidate, verdict.stale_if_error) == (0, 0)
+
+
+def test_no_cache_without_any_freshness_source_is_not_stored() -> None:
+    """RFC 9111 §3: no-cache alone does not make a status storable (none of §3's conditions)."""
+    verdict = store(500, policy=STANDARD, cache_control="no-cache", etag='"a"')
+    assert (verdict.store, verdict.reason) == (False, "status 500 has no explicit freshness")
+
+
 @pytest.mark.parametrize(("status", "headers", "reason"), [
-    (500, {}, "status 500 has no ttl"),
-    (302, {}, "status 302 has no ttl"),
-    (302, {"cache_control": "max-age=60"}, "status 302 not cacheable"),
-    (503, {"cache_control": "max-age=60"}, "status 503 not cacheable"),
-    (206, {"cache_control": "max-age=60"}, "partial content"),
+    (500, {}, "status 500 has no explicit freshness"),
+    (302, {}, "status 302 has no explicit freshness"),
+    (302, {"cache_control": "max-age=60"}, None),         # RFC 9111 §3: explicit, any status
+    (503, {"cache_control": "max-age=60"}, None),
+    (206, {"cache_control": "max-age=60"}, "status 206"),
+    (304, {"cache_control": "max-age=60"}, "status 304"),
     (200, {}, None),
 ])
 def test_status_rules(status: int, headers: dict[str, str], reason: str | None) -> None:
@@ -223,6 +264,10 @@ def test_off_policy_never_stores() -> None:
     ({"cache_control": "max-age=60, stale-if-error=x"}, 30, 0),
     ({"cache_control": "max-age=60, must-revalidate, stale-if-error=7"}, 0, 0),
     ({"cache_control": "max-age=60, proxy-revalidate"}, 0, 0),
+    # RFC 9111 §5.2.2.10: s-maxage implies proxy-revalidate: not the policy's windows...
+    ({"cache_control": "s-maxage=60"}, 0, 0),
+    # ... but the origin's own RFC 5861 permissions
+    ({"cache_control": "s-maxage=60, stale-while-revalidate=9"}, 9, 0),
 ])
 def test_stale_windows(headers: dict[str, str], swr: float, sie: float) -> None:
     verdict = store(**headers)
@@ -325,6 +370,174 @@ def test_never_raises(headers: dict[str, str], status: int, path: str, method: s
         verdict = response_storability(status, headers, policy, NOW, path=path)
         assert verdict.store in (True, False)
         if verdict.store:
-            assert verdict.ttl > 0
+            assert verdict.ttl - verdict.age > 0 and verdict.stored_at == NOW - verdict.age
         request_cacheability(method, path, headers, policy)
         encoding_variant(headers.get("vary"))
+
+
+# -- RFC 9110 §5.6.7 dates, RFC 9111 §5.1 Age, RFC 9213 targeted fields ------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("Sun, 06 Nov 1994 08:49:37 GMT", 784111777.0),      # IMF-fixdate
+    ("Sunday, 06-Nov-94 08:49:37 GMT", 784111777.0),     # rfc850-date
+    ("Sun Nov  6 08:49:37 1994", 784111777.0),           # asctime-date
+    ("SUN, 06 NOV 1994 08:49:37 gmt", 784111777.0),      # RFC 9111 §4.2: case-insensitive
+    ("Tue, 19 Jan 2038 03:14:08 GMT", 2147483648.0),     # past 32 bits
+    ("Sun, 06 Nov 1994 08:49:37 UTC", None),
+    ("Sun, 06 Nov 1994 08:49:37 +0000", None),
+    ("Sun, 06 Nov 94 08:49:37 GMT", None),               # two-digit year outside rfc850-date
+    ("Sun 06 Nov 1994 08:49:37 GMT", None),
+    ("Sun,  06 Nov 1994 08:49:37 GMT", None),
+    ("Sun, 06-Nov-1994 08:49:37 GMT", None),
+    ("Sun, 06 Nov 1994 8:49:37 GMT", None),
+    ("Sun, 06 Nov 1994 08.49.37 GMT", None),
+    ("Sun, 31 Feb 1994 08:49:37 GMT", None),
+    ("Sun, 06 Nov 1994 24:00:00 GMT", None),
+    ("Sun, 06 Nov 1994 08:49:37 GMT, Sun, 06 Nov 1994 08:49:38 GMT", None),
+    ("Sun, 06 Nov 1994 08:49:37 GMT ", None),            # the caller strips OWS
+    ("Sun, \uff10\uff16 Nov 1994 08:49:37 GMT", None),  # non-ASCII digits
+    ("0", None), ("", None),
+])
+def test_http_date(value: str, expected: float | None) -> None:
+    """RFC 9110 §5.6.7: exactly the three HTTP-date forms, nothing else."""
+    assert http_date(value) == expected
+
+
+def test_rfc850_year_is_at_most_50_years_ahead() -> None:
+    """RFC 9110 §5.6.7: a two-digit year more than 50 years ahead is in the past century."""
+    now = http_date("Sun, 06 Nov 2026 00:00:00 GMT")
+    assert http_date("Saturday, 01-Jan-77 00:00:00 GMT", now) == 220924800.0  # 1977, not 2077
+    assert http_date("Wednesday, 01-Jan-70 00:00:00 GMT", now) == http_date(
+        "Wed, 01 Jan 2070 00:00:00 GMT")                                      # 44 years ahead
+    assert http_date("Sunday, 01-Jan-68 00:00:00 GMT", now) == http_date(
+        "Sun, 01 Jan 2068 00:00:00 GMT")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, 0), ("", 0), ("30", 30), ("30, 3", 30), (" 7 ", 7), ("abc", 0), ("-1", 0),
+    ("1.5", 0), ("2147483647", 2147483647), ("99999999999999", 2147483648),
+])
+def test_age_value(value: str | None, expected: int) -> None:
+    """RFC 9111 §5.1: first member of a list; not a non-negative integer: ignored;
+    §1.2.2: too large is 2^31."""
+    assert age_value(value) == expected
+
+
+def test_age_from_date_and_age_field() -> None:
+    """RFC 9111 §4.2.3: corrected_initial_age = max(apparent age, Age + response delay)."""
+    headers = {"date": formatdate(NOW - 50, usegmt=True), "age": "20"}
+    assert corrected_initial_age(headers, NOW) == 50
+    assert corrected_initial_age(headers, NOW, request_time=NOW - 40) == 60
+    assert corrected_initial_age({"date": formatdate(NOW + 50, usegmt=True)}, NOW) == 0
+    verdict = store(cache_control="max-age=120", age="20")
+    assert (verdict.ttl, verdict.age, verdict.stored_at) == (120, 20, NOW - 20)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("max-age=60", {"max-age": "60"}),
+    ("max-age=60, private", {"max-age": "60", "private": ""}),
+    ("foo, max-age=60;x=1, bar=?0", {"foo": "", "max-age": "60"}),
+    ('no-cache="x", s-maxage=5', {"no-cache": "x", "s-maxage": "5"}),
+    ("max-age=1, max-age=9", {"max-age": "9"}),           # RFC 8941 §3.2: last one wins
+    ("max-age=99999999999", {"max-age": "2147483648"}),
+    ("MaX-aGe=60", None), ("max-age =60", None), ("max-age= 60", None),
+    ('max-age="60"', None), ("max-age=6.0", None), ("max-age=-1", None),
+    ("max-age=60, &&", None), ("max-age=60,", None), ("", {}),
+])
+def test_targeted_directives(value: str, expected: dict[str, str] | None) -> None:
+    """RFC 9213 §2.1: a Structured Fields Dictionary; invalid (or a lifetime that is not a
+    non-negative Integer) means the whole field is ignored."""
+    assert targeted_directives(value) == expected
+
+
+def test_targeted_field_replaces_cache_control() -> None:
+    """RFC 9213 §2.2: the first valid targeted field of the cache's list wins over
+    Cache-Control; an invalid one is skipped."""
+    policy = CachePolicy.from_policy({"mode": "standard", "target": "Edge-Cache-Control"})
+    both = {"cache-control": "no-store", "cdn-cache-control": "max-age=30"}
+    assert response_storability(200, both, policy, NOW).ttl == 30
+    both["edge-cache-control"] = "max-age=90"
+    assert response_storability(200, both, policy, NOW).ttl == 90
+    both["edge-cache-control"] = "max-age=bad"
+    assert response_storability(200, both, policy, NOW).ttl == 30
+    assert not response_storability(200, {"cache-control": "max-age=60",
+                                          "cdn-cache-control": "private"}, policy, NOW).store
+
+
+@pytest.mark.parametrize(("status", "headers", "ttl"), [
+    (200, {"last_modified": formatdate(NOW - 1000, usegmt=True)}, 100),
+    (404, {"last_modified": formatdate(NOW - 1000, usegmt=True)}, 100),
+    (200, {"last_modified": formatdate(NOW - 10**8, usegmt=True)}, 86400),  # bounded
+    (200, {"last_modified": formatdate(NOW - 1000, usegmt=True),
+           "date": formatdate(NOW - 10, usegmt=True)}, 99),      # from Date; age apart
+    (302, {"last_modified": formatdate(NOW - 1000, usegmt=True)}, None),  # not heuristic
+    (302, {"last_modified": formatdate(NOW - 1000, usegmt=True), "cache_control": "public"}, 100),
+    (200, {"last_modified": "yesterday"}, None),
+    (200, {}, None),
+])
+def test_heuristic_freshness(status: int, headers: dict[str, str], ttl: float | None) -> None:
+    """RFC 9111 §4.2.2: without explicit freshness, a fraction (here 10 %) of the time since
+    Last-Modified, bounded, for heuristically cacheable codes (RFC 9110 §15.1) or public."""
+    verdict = store(status, CachePolicy.from_policy({"mode": "standard"}), **headers)
+    assert verdict.store is (ttl is not None)
+    if ttl is not None:
+        assert verdict.ttl == pytest.approx(ttl)
+
+
+def test_status_headers_per_site() -> None:
+    """X-Cache and RFC 9211 Cache-Status are on by default in mode standard, each can be
+    switched off or on."""
+    both = CachePolicy.from_policy({"mode": "standard"}).result_headers
+    assert both["HIT"] == b"X-Cache: HIT\r\nCache-Status: edge; hit\r\n"
+    assert both["MISS"] == b"X-Cache: MISS\r\nCache-Status: edge; fwd=uri-miss\r\n"
+    assert both[None] == b""
+    quiet = CachePolicy.from_policy({"mode": "standard", "x_cache": False,
+                                     "cache_status": False}).result_headers
+    assert set(quiet.values()) == {b""}
+    # the older modes keep their responses byte for byte unless asked
+    assert FULL.result_headers["HIT"] == b"X-Cache: HIT\r\n"
+    assert CachePolicy.from_policy({"mode": "wordpress", "cache_status": True}).result_headers[
+        "BYPASS"] == b"X-Cache: BYPASS\r\nCache-Status: edge; fwd=bypass\r\n"
+
+
+def test_strip_fields() -> None:
+    head = (b"HTTP/1.1 200 OK\r\nAge: 5\r\nCDN-Cache-Control: max-age=1\r\n"
+            b"cdn-cache-control-x: y\r\nX-Age: 1\r\nSet-Cookie: a=b")
+    assert strip_fields(head, frozenset({b"age", b"cdn-cache-control", b"set-cookie"})) == (
+        b"HTTP/1.1 200 OK\r\ncdn-cache-control-x: y\r\nX-Age: 1")
+    assert strip_fields(head, frozenset()) is head
+
+
+def test_targeted_field_ignores_expires() -> None:
+    """RFC 9213 §2.2: when a targeted field is used, Cache-Control and Expires are ignored;
+    an empty targeted field is not used."""
+    future = formatdate(NOW + 3600, usegmt=True)
+    policy = CachePolicy.from_policy({"mode": "standard"})
+    assert not response_storability(200, {"cdn-cache-control": "public", "expires": future},
+                                    policy, NOW).store
+    assert response_storability(200, {"cdn-cache-control": "", "expires": future},
+                                policy, NOW).ttl == pytest.approx(3600)
+
+
+def test_operator_ttl_counts_from_arrival() -> None:
+    """An operator TTL (mode full) is kept for its length after arrival even when the origin
+    says the response is already older (Age, or a Date behind our clock); the age is still
+    what a hit reports (RFC 9111 §4.2.3)."""
+    verdict = store(age="900")
+    assert verdict.store and verdict.ttl - verdict.age == 600 and verdict.age == 900
+
+
+@pytest.mark.parametrize(("status", "cc", "stored"), [
+    (200, "max-age=60, no-store, must-understand", True),
+    (404, "max-age=60, no-store, must-understand", True),
+    (599, "max-age=60, no-store, must-understand", False),
+    (599, "max-age=60, must-understand", False),
+    (599, "max-age=60", True),                              # §3: explicit freshness, any status
+    (200, "max-age=60, private, must-understand", False),
+])
+def test_must_understand(status: int, cc: str, stored: bool) -> None:
+    """RFC 9111 §5.2.2.3: with must-understand a response is stored only when the cache
+    understands its status code, and then no-store is ignored."""
+    policy = CachePolicy.from_policy({"mode": "standard"})
+    assert response_storability(status, {"cache-control": cc}, policy, NOW).store is stored

@@ -17,12 +17,20 @@ filters::
 
 cache_policy::
 
-    {"mode": "off" | "static" | "full" | "wordpress",
-     "ttl": {"200": 600, "404": 60},
+    {"mode": "standard" | "off" | "static" | "full" | "wordpress",
+     "ttl": {"200": 600, "404": 60},           # not in standard mode
      "paths": [{"prefix": "/news", "ttl": 30}, {"prefix": "/cart", "bypass": true}],
      "extensions": ["css", "js", "png"],       # static mode
      "bypass_cookies": ["wordpress_logged_in_"],
-     "stale_while_revalidate": 30, "stale_if_error": 300, "max_object_bytes": 10485760}
+     "stale_while_revalidate": 30, "stale_if_error": 300, "max_object_bytes": 10485760,
+     "heuristic_fraction": 0.1, "heuristic_max": 86400,
+     "target": "Edge-Cache-Control",           # obeyed before CDN-Cache-Control (RFC 9213)
+     "set_cookie": "no-store" | "strip", "x_cache": true,
+     "cache_status": true}                     # default: true in standard, false elsewhere
+
+A policy that names no mode is ``standard``: the origin's headers decide (RFC 9111), with no
+TTLs of the operator's; ``full``, ``static`` and ``wordpress`` add operator TTLs for
+responses that carry no freshness information (``ttl`` defaults to DEFAULT_TTL there).
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from typing import Any
 from edge.errors import ValidationError
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
-CACHE_MODES = ("off", "static", "full", "wordpress")
+CACHE_MODES = ("off", "standard", "static", "full", "wordpress")
+SET_COOKIE_CHOICES = ("no-store", "strip")
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 DEFAULT_STATIC_EXTENSIONS = ("css", "js", "png", "jpg", "jpeg", "gif", "svg", "webp", "ico",
                              "woff", "woff2", "ttf", "mp4", "pdf")
 DEFAULT_TTL = {"200": 600, "404": 60}
@@ -182,17 +192,22 @@ def validate_filters(rules: str | dict[str, Any] | None) -> dict[str, Any]:
 
 
 def validate_cache_policy(policy: str | dict[str, Any] | None) -> dict[str, Any]:
-    """Check a site's cache policy; returns it canonicalised or raises ValidationError."""
+    """Check a site's cache policy; returns it canonicalised or raises ValidationError.
+    A bare mode name (``standard``, ``off``, ...) is short for ``{"mode": NAME}``."""
+    if isinstance(policy, str) and policy.strip() in CACHE_MODES:
+        policy = {"mode": policy.strip()}
     data = _obj("cache_policy", _parse(policy, "cache_policy"), {
         "mode", "ttl", "paths", "extensions", "bypass_cookies", "stale_while_revalidate",
-        "stale_if_error", "max_object_bytes"})
+        "stale_if_error", "max_object_bytes", "heuristic_fraction", "heuristic_max", "target",
+        "set_cookie", "x_cache", "cache_status"})
     if not data:
         return {}
-    mode = data.get("mode", "off")
+    mode = data.get("mode", "standard")
     if mode not in CACHE_MODES:
         raise _fail("cache_policy.mode", f"must be one of {', '.join(CACHE_MODES)}")
     out: dict[str, Any] = {"mode": mode}
-    ttl = _obj("cache_policy.ttl", data.get("ttl", DEFAULT_TTL), set(map(str, range(100, 600))))
+    ttl = _obj("cache_policy.ttl", data.get("ttl", {} if mode == "standard" else DEFAULT_TTL),
+               set(map(str, range(100, 600))))
     out["ttl"] = {status: _number(f"cache_policy.ttl.{status}", seconds)
                   for status, seconds in ttl.items()}
     if "paths" in data:
@@ -226,4 +241,45 @@ def validate_cache_policy(policy: str | dict[str, Any] | None) -> dict[str, Any]
     if "max_object_bytes" in data:
         out["max_object_bytes"] = _number("cache_policy.max_object_bytes",
                                           data["max_object_bytes"], minimum=1, integer=True)
+    _validate_cache_extras(data, out)
+    if mode == "standard":
+        _refuse_operator_ttls(out)
     return out
+
+
+def _refuse_operator_ttls(out: dict[str, Any]) -> None:
+    """Mode standard lets the origin's headers alone set lifetimes: no TTLs of ours."""
+    if out["ttl"]:
+        raise _fail("cache_policy.ttl", "mode standard follows the origin's headers; "
+                    "operator TTLs need mode full, static or wordpress")
+    for i, rule in enumerate(out.get("paths", ())):
+        if "ttl" in rule:
+            raise _fail(f"cache_policy.paths[{i}].ttl", "mode standard takes no operator "
+                        "TTLs (use mode full, static or wordpress)")
+
+
+def _validate_cache_extras(data: dict[str, Any], out: dict[str, Any]) -> None:
+    """Heuristics, the targeted field, Set-Cookie handling and the status headers."""
+    if "heuristic_fraction" in data:
+        fraction = _number("cache_policy.heuristic_fraction", data["heuristic_fraction"])
+        if fraction > 1:
+            raise _fail("cache_policy.heuristic_fraction", "must be <= 1")
+        out["heuristic_fraction"] = fraction
+    if "heuristic_max" in data:
+        out["heuristic_max"] = _number("cache_policy.heuristic_max", data["heuristic_max"])
+    if "target" in data:
+        target = data["target"]
+        if not isinstance(target, str) or not _FIELD_NAME.fullmatch(target) or \
+                target.lower() in ("cache-control", "cdn-cache-control"):
+            raise _fail("cache_policy.target", "must be a header field name other than "
+                        "Cache-Control and CDN-Cache-Control (e.g. Edge-Cache-Control)")
+        out["target"] = target.lower()
+    if "set_cookie" in data:
+        if data["set_cookie"] not in SET_COOKIE_CHOICES:
+            raise _fail("cache_policy.set_cookie", f"must be one of {', '.join(SET_COOKIE_CHOICES)}")
+        out["set_cookie"] = data["set_cookie"]
+    for key in ("x_cache", "cache_status"):
+        if key in data:
+            if not isinstance(data[key], bool):
+                raise _fail(f"cache_policy.{key}", "must be true or false")
+            out[key] = data[key]
