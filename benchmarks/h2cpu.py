@@ -33,8 +33,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.httpcpu import SITES, pin, provision, start_backend
-from benchmarks.procs import Child, edge_toml, free_port, nginx_main_conf, start_edge, start_nginx
+from benchmarks.httpcpu import SITES, pin, provision, start_backend, start_nginx_proxy
+from benchmarks.procs import Child, edge_toml, start_edge
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 """The connection preface and an empty SETTINGS frame: what an idle client has sent."""
@@ -51,36 +51,7 @@ class Case:
 
 
 async def start_nginx_h2(workdir: Path, backend_port: int) -> Child:
-    port = free_port()
-    folder = workdir / "nginx-h2"
-    folder.mkdir()
-    names = " ".join(name for name, _, _ in SITES.values())
-    body = f"""
-  proxy_cache_path {folder}/cache levels=1:2 keys_zone=edge:16m max_size=256m inactive=10m;
-  upstream b1 {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
-  server {{
-    listen 127.0.0.1:{port} http2 reuseport;
-    server_name {names};
-    access_log {folder}/access.log combined;
-    http2_max_concurrent_streams 128;
-    proxy_http_version 1.1;
-    proxy_set_header Connection "";
-    proxy_set_header Host $host;
-    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-    proxy_set_header X-Real-IP $remote_addr;
-    proxy_set_header X-Forwarded-Proto $scheme;
-    proxy_set_header X-Forwarded-Host $host;
-    location / {{ proxy_pass http://b1; }}
-    location /c/ {{
-      proxy_cache edge;
-      add_header X-Cache $upstream_cache_status;
-      proxy_pass http://b1;
-    }}
-  }}"""
-    child = await start_nginx(workdir, "nginx-h2", nginx_main_conf(folder, body),
-                              [("127.0.0.1", port)])
-    child.ports["http"] = port
-    return child
+    return await start_nginx_proxy(workdir, backend_port, http2=True, name="nginx-h2")
 
 
 async def start_edge_h2(workdir: Path, url: str) -> Child:

@@ -117,19 +117,24 @@ async def start_backend(workdir: Path) -> Child:
     return child
 
 
-async def start_nginx_proxy(workdir: Path, backend_port: int, *, log_buffer: str) -> Child:
+async def start_nginx_proxy(workdir: Path, backend_port: int, *, log_buffer: str = "",
+                            http2: bool = False, name: str = "nginx-proxy") -> Child:
+    """nginx as the peer reverse proxy (keep-alive upstream, ``proxy_cache`` for ``/c/``);
+    ``http2``: HTTP/2 with prior knowledge on its port (benchmarks.h2cpu)."""
     port = free_port()
-    folder = workdir / "nginx-proxy"
+    folder = workdir / name
     folder.mkdir()
     names = " ".join(name for name, _, _ in SITES.values())
     log_opts = f" buffer={log_buffer} flush=1s" if log_buffer else ""
+    listen_opts = " http2" if http2 else ""
+    streams = "\n    http2_max_concurrent_streams 128;" if http2 else ""
     body = f"""
   proxy_cache_path {folder}/cache levels=1:2 keys_zone=edge:16m max_size=256m inactive=10m;
   upstream b1 {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
   server {{
-    listen 127.0.0.1:{port} reuseport;
+    listen 127.0.0.1:{port}{listen_opts} reuseport;
     server_name {names};
-    access_log {folder}/access.log combined{log_opts};
+    access_log {folder}/access.log combined{log_opts};{streams}
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_set_header Host $host;
@@ -143,12 +148,14 @@ async def start_nginx_proxy(workdir: Path, backend_port: int, *, log_buffer: str
       add_header X-Cache $upstream_cache_status;
       proxy_pass http://b1;
     }}
-  }}
+  }}"""
+    if not http2:
+        body += f"""
   server {{
     listen 127.0.0.1:{port} default_server;
     return 404;
   }}"""
-    child = await start_nginx(workdir, "nginx-proxy", nginx_main_conf(folder, body),
+    child = await start_nginx(workdir, name, nginx_main_conf(folder, body),
                               [("127.0.0.1", port)])
     child.ports["http"] = port
     return child
