@@ -5,14 +5,11 @@ connection-specific headers, header characters, Content-Length against DATA) are
 through the ``ngh2`` binding (measured at ~2.5 µs of CPU per request against ~77 µs for the
 pure-Python ``h2``: ``benchmarks/README.md``, ``python -m benchmarks.h2engine``).
 
-Each stream is served by the request path the HTTP/1 connections use (routing, filters,
-redirects, HSTS, the content cache, access log, error pages), one
-:class:`~httpproxy.connection.ClientConnection` per stream behind a :class:`Stream` transport:
-the stream's request is handed to it as the HTTP/1.1 request the edge would have parsed (from
-validated fields only: no client bytes reach a request line or header line unchecked), and
-what it writes back is read as one HTTP/1.1 response and sent as HEADERS + DATA. That is the
-seam until the version-agnostic exchange of issue 14 §1 lands; then a stream hands its request
-to an exchange instead, and nothing else here changes.
+Each stream is one :class:`~httpproxy.exchange.Exchange`, the request path the HTTP/1
+connections use (routing by ``:authority``, filters, redirects, HSTS, the content cache,
+access log, error pages), built from the stream's validated fields only (no client bytes
+reach a request line or header line unchecked); its :class:`Stream` is the exchange's
+:class:`~httpproxy.exchange.ResponseSink` and sends the answer as HEADERS + DATA.
 
 Flow control is end to end, both ways: a request body's bytes are acknowledged to the client
 (WINDOW_UPDATE) only while the stream's request side reads (the backend takes them), and a
@@ -756,6 +753,6 @@ def choose_protocol(engine: H2Services, scheme: str, sni_site: Site | None = Non
                     client_address: tuple[str, int] | None = None,
                     names: tuple[str, ...] = ()) -> asyncio.Protocol:
     """The protocol for a new client connection that may speak HTTP/2: it becomes a
-    :class:`H2Connection` or a :class:`~httpproxy.connection.ClientConnection` once the
+    :class:`H2Connection` or a :class:`~httpproxy.front_h1.ClientConnection` once the
     connection says which (returns the chooser)."""
     return _Chooser(engine, scheme, sni_site, client_address, names)
