@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edge.acme import client
 from edge.acme.pebble import Pebble, available
-from edge.demo import DemoPart
+from edge.demo import DemoPart, edge_command
 from edge.directory.service import DirectoryService
 from edge.errors import ConflictError, NotFoundError
 
@@ -44,7 +44,7 @@ def demo_part(demo_dir: Path) -> DemoPart:
               'backoff_base = 5.0\n')
     commands = (
         f"  acme:    {SITE} gets its certificate from a local pebble CA within seconds:\n"
-        f"           edge --config {demo_dir / 'edge.toml'} cert status\n"
+        f"           {edge_command()} --config {demo_dir / 'edge.toml'} cert status\n"
         f"           curl --cacert {root} --resolve {SITE}:{HTTPS_PORT}:127.0.0.1 "
         f"https://{SITE}:{HTTPS_PORT}/\n")
     return DemoPart(config=config, commands=commands, processes=[pebble.proc, pebble.dns],
