@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.httpcpu import SITES, pin, provision, start_backend, start_nginx_proxy
+from benchmarks.httpcpu import SITES, _fmt, pin, provision, start_backend, start_nginx_proxy
 from benchmarks.procs import Child, edge_toml, start_edge
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -113,11 +113,6 @@ async def idle_connection_kib(child: Child, count: int) -> float:
     for _, writer in conns:
         writer.close()
     return (after - before) / count
-
-
-def _fmt(values: list[float], digits: int = 1) -> str:
-    return (f"{statistics.median(values):.{digits}f} "
-            f"({min(values):.{digits}f}-{max(values):.{digits}f})")
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -81,7 +81,7 @@ if TYPE_CHECKING:
     from httpproxy.upstream import BackendPool
 
 __all__ = ["BODY_BUFFER_LIMIT", "ClientInfo", "EngineServices", "Exchange", "ResponseHead",
-           "ResponseSink", "header_code", "parse_head"]
+           "ResponseSink", "header_code"]
 
 BODY_BUFFER_LIMIT = 1 << 20
 """Bytes of not-yet-forwarded request body buffered before the front end is told to stop
@@ -1244,9 +1244,6 @@ def _backend_key(host_header: str, site: Site, host: Host, proxy_header: bytes) 
         server_name = _host_name(host_header.encode("latin-1")) or site.hostname
     return (address, port, proxy_header, server_name)
 
-
-parse_head = head_fields
-"""Response headers as {lowercase name: value} (:func:`httpproxy.cacheflow.head_fields`)."""
 
 
 def _retry_after(host: Host) -> str:
