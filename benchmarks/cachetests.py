@@ -328,7 +328,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _save(folder: Path, target: Target, raw: bytes, classified: dict[str, list[str]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    stem = target.peer or "edge-" + "".join(c if c.isalnum() else "_" for c in target.policy)
+    slug = "-".join("".join(c if c.isalnum() else " " for c in target.policy.lower()).split())
+    stem = target.peer or f"edge-{slug or 'off'}"
     (folder / f"{stem}.json").write_bytes(raw)
     (folder / f"{stem}-class.json").write_text(json.dumps(classified, indent=1, sort_keys=True))
 
