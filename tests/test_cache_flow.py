@@ -19,6 +19,7 @@ from httpproxy.cacheflow import (
     head_fields,
     invalidation_targets,
     merge_not_modified,
+    not_modified_update,
     range_answer,
     revalidation_fields,
     secondary_key,
@@ -99,6 +100,39 @@ def test_304_updates_stored_fields() -> None:
     assert fields["cache-control"] == "max-age=5" and fields["x-old"] == "3"
     assert fields["x-new"] == "y" and fields["content-length"] == "10"
     assert fields["etag"] == '"a1"'
+
+
+_NAMES = st.sampled_from(["Cache-Control", "ETag", "X-Extra", "CDN-Cache-Control", "Age",
+                           "Date", "Vary", "Cache-Tag", "Content-Length", "Set-Cookie"])
+_LINES = st.lists(st.tuples(_NAMES, st.sampled_from(["a", "max-age=5", '"v2"', "x, y"])),
+                  max_size=6)
+
+
+def _head(status_line: bytes, lines: list[tuple[str, str]]) -> bytes:
+    return status_line + b"".join(f"\r\n{n}: {v}".encode() for n, v in lines) + b"\r\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(stored=_LINES, lines_304=_LINES,
+       strip=st.sampled_from([frozenset({b"cdn-cache-control", b"age"}),
+                              frozenset({b"cdn-cache-control", b"age", b"set-cookie"})]))
+def test_a_304_applied_twice_changes_nothing_more(stored: list[tuple[str, str]],
+                                                  lines_304: list[tuple[str, str]],
+                                                  strip: frozenset[bytes]) -> None:
+    """RFC 9111 §4.3.4: a 304's fields replace the stored ones of the same names, so the same
+    304 applied to the head it produced gives that head and those fields again: what
+    ``NotModifiedUpdate.repeats`` lets the edge reuse. Not claimed (``reusable`` false) when
+    the first stored head still had a field the strip set names."""
+    head_304 = _head(b"HTTP/1.1 304 Not Modified", lines_304)
+    first = not_modified_update(_head(b"HTTP/1.1 200 OK", stored), head_304, strip)
+    again = not_modified_update(first.head, head_304, strip)
+    assert first.repeats(first.head, head_304, strip) == first.reusable
+    if first.reusable:
+        assert again == first._replace(head_304=head_304, head=again.head)
+        assert again.head == first.head
+    assert not first.repeats(first.head, head_304 + b"X: 1\r\n", strip)
+    copy = first.head[:1] + first.head[1:]  # equal bytes, another object
+    assert not first.repeats(copy, head_304, strip)  # not the head it made
 
 
 @pytest.mark.parametrize(("value", "kind", "first", "last"), [
