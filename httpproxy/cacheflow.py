@@ -9,6 +9,7 @@ Header fields are ``{lowercase name: value}`` with repeated lines joined by ``",
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,14 +103,31 @@ def vary_names(vary: str | None) -> tuple[str, ...] | None:
     return tuple(sorted(names))
 
 
+_MEMO_VALUE_MAX = 256
+"""Longest request field value whose normal form is memoised (browsers send a few distinct
+Accept-Language / User-Agent values again and again; longer ones are worked out each time)."""
+
+
 def _normalise(value: str) -> str:
     # RFC 9111 §4.1: whitespace and the joining of repeated lines may be normalised.
+    return _normal_form(value) if len(value) <= _MEMO_VALUE_MAX else _normal_form.__wrapped__(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _normal_form(value: str) -> str:
     return ",".join(" ".join(part.split()) for part in value.split(","))
 
 
 def _normalise_languages(value: str) -> str:
     # Language ranges are case-insensitive (RFC 4647 §2) and, at equal weight, unordered
     # (RFC 9110 §12.5.4 ranks by q only): "en, de" and "De, EN" are one variant.
+    if len(value) <= _MEMO_VALUE_MAX:
+        return _language_form(value)
+    return _language_form.__wrapped__(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _language_form(value: str) -> str:
     return ",".join(sorted("".join(part.split()).lower() for part in value.split(",")))
 
 
