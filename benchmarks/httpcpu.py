@@ -8,6 +8,9 @@
 * the proxy under test alone on core 1: ``edge serve --workers 1`` (one site per case: no
   filters and cache off; three filters; cache ``full``) and nginx as reverse proxy
   (``keepalive 64`` upstream, ``proxy_cache`` for ``/c/``), both with an access log file;
+* issue 15's cache rows on both proxies: a hit on a response with ``Vary`` (``/v/``) and a
+  revalidated hit (``/r/``, every request a 304 from the backend: :func:`start_backend`,
+  :data:`REVALIDATED_PATHS`), each checked by the proxies' own X-Cache / Cache-Status;
 * CPU time of the proxy's processes (``/proc`` utime+stime) divided by the requests of the
   run; the cases alternate within each round so every ratio compares the same minutes.
 
