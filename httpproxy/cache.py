@@ -54,9 +54,9 @@ def url_key(primary: bytes) -> bytes:
 
 class Revalidation(NamedTuple):
     """The last 304 applied to an entry and what it decided, for the next revalidation
-    answered by the same 304 bytes: the merge (``update``) and the clock-free storage terms
-    (``terms``, for this policy, target and Authorization) are reused; only the lifetime
-    and age are computed again (:func:`httpproxy.cachepolicy.verdict_at`)."""
+    answered by the same 304 (but for its Date): the merge (``update``) and the clock-free
+    storage terms (``terms``, for this policy, target and Authorization) are reused; only the
+    lifetime and age are computed again (:func:`httpproxy.cachepolicy.verdict_at`)."""
 
     update: NotModifiedUpdate
     policy: CachePolicy
@@ -64,11 +64,18 @@ class Revalidation(NamedTuple):
     authorization: bool
     terms: StoreTerms
 
-    def repeats(self, stored_head: bytes, head_304: bytes, policy: CachePolicy, target: bytes,
-                authorization: bool) -> bool:
-        return (policy is self.policy and target == self.target
-                and authorization == self.authorization
-                and self.update.repeats(stored_head, head_304, policy.store_strip))
+    def reuse(self, stored_head: bytes, head_304: bytes, policy: CachePolicy, target: bytes,
+              authorization: bool) -> NotModifiedUpdate | None:
+        """The update ``head_304`` makes of ``stored_head`` when this memo knows it: the same
+        304 again, or one that differs only in its Date (:meth:`NotModifiedUpdate.redated`),
+        for the same policy, target and Authorization; None otherwise."""
+        if (policy is not self.policy or target != self.target
+                or authorization != self.authorization):
+            return None
+        update = self.update
+        if update.repeats(stored_head, head_304, policy.store_strip):
+            return update
+        return update.redated(stored_head, head_304, policy.store_strip)
 
 
 class CacheEntry:

@@ -291,6 +291,9 @@ class NotModifiedUpdate(NamedTuple):
     reusable: bool
     """Merging ``head_304`` into ``head`` again would give this same update (the stored head
     it came from had no field ``strip`` names)."""
+    date_line: bytes
+    """The 304's Date line (CRLF first), when it has exactly one and ``head`` has it once;
+    else b"" (then :meth:`redated` never applies)."""
 
     def repeats(self, stored_head: bytes, head_304: bytes, strip: frozenset[bytes]) -> bool:
         """Whether applying ``head_304`` to ``stored_head`` gives this update again: the same
@@ -300,8 +303,30 @@ class NotModifiedUpdate(NamedTuple):
         return (self.reusable and stored_head is self.head and head_304 == self.head_304
                 and strip == self.strip)
 
+    def redated(self, stored_head: bytes, head_304: bytes, strip: frozenset[bytes]
+                ) -> NotModifiedUpdate | None:
+        """This update for a 304 that differs from :attr:`head_304` only in its one Date line,
+        applied to the head this update produced: the same head with that Date line (the
+        304's Date replaces the stored one, and nothing else depends on it), the fields with
+        that Date. None when that is not the case (then merge in full)."""
+        if not (self.date_line and self.reusable and stored_head is self.head
+                and strip == self.strip):
+            return None
+        found = _DATE_LINE.search(head_304)
+        if found is None or _DATE_LINE.search(head_304, found.end()) is not None:
+            return None
+        start, end = found.span()
+        if head_304[:start] + self.date_line + head_304[end:] != self.head_304:
+            return None
+        line = found.group()
+        head = self.head.replace(self.date_line + b"\r\n", line + b"\r\n", 1)
+        fields = dict(self.fields)
+        fields["date"] = line.partition(b":")[2].decode("latin-1").strip()
+        return self._replace(head_304=head_304, head=head, fields=fields, date_line=line)
+
 
 _AGE_LINE = re.compile(rb"\r\nage:([^\r]*)", re.IGNORECASE)
+_DATE_LINE = re.compile(rb"\r\ndate:[^\r]*", re.IGNORECASE)
 
 
 def not_modified_update(stored_head: bytes, head_304: bytes, strip: frozenset[bytes]
@@ -316,8 +341,11 @@ def not_modified_update(stored_head: bytes, head_304: bytes, strip: frozenset[by
         fields["age"] = age.group(1).decode("latin-1").strip()
     head = strip_fields(merged, strip)
     reusable = len(strip_fields(stored_head, strip)) == len(stored_head)
+    dates = _DATE_LINE.findall(head_304)
+    date_line = dates[0] if len(dates) == 1 and head.count(dates[0] + b"\r\n") == 1 else b""
     return NotModifiedUpdate(head_304, strip, head, fields, entry_tags(fields),
-                             revalidation_fields(fields), vary_names(fields.get("vary")), reusable)
+                             revalidation_fields(fields), vary_names(fields.get("vary")), reusable,
+                             date_line)
 
 
 # -- ranges (RFC 9110 §14) --------------------------------------------------------------------

@@ -481,8 +481,12 @@ class HttpEngine:
         policy = state.policy
         memo = stored.revalidation
         terms: StoreTerms | StoreVerdict
-        if memo is not None and memo.repeats(stored.head, head_304, policy, target, authorization):
-            update, terms = memo.update, memo.terms
+        known = (memo.reuse(stored.head, head_304, policy, target, authorization)
+                 if memo is not None else None)
+        if memo is not None and known is not None:
+            update, terms = known, memo.terms
+            if known is not memo.update:
+                memo = memo._replace(update=known)
         else:
             # Decided on the fields as merged (the 304's targeted Cache-Control counts).
             update = not_modified_update(stored.head, head_304, policy.store_strip)

@@ -135,6 +135,37 @@ def test_a_304_applied_twice_changes_nothing_more(stored: list[tuple[str, str]],
     assert not first.repeats(copy, head_304, strip)  # not the head it made
 
 
+@settings(max_examples=200, deadline=None)
+@given(stored=_LINES, lines_304=_LINES,
+       strip=st.sampled_from([frozenset({b"cdn-cache-control", b"age"}),
+                              frozenset({b"cdn-cache-control", b"age", b"date"})]),
+       date=st.sampled_from(["Tue, 08 Dec 2026 01:50:00 GMT", "a"]))
+def test_a_304_differing_only_in_its_date_changes_only_the_date(
+        stored: list[tuple[str, str]], lines_304: list[tuple[str, str]],
+        strip: frozenset[bytes], date: str) -> None:
+    """RFC 9111 §4.3.4 / RFC 9110 §6.6.1: the next 304 for a resource usually differs only in
+    its Date; applied to the head the last one produced it gives that head with the new Date
+    line and the same other fields (``NotModifiedUpdate.redated``, what the edge reuses), the
+    same as merging it in full. Not claimed for two Date lines, a stripped Date, or any other
+    difference."""
+    head_304 = _head(b"HTTP/1.1 304 Not Modified", lines_304)
+    first = not_modified_update(_head(b"HTTP/1.1 200 OK", stored), head_304, strip)
+    later = _head(b"HTTP/1.1 304 Not Modified",
+                  [(n, date if n == "Date" else v) for n, v in lines_304])
+    redated = first.redated(first.head, later, strip)
+    full = not_modified_update(first.head, later, strip)
+    single_date = sum(n == "Date" for n, _ in lines_304) == 1
+    assert (redated is not None) == (first.reusable and single_date and b"date" not in strip)
+    if redated is not None:
+        assert redated.head == full.head and redated.fields == full.fields
+        assert (redated.tags, redated.validators, redated.vary) == (
+            full.tags, full.validators, full.vary)
+        assert redated.head_304 == later and redated.date_line == full.date_line
+        assert first.redated(first.head, later + b"X-Other: 1\r\n", strip) is None
+        copy = first.head[:1] + first.head[1:]
+        assert first.redated(copy, later, strip) is None  # not the head it made
+
+
 @pytest.mark.parametrize(("value", "kind", "first", "last"), [
     ("bytes=0-9", RangeKind.PARTIAL, 0, 9),
     ("bytes=10-19", RangeKind.PARTIAL, 10, 19),
