@@ -27,19 +27,19 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from httpproxy.cacheflow import secondary_key
+from httpproxy.cacheflow import NotModifiedUpdate, entry_tags, secondary_key
+from httpproxy.cachepolicy import CachePolicy, StoreTerms
 
-__all__ = ["MAX_VARIANTS", "CacheEntry", "ContentCache", "Flight", "entry_tags", "url_key"]
+__all__ = ["MAX_VARIANTS", "CacheEntry", "ContentCache", "Flight", "Revalidation", "entry_tags",
+           "url_key"]
 
 ENTRY_OVERHEAD = 256
 """Bytes charged per entry beyond head and body (objects, key, index)."""
 MAX_VARIANTS = 16
 """Variants kept per primary key (URL + encoding): a response varying on a field with many
 values (User-Agent, Cookie) cannot fill the cache with one URL."""
-MAX_TAGS = 32
-"""Tags kept per entry (the rest are ignored)."""
 _K = TypeVar("_K")
 _ENCODINGS = (b"br", b"gzip", b"identity")
 """The encoding variants of :func:`httpproxy.cachepolicy.encoding_variant`."""
@@ -52,16 +52,30 @@ def url_key(primary: bytes) -> bytes:
     return parts[1] + b"\0" + parts[3] if len(parts) == 4 else primary
 
 
-def entry_tags(fields: Mapping[str, str]) -> tuple[str, ...]:
-    """Tags of a response: ``Cache-Tag`` (comma-separated) and ``Surrogate-Key``
-    (space-separated), at most :data:`MAX_TAGS`, in order, without repeats."""
-    tags: dict[str, None] = {}
-    for tag in fields.get("cache-tag", "").split(","):
-        tags[tag.strip()] = None
-    for tag in fields.get("surrogate-key", "").split():
-        tags[tag.strip()] = None
-    tags.pop("", None)
-    return tuple(tags)[:MAX_TAGS]
+class Revalidation(NamedTuple):
+    """The last 304 applied to an entry and what it decided, for the next revalidation
+    answered by the same 304 (but for its Date): the merge (``update``) and the clock-free
+    storage terms (``terms``, for this policy, target and Authorization) are reused; only the
+    lifetime and age are computed again (:func:`httpproxy.cachepolicy.verdict_at`)."""
+
+    update: NotModifiedUpdate
+    policy: CachePolicy
+    target: bytes
+    authorization: bool
+    terms: StoreTerms
+
+    def reuse(self, stored_head: bytes, head_304: bytes, policy: CachePolicy, target: bytes,
+              authorization: bool) -> NotModifiedUpdate | None:
+        """The update ``head_304`` makes of ``stored_head`` when this memo knows it: the same
+        304 again, or one that differs only in its Date (:meth:`NotModifiedUpdate.redated`),
+        for the same policy, target and Authorization; None otherwise."""
+        if (policy is not self.policy or target != self.target
+                or authorization != self.authorization):
+            return None
+        update = self.update
+        if update.repeats(stored_head, head_304, policy.store_strip):
+            return update
+        return update.redated(stored_head, head_304, policy.store_strip)
 
 
 class CacheEntry:
@@ -74,6 +88,7 @@ class CacheEntry:
         "key",
         "path",
         "primary",
+        "revalidation",
         "sie",
         "site",
         "size",
@@ -104,6 +119,8 @@ class CacheEntry:
         self.tags = tags
         self.validators = validators
         """The conditional fields that revalidate it (cacheflow.revalidation_fields)."""
+        self.revalidation: Revalidation | None = None
+        """The last 304 applied to it: see :class:`Revalidation`."""
         self.stored_at = time.time() if stored_at is None else stored_at
         self.size = len(head) + len(body) + len(self.key) + ENTRY_OVERHEAD
 

@@ -9,25 +9,32 @@ Header fields are ``{lowercase name: value}`` with repeated lines joined by ``",
 from __future__ import annotations
 
 import enum
+import functools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from httpproxy.cachepolicy import encoding_variant, http_date, strip_fields
 
 __all__ = [
+    "MAX_TAGS",
     "NOT_MODIFIED_FIELDS",
     "SAFE_METHODS",
     "Answer",
     "CachedAnswer",
+    "NotModifiedUpdate",
     "RangeAnswer",
     "RangeKind",
     "answer_from_store",
     "client_not_modified",
     "dechunk",
+    "entry_tags",
     "head_fields",
     "invalidation_targets",
     "merge_not_modified",
     "not_modified_head",
+    "not_modified_update",
     "range_answer",
     "revalidation_fields",
     "secondary_key",
@@ -35,6 +42,9 @@ __all__ = [
     "vary_names",
     "weak_match",
 ]
+
+MAX_TAGS = 32
+"""Tags kept per entry (the rest are ignored)."""
 
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 """RFC 9110 §9.2.1; any other method is unsafe and may invalidate (RFC 9111 §4.4)."""
@@ -66,6 +76,18 @@ def head_fields(head: bytes) -> dict[str, str]:
     return fields
 
 
+def entry_tags(fields: Mapping[str, str]) -> tuple[str, ...]:
+    """Tags of a response: ``Cache-Tag`` (comma-separated) and ``Surrogate-Key``
+    (space-separated), at most :data:`MAX_TAGS`, in order, without repeats."""
+    tags: dict[str, None] = {}
+    for tag in fields.get("cache-tag", "").split(","):
+        tags[tag.strip()] = None
+    for tag in fields.get("surrogate-key", "").split():
+        tags[tag.strip()] = None
+    tags.pop("", None)
+    return tuple(tags)[:MAX_TAGS]
+
+
 # -- Vary: secondary keys (RFC 9111 §4.1) -------------------------------------------------------
 
 
@@ -81,14 +103,31 @@ def vary_names(vary: str | None) -> tuple[str, ...] | None:
     return tuple(sorted(names))
 
 
+_MEMO_VALUE_MAX = 256
+"""Longest request field value whose normal form is memoised (browsers send a few distinct
+Accept-Language / User-Agent values again and again; longer ones are worked out each time)."""
+
+
 def _normalise(value: str) -> str:
     # RFC 9111 §4.1: whitespace and the joining of repeated lines may be normalised.
+    return _normal_form(value) if len(value) <= _MEMO_VALUE_MAX else _normal_form.__wrapped__(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _normal_form(value: str) -> str:
     return ",".join(" ".join(part.split()) for part in value.split(","))
 
 
 def _normalise_languages(value: str) -> str:
     # Language ranges are case-insensitive (RFC 4647 §2) and, at equal weight, unordered
     # (RFC 9110 §12.5.4 ranks by q only): "en, de" and "De, EN" are one variant.
+    if len(value) <= _MEMO_VALUE_MAX:
+        return _language_form(value)
+    return _language_form.__wrapped__(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _language_form(value: str) -> str:
     return ",".join(sorted("".join(part.split()).lower() for part in value.split(",")))
 
 
@@ -232,6 +271,81 @@ def merge_not_modified(stored_head: bytes, head_304: bytes) -> bytes:
         return stored_head
     kept = strip_fields(stored_head, frozenset(names))
     return kept + b"\r\n".join(updates) + b"\r\n"
+
+
+class NotModifiedUpdate(NamedTuple):
+    """What a 304 makes of a stored response (RFC 9111 §4.3.4), before the freshness
+    decision (which depends on the time it arrived)."""
+
+    head_304: bytes
+    strip: frozenset[bytes]
+    """The store_strip set ``head`` was stripped with."""
+    head: bytes
+    """The head to store: the stored head merged with the 304, minus ``strip``."""
+    fields: dict[str, str]
+    """The merged fields (with the 304's targeted ones), and the 304's own ``Age``: the age
+    restarts from the 304 (RFC 9111 §4.2.3)."""
+    tags: tuple[str, ...]
+    validators: bytes
+    vary: tuple[str, ...] | None
+    reusable: bool
+    """Merging ``head_304`` into ``head`` again would give this same update (the stored head
+    it came from had no field ``strip`` names)."""
+    date_line: bytes
+    """The 304's Date line (CRLF first), when it has exactly one and ``head`` has it once;
+    else b"" (then :meth:`redated` never applies)."""
+
+    def repeats(self, stored_head: bytes, head_304: bytes, strip: frozenset[bytes]) -> bool:
+        """Whether applying ``head_304`` to ``stored_head`` gives this update again: the same
+        304 bytes on the head this update produced. Merging replaces every field the 304
+        carries with the 304's lines, so a second merge of the same 304 changes nothing; an
+        origin's 304s for one resource repeat byte for byte within a second (their Date)."""
+        return (self.reusable and stored_head is self.head and head_304 == self.head_304
+                and strip == self.strip)
+
+    def redated(self, stored_head: bytes, head_304: bytes, strip: frozenset[bytes]
+                ) -> NotModifiedUpdate | None:
+        """This update for a 304 that differs from :attr:`head_304` only in its one Date line,
+        applied to the head this update produced: the same head with that Date line (the
+        304's Date replaces the stored one, and nothing else depends on it), the fields with
+        that Date. None when that is not the case (then merge in full)."""
+        if not (self.date_line and self.reusable and stored_head is self.head
+                and strip == self.strip):
+            return None
+        found = _DATE_LINE.search(head_304)
+        if found is None or _DATE_LINE.search(head_304, found.end()) is not None:
+            return None
+        start, end = found.span()
+        if head_304[:start] + self.date_line + head_304[end:] != self.head_304:
+            return None
+        line = found.group()
+        head = self.head.replace(self.date_line + b"\r\n", line + b"\r\n", 1)
+        fields = dict(self.fields)
+        fields["date"] = line.partition(b":")[2].decode("latin-1").strip()
+        return self._replace(head_304=head_304, head=head, fields=fields, date_line=line)
+
+
+_AGE_LINE = re.compile(rb"\r\nage:([^\r]*)", re.IGNORECASE)
+_DATE_LINE = re.compile(rb"\r\ndate:[^\r]*", re.IGNORECASE)
+
+
+def not_modified_update(stored_head: bytes, head_304: bytes, strip: frozenset[bytes]
+                        ) -> NotModifiedUpdate:
+    """The stored head updated by a 304 (:func:`merge_not_modified`), its fields, tags,
+    validators and Vary names, and the head to store (minus ``strip``)."""
+    merged = merge_not_modified(stored_head, head_304)
+    fields = head_fields(merged)
+    # The 304's own Age (merge_not_modified keeps no Age line), read by one pattern.
+    age = _AGE_LINE.search(head_304)
+    if age is not None:
+        fields["age"] = age.group(1).decode("latin-1").strip()
+    head = strip_fields(merged, strip)
+    reusable = len(strip_fields(stored_head, strip)) == len(stored_head)
+    dates = _DATE_LINE.findall(head_304)
+    date_line = dates[0] if len(dates) == 1 and head.count(dates[0] + b"\r\n") == 1 else b""
+    return NotModifiedUpdate(head_304, strip, head, fields, entry_tags(fields),
+                             revalidation_fields(fields), vary_names(fields.get("vary")), reusable,
+                             date_line)
 
 
 # -- ranges (RFC 9110 §14) --------------------------------------------------------------------

@@ -30,16 +30,25 @@ from edge.proxyproto import ProxyHeaderPolicy, is_trusted
 from edge.registry import ProxyContext
 from httpproxy import websocket
 from httpproxy.accesslog import LOGGER_NAME, AccessLog, stream_head, stream_ts
-from httpproxy.cache import CacheEntry, ContentCache, entry_tags, url_key
+from httpproxy.cache import CacheEntry, ContentCache, Revalidation, entry_tags, url_key
 from httpproxy.cacheflow import (
     head_fields,
     invalidation_targets,
     merge_not_modified,
+    not_modified_update,
     revalidation_fields,
     secondary_key,
     vary_names,
 )
-from httpproxy.cachepolicy import StoreVerdict, cache_key, response_storability, strip_fields
+from httpproxy.cachepolicy import (
+    StoreTerms,
+    StoreVerdict,
+    cache_key,
+    response_storability,
+    store_terms,
+    strip_fields,
+    verdict_at,
+)
 from httpproxy.exchange import ClientInfo, Exchange
 from httpproxy.front_h1 import ClientConnection
 from httpproxy.http2 import choose_protocol
@@ -469,27 +478,38 @@ class HttpEngine:
         dropped)."""
         assert self.cache is not None
         self.cache_events["revalidated"] += 1
-        merged = merge_not_modified(stored.head, head_304)
-        # Decided on the fields as merged (the 304's targeted Cache-Control counts), with
-        # the 304's own Age (merge_not_modified keeps no Age line): the age restarts from
-        # the 304 (RFC 9111 §4.2.3). Stored without what policy.store_strip names.
-        fields = head_fields(merged)
-        age_304 = _AGE_LINE.search(head_304)
-        if age_304 is not None:
-            fields["age"] = age_304.group(1).decode("latin-1").strip()
-        verdict = response_storability(stored.status, fields, state.policy, time.time(),
-                                       path=target_text(target), authorization=authorization)
-        head = strip_fields(merged, state.policy.store_strip)
-        if verdict.store and vary_names(fields.get("vary")) == stored.vary and self.cache.update(
-                stored, head, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
-                sie=verdict.stale_if_error, stored_at=verdict.stored_at, tags=entry_tags(fields),
-                validators=revalidation_fields(fields)):
+        policy = state.policy
+        memo = stored.revalidation
+        terms: StoreTerms | StoreVerdict
+        known = (memo.reuse(stored.head, head_304, policy, target, authorization)
+                 if memo is not None else None)
+        if memo is not None and known is not None:
+            update, terms = known, memo.terms
+            if known is not memo.update:
+                memo = memo._replace(update=known)
+        else:
+            # Decided on the fields as merged (the 304's targeted Cache-Control counts).
+            update = not_modified_update(stored.head, head_304, policy.store_strip)
+            terms = store_terms(stored.status, update.fields, policy, path=target_text(target),
+                                authorization=authorization)
+            memo = None
+        if isinstance(terms, StoreVerdict):
+            verdict = terms  # refused whatever the time
+        else:
+            verdict = verdict_at(terms, update.fields, policy, time.time())
+            if memo is None:
+                memo = Revalidation(update, policy, target, authorization, terms)
+        if verdict.store and update.vary == stored.vary and self.cache.update(
+                stored, update.head, ttl=verdict.ttl, swr=verdict.stale_while_revalidate,
+                sie=verdict.stale_if_error, stored_at=verdict.stored_at, tags=update.tags,
+                validators=update.validators):
+            stored.revalidation = memo
             return stored  # the usual case: same key, updated in place
         self.cache.remove(stored.key)
         if not verdict.store:
             return None
-        return self.store_entry(stored.primary, site, target, request, stored.status, head,
-                                stored.body, verdict, fields=fields)
+        return self.store_entry(stored.primary, site, target, request, stored.status,
+                                update.head, stored.body, verdict, fields=dict(update.fields))
 
     def cache_revalidated(self, req: Exchange, stored: CacheEntry, head_304: bytes) -> CacheEntry:
         """:meth:`cache_update` for a client's request: ends its flight with the update and
@@ -619,7 +639,6 @@ class HttpEngine:
                 log.exception("exporting HTTP metrics failed")
 
 
-_AGE_LINE = re.compile(rb"\r\nage:([^\r]*)", re.IGNORECASE)
 """A response head's first Age line (the strict response parser allows no space before the
 colon); RFC 9111 §5.1 reads only the first member anyway."""
 

@@ -19,6 +19,7 @@ from httpproxy.cacheflow import (
     head_fields,
     invalidation_targets,
     merge_not_modified,
+    not_modified_update,
     range_answer,
     revalidation_fields,
     secondary_key,
@@ -99,6 +100,70 @@ def test_304_updates_stored_fields() -> None:
     assert fields["cache-control"] == "max-age=5" and fields["x-old"] == "3"
     assert fields["x-new"] == "y" and fields["content-length"] == "10"
     assert fields["etag"] == '"a1"'
+
+
+_NAMES = st.sampled_from(["Cache-Control", "ETag", "X-Extra", "CDN-Cache-Control", "Age",
+                           "Date", "Vary", "Cache-Tag", "Content-Length", "Set-Cookie"])
+_LINES = st.lists(st.tuples(_NAMES, st.sampled_from(["a", "max-age=5", '"v2"', "x, y"])),
+                  max_size=6)
+
+
+def _head(status_line: bytes, lines: list[tuple[str, str]]) -> bytes:
+    return status_line + b"".join(f"\r\n{n}: {v}".encode() for n, v in lines) + b"\r\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(stored=_LINES, lines_304=_LINES,
+       strip=st.sampled_from([frozenset({b"cdn-cache-control", b"age"}),
+                              frozenset({b"cdn-cache-control", b"age", b"set-cookie"})]))
+def test_a_304_applied_twice_changes_nothing_more(stored: list[tuple[str, str]],
+                                                  lines_304: list[tuple[str, str]],
+                                                  strip: frozenset[bytes]) -> None:
+    """RFC 9111 §4.3.4: a 304's fields replace the stored ones of the same names, so the same
+    304 applied to the head it produced gives that head and those fields again: what
+    ``NotModifiedUpdate.repeats`` lets the edge reuse. Not claimed (``reusable`` false) when
+    the first stored head still had a field the strip set names."""
+    head_304 = _head(b"HTTP/1.1 304 Not Modified", lines_304)
+    first = not_modified_update(_head(b"HTTP/1.1 200 OK", stored), head_304, strip)
+    again = not_modified_update(first.head, head_304, strip)
+    assert first.repeats(first.head, head_304, strip) == first.reusable
+    if first.reusable:
+        assert again == first._replace(head_304=head_304, head=again.head)
+        assert again.head == first.head
+    assert not first.repeats(first.head, head_304 + b"X: 1\r\n", strip)
+    copy = first.head[:1] + first.head[1:]  # equal bytes, another object
+    assert not first.repeats(copy, head_304, strip)  # not the head it made
+
+
+@settings(max_examples=200, deadline=None)
+@given(stored=_LINES, lines_304=_LINES,
+       strip=st.sampled_from([frozenset({b"cdn-cache-control", b"age"}),
+                              frozenset({b"cdn-cache-control", b"age", b"date"})]),
+       date=st.sampled_from(["Tue, 08 Dec 2026 01:50:00 GMT", "a"]))
+def test_a_304_differing_only_in_its_date_changes_only_the_date(
+        stored: list[tuple[str, str]], lines_304: list[tuple[str, str]],
+        strip: frozenset[bytes], date: str) -> None:
+    """RFC 9111 §4.3.4 / RFC 9110 §6.6.1: the next 304 for a resource usually differs only in
+    its Date; applied to the head the last one produced it gives that head with the new Date
+    line and the same other fields (``NotModifiedUpdate.redated``, what the edge reuses), the
+    same as merging it in full. Not claimed for two Date lines, a stripped Date, or any other
+    difference."""
+    head_304 = _head(b"HTTP/1.1 304 Not Modified", lines_304)
+    first = not_modified_update(_head(b"HTTP/1.1 200 OK", stored), head_304, strip)
+    later = _head(b"HTTP/1.1 304 Not Modified",
+                  [(n, date if n == "Date" else v) for n, v in lines_304])
+    redated = first.redated(first.head, later, strip)
+    full = not_modified_update(first.head, later, strip)
+    single_date = sum(n == "Date" for n, _ in lines_304) == 1
+    assert (redated is not None) == (first.reusable and single_date and b"date" not in strip)
+    if redated is not None:
+        assert redated.head == full.head and redated.fields == full.fields
+        assert (redated.tags, redated.validators, redated.vary) == (
+            full.tags, full.validators, full.vary)
+        assert redated.head_304 == later and redated.date_line == full.date_line
+        assert first.redated(first.head, later + b"X-Other: 1\r\n", strip) is None
+        copy = first.head[:1] + first.head[1:]
+        assert first.redated(copy, later, strip) is None  # not the head it made
 
 
 @pytest.mark.parametrize(("value", "kind", "first", "last"), [

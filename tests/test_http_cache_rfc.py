@@ -613,6 +613,43 @@ async def test_client_no_cache_validates_the_stored_response(service: DirectoryS
         assert origin.gets == 3
 
 
+async def test_a_repeated_304_reuses_the_update_and_a_changed_one_is_applied(
+        service: DirectoryService) -> None:
+    """RFC 9111 §4.3.4: every 304 updates the stored response. A 304 that repeats the last
+    one byte for byte (an origin's 304s within one second) leaves it as that one did, so the
+    edge reuses that update (merge and storage terms) instead of working it out again; one
+    that differs only in its Date changes only the Date (RFC 9110 §6.6.1: served as the
+    origin sent it); a 304 that differs otherwise is applied in full: its fields and its
+    freshness (here max-age after no-cache) govern from then on."""
+    async with edge_with_origin(service) as (edge, origin):
+        origin.cc = "no-cache"
+        origin.extra_304 = {"X-Extra": "same", "Date": formatdate(usegmt=True)}
+        assert (await get(edge, "/doc")).headers["x-cache"] == "MISS"
+        first = await get(edge, "/doc")
+        assert first.headers["x-cache"] == "REVALIDATED" and first.headers["x-extra"] == "same"
+        assert edge.engine.cache is not None
+        [entry] = edge.engine.cache.entries()
+        update = entry.revalidation
+        assert update is not None
+        second = await get(edge, "/doc")
+        assert second.headers["x-cache"] == "REVALIDATED" and second.body == b"doc v1"
+        assert entry.revalidation is update  # the same 304 again: its update was reused
+        later = formatdate(time.time() + 7, usegmt=True)
+        origin.extra_304 = {"X-Extra": "same", "Date": later}
+        redated = await get(edge, "/doc")  # the same 304 but for its Date
+        assert redated.headers["x-cache"] == "REVALIDATED" and redated.headers["date"] == later
+        assert entry.revalidation is not None and entry.revalidation.terms is update.terms
+        origin.cc = "max-age=100"
+        origin.extra_304 = {"X-Extra": "changed", "Date": formatdate(usegmt=True)}
+        third = await get(edge, "/doc")
+        assert third.headers["x-cache"] == "REVALIDATED"
+        assert third.headers["x-extra"] == "changed"
+        assert third.headers["cache-control"] == "max-age=100"
+        fresh = await get(edge, "/doc")
+        assert fresh.headers["x-cache"] == "HIT" and fresh.headers["x-extra"] == "changed"
+        assert origin.gets == 5
+
+
 async def test_revalidations_are_collapsed(service: DirectoryService) -> None:
     """Request collapsing holds for revalidations: concurrent requests for one stale response
     send the origin one conditional request (RFC 9111 §4 lets a cache wait for it)."""
