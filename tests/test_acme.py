@@ -204,17 +204,45 @@ def test_http01_is_answered_before_redirects_and_filters(env: Env) -> None:
     assert result.stdout.startswith("locked.test: certificate ")
     leaf = env.served_certificate("locked.test")
     assert leaf.public_key().key_size == 2048  # type: ignore[union-attr]
-    # The challenge path is not an open door: an unknown token is a 404, and the site's
-    # other paths are still refused by its filters.
+    # The challenge path is not an open door: a token that is not the edge's own is an
+    # ordinary request, refused by the site's filters like its other paths.
+    for path in (f"/.well-known/acme-challenge/{'x' * 43}", "/index.html"):
+        probe = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: locked.test",
+             f"http://127.0.0.1:{env.http_port}{path}"], capture_output=True, text=True,
+            timeout=20)
+        assert probe.stdout == "403", path
+
+
+def test_customer_certbot_on_the_backend_validates_through_the_edge(env: Env) -> None:
+    """A customer runs certbot (HTTP-01, standalone) on their backend for a site without
+    ``--auto-cert``: the CA's request for a token the edge did not publish reaches the
+    backend like any request, and certbot gets its certificate. A Host the directory does not
+    have still gets the edge's 404 (no route to anywhere through the challenge path)."""
+    port = support_pebble.free_port()
+    assert env.cli("host", "add", "custbox", "--address", "127.0.0.1", "--http-port",
+                   str(port)).returncode == 0
+    assert env.cli("tenant", "add", "tc", "--host", "custbox").returncode == 0
+    env.add_site("own.test", tenant="tc")
+    work = env.tmp / "certbot"
+    certbot = subprocess.run(
+        ["certbot", "certonly", "--standalone", "--non-interactive", "--agree-tos",
+         "--register-unsafely-without-email", "--server", env.pebble.directory,
+         "--http-01-address", "127.0.0.1", "--http-01-port", str(port), "-d", "own.test",
+         "--config-dir", str(work), "--work-dir", str(work), "--logs-dir", str(work)],
+        env={**os.environ, "REQUESTS_CA_BUNDLE": str(env.pebble.ca_file)},
+        capture_output=True, text=True, timeout=150)
+    assert certbot.returncode == 0, certbot.stdout + certbot.stderr
+    chain = (work / "live" / "own.test" / "fullchain.pem").read_bytes()
+    leaf = x509.load_pem_x509_certificate(chain)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["own.test"]
+    assert "own.test" not in env.status()  # the edge never took it over
     probe = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: locked.test",
-         f"http://127.0.0.1:{env.http_port}/.well-known/acme-challenge/{'x' * 43}"],
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: nosuch.test",
+         f"http://127.0.0.1:{env.http_port}/.well-known/acme-challenge/{'y' * 43}"],
         capture_output=True, text=True, timeout=20)
     assert probe.stdout == "404"
-    other = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: locked.test",
-         f"http://127.0.0.1:{env.http_port}/index.html"], capture_output=True, text=True, timeout=20)
-    assert other.stdout == "403"
 
 
 def test_tls_alpn01_validation_through_the_https_listener(env: Env) -> None:
