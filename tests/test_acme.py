@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import os
 import secrets
@@ -32,7 +33,7 @@ from edge.directory.secrets import KeyBox, generate_key
 from edge.directory.service import DirectoryService
 from edge.directory.stores import store_for_url
 from tests import support_pebble
-from tests.support_pebble import Pebble
+from tests.support_pebble import CAFront, Pebble, Refusal
 from tests.test_serve import ROOT, EdgeServe, make_db, wait_for
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow,
@@ -354,6 +355,69 @@ def test_ca_down_keeps_the_old_certificate_and_falls_back(env: Env) -> None:
             async with service.store.transaction() as tx:
                 await tx.execute("DELETE FROM acme_accounts WHERE name LIKE 'down-%'")
         env.run(remove)
+
+
+@contextlib.contextmanager
+def _front_account(env: Env, name: str, *flags: str) -> Iterator[CAFront]:
+    """An account registered at a :class:`CAFront` of pebble; removed afterwards."""
+    front = CAFront(env.pebble)
+    try:
+        result = env.cli("acme", "account", "add", name, "--directory", front.directory, *flags)
+        assert result.returncode == 0, result.stderr
+        yield front
+    finally:
+        async def remove(service: DirectoryService) -> None:
+            async with service.store.transaction() as tx:
+                await tx.execute("DELETE FROM acme_accounts WHERE name = ?", (name,))
+        env.run(remove)
+        front.stop()
+
+
+def _seconds_until(iso_text: str) -> float:
+    return time.mktime(time.strptime(iso_text, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone - time.time()
+
+
+def test_ca_retry_after_is_honoured_and_shown(env: Env) -> None:
+    """A CA that refuses new orders (429 rateLimited, then 503) with ``Retry-After``: the
+    name and the account wait as long as the CA asks (seconds or an HTTP date), and
+    ``edge cert status`` / ``acme account list`` show it (they used to wait a fixed hour for
+    429 and the name's own 10-minute back-off, whatever the CA said)."""
+    with _front_account(env, "busy-ca", "--staging") as front:
+        env.add_site("busy.test")
+        front.refusal = Refusal(429, "7200")
+        result = env.cli("cert", "issue", "busy.test", config="staging.toml")
+        assert result.returncode != 0 and "rateLimited" in result.stderr, result.stderr
+        assert "retry after 7200 s" in result.stderr
+        row = env.status()["busy.test"]
+        assert row["state"] == "failing" and "retry after 7200 s" in row["last_error"]
+        assert 7100 < _seconds_until(row["next_attempt"]) <= 7200
+        accounts = {a["name"]: a for a in json.loads(
+            env.cli("acme", "account", "list", "--json").stdout)}
+        assert 7100 < accounts["busy-ca"]["backoff_seconds"] <= 7200
+
+        # `cert issue` does not wait for the name's back-off (edge serve's loop does).
+        env.run(lambda service: service.record_acme_account_result("busy-ca"))
+        later = email.utils.formatdate(time.time() + 5000, usegmt=True)
+        front.refusal = Refusal(503, later, problem="urn:ietf:params:acme:error:serverInternal")
+        result = env.cli("cert", "issue", "busy.test", config="staging.toml")
+        assert result.returncode != 0 and "serverInternal" in result.stderr, result.stderr
+        row = env.status()["busy.test"]
+        assert 4900 < _seconds_until(row["next_attempt"]) <= 5000, row
+        assert front.new_orders == []  # nothing reached pebble
+
+
+def test_authorization_polling_waits_as_the_ca_asks(env: Env) -> None:
+    """A CA that answers ``pending`` with ``Retry-After: 3`` is asked again after three
+    seconds, not sooner (``acme``'s own loop polls every second whatever the CA says)."""
+    with _front_account(env, "slow-ca", "--staging") as front:
+        env.add_site("slowca.test")
+        front.hold_authorizations = "3"
+        result = env.cli("cert", "issue", "slowca.test", config="staging.toml")
+        assert result.returncode == 0, result.stderr
+        polls = front.authorization_polls
+        held = [i for i, (_, was_held) in enumerate(polls) if was_held]
+        assert len(held) == 1 and held[0] + 1 < len(polls), polls
+        assert polls[held[0] + 1][0] - polls[held[0]][0] >= 2.9
 
 
 def test_two_edge_processes_racing_for_one_name_place_one_order(env: Env) -> None:

@@ -10,6 +10,7 @@ directory: challenge answers are handed to a ``publish`` callback. Failures are 
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,9 +102,36 @@ def _jwk(key_pem: bytes) -> tuple[JWK, JWASignature]:
     return JWKRSA(key=key), RS256
 
 
-def _network(key_pem: bytes, ca_file: str, timeout: int) -> acme_client.ClientNetwork:
+class _Network(acme_client.ClientNetwork):
+    """``acme``'s network with the CA's last refusal remembered: ``acme`` raises the problem
+    document alone, without the response's ``Retry-After`` (RFC 8555 §6.6). Only a public
+    hook of ``requests`` is used (no ``acme`` internals)."""
+
+    def __init__(self, key: JWK, alg: JWASignature, timeout: int) -> None:
+        super().__init__(key, alg=alg, user_agent=USER_AGENT, timeout=timeout)
+        self.refused_status = 0
+        """HTTP status of the CA's last 429/503 answer (0: none yet)."""
+        self.refused_retry_after = 0.0
+        """Seconds that answer's ``Retry-After`` asked for (0: none given)."""
+        self.session.hooks["response"].append(self._remember)
+
+    def _remember(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        if response.status_code in (429, 503):
+            self.refused_status = response.status_code
+            self.refused_retry_after = retry_after_seconds(response)
+
+
+def retry_after_seconds(response: requests.Response) -> float:
+    """The response's ``Retry-After`` (seconds or HTTP date) in seconds from now; 0 if none."""
+    if "Retry-After" not in response.headers:
+        return 0.0
+    when = acme_client.ClientV2.retry_after(response, 0)
+    return max(0.0, (when - datetime.datetime.now()).total_seconds())
+
+
+def _network(key_pem: bytes, ca_file: str, timeout: int) -> _Network:
     jwk, alg = _jwk(key_pem)
-    net = acme_client.ClientNetwork(jwk, alg=alg, user_agent=USER_AGENT, timeout=timeout)
+    net = _Network(jwk, alg, timeout)
     if ca_file:
         # requests takes a CA bundle path where acme's type says bool.
         net.verify_ssl = ca_file  # type: ignore[assignment]
@@ -115,7 +143,7 @@ def connect(directory_url: str, key_pem: bytes, account_url: str, *, ca_file: st
     """A client for an existing account. Raises AcmeFailure (account-wide) if the CA is
     unreachable."""
     net = _network(key_pem, ca_file, timeout)
-    with _translated():
+    with _translated(net):
         directory = acme_client.ClientV2.get_directory(directory_url, net)
     if account_url:
         net.account = messages.RegistrationResource(uri=account_url,
@@ -142,7 +170,7 @@ def register(directory_url: str, *, ca_file: str = "", email: str = "", eab_kid:
                           "--eab-hmac from the CA's dashboard")
     registration = messages.NewRegistration.from_data(
         email=email or None, terms_of_service_agreed=True, external_account_binding=eab)
-    with _translated():
+    with _translated(client.net):
         regr = client.new_account(registration)
     return Registered(key_pem, regr.uri)
 
@@ -153,7 +181,7 @@ def issue(client: acme_client.ClientV2, hostname: str, key_type: str, publish: P
     key_pem = new_private_key(key_type)
     csr = crypto_util.make_csr(key_pem, [hostname])
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
-    with _translated():
+    with _translated(client.net):
         order = client.new_order(csr)
         for authz in order.authorizations:
             if authz.body.status == messages.STATUS_VALID:
@@ -166,7 +194,8 @@ def issue(client: acme_client.ClientV2, hostname: str, key_type: str, publish: P
                      else "tls-alpn-01:" + hostname)
             publish(token, hostname, str(validation))
             client.answer_challenge(body, response)
-        order = client.poll_and_finalize(order, deadline)
+        order = _poll_authorizations(client, order, deadline)
+        order = client.finalize_order(order, deadline)
     chain = order.fullchain_pem.encode("ascii")
     leaf = x509.load_pem_x509_certificate(chain)
     ari = None
@@ -179,9 +208,39 @@ def issue(client: acme_client.ClientV2, hostname: str, key_type: str, publish: P
                   leaf.not_valid_after_utc.timestamp(), ari)
 
 
+POLL_FIRST = 0.25
+"""Seconds before the first look at a pending authorization when the CA gives no
+``Retry-After``; doubled up to :data:`POLL_MAX` (``acme``'s own loop waits 1 s every time
+and ignores ``Retry-After``)."""
+POLL_MAX = 2.0
+
+
+def _poll_authorizations(client: acme_client.ClientV2, order: messages.OrderResource,
+                         deadline: datetime.datetime) -> messages.OrderResource:
+    """Wait until no authorization is pending, as often as the CA's ``Retry-After`` allows
+    (RFC 8555 §7.5.1). Raises ``acme``'s ValidationError / TimeoutError like its own loop."""
+    done = []
+    for authz in order.authorizations:
+        wait = POLL_FIRST
+        while authz.body.status in (messages.STATUS_PENDING, messages.STATUS_PROCESSING):
+            left = (deadline - datetime.datetime.now()).total_seconds()
+            if left <= 0:
+                raise errors.TimeoutError()
+            authz, response = client.poll(authz)
+            if authz.body.status in (messages.STATUS_PENDING, messages.STATUS_PROCESSING):
+                time.sleep(min(left, retry_after_seconds(response) or wait))
+                wait = min(POLL_MAX, wait * 2)
+        done.append(authz)
+    failed = [a for a in done if a.body.status != messages.STATUS_VALID]
+    if failed:
+        raise errors.ValidationError(failed)
+    updated: messages.OrderResource = order.update(authorizations=done)
+    return updated
+
+
 def revoke(client: acme_client.ClientV2, chain_pem: bytes, reason: int = 0) -> None:
     """Revoke the leaf of ``chain_pem`` (signed with the account key). Raises AcmeFailure."""
-    with _translated():
+    with _translated(client.net):
         client.revoke(x509.load_pem_x509_certificate(chain_pem), reason)
 
 
@@ -198,17 +257,37 @@ def _pick_challenge(authz: messages.AuthorizationResource, wanted: str) -> messa
                       kind="rejected")
 
 
+RATE_LIMIT_DEFAULT_WAIT = 3600.0
+"""Seconds to leave an account alone after ``rateLimited`` without a ``Retry-After``."""
+
+
 class _translated:
-    """Turn acme/requests exceptions into AcmeFailure with the CA's text."""
+    """Turn acme/requests exceptions into AcmeFailure with the CA's text and, when the CA
+    refused with 429/503, its ``Retry-After``."""
+
+    def __init__(self, net: acme_client.ClientNetwork) -> None:
+        self.net = net
 
     def __enter__(self) -> None:
-        return None
+        if isinstance(self.net, _Network):
+            self.net.refused_status = 0
+            self.net.refused_retry_after = 0.0
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: Any) -> None:
         if exc is None or isinstance(exc, AcmeFailure):
             return
-        raise _failure(exc) from exc
+        refused = self.net if isinstance(self.net, _Network) and self.net.refused_status else None
+        failure = _failure(exc)
+        if refused is not None:
+            # 429 or 503: the CA as a whole is refusing us for a while, whatever the body said.
+            failure.account_wide = True
+            failure.retry_after = refused.refused_retry_after or failure.retry_after
+            failure.kind = "rate_limited" if refused.refused_status == 429 else "unreachable"
+        if failure.retry_after:
+            failure.args = (f"{failure} (the CA asks to retry after "
+                            f"{failure.retry_after:.0f} s)",)
+        raise failure from exc
 
 
 def _failure(exc: BaseException) -> AcmeFailure:
@@ -218,7 +297,8 @@ def _failure(exc: BaseException) -> AcmeFailure:
     if isinstance(exc, messages.Error):
         text = f"{exc.typ}: {exc.detail}" if exc.detail else str(exc)
         if exc.code == "rateLimited":
-            return AcmeFailure(text, account_wide=True, kind="rate_limited", retry_after=3600)
+            return AcmeFailure(text, account_wide=True, kind="rate_limited",
+                               retry_after=RATE_LIMIT_DEFAULT_WAIT)
         if exc.code in ("unauthorized", "rejectedIdentifier", "caa", "dns", "connection",
                         "incorrectResponse", "tls"):
             return AcmeFailure(text, kind="validation")

@@ -11,7 +11,8 @@ For a name it
    order in a thread (:mod:`edge.acme.client`), stores the certificate, points the site at it
    and marks the name valid in one transaction (the change feed makes it live everywhere);
 4. on failure records the CA's text and backs off: ``backoff_base * 2**(failures-1)``, at
-   most ``backoff_max``, per name; per account for account-wide failures.
+   most ``backoff_max``, per name; per account for account-wide failures (CA down, 429/503);
+   never sooner than the CA's ``Retry-After`` (RFC 8555 §6.6) asks.
 
 The renewal time is the CA's ARI suggestion when it gives one, else ``renew_fraction`` (2/3)
 of the lifetime, spread by a per-name offset so that names issued together do not all fall
@@ -52,6 +53,8 @@ class Outcome:
     """The certificate id on success, else the CA's error text (or why nothing was tried)."""
     skipped: bool = False
     """Nothing was done because another process holds the name or renewed it meanwhile."""
+    retry_after: float = 0.0
+    """Seconds the CA asked us to wait (its ``Retry-After``; 0: none)."""
 
 
 def backoff(config: AcmeConfig, failures: int) -> float:
@@ -129,14 +132,16 @@ class Issuer:
             metrics.ACME_ORDERS.labels(outcome="account_backoff").inc()
             return Outcome(name.hostname, False, text)
         errors: list[str] = []
+        retry_after = 0.0
         for account in usable:
             outcome = await self._try_account(name, account)
             if outcome.ok:
                 return outcome
             errors.append(f"{account.name}: {outcome.text}")
+            retry_after = max(retry_after, outcome.retry_after)
         text = "; ".join(errors)
-        await self._failed(name, text, None)
-        return Outcome(name.hostname, False, text)
+        await self._failed(name, text, None, retry_after)
+        return Outcome(name.hostname, False, text, retry_after=retry_after)
 
     async def _try_account(self, name: AcmeName, account: AcmeAccount) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -163,7 +168,7 @@ class Issuer:
                 wait = max(exc.retry_after, backoff(self.config, account.failures + 1))
                 await service.record_acme_account_result(account.name, error=str(exc),
                                                          retry_at=time.time() + wait)
-            return Outcome(name.hostname, False, str(exc))
+            return Outcome(name.hostname, False, str(exc), retry_after=exc.retry_after)
         finally:
             await self._clear_challenges(name.hostname)
         metrics.ACME_ORDER_SECONDS.observe(time.monotonic() - started)
@@ -182,9 +187,11 @@ class Issuer:
         log.info("certificate %d issued for %s by %s", certificate_id, name.hostname, account.name)
         return Outcome(name.hostname, True, str(certificate_id))
 
-    async def _failed(self, name: AcmeName, text: str, outcome: str | None) -> None:
-        await self.service.record_acme_failure(
-            name.hostname, text, time.time() + backoff(self.config, name.failures + 1))
+    async def _failed(self, name: AcmeName, text: str, outcome: str | None,
+                      retry_after: float = 0.0) -> None:
+        """Back the name off: never sooner than the CA's ``Retry-After`` asks."""
+        wait = max(retry_after, backoff(self.config, name.failures + 1))
+        await self.service.record_acme_failure(name.hostname, text, time.time() + wait)
         if outcome is not None:
             metrics.ACME_ORDERS.labels(outcome=outcome).inc()
 
