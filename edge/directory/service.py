@@ -604,6 +604,8 @@ class DirectoryService:
             row = await tx.fetchone("SELECT t.name, s.certificate_id FROM sites s JOIN tenants t "
                                     "ON t.id = s.tenant_id WHERE s.hostname = ?", (name,))
             await tx.execute("DELETE FROM sites WHERE hostname = ?", (name,))
+            # Its ACME state goes too: no order for a name that is no longer in the directory.
+            await tx.execute("DELETE FROM acme_names WHERE hostname = ?", (name,))
             await self._change(tx, "site", name, {"tenant": row[0] if row else None,
                                                   "certificate_id": row[1] if row else None},
                                None)
