@@ -420,6 +420,18 @@ def test_authorization_polling_waits_as_the_ca_asks(env: Env) -> None:
         assert polls[held[0] + 1][0] - polls[held[0]][0] >= 2.9
 
 
+def test_bulk_load_auto_cert_sites_get_certificates(env: Env) -> None:
+    """``edge bulk-load FILE --auto-cert``: edge serve's loop issues the loaded sites."""
+    path = env.tmp / "bulk.jsonl"
+    path.write_text("".join(json.dumps({"kind": "site", "hostname": name, "tenant": "ta"}) + "\n"
+                            for name in ("bulk1.test", "bulk2.test")))
+    result = env.cli("bulk-load", str(path), "--auto-cert")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: all(env.status().get(n, {}).get("state") == "valid"
+                         for n in ("bulk1.test", "bulk2.test")), 40, "bulk-loaded sites issued")
+    wait_for(lambda: env.served_certificate("bulk2.test"), 5, "bulk2.test served")
+
+
 def test_two_edge_processes_racing_for_one_name_place_one_order(env: Env) -> None:
     """``edge serve``'s loop and two ``edge cert renew --due`` processes all find the new
     name due at once; the lease lets exactly one of them order it."""

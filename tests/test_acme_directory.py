@@ -150,3 +150,44 @@ def test_renewal_simulation_spreads_a_bulk_onboarding() -> None:
     assert result["peak_per_hour_without_spread"] == 20_000
     assert result["window_hours"] >= 200
     assert result["peak_per_hour"] <= 2 * result["mean_per_hour"]
+
+
+async def test_bulk_load_gives_automatic_certificates(service: DirectoryService,
+                                                      store: SQLStore) -> None:
+    """``edge bulk-load --auto-cert`` (``auto_cert=True``) and a record's ``"auto_cert"``:
+    the sites get ACME names like ``site add --auto-cert``, wildcards and sites with a
+    certificate aside; nothing else when neither asks (bulk-load used to ignore it)."""
+    import json
+
+    from edge.directory.bulk import BulkLoadError, bulk_load
+
+    await _site(service, "old.test")
+    chain, key = make_certificate(["own.test"])
+    cert_id = await service.import_certificate(chain, key)
+    records = [
+        {"kind": "site", "hostname": "rsa.test", "tenant": "ta", "auto_cert": True,
+         "key_type": "rsa2048"},
+        {"kind": "site", "hostname": "plain.test", "tenant": "ta"},
+        {"kind": "site", "hostname": "own.test", "tenant": "ta", "certificate": cert_id},
+        {"kind": "site", "hostname": "*.wild.test", "tenant": "ta"},
+        {"kind": "site", "hostname": "optout.test", "tenant": "ta", "auto_cert": False},
+    ]
+    lines = [json.dumps(r) for r in records]
+    counts = await bulk_load(store, lines[:2])
+    assert counts["auto_cert"] == 1
+    assert [(n.hostname, n.key_type) for n in await service.acme_names()] == [
+        ("rsa.test", "rsa2048")]
+    await service.remove_site("plain.test")
+    await service.remove_site("rsa.test")
+    assert await service.acme_names() == []  # no order for a removed site
+    counts = await bulk_load(store, lines, auto_cert=True)
+    assert counts["site"] == 5 and counts["auto_cert"] == 2
+    due = await service.due_acme_names(1e12)
+    assert sorted((n.hostname, n.key_type) for n in due) == [
+        ("plain.test", "ec256"), ("rsa.test", "rsa2048")]
+    for bad, message in (({"hostname": "*.w2.test", "auto_cert": True}, "DNS-01"),
+                         ({"hostname": "k.test", "key_type": "rsa2048"}, "only for sites"),
+                         ({"hostname": "k.test", "auto_cert": True, "key_type": "dsa"},
+                          "key_type")):
+        with pytest.raises(BulkLoadError, match=message):
+            await bulk_load(store, [json.dumps({"kind": "site", "tenant": "ta", **bad})])
