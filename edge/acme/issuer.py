@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge import metrics
@@ -43,6 +44,10 @@ log = logging.getLogger("edge.acme")
 
 SPREAD = 0.1
 """Renewal times are spread over this fraction of the lifetime after the 2/3 point."""
+
+STATE_COUNT_INTERVAL = 60.0
+"""Seconds between two counts of names by state for ``edge_acme_names``: the count scans the
+whole table (0.6 s at 1,000,000 names on SQLite), too much for every ``poll_interval``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +91,15 @@ def owner_id() -> str:
 
 class Issuer:
     def __init__(self, service: DirectoryService, config: AcmeConfig, keybox: KeyBox, *,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.service = service
         self.config = config
         self.keybox = keybox
         self.owner = owner or owner_id()
         self._slots = asyncio.Semaphore(max(1, config.concurrency))
+        self._counted_at: float | None = None
+        self._monotonic = monotonic
 
     # -- one name --------------------------------------------------------------------------
 
@@ -230,9 +238,13 @@ class Issuer:
             await asyncio.sleep(self.config.poll_interval)
 
     async def export_metrics(self) -> None:
-        counts = await self.service.acme_state_counts()
-        for state in ("pending", "valid", "failing"):
-            metrics.ACME_NAMES.labels(state=state).set(counts.get(state, 0))
+        """Account back-off every call; names by state every ``STATE_COUNT_INTERVAL``."""
+        now = self._monotonic()
+        if self._counted_at is None or now - self._counted_at >= STATE_COUNT_INTERVAL:
+            self._counted_at = now
+            counts = await self.service.acme_state_counts()
+            for state in ("pending", "valid", "failing"):
+                metrics.ACME_NAMES.labels(state=state).set(counts.get(state, 0))
         accounts = await self.service.acme_accounts()
         now = time.time()
         for account in accounts:
