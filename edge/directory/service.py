@@ -881,10 +881,15 @@ class DirectoryService:
                              "WHERE hostname = ?", (name,))
 
     async def install_acme_certificate(self, hostname: str, chain_pem: bytes, key_pem: bytes,
-                                       *, renew_at: float, account: str) -> int:
+                                       *, renew_at: float, account: str,
+                                       check_at: float | None = None) -> int:
         """Store an issued certificate, point the site at it and mark the name valid, in one
         transaction (change rows for the certificate and the site: every worker serves it
-        after its next feed poll). Returns the certificate id."""
+        after its next feed poll). Returns the certificate id.
+
+        ``check_at``: when to ask the CA's renewal information (ARI) again; None: never
+        before ``renew_at``. Kept in ``next_attempt``, which for a valid name means "look at
+        it again then" (see :meth:`acme_names_to_recheck`)."""
         keybox = self._require_keybox("storing an issued private key")
         cert = parse_certificate(chain_pem, key_pem)
         if not certificate_covers(cert.names, hostname):
@@ -902,9 +907,29 @@ class DirectoryService:
             await append_change(tx, "site", hostname)
             await tx.execute(
                 "UPDATE acme_names SET state = 'valid', certificate_id = ?, renew_at = ?, "
-                "failures = 0, next_attempt = 0, last_error = '', account = ?, updated_at = ? "
-                "WHERE hostname = ?", (certificate_id, renew_at, account, time.time(), hostname))
+                "failures = 0, next_attempt = ?, last_error = '', account = ?, updated_at = ? "
+                "WHERE hostname = ?", (certificate_id, renew_at, _next_look(renew_at, check_at),
+                                       account, time.time(), hostname))
         return int(certificate_id)
+
+    async def acme_names_to_recheck(self, now: float, limit: int = 100) -> list[AcmeName]:
+        """Valid names whose renewal information (ARI) is due to be asked again: their
+        ``next_attempt`` passed and their ``renew_at`` did not (served by the due index)."""
+        rows = await self.store.fetchall(
+            f"{ACME_NAME_SELECT} WHERE next_attempt <= ? AND renew_at > ? AND lease_until < ? "
+            f"AND state = 'valid' ORDER BY next_attempt LIMIT {int(limit)}", (now, now, now))
+        return [acme_name_from_row(r) for r in rows]
+
+    async def record_renewal_advice(self, hostname: str, certificate_id: int, renew_at: float,
+                                    check_at: float | None) -> None:
+        """The CA's renewal information for a name's current certificate (a no-op if the
+        certificate changed meanwhile)."""
+        async with self.store.transaction() as tx:
+            await tx.execute(
+                "UPDATE acme_names SET renew_at = ?, next_attempt = ?, updated_at = ? "
+                "WHERE hostname = ? AND certificate_id = ? AND state = 'valid'",
+                (renew_at, _next_look(renew_at, check_at), time.time(), hostname,
+                 certificate_id))
 
     async def put_challenge(self, token: str, hostname: str, key_authorization: str,
                             ttl: float = 3600.0) -> None:
@@ -1004,3 +1029,8 @@ def _account_log(account: Account) -> dict[str, Any]:
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _next_look(renew_at: float, check_at: float | None) -> float:
+    """``next_attempt`` of a valid name: its next ARI check, never after its renewal."""
+    return renew_at if check_at is None else min(check_at, renew_at)
