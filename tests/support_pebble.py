@@ -49,6 +49,8 @@ class CAFront:
     def __init__(self, pebble: Pebble) -> None:
         self.pebble = pebble
         self.renewal_info: dict[str, Any] | None = None
+        self.renewal_info_for: dict[str, dict[str, Any]] = {}
+        """Answers for single certificates (by ARI id), instead of ``renewal_info``."""
         self.renewal_retry_after = 21600
         self.renewal_requests: list[str] = []
         self.refusal: Refusal | None = None
@@ -122,10 +124,12 @@ def _handler(front: CAFront) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             if self.path.startswith("/renewal-info/") and front.renewal_info is not None:
-                front.renewal_requests.append(self.path.rsplit("/", 1)[1])
+                certificate = self.path.rsplit("/", 1)[1]
+                front.renewal_requests.append(certificate)
+                info = front.renewal_info_for.get(certificate, front.renewal_info)
                 self._reply(200, [("Content-Type", "application/json"),
                                   ("Retry-After", str(front.renewal_retry_after))],
-                            json.dumps(front.renewal_info).encode())
+                            json.dumps(info).encode())
                 return
             if self.path == "/order-plz" and method == "POST":
                 refusal = front.refusal

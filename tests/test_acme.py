@@ -432,6 +432,49 @@ def test_bulk_load_auto_cert_sites_get_certificates(env: Env) -> None:
     wait_for(lambda: env.served_certificate("bulk2.test"), 5, "bulk2.test served")
 
 
+def _window(start: float, end: float) -> dict[str, Any]:
+    def rfc3339(t: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    return {"suggestedWindow": {"start": rfc3339(start), "end": rfc3339(end)}}
+
+
+def test_renewal_information_moves_renewal_and_the_order_says_what_it_replaces(
+        env: Env) -> None:
+    """ACME Renewal Information (RFC 9773), from a CA front (Debian's pebble 2.4 has none):
+    the renewal time is in the CA's window; edge serve asks again when the answer's
+    ``Retry-After`` says (an hour: not before; a second: soon); a window moved into the past
+    makes the name fall due long before 2/3 of its lifetime, and the renewal order carries
+    ``replaces`` with the old certificate's ARI id."""
+    day = 86400.0
+    with _front_account(env, "ari-ca", "--priority", "-5") as front:
+        now = time.time()
+        front.renewal_info = _window(now + 30 * day, now + 31 * day)
+        front.renewal_retry_after = 3600
+        env.add_site("ari-a.test")
+        assert env.cli("cert", "issue", "ari-a.test").returncode == 0
+        row = env.status()["ari-a.test"]
+        assert 30 * day - 60 < _seconds_until(row["renew_at"]) < 31 * day
+        assert 3500 < _seconds_until(row["renewal_info_check"]) <= 3600
+        (a_id,) = front.renewal_requests
+
+        front.renewal_retry_after = 1
+        env.add_site("ari-b.test")
+        assert env.cli("cert", "issue", "ari-b.test").returncode == 0
+        old_b = env.served_certificate("ari-b.test")
+        b_id = front.renewal_requests[-1]
+        assert b_id != a_id and front.new_orders[-1].get("replaces") is None
+        # e.g. ahead of a revocation (for that certificate only: its successor gets the
+        # ordinary window, or it would fall due again at once)
+        front.renewal_info_for[b_id] = _window(now - 2 * 3600, now - 3600)
+        wait_for(lambda: env.status()["ari-b.test"]["orders"] == 2
+                 and env.status()["ari-b.test"]["state"] == "valid", 30, "ari-b.test renewed")
+        wait_for(lambda: env.served_certificate("ari-b.test").serial_number
+                 != old_b.serial_number, 5, "the renewed certificate served")
+        assert front.new_orders[-1]["replaces"] == b_id
+        assert front.renewal_requests.count(a_id) == 1  # its Retry-After (an hour) holds
+        assert env.status()["ari-a.test"]["orders"] == 1
+
+
 def test_two_edge_processes_racing_for_one_name_place_one_order(env: Env) -> None:
     """``edge serve``'s loop and two ``edge cert renew --due`` processes all find the new
     name due at once; the lease lets exactly one of them order it."""

@@ -9,6 +9,7 @@ directory: challenge answers are handed to a ``publish`` callback. Failures are 
 
 from __future__ import annotations
 
+import base64
 import datetime
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from acme import client as acme_client
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from josepy import json_util as jose
 from josepy.jwa import ES256, RS256, JWASignature
 from josepy.jwk import JWK, JWKEC, JWKRSA
 
@@ -56,8 +58,18 @@ class Issued:
     key_pem: bytes
     not_before: float
     not_after: float
-    ari_renew_at: float | None
-    """The CA's suggested renewal time (ARI, RFC 9773), or None when it offers none."""
+    advice: RenewalAdvice
+    """The CA's renewal information for it (ARI, RFC 9773)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalAdvice:
+    """What the CA's ACME Renewal Information says about one certificate."""
+
+    renew_at: float | None
+    """A time in the CA's suggested window, or None when the CA offers no ARI."""
+    check_at: float | None
+    """When to ask again (the answer's ``Retry-After``); None: the CA offers no ARI."""
 
 
 Publish = Callable[[str, str, str], None]
@@ -176,13 +188,16 @@ def register(directory_url: str, *, ca_file: str = "", email: str = "", eab_kid:
 
 
 def issue(client: acme_client.ClientV2, hostname: str, key_type: str, publish: Publish, *,
-          challenge: str = "http-01", timeout: float = 90.0) -> Issued:
-    """Order a certificate for ``hostname`` and see it through. Raises AcmeFailure."""
+          challenge: str = "http-01", timeout: float = 90.0, replaces: str = "") -> Issued:
+    """Order a certificate for ``hostname`` and see it through. ``replaces``: the ARI
+    certificate id (:func:`ari_certificate_id`) of the certificate this one renews, sent to a
+    CA that offers ARI (RFC 9773 §5). Raises AcmeFailure."""
     key_pem = new_private_key(key_type)
     csr = crypto_util.make_csr(key_pem, [hostname])
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
     with _translated(client.net):
-        order = client.new_order(csr)
+        order = (_new_order_replacing(client, csr, replaces)
+                 if replaces and offers_ari(client) else client.new_order(csr))
         for authz in order.authorizations:
             if authz.body.status == messages.STATUS_VALID:
                 continue  # the CA reused an authorization validated earlier
@@ -198,14 +213,62 @@ def issue(client: acme_client.ClientV2, hostname: str, key_type: str, publish: P
         order = client.finalize_order(order, deadline)
     chain = order.fullchain_pem.encode("ascii")
     leaf = x509.load_pem_x509_certificate(chain)
-    ari = None
-    try:
-        suggested, _ = client.renewal_time(chain)
-        ari = None if suggested is None else suggested.timestamp()
-    except (errors.Error, requests.RequestException):
-        pass  # ARI is advice: without it the 2/3 rule applies
     return Issued(chain, key_pem, leaf.not_valid_before_utc.timestamp(),
-                  leaf.not_valid_after_utc.timestamp(), ari)
+                  leaf.not_valid_after_utc.timestamp(), renewal_advice(client, chain))
+
+
+def offers_ari(client: acme_client.ClientV2) -> bool:
+    return "renewalInfo" in client.directory.to_partial_json()
+
+
+def renewal_advice(client: acme_client.ClientV2, chain_pem: bytes) -> RenewalAdvice:
+    """The CA's ARI for a certificate; advice only, so a failure to get it is "no advice,
+    ask again in an hour" (the 2/3 rule stands meanwhile)."""
+    if not offers_ari(client):
+        return RenewalAdvice(None, None)
+    try:
+        suggested, check = client.renewal_time(chain_pem)
+    except (errors.Error, requests.RequestException, ValueError):
+        return RenewalAdvice(None, time.time() + 3600)
+    # acme returns naive local datetimes for the next check, aware ones for the window.
+    return RenewalAdvice(None if suggested is None else suggested.timestamp(),
+                         check.timestamp())
+
+
+def ari_certificate_id(chain_pem: bytes) -> str:
+    """RFC 9773 §4.1: base64url(authority key identifier) "." base64url(serial number)."""
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    serial = leaf.serial_number
+    serial_der = serial.to_bytes(serial.bit_length() // 8 + 1, "big")  # DER: room for a sign bit
+    return f"{_b64url(aki.key_identifier or b'')}.{_b64url(serial_der)}"
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+class _NewOrderReplacing(messages.NewOrder):
+    """``acme`` 5's NewOrder has no ``replaces`` (RFC 9773 §5)."""
+
+    replaces: str = jose.field("replaces", omitempty=True)
+
+
+def _new_order_replacing(client: acme_client.ClientV2, csr_pem: bytes,
+                         replaces: str) -> messages.OrderResource:
+    """``ClientV2.new_order`` with ``replaces``, on public ``acme`` API only."""
+    csr = x509.load_pem_x509_csr(csr_pem)
+    dns_names, _ = crypto_util.get_identifiers_from_x509(csr.subject, csr.extensions)
+    identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=name)
+                   for name in dns_names]
+    request = _NewOrderReplacing(identifiers=identifiers, replaces=replaces)
+    response = client.net.post(client.directory["newOrder"], request,
+                               new_nonce_url=client.directory["newNonce"])
+    body = messages.Order.from_json(response.json())
+    authorizations = [client.poll(messages.AuthorizationResource(
+        uri=url, body=messages.Authorization()))[0] for url in body.authorizations]
+    return messages.OrderResource(body=body, uri=response.headers.get("Location"),
+                                  authorizations=authorizations, csr_pem=csr_pem)
 
 
 POLL_FIRST = 0.25

@@ -151,9 +151,17 @@ class Issuer:
         await self._failed(name, text, None, retry_after)
         return Outcome(name.hostname, False, text, retry_after=retry_after)
 
+    async def _replaces(self, name: AcmeName, account: AcmeAccount) -> str:
+        """The ARI id of the certificate a renewal replaces, for the CA that issued it."""
+        if name.certificate_id is None or name.account != account.name:
+            return ""
+        stored = await self.service.store.fetch_certificate(name.certificate_id)
+        return "" if stored is None else client.ari_certificate_id(stored.chain_pem)
+
     async def _try_account(self, name: AcmeName, account: AcmeAccount) -> Outcome:
         loop = asyncio.get_running_loop()
         service = self.service
+        replaces = await self._replaces(name, account)
 
         def publish(token: str, hostname: str, key_authorization: str) -> None:
             asyncio.run_coroutine_threadsafe(
@@ -163,7 +171,8 @@ class Issuer:
             acme = client.connect(account.directory_url, self.keybox.decrypt(account.key_encrypted),
                                   account.account_url, ca_file=self.config.ca_file)
             return client.issue(acme, name.hostname, name.key_type, publish,
-                                challenge=self.config.challenge, timeout=self.config.order_timeout)
+                                challenge=self.config.challenge, timeout=self.config.order_timeout,
+                                replaces=replaces)
 
         await service.count_acme_order(name.hostname)
         started = time.monotonic()
@@ -180,12 +189,15 @@ class Issuer:
         finally:
             await self._clear_challenges(name.hostname)
         metrics.ACME_ORDER_SECONDS.observe(time.monotonic() - started)
-        renew_at = renewal_time(self.config, name.hostname, issued.not_before, issued.not_after,
-                                issued.ari_renew_at)
+        # A window already past for a certificate issued this minute (a CA's slip) must not
+        # make the name due again at once, order after order: wait one back-off step.
+        renew_at = max(renewal_time(self.config, name.hostname, issued.not_before,
+                                    issued.not_after, issued.advice.renew_at),
+                       time.time() + backoff(self.config, 1))
         try:
             certificate_id = await service.install_acme_certificate(
                 name.hostname, issued.chain_pem, issued.key_pem, renew_at=renew_at,
-                account=account.name)
+                account=account.name, check_at=issued.advice.check_at)
         except (EdgeError, NotFoundError) as exc:
             metrics.ACME_ORDERS.labels(outcome="install_failed").inc()
             return Outcome(name.hostname, False, f"storing the certificate failed: {exc}")
@@ -225,11 +237,57 @@ class Issuer:
                 outcomes.append(result)
         return outcomes
 
+    async def recheck_renewal_info(self, limit: int = 100) -> int:
+        """Ask the CAs' renewal information (ARI) again for valid names whose time to ask
+        came (as the CA's ``Retry-After`` said): a CA may move the window earlier (e.g. before
+        a mass revocation), and then the name falls due. Returns how many were asked."""
+        names = await self.service.acme_names_to_recheck(time.time(), limit)
+        accounts = {a.name: a for a in await self.service.acme_accounts()}
+        asked = 0
+        for account_name in sorted({n.account for n in names}):
+            group = [n for n in names if n.account == account_name]
+            account = accounts.get(account_name)
+            if account is None:  # the issuing account is gone: only the 2/3 rule is left
+                for name in group:
+                    await self._advise(name, client.RenewalAdvice(None, None))
+                continue
+            asked += await self._recheck_at(account, group)
+        return asked
+
+    async def _recheck_at(self, account: AcmeAccount, names: list[AcmeName]) -> int:
+        chains = {}
+        for name in names:
+            assert name.certificate_id is not None
+            stored = await self.service.store.fetch_certificate(name.certificate_id)
+            if stored is not None:
+                chains[name.hostname] = stored.chain_pem
+
+        def run() -> dict[str, client.RenewalAdvice]:
+            acme = client.connect(account.directory_url, self.keybox.decrypt(account.key_encrypted),
+                                  account.account_url, ca_file=self.config.ca_file)
+            return {host: client.renewal_advice(acme, chain) for host, chain in chains.items()}
+
+        try:
+            advice = await asyncio.to_thread(run)
+        except AcmeFailure as exc:
+            log.warning("ACME renewal information from %s: %s", account.name, exc)
+            advice = {host: client.RenewalAdvice(None, time.time() + 3600) for host in chains}
+        for name in names:
+            await self._advise(name, advice.get(name.hostname, client.RenewalAdvice(None, None)))
+        return len(advice)
+
+    async def _advise(self, name: AcmeName, advice: client.RenewalAdvice) -> None:
+        assert name.certificate_id is not None
+        renew_at = name.renew_at if advice.renew_at is None else advice.renew_at
+        await self.service.record_renewal_advice(name.hostname, name.certificate_id, renew_at,
+                                                 advice.check_at)
+
     async def run_forever(self) -> None:
         """``edge serve``: look for due names every ``poll_interval`` seconds."""
         while True:
             try:
                 await self.run_due()
+                await self.recheck_renewal_info()
                 await self.export_metrics()
             except EdgeError as exc:
                 log.warning("ACME loop: %s", exc)
