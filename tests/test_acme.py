@@ -9,6 +9,7 @@ ports are the edge's listeners. The tests drive it with the real ``edge`` CLI an
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import email.utils
 import json
@@ -550,6 +551,19 @@ def test_on_demand_first_handshake_waits_for_its_certificate(env: Env) -> None:
     assert names.get_values_for_type(x509.DNSName) == ["first.test"]
     assert env.pebble.orders() == orders + 1
     assert env.status()["first.test"]["state"] == "valid"  # and renewed like --auto-cert
+
+
+def test_handshakes_right_after_on_demand_issuance_spend_no_budget(env: Env) -> None:
+    """Until the change feed brings an on-demand certificate to a worker's cache (about a
+    second), that worker's next handshakes for the name used to start on-demand again, spend
+    the tenant's budget (two) and then fail with internal_error."""
+    assert env.cli("tenant", "add", "tq", "--host", "web").returncode == 0
+    env.add_site("burst.test", tenant="tq")
+    first = env.served_certificate("burst.test").serial_number
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        serials = set(pool.map(lambda _: env.served_certificate("burst.test").serial_number,
+                               range(12)))
+    assert serials == {first}
 
 
 def test_on_demand_is_rate_limited_per_tenant(env: Env) -> None:
