@@ -26,9 +26,12 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from acme.client import ClientV2 as AcmeClient
 
 from edge import metrics
 from edge.acme import client
@@ -44,6 +47,10 @@ log = logging.getLogger("edge.acme")
 
 SPREAD = 0.1
 """Renewal times are spread over this fraction of the lifetime after the 2/3 point."""
+
+CLIENT_MAX_AGE = 3600.0
+"""Seconds an ACME client (the CA's directory, a TLS connection, nonces) is reused for the
+orders of one worker thread before it is made afresh."""
 
 STATE_COUNT_INTERVAL = 60.0
 """Seconds between two counts of names by state for ``edge_acme_names``: the count scans the
@@ -99,6 +106,9 @@ class Issuer:
         self.owner = owner or owner_id()
         self._slots = asyncio.Semaphore(max(1, config.concurrency))
         self._counted_at: float | None = None
+        self._clients = threading.local()
+        """Per worker thread: account URL -> (client, made at): one directory fetch, TLS
+        connection and nonce supply for many orders instead of one each."""
         self._monotonic = monotonic
 
     # -- one name --------------------------------------------------------------------------
@@ -168,11 +178,14 @@ class Issuer:
                 service.put_challenge(token, hostname, key_authorization), loop).result(30)
 
         def run() -> client.Issued:
-            acme = client.connect(account.directory_url, self.keybox.decrypt(account.key_encrypted),
-                                  account.account_url, ca_file=self.config.ca_file)
-            return client.issue(acme, name.hostname, name.key_type, publish,
-                                challenge=self.config.challenge, timeout=self.config.order_timeout,
-                                replaces=replaces)
+            try:
+                return client.issue(self._client(account), name.hostname, name.key_type,
+                                    publish, challenge=self.config.challenge,
+                                    timeout=self.config.order_timeout, replaces=replaces)
+            except AcmeFailure as exc:
+                if exc.account_wide:  # start afresh next time (new connection, directory)
+                    self._thread_clients().pop(account.account_url, None)
+                raise
 
         await service.count_acme_order(name.hostname)
         started = time.monotonic()
@@ -206,6 +219,24 @@ class Issuer:
         metrics.ACME_ORDERS.labels(outcome="issued").inc()
         log.info("certificate %d issued for %s by %s", certificate_id, name.hostname, account.name)
         return Outcome(name.hostname, True, str(certificate_id))
+
+    def _thread_clients(self) -> dict[str, tuple[AcmeClient, float]]:
+        clients: dict[str, tuple[AcmeClient, float]] | None = getattr(self._clients, "by_account",
+                                                                      None)
+        if clients is None:
+            clients = self._clients.by_account = {}
+        return clients
+
+    def _client(self, account: AcmeAccount) -> AcmeClient:
+        """This thread's client for ``account`` (runs in the order's thread)."""
+        clients = self._thread_clients()
+        cached = clients.get(account.account_url)
+        if cached is not None and time.monotonic() - cached[1] < CLIENT_MAX_AGE:
+            return cached[0]
+        acme = client.connect(account.directory_url, self.keybox.decrypt(account.key_encrypted),
+                              account.account_url, ca_file=self.config.ca_file)
+        clients[account.account_url] = (acme, time.monotonic())
+        return acme
 
     async def _failed(self, name: AcmeName, text: str, outcome: str | None,
                       retry_after: float = 0.0) -> None:
