@@ -214,3 +214,29 @@ async def test_names_are_counted_by_state_once_a_minute(service: DirectoryServic
         await issuer.export_metrics()
         clock[0] += 10.0
     assert calls == [1000.0, 1060.0, 1120.0]
+
+
+async def test_renewal_information_checks_are_kept_per_name(service: DirectoryService) -> None:
+    """A valid name's next ARI check (``check_at``) lists it for a re-check then (never after
+    its renewal); the CA's new advice moves ``renew_at`` and the next check; a name without
+    ARI (``check_at`` None) is never listed before it is due."""
+    await _site(service, "ari.test")
+    await service.add_site("noari.test", "ta")
+    for name in ("ari.test", "noari.test"):
+        await service.enable_auto_cert(name)
+    chain, key = make_certificate(["ari.test"])
+    cert_id = await service.install_acme_certificate("ari.test", chain, key, renew_at=5000.0,
+                                                     account="le", check_at=1000.0)
+    other, other_key = make_certificate(["noari.test"])
+    await service.install_acme_certificate("noari.test", other, other_key, renew_at=5000.0,
+                                           account="le")
+    assert await service.acme_names_to_recheck(999.0) == []
+    assert [n.hostname for n in await service.acme_names_to_recheck(1001.0)] == ["ari.test"]
+    assert await service.due_acme_names(1001.0) == []  # a check is not a renewal
+    await service.record_renewal_advice("ari.test", cert_id, 3000.0, 9000.0)
+    name = await service.acme_name("ari.test")
+    assert (name.renew_at, name.next_attempt) == (3000.0, 3000.0)  # never after renew_at
+    assert await service.acme_names_to_recheck(2999.0) == []
+    assert [n.hostname for n in await service.due_acme_names(3001.0)] == ["ari.test"]
+    await service.record_renewal_advice("ari.test", cert_id + 99, 1.0, 1.0)  # stale: no-op
+    assert (await service.acme_name("ari.test")).renew_at == 3000.0
