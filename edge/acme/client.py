@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from josepy import json_util as jose
+from josepy.errors import Error as JoseError
 from josepy.jwa import ES256, RS256, JWASignature
 from josepy.jwk import JWK, JWKEC, JWKRSA
 
@@ -228,7 +229,7 @@ def renewal_advice(client: acme_client.ClientV2, chain_pem: bytes) -> RenewalAdv
         return RenewalAdvice(None, None)
     try:
         suggested, check = client.renewal_time(chain_pem)
-    except (errors.Error, requests.RequestException, ValueError):
+    except (errors.Error, requests.RequestException, ValueError, JoseError):
         return RenewalAdvice(None, time.time() + 3600)
     # acme returns naive local datetimes for the next check, aware ones for the window.
     return RenewalAdvice(None if suggested is None else suggested.timestamp(),
@@ -382,11 +383,11 @@ class _translated:
         if refused is not None:
             # 429 or 503: the CA as a whole is refusing us for a while, whatever the body said.
             failure.account_wide = True
-            failure.retry_after = refused.refused_retry_after or failure.retry_after
             failure.kind = "rate_limited" if refused.refused_status == 429 else "unreachable"
-        if failure.retry_after:
-            failure.args = (f"{failure} (the CA asks to retry after "
-                            f"{failure.retry_after:.0f} s)",)
+            if refused.refused_retry_after:
+                failure.retry_after = refused.refused_retry_after
+                failure.args = (f"{failure} (the CA asks to retry after "
+                                f"{failure.retry_after:.0f} s)",)
         raise failure from exc
 
 
