@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import time
 from collections.abc import Iterable
@@ -879,6 +880,28 @@ class DirectoryService:
         async with self.store.transaction() as tx:
             await tx.execute("UPDATE acme_names SET renew_at = 0, next_attempt = 0 "
                              "WHERE hostname = ?", (name,))
+
+    async def take_acme_budget(self, name: str, per_minute: float,
+                               now: float | None = None) -> bool:
+        """Take one on-demand order from the fleet-wide token bucket ``name`` (``per_minute``
+        orders a minute, bursts of as many); False when it is empty. Like the lease: an upsert,
+        a conditional UPDATE and a read-back of our own taker id, in one transaction."""
+        now = time.time() if now is None else now
+        rate, burst = per_minute / 60.0, max(1.0, per_minute)
+        least = "MIN" if self.store.dialect == "sqlite" else "LEAST"
+        insert = ("INSERT INTO acme_budgets (name, tokens, updated_at, taker) VALUES (?, ?, ?, '')"
+                  + (" ON CONFLICT (name) DO NOTHING" if self.store.dialect == "sqlite"
+                     else " ON DUPLICATE KEY UPDATE name = name"))
+        refilled = f"{least}(?, tokens + (? - updated_at) * ?)"
+        taker = os.urandom(8).hex()
+        async with self.store.transaction() as tx:
+            await tx.execute(insert, (name, burst, now))
+            await tx.execute(
+                f"UPDATE acme_budgets SET tokens = {refilled} - 1, updated_at = ?, taker = ? "
+                f"WHERE name = ? AND {refilled} >= 1",
+                (burst, now, rate, now, taker, name, burst, now, rate))
+            row = await tx.fetchone("SELECT taker FROM acme_budgets WHERE name = ?", (name,))
+        return row is not None and row[0] == taker
 
     async def install_acme_certificate(self, hostname: str, chain_pem: bytes, key_pem: bytes,
                                        *, renew_at: float, account: str,
