@@ -240,3 +240,26 @@ async def test_renewal_information_checks_are_kept_per_name(service: DirectorySe
     assert [n.hostname for n in await service.due_acme_names(3001.0)] == ["ari.test"]
     await service.record_renewal_advice("ari.test", cert_id + 99, 1.0, 1.0)  # stale: no-op
     assert (await service.acme_name("ari.test")).renew_at == 3000.0
+
+
+async def test_on_demand_budget_is_shared_by_the_fleet(service: DirectoryService,
+                                                       database_url: str, keybox: KeyBox) -> None:
+    """Two edge machines (each its own connection) take from one tenant's budget of two a
+    minute: together they get two orders, then one more every thirty seconds."""
+    others = [store_for_url(database_url) for _ in range(2)]
+    for other in others:
+        await other.open()
+    try:
+        machines = [DirectoryService(other, keybox) for other in others]
+        taken = [await machines[i % 2].take_acme_budget("tenant:ta", 2.0, now=1000.0 + i)
+                 for i in range(6)]
+        assert taken.count(True) == 2 and taken[:2] == [True, True]
+        assert await machines[1].take_acme_budget("tenant:tb", 2.0, now=1006.0)  # its own
+        assert await machines[0].take_acme_budget("tenant:ta", 2.0, now=1036.0)
+        assert not await machines[1].take_acme_budget("tenant:ta", 2.0, now=1037.0)
+        racers = await asyncio.gather(*(machines[i % 2].take_acme_budget("all", 3.0, now=2000.0)
+                                        for i in range(8)))
+        assert racers.count(True) == 3
+    finally:
+        for other in others:
+            await other.close()

@@ -7,9 +7,12 @@ directory, so it never gets here and never costs an ACME request.
 
 Bounds: the client waits at most ``on_demand_wait`` seconds (and never past its handshake
 deadline), then gets the alert ``internal_error``; orders are rate limited per tenant and in
-total (token buckets from :mod:`edge.limits`, per worker process); concurrent handshakes for
-one name share one attempt, and the directory lease keeps the other workers and machines from
-ordering it too (they wait for the certificate the lease holder installs).
+total **fleet-wide**, by token buckets in the directory (``acme_budgets``: every worker of
+every machine takes from the same rows), behind the same figures as per-worker buckets of
+:mod:`edge.limits` that spare the directory a write for attempts a worker refuses anyway;
+concurrent handshakes for one name share one attempt, and the directory lease keeps the other
+workers and machines from ordering it too (they wait for the certificate the lease holder
+installs).
 """
 
 from __future__ import annotations
@@ -99,7 +102,15 @@ class OnDemand:
     async def _obtain(self, site: Site) -> Certificate | None:
         issuer = await self._get_issuer()
         service = issuer.service
+        acme = self.config.acme
         try:
+            if not (await service.take_acme_budget("all", acme.on_demand_total)
+                    and await service.take_acme_budget(f"tenant:{site.tenant}",
+                                                       acme.on_demand_per_tenant)):
+                self.refused += 1
+                log.warning("on-demand certificate for %s refused: fleet-wide rate limit",
+                            site.hostname)
+                return None
             await service.enable_auto_cert(site.hostname)
             outcome = await issuer.issue(site.hostname, only_if_due=True)
         except EdgeError as exc:
