@@ -420,7 +420,7 @@ class AcmeConfig:
     """Longest a first client waits for its on-demand certificate (then: alert)."""
     on_demand_per_tenant: float = 10.0
     on_demand_total: float = 60.0
-    """On-demand orders per minute, per tenant and in total (per worker process)."""
+    """On-demand orders per minute, per tenant and in total, fleet-wide (directory buckets)."""
     backoff_base: float = 60.0
     backoff_max: float = 86_400.0
     """Back-off after failures: base * 2^(failures-1), at most max, per name and per account."""

@@ -568,6 +568,15 @@ class Exchange:
             return
         if target.startswith(acme_http01.PREFIX) and acme_http01.answer_http01(self):
             return  # ACME HTTP-01: before routes, redirects and filters
+        self.route_request()
+
+    def route_request(self) -> None:
+        """Route the request by its Host and serve it (``start`` after its local answers;
+        :mod:`httpproxy.acme_http01` after a token lookup that was not ours)."""
+        services = self.services
+        host_header = self.host_raw
+        if self.over or host_header is None:
+            return
         route = services.routes.get(host_header)
         if route is not None and route.expires > services.directory.clock():
             # The warm path: this exact Host was resolved before (see httpproxy.sitestate.Route;

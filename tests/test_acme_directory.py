@@ -150,3 +150,116 @@ def test_renewal_simulation_spreads_a_bulk_onboarding() -> None:
     assert result["peak_per_hour_without_spread"] == 20_000
     assert result["window_hours"] >= 200
     assert result["peak_per_hour"] <= 2 * result["mean_per_hour"]
+
+
+async def test_bulk_load_gives_automatic_certificates(service: DirectoryService,
+                                                      store: SQLStore) -> None:
+    """``edge bulk-load --auto-cert`` (``auto_cert=True``) and a record's ``"auto_cert"``:
+    the sites get ACME names like ``site add --auto-cert``, wildcards and sites with a
+    certificate aside; nothing else when neither asks (bulk-load used to ignore it)."""
+    import json
+
+    from edge.directory.bulk import BulkLoadError, bulk_load
+
+    await _site(service, "old.test")
+    chain, key = make_certificate(["own.test"])
+    cert_id = await service.import_certificate(chain, key)
+    records = [
+        {"kind": "site", "hostname": "rsa.test", "tenant": "ta", "auto_cert": True,
+         "key_type": "rsa2048"},
+        {"kind": "site", "hostname": "plain.test", "tenant": "ta"},
+        {"kind": "site", "hostname": "own.test", "tenant": "ta", "certificate": cert_id},
+        {"kind": "site", "hostname": "*.wild.test", "tenant": "ta"},
+        {"kind": "site", "hostname": "optout.test", "tenant": "ta", "auto_cert": False},
+    ]
+    lines = [json.dumps(r) for r in records]
+    counts = await bulk_load(store, lines[:2])
+    assert counts["auto_cert"] == 1
+    assert [(n.hostname, n.key_type) for n in await service.acme_names()] == [
+        ("rsa.test", "rsa2048")]
+    await service.remove_site("plain.test")
+    await service.remove_site("rsa.test")
+    assert await service.acme_names() == []  # no order for a removed site
+    counts = await bulk_load(store, lines, auto_cert=True)
+    assert counts["site"] == 5 and counts["auto_cert"] == 2
+    due = await service.due_acme_names(1e12)
+    assert sorted((n.hostname, n.key_type) for n in due) == [
+        ("plain.test", "ec256"), ("rsa.test", "rsa2048")]
+    for bad, message in (({"hostname": "*.w2.test", "auto_cert": True}, "DNS-01"),
+                         ({"hostname": "k.test", "key_type": "rsa2048"}, "only for sites"),
+                         ({"hostname": "k.test", "auto_cert": True, "key_type": "dsa"},
+                          "key_type")):
+        with pytest.raises(BulkLoadError, match=message):
+            await bulk_load(store, [json.dumps({"kind": "site", "tenant": "ta", **bad})])
+
+
+async def test_names_are_counted_by_state_once_a_minute(service: DirectoryService,
+                                                        keybox: KeyBox,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count behind ``edge_acme_names`` scans every name (0.6 s at 1,000,000 on SQLite):
+    edge serve's loop (every ``poll_interval``, 10 s) runs it at most once a minute; it
+    used to run it on every round."""
+    from edge.acme.issuer import Issuer
+
+    clock = [1000.0]
+    calls = []
+    real = service.acme_state_counts
+
+    async def counting() -> dict[str, int]:
+        calls.append(clock[0])
+        return await real()
+    monkeypatch.setattr(service, "acme_state_counts", counting)
+    issuer = Issuer(service, AcmeConfig(poll_interval=10.0), keybox, monotonic=lambda: clock[0])
+    for _ in range(13):  # two minutes of rounds, ten seconds apart
+        await issuer.export_metrics()
+        clock[0] += 10.0
+    assert calls == [1000.0, 1060.0, 1120.0]
+
+
+async def test_renewal_information_checks_are_kept_per_name(service: DirectoryService) -> None:
+    """A valid name's next ARI check (``check_at``) lists it for a re-check then (never after
+    its renewal); the CA's new advice moves ``renew_at`` and the next check; a name without
+    ARI (``check_at`` None) is never listed before it is due."""
+    await _site(service, "ari.test")
+    await service.add_site("noari.test", "ta")
+    for name in ("ari.test", "noari.test"):
+        await service.enable_auto_cert(name)
+    chain, key = make_certificate(["ari.test"])
+    cert_id = await service.install_acme_certificate("ari.test", chain, key, renew_at=5000.0,
+                                                     account="le", check_at=1000.0)
+    other, other_key = make_certificate(["noari.test"])
+    await service.install_acme_certificate("noari.test", other, other_key, renew_at=5000.0,
+                                           account="le")
+    assert await service.acme_names_to_recheck(999.0) == []
+    assert [n.hostname for n in await service.acme_names_to_recheck(1001.0)] == ["ari.test"]
+    assert await service.due_acme_names(1001.0) == []  # a check is not a renewal
+    await service.record_renewal_advice("ari.test", cert_id, 3000.0, 9000.0)
+    name = await service.acme_name("ari.test")
+    assert (name.renew_at, name.next_attempt) == (3000.0, 3000.0)  # never after renew_at
+    assert await service.acme_names_to_recheck(2999.0) == []
+    assert [n.hostname for n in await service.due_acme_names(3001.0)] == ["ari.test"]
+    await service.record_renewal_advice("ari.test", cert_id + 99, 1.0, 1.0)  # stale: no-op
+    assert (await service.acme_name("ari.test")).renew_at == 3000.0
+
+
+async def test_on_demand_budget_is_shared_by_the_fleet(service: DirectoryService,
+                                                       database_url: str, keybox: KeyBox) -> None:
+    """Two edge machines (each its own connection) take from one tenant's budget of two a
+    minute: together they get two orders, then one more every thirty seconds."""
+    others = [store_for_url(database_url) for _ in range(2)]
+    for other in others:
+        await other.open()
+    try:
+        machines = [DirectoryService(other, keybox) for other in others]
+        taken = [await machines[i % 2].take_acme_budget("tenant:ta", 2.0, now=1000.0 + i)
+                 for i in range(6)]
+        assert taken.count(True) == 2 and taken[:2] == [True, True]
+        assert await machines[1].take_acme_budget("tenant:tb", 2.0, now=1006.0)  # its own
+        assert await machines[0].take_acme_budget("tenant:ta", 2.0, now=1036.0)
+        assert not await machines[1].take_acme_budget("tenant:ta", 2.0, now=1037.0)
+        racers = await asyncio.gather(*(machines[i % 2].take_acme_budget("all", 3.0, now=2000.0)
+                                        for i in range(8)))
+        assert racers.count(True) == 3
+    finally:
+        for other in others:
+            await other.close()

@@ -7,9 +7,12 @@ directory, so it never gets here and never costs an ACME request.
 
 Bounds: the client waits at most ``on_demand_wait`` seconds (and never past its handshake
 deadline), then gets the alert ``internal_error``; orders are rate limited per tenant and in
-total (token buckets from :mod:`edge.limits`, per worker process); concurrent handshakes for
-one name share one attempt, and the directory lease keeps the other workers and machines from
-ordering it too (they wait for the certificate the lease holder installs).
+total **fleet-wide**, by token buckets in the directory (``acme_budgets``: every worker of
+every machine takes from the same rows), behind the same figures as per-worker buckets of
+:mod:`edge.limits` that spare the directory a write for attempts a worker refuses anyway;
+concurrent handshakes for one name share one attempt, and the directory lease keeps the other
+workers and machines from ordering it too (they wait for the certificate the lease holder
+installs).
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ log = logging.getLogger("edge.acme.ondemand")
 WAIT_POLL = 0.2
 """Seconds between looks at the directory while another process holds the name's lease."""
 
+RECENT_SECONDS = 10.0
+"""How long a certificate just obtained is handed out again without a new attempt: until the
+change feed (about a second) brings it to this worker's directory cache, every handshake for
+the name still looks certificate-less and would spend the rate limits again."""
+RECENT_MAX = 1000
+
 
 class OnDemand:
     """One per HTTPS proxy (worker) when ``[acme] on_demand`` is on."""
@@ -50,6 +59,7 @@ class OnDemand:
         self._store: SQLStore | None = None
         self._issuer: Issuer | None = None
         self._flights: dict[str, asyncio.Task[Certificate | None]] = {}
+        self._recent: dict[str, tuple[Certificate, float]] = {}
         self.refused = 0
         """Attempts refused by the rate limits (tests and metrics read it)."""
 
@@ -60,6 +70,9 @@ class OnDemand:
             # Every random name under a wildcard site lands here, and ACME issues wildcards by
             # DNS-01 only: no attempt, so such a flood spends none of the rate limits below.
             return None
+        recent = self._recent.get(site.hostname)
+        if recent is not None and recent[1] > time.monotonic():
+            return recent[0]
         flight = self._flights.get(site.hostname)
         if flight is None:
             if not self.overall.allow("all") or not self.per_tenant.allow(site.tenant):
@@ -68,17 +81,36 @@ class OnDemand:
                 return None
             flight = asyncio.get_running_loop().create_task(self._obtain(site))
             self._flights[site.hostname] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(site.hostname, None))
+            flight.add_done_callback(lambda done: self._landed(site.hostname, done))
         wait = min(timeout, self.config.acme.on_demand_wait)
         try:
             return await asyncio.wait_for(asyncio.shield(flight), max(0.0, wait))
         except TimeoutError:
             return None
 
+    def _landed(self, hostname: str, flight: asyncio.Task[Certificate | None]) -> None:
+        self._flights.pop(hostname, None)
+        if flight.cancelled() or flight.exception() is not None:
+            return
+        certificate = flight.result()
+        now = time.monotonic()
+        if len(self._recent) >= RECENT_MAX:
+            self._recent = {k: v for k, v in self._recent.items() if v[1] > now}
+        if certificate is not None and len(self._recent) < RECENT_MAX:
+            self._recent[hostname] = (certificate, now + RECENT_SECONDS)
+
     async def _obtain(self, site: Site) -> Certificate | None:
         issuer = await self._get_issuer()
         service = issuer.service
+        acme = self.config.acme
         try:
+            if not (await service.take_acme_budget("all", acme.on_demand_total)
+                    and await service.take_acme_budget(f"tenant:{site.tenant}",
+                                                       acme.on_demand_per_tenant)):
+                self.refused += 1
+                log.warning("on-demand certificate for %s refused: fleet-wide rate limit",
+                            site.hostname)
+                return None
             await service.enable_auto_cert(site.hostname)
             outcome = await issuer.issue(site.hostname, only_if_due=True)
         except EdgeError as exc:

@@ -15,6 +15,7 @@ from edge.errors import EdgeError, ValidationError
 if TYPE_CHECKING:
     from edge.acme.issuer import Issuer
     from edge.cli.main import Context
+    from edge.directory.model import AcmeName
 
 KNOWN_DIRECTORIES = {
     "letsencrypt": ("https://acme-v02.api.letsencrypt.org/directory", "production"),
@@ -138,14 +139,26 @@ async def cmd_status(ctx: Context) -> Any:
                  "certificate_id": n.certificate_id,
                  "renew_at": iso(n.renew_at) if n.certificate_id else None,
                  "failures": n.failures, "orders": n.orders, "account": n.account,
-                 "next_attempt": iso(n.next_attempt) if n.next_attempt > now else None,
+                 "next_attempt": _retry_at(n, now),
+                 "renewal_info_check": _ari_check(n, now),
                  "last_error": n.last_error,
                  "lease_owner": n.lease_owner if n.lease_until > now else ""} for n in names]
     return table([(n.hostname, n.state, n.certificate_id or "-",
                    iso(n.renew_at) if n.certificate_id else "-", n.failures,
-                   iso(n.next_attempt) if n.next_attempt > now else "-",
-                   n.last_error[:100] or "-") for n in names],
+                   _retry_at(n, now) or "-", n.last_error[:100] or "-") for n in names],
                  ("HOSTNAME", "STATE", "CERT", "RENEW-AT", "FAILURES", "RETRY-AT", "LAST-ERROR"))
+
+
+def _retry_at(name: AcmeName, now: float) -> str | None:
+    """When a failing (or new) name is tried again: its back-off or the CA's Retry-After."""
+    return iso(name.next_attempt) if name.state != "valid" and name.next_attempt > now else None
+
+
+def _ari_check(name: AcmeName, now: float) -> str | None:
+    """When the CA's renewal information is asked again for a valid name (None: not before
+    its renewal; the CA offers no ARI)."""
+    return iso(name.next_attempt) if (
+        name.state == "valid" and now < name.next_attempt < name.renew_at) else None
 
 
 def _outcomes(ctx: Context, outcomes: list[Any]) -> Any:

@@ -538,7 +538,8 @@ async def cmd_bulk_load(ctx: Context) -> Any:
 
     assert ctx.store is not None
     started = time.perf_counter()
-    counts = await bulk_load(ctx.store, ctx.args.file, keybox=ctx.keybox(required=False))
+    counts = await bulk_load(ctx.store, ctx.args.file, keybox=ctx.keybox(required=False),
+                             auto_cert=ctx.args.auto_cert or ctx.config.acme.auto_cert_new_sites)
     elapsed = time.perf_counter() - started
     if ctx.json:
         return {"counts": counts, "seconds": round(elapsed, 3)}
@@ -782,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _leaf(sub, "bulk-load", cmd_bulk_load,
               "load hosts/tenants/accounts/sites/certificates from a JSON Lines file, fast")
     p.add_argument("file")
+    p.add_argument("--auto-cert", action="store_true",
+                   help="automatic certificates (ACME) for every site of the file without a "
+                        "certificate, wildcards aside (a record's \"auto_cert\" decides for it)")
 
     admin_commands.register(sub, _leaf)
 

@@ -7,12 +7,17 @@
     {"kind": "tenant", "name": "tenant1", "host": "h001"}
     {"kind": "certificate", "ref": "c1", "cert_pem": "-----BEGIN ...", "key_pem": "..."}
     {"kind": "site", "hostname": "www.tenant1.example", "tenant": "tenant1", "certificate": "c1"}
+    {"kind": "site", "hostname": "shop.tenant1.example", "tenant": "tenant1", "auto_cert": true}
     {"kind": "account", "username": "tenant1", "tenant": "tenant1", "protocols": ["ssh"]}
 
 Fields are those of the :class:`~edge.directory.service.DirectoryService` methods, validated by
 the very same functions (imported, never copied). A record may refer to objects defined on an
 earlier line or already in the database; a site's ``certificate`` is either the ``ref`` of a
-certificate record in the file or the id of a stored certificate.
+certificate record in the file or the id of a stored certificate. ``"auto_cert": true`` (with
+an optional ``"key_type"``) gives a site automatic certificates like ``edge site add
+--auto-cert``; ``auto_cert=True`` (``edge bulk-load --auto-cert``, or the ``[acme]
+auto_cert_new_sites`` policy) does so for every site of the file that has no certificate and
+is not a wildcard, unless its record says ``"auto_cert": false``.
 
 **All or nothing.** The whole file is loaded in ONE transaction: the first bad record raises
 :class:`BulkLoadError` (a :class:`ValidationError`) naming its line, the transaction rolls
@@ -35,6 +40,7 @@ import io
 import json
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +51,7 @@ from edge.directory.names import normalize_hostname
 from edge.directory.rules import validate_cache_policy, validate_filters
 from edge.directory.secrets import KeyBox
 from edge.directory.service import (
+    ACME_KEY_TYPES,
     certificate_covers,
     check_address,
     check_authorized_keys,
@@ -74,7 +81,8 @@ _FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                 frozenset({"protocols", "upstream_username", "authorized_keys",
                            "ssh_upstream_username", "ftp_upstream_username"})),
     "site": (frozenset({"hostname", "tenant"}),
-             frozenset({"certificate", "https_redirect", "hsts", "cache_policy", "filters"})),
+             frozenset({"certificate", "https_redirect", "hsts", "cache_policy", "filters",
+                        "auto_cert", "key_type"})),
     "certificate": (frozenset({"ref", "cert_pem", "key_pem"}), frozenset()),
 }
 
@@ -116,7 +124,7 @@ class _Loader:
     """State of one load: name→id dicts, pending batches, counters."""
 
     def __init__(self, store: SQLStore, tx: Tx, keybox: KeyBox | None, batch_size: int,
-                 progress: ProgressCallback | None) -> None:
+                 progress: ProgressCallback | None, auto_cert: bool = False) -> None:
         self.store = store
         self.tx = tx
         self.keybox = keybox
@@ -127,6 +135,9 @@ class _Loader:
         self.pending = {kind: _Pending() for kind in KINDS}
         self.full = False  # some batch reached batch_size: flush after this record
         self.counts = dict.fromkeys(KINDS, 0)
+        self.auto_cert = auto_cert
+        self.acme_names: list[tuple[str, str, float]] = []
+        """(hostname, key_type, now) of sites given automatic certificates, after the sites."""
         # Objects of this file: key -> (id, line); for duplicates "first defined on line N".
         self.host_ids: dict[str, tuple[int, int]] = {}
         self.tenant_ids: dict[str, tuple[int, int]] = {}
@@ -183,6 +194,18 @@ class _Loader:
             self.pending[kind] = _Pending()
             if self.progress is not None:
                 self.progress(kind, self.counts[kind])
+        if self.acme_names:
+            # A row left by a removed site of the same name is stale (the site was absent).
+            for start in range(0, len(self.acme_names), 1000):
+                chunk = [row[0] for row in self.acme_names[start:start + 1000]]
+                await self.tx.execute("DELETE FROM acme_names WHERE hostname IN "
+                                      f"({','.join('?' * len(chunk))})", chunk)
+            await self.tx.executemany(
+                "INSERT INTO acme_names (hostname, key_type, state, last_error, account, "
+                "lease_owner, updated_at) VALUES (?, ?, 'pending', '', '', '', ?)",
+                self.acme_names)
+            self.counts["auto_cert"] = self.counts.get("auto_cert", 0) + len(self.acme_names)
+            self.acme_names = []
         self.full = False
 
     async def _check_absent(self, kind: str, pending: _Pending) -> None:
@@ -336,9 +359,24 @@ class _Loader:
                 raise ValidationError(f"certificate {obj['certificate']!r} ({', '.join(names)}) "
                                       f"does not cover {name}")
         self.site_lines[name] = line
+        if self._wants_auto_cert(name, obj, certificate_id):
+            self.acme_names.append((name, _str(obj, "key_type", "ec256"), time.time()))
         self._add("site", line, name, (
             self._new_id("site"), name, tenant_id, certificate_id,
             int(_bool(obj, "https_redirect")), int(_bool(obj, "hsts")), policy, rules))
+
+    def _wants_auto_cert(self, name: str, obj: dict[str, Any], certificate_id: int | None) -> bool:
+        """The checks of ``DirectoryService.enable_auto_cert``, for one record."""
+        wanted = _bool(obj, "auto_cert") if "auto_cert" in obj else (
+            self.auto_cert and certificate_id is None and not name.startswith("*."))
+        if "key_type" in obj:
+            if not wanted:
+                raise ValidationError("key_type is only for sites with auto_cert")
+            check_choice("key_type", _str(obj, "key_type"), ACME_KEY_TYPES)
+        if wanted and name.startswith("*."):
+            raise ValidationError(f"{name}: wildcard certificates need DNS-01, which the edge "
+                                  "does not answer; import one with `edge cert import`")
+        return wanted
 
     async def _certificate(self, line: int, obj: dict[str, Any]) -> None:
         if self.keybox is None:
@@ -415,12 +453,14 @@ def _open_lines(source: Iterable[str] | str | os.PathLike[str]) -> tuple[Iterabl
 
 async def bulk_load(store: SQLStore, lines: Iterable[str] | str | os.PathLike[str], *,
                     keybox: KeyBox | None = None, batch_size: int = 5000,
-                    progress: ProgressCallback | None = None) -> dict[str, int]:
+                    progress: ProgressCallback | None = None,
+                    auto_cert: bool = False) -> dict[str, int]:
     """Load JSON Lines records into the directory, all or nothing; returns counts per kind.
 
     ``lines`` is an iterable of lines (a list, an open file) or a file name (``str`` or
     :class:`os.PathLike`; ``.gz`` accepted). ``keybox`` is needed only if the file has
     certificate records. ``progress(kind, rows_written_so_far)`` is called after each batch.
+    ``auto_cert``: see the module docstring; the counts then include ``auto_cert``.
 
     Raises :class:`BulkLoadError` (a :class:`ValidationError`; ``.line`` is the line number)
     for the first bad record, and nothing is written. Database failures surface as the
@@ -429,7 +469,7 @@ async def bulk_load(store: SQLStore, lines: Iterable[str] | str | os.PathLike[st
     iterable, handle = _open_lines(lines)
     try:
         async with store.transaction() as tx:
-            loader = _Loader(store, tx, keybox, batch_size, progress)
+            loader = _Loader(store, tx, keybox, batch_size, progress, auto_cert)
             await loader.start()
             for number, text in enumerate(iterable, start=1):
                 if not text.strip():

@@ -209,6 +209,18 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             UNIQUE (token)
         ){table_options}""",
     ]),
+    (6, "acme on-demand budgets", [
+        # Fleet-wide token buckets for on-demand issuance ("all", "tenant:NAME"): every worker
+        # of every machine takes from the same row (edge/acme/ondemand.py).
+        """CREATE TABLE acme_budgets (
+            id {pk},
+            name {name} NOT NULL,
+            tokens DOUBLE NOT NULL,
+            updated_at DOUBLE NOT NULL,
+            taker {name} NOT NULL,
+            UNIQUE (name)
+        ){table_options}""",
+    ]),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import time
 from collections.abc import Iterable
@@ -604,6 +605,8 @@ class DirectoryService:
             row = await tx.fetchone("SELECT t.name, s.certificate_id FROM sites s JOIN tenants t "
                                     "ON t.id = s.tenant_id WHERE s.hostname = ?", (name,))
             await tx.execute("DELETE FROM sites WHERE hostname = ?", (name,))
+            # Its ACME state goes too: no order for a name that is no longer in the directory.
+            await tx.execute("DELETE FROM acme_names WHERE hostname = ?", (name,))
             await self._change(tx, "site", name, {"tenant": row[0] if row else None,
                                                   "certificate_id": row[1] if row else None},
                                None)
@@ -878,11 +881,38 @@ class DirectoryService:
             await tx.execute("UPDATE acme_names SET renew_at = 0, next_attempt = 0 "
                              "WHERE hostname = ?", (name,))
 
+    async def take_acme_budget(self, name: str, per_minute: float,
+                               now: float | None = None) -> bool:
+        """Take one on-demand order from the fleet-wide token bucket ``name`` (``per_minute``
+        orders a minute, bursts of as many); False when it is empty. Like the lease: an upsert,
+        a conditional UPDATE and a read-back of our own taker id, in one transaction."""
+        now = time.time() if now is None else now
+        rate, burst = per_minute / 60.0, max(1.0, per_minute)
+        least = "MIN" if self.store.dialect == "sqlite" else "LEAST"
+        insert = ("INSERT INTO acme_budgets (name, tokens, updated_at, taker) VALUES (?, ?, ?, '')"
+                  + (" ON CONFLICT (name) DO NOTHING" if self.store.dialect == "sqlite"
+                     else " ON DUPLICATE KEY UPDATE name = name"))
+        refilled = f"{least}(?, tokens + (? - updated_at) * ?)"
+        taker = os.urandom(8).hex()
+        async with self.store.transaction() as tx:
+            await tx.execute(insert, (name, burst, now))
+            await tx.execute(
+                f"UPDATE acme_budgets SET tokens = {refilled} - 1, updated_at = ?, taker = ? "
+                f"WHERE name = ? AND {refilled} >= 1",
+                (burst, now, rate, now, taker, name, burst, now, rate))
+            row = await tx.fetchone("SELECT taker FROM acme_budgets WHERE name = ?", (name,))
+        return row is not None and row[0] == taker
+
     async def install_acme_certificate(self, hostname: str, chain_pem: bytes, key_pem: bytes,
-                                       *, renew_at: float, account: str) -> int:
+                                       *, renew_at: float, account: str,
+                                       check_at: float | None = None) -> int:
         """Store an issued certificate, point the site at it and mark the name valid, in one
         transaction (change rows for the certificate and the site: every worker serves it
-        after its next feed poll). Returns the certificate id."""
+        after its next feed poll). Returns the certificate id.
+
+        ``check_at``: when to ask the CA's renewal information (ARI) again; None: never
+        before ``renew_at``. Kept in ``next_attempt``, which for a valid name means "look at
+        it again then" (see :meth:`acme_names_to_recheck`)."""
         keybox = self._require_keybox("storing an issued private key")
         cert = parse_certificate(chain_pem, key_pem)
         if not certificate_covers(cert.names, hostname):
@@ -900,9 +930,29 @@ class DirectoryService:
             await append_change(tx, "site", hostname)
             await tx.execute(
                 "UPDATE acme_names SET state = 'valid', certificate_id = ?, renew_at = ?, "
-                "failures = 0, next_attempt = 0, last_error = '', account = ?, updated_at = ? "
-                "WHERE hostname = ?", (certificate_id, renew_at, account, time.time(), hostname))
+                "failures = 0, next_attempt = ?, last_error = '', account = ?, updated_at = ? "
+                "WHERE hostname = ?", (certificate_id, renew_at, _next_look(renew_at, check_at),
+                                       account, time.time(), hostname))
         return int(certificate_id)
+
+    async def acme_names_to_recheck(self, now: float, limit: int = 100) -> list[AcmeName]:
+        """Valid names whose renewal information (ARI) is due to be asked again: their
+        ``next_attempt`` passed and their ``renew_at`` did not (served by the due index)."""
+        rows = await self.store.fetchall(
+            f"{ACME_NAME_SELECT} WHERE next_attempt <= ? AND renew_at > ? AND lease_until < ? "
+            f"AND state = 'valid' ORDER BY next_attempt LIMIT {int(limit)}", (now, now, now))
+        return [acme_name_from_row(r) for r in rows]
+
+    async def record_renewal_advice(self, hostname: str, certificate_id: int, renew_at: float,
+                                    check_at: float | None) -> None:
+        """The CA's renewal information for a name's current certificate (a no-op if the
+        certificate changed meanwhile)."""
+        async with self.store.transaction() as tx:
+            await tx.execute(
+                "UPDATE acme_names SET renew_at = ?, next_attempt = ?, updated_at = ? "
+                "WHERE hostname = ? AND certificate_id = ? AND state = 'valid'",
+                (renew_at, _next_look(renew_at, check_at), time.time(), hostname,
+                 certificate_id))
 
     async def put_challenge(self, token: str, hostname: str, key_authorization: str,
                             ttl: float = 3600.0) -> None:
@@ -1002,3 +1052,8 @@ def _account_log(account: Account) -> dict[str, Any]:
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _next_look(renew_at: float, check_at: float | None) -> float:
+    """``next_attempt`` of a valid name: its next ARI check, never after its renewal."""
+    return renew_at if check_at is None else min(check_at, renew_at)
