@@ -57,7 +57,7 @@ from edge import logging as edge_logging
 from edge.admin import AdminServer, render_metrics
 from edge.config import EdgeConfig, ListenAddress, load_config
 from edge.errors import ConfigError, EdgeError
-from edge.liveapi import LiveRoutes
+from edge.liveapi import LiveRoutes, admin_token
 from edge.ports import AddressInUse, check_free
 from edge.registry import Proxy, enabled_listeners, load_proxy
 from edge.serve.worker import CONFIG_EXIT, WorkerSpec, run_worker
@@ -265,7 +265,8 @@ class Supervisor:
             worker_pids=lambda: sorted(pid for pid, proc in self._by_pid.items() if proc.ready),
             metrics=lambda: render_metrics(self._multiproc_dir, admin_expected()),
             ping=admin.ping, workers_problem=self.workers_problem,
-            listeners=lambda: sorted(self.plan.listeners))
+            listeners=lambda: sorted(self.plan.listeners),
+            token=lambda: admin_token(self.config.secrets))
         try:
             bound = await admin.start(self.config.admin.listen)
         except OSError as exc:
