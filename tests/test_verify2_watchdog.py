@@ -63,3 +63,21 @@ def test_hung_worker_is_killed_and_replaced(start: Callable[..., EdgeServe], db_
         failed += lost
     assert failed == 0 and hung not in seen and len(seen) == 2
     assert server.stop() == 0
+
+
+def test_worker_without_a_control_socket_is_left_serving(
+        start: Callable[..., EdgeServe], db_url: str, tmp_path: Path) -> None:
+    # A worker whose control socket could not start logs it and keeps serving ("serving
+    # matters more than edge sessions"): the watchdog cannot watch it and must not kill it
+    # every watchdog_timeout. Here its socket file is removed under it.
+    server = start(config_text(db_url, workers=2).replace(
+        "grace_period", "watchdog_timeout = 1.0\ngrace_period"), env={"TMPDIR": str(tmp_path)})
+    server.wait_ready(30)
+    unwatched = min(_workers(server))
+    (socket_file,) = tmp_path.glob(f"edge-control-*/{unwatched}.sock")
+    socket_file.unlink()
+    time.sleep(4)  # four watchdog timeouts
+    assert unwatched in _workers(server)
+    assert not any(r["msg"].startswith("worker has not answered") for r in server.records())
+    assert http_get(server.url("/readyz"))[0] == 200
+    assert server.stop() == 0

@@ -326,11 +326,14 @@ class Supervisor:
             if not timeout or not self._control_dir or self.stopping:
                 continue
             procs = [p for p in self._by_pid.values() if p.ready]
+            # A worker without a control socket (it failed to start, or it closed it while
+            # draining) cannot be watched: never killed for that (its log said why).
+            watched = [self._has_control_socket(p.pid) for p in procs]
             replies = await asyncio.gather(*(
                 sessions.ask_worker(self._control_dir, p.pid, {"op": "ping"}) for p in procs))
             now = time.monotonic()
-            for proc, reply in zip(procs, replies, strict=True):
-                if reply.get("pong"):
+            for proc, reply, watch in zip(procs, replies, watched, strict=True):
+                if reply.get("pong") or not watch:
                     proc.answered = now
                 elif now - proc.answered > timeout and self._by_pid.get(proc.pid) is proc:
                     log.error("worker has not answered for %.0f s; killing it", now - proc.answered,
@@ -338,6 +341,9 @@ class Supervisor:
                                      "generation": proc.generation.number})
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, signal.SIGKILL)
+
+    def _has_control_socket(self, pid: int) -> bool:
+        return os.path.exists(sessions.control_path(self._control_dir, pid))
 
     def reopen_logs(self) -> None:
         """SIGUSR1 (logrotate's postrotate): every worker reopens its log files."""
