@@ -131,6 +131,15 @@ class ServeConfig:
     maintenance_drain: float = 300.0
     """Seconds open SSH/FTP sessions on a host put in maintenance are kept before they are
     closed with the host's notice (see edge.sessionpolicy)."""
+    watchdog_timeout: float = 30.0
+    """Seconds a worker may leave the master's pings on its control socket unanswered before
+    it is killed and restarted (0 = never): a hung worker keeps its share of new connections
+    (its SO_REUSEPORT socket) waiting forever otherwise."""
+
+    def __post_init__(self) -> None:
+        if self.watchdog_timeout < 0:
+            raise ConfigError("[serve] watchdog_timeout: must be 0 (off) or more seconds; got "
+                              f"{self.watchdog_timeout!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,14 +85,20 @@ def self_signed(names: list[str], days: int = 30) -> tuple[bytes, bytes]:
 
 def load_parts(demo_dir: Path, targets: tuple[str, ...] = DEMO_PARTS) -> list[DemoPart]:
     """Every built proxy's :class:`DemoPart`; a proxy package without a demo is skipped."""
-    parts = []
+    parts: list[DemoPart] = []
     for target in targets:
         module_name, _, attr = target.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError):
             continue
-        parts.append(factory(demo_dir))
+        try:
+            parts.append(factory(demo_dir))
+        except BaseException:
+            # The parts before it already started their backends: left running, they would
+            # hold the demo's fixed ports and the next `edge demo` would refuse to start.
+            _stop([proc for part in parts for proc in part.processes])
+            raise
     return parts
 
 

@@ -1,8 +1,11 @@
 """The admin listener's live view: ``/sessions``, ``/sessions/{id}/kill``, ``/status``.
 
 Served by the master (:class:`edge.admin.AdminServer`), loopback by default, like
-``/metrics``: whoever reaches the admin listener may list and end sessions (bind it to
-loopback or put the token-checking admin API in front of it).
+``/metrics``. Loopback is not a boundary on a shared machine (any local user can connect), so
+these routes also want ``Authorization: Bearer TOKEN`` where TOKEN is derived from the secret
+key (:func:`admin_token`): whoever can read the key (the ``edge`` user, root) can list and end
+sessions, with no extra flag, since ``edge sessions`` reads the same key as every other
+``edge`` command; anyone else gets 401. An ``edge serve`` with no secret key refuses them (403).
 
 * ``GET /sessions?host=&user=&protocol=`` → ``{"sessions": [...], "errors": [...]}`` from every
   live worker (:mod:`edge.sessions`); ``errors`` names workers that did not answer.
@@ -19,6 +22,7 @@ through the operator's browser (the CLI and the admin API never send those heade
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -26,9 +30,35 @@ from dataclasses import asdict
 from aiohttp import web
 
 from edge import sessions, status
+from edge.config import SecretsConfig
+from edge.directory.secrets import KeyBox
+from edge.errors import SecretsError
+
+TOKEN_PURPOSE = "edge serve admin listener: live routes"
+"""What :meth:`KeyBox.derive` is asked for: the admin listener's bearer token."""
 
 MAX_MESSAGE = 400
 """Longest kill message (characters): it ends up in an SSH disconnect / FTP 421 line."""
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def admin_token(secrets: SecretsConfig) -> str | None:
+    """The bearer token of the live routes, from the secret key; None when there is no key."""
+    try:
+        return token_of(KeyBox.from_config(secrets))
+    except SecretsError:
+        return None
+
+
+def token_of(keybox: KeyBox) -> str:
+    return keybox.derive(TOKEN_PURPOSE)
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """Headers a client of the live routes sends (none without a key: it will get 401)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class LiveRoutes:
@@ -37,8 +67,10 @@ class LiveRoutes:
     def __init__(self, *, control_dir: str, worker_pids: Callable[[], list[int]],
                  metrics: Callable[[], bytes], ping: Callable[[], Awaitable[str | None]],
                  workers_problem: Callable[[], str | None],
-                 listeners: Callable[[], list[str]]) -> None:
+                 listeners: Callable[[], list[str]],
+                 token: Callable[[], str | None]) -> None:
         self.control_dir = control_dir
+        self._token = token
         self._pids = worker_pids
         self._metrics = metrics
         self._ping = ping
@@ -46,9 +78,9 @@ class LiveRoutes:
         self._listeners = listeners
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/sessions", _not_from_browser(self.list_sessions))
-        app.router.add_post("/sessions/{id}/kill", _not_from_browser(self.kill_session))
-        app.router.add_get("/status", _not_from_browser(self.status))
+        app.router.add_get("/sessions", self._guarded(self.list_sessions))
+        app.router.add_post("/sessions/{id}/kill", self._guarded(self.kill_session))
+        app.router.add_get("/status", self._guarded(self.status))
 
     async def list_sessions(self, request: web.Request) -> web.Response:
         """200 with every live session matching the query's filters."""
@@ -94,24 +126,31 @@ class LiveRoutes:
                                   database_problem=problem, lookup_latency_ms=latency)
         return web.json_response(asdict(result))
 
+    def _guarded(self, handler: Handler) -> Handler:
+        """``handler``, refusing requests a browser sent (403: cross-site form posts and
+        fetches, and DNS-rebound pages, carry ``Origin`` or ``Sec-Fetch-Site``; session ids
+        are guessable, ``pid.serial``) and requests without the admin token (401)."""
+        async def checked(request: web.Request) -> web.Response:
+            if "Origin" in request.headers or "Sec-Fetch-Site" in request.headers:
+                return _error(403, "requests from web browsers are refused here; use edge "
+                                   "sessions or the admin API")
+            expected = self._token()
+            if expected is None:
+                return _error(403, "this edge serve has no secret key, so the live view is "
+                                   "locked: create one with `edge init`")
+            header = request.headers.get("Authorization", "")
+            given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return _error(401, "the admin token is missing or wrong: run edge sessions / "
+                                   "edge status as a user who can read edge serve's secret key "
+                                   "(the same [secrets] settings)",
+                              headers={"WWW-Authenticate": "Bearer"})
+            return await handler(request)
+        return checked
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+def _error(code: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": text}, status=code, headers=headers)
 
 
-def _not_from_browser(handler: Handler) -> Handler:
-    """``handler``, refusing (403) requests a browser sent: cross-site form posts and fetches
-    (CSRF; session ids are guessable, ``pid.serial``) and DNS-rebound pages carry ``Origin``
-    or ``Sec-Fetch-Site``; nothing that should reach these routes does."""
-    async def checked(request: web.Request) -> web.Response:
-        if "Origin" in request.headers or "Sec-Fetch-Site" in request.headers:
-            return _error(403, "requests from web browsers are refused here; use edge sessions "
-                               "or the admin API")
-        return await handler(request)
-    return checked
-
-
-def _error(code: int, text: str) -> web.Response:
-    return web.json_response({"error": text}, status=code)
-
-
-__all__ = ["LiveRoutes"]
+__all__ = ["LiveRoutes", "admin_token", "auth_headers", "token_of"]

@@ -146,7 +146,7 @@ def control_path(control_dir: str, pid: int) -> str:
 
 
 class ControlServer:
-    """One worker's control socket: answers ``sessions`` and ``kill`` requests."""
+    """One worker's control socket: answers ``sessions``, ``kill`` and ``ping`` requests."""
 
     def __init__(self, table: SessionTable) -> None:
         self.table = table
@@ -188,6 +188,8 @@ class ControlServer:
                       for k, v in request.items() if k in ("host", "user", "protocol")}
             return {"sessions": [{name: getattr(s, name) for name in _FIELDS}
                                  for s in self.table.list() if matches(s, **wanted)]}
+        if op == "ping":  # the master's watchdog: answering proves this loop runs
+            return {"pong": True}
         if op == "kill" and isinstance(request.get("id"), str):
             message = request.get("message") or ""
             return {"killed": self.table.kill(request["id"], str(message))}

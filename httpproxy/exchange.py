@@ -291,6 +291,12 @@ SPECIAL = {b"host": HOST, b"transfer-encoding": _TE, b"content-length": _CL, b"e
            b"te": DROP, b"proxy-authorization": DROP, b"http2-settings": DROP,
            b"upgrade": _UPGRADE, b"x-forwarded-for": _XFF, b"x-forwarded-proto": DROP,
            b"x-forwarded-host": DROP, b"forwarded": DROP, b"x-real-ip": DROP,
+           # What frameworks read beside ours (Rack: X-Forwarded-Ssl/-Scheme before
+           # X-Forwarded-Proto; Symfony/Laravel/Rails: X-Forwarded-Port/-Prefix): from a
+           # client they are unkeyed cache poisoning (a page cached with its links and
+           # redirects to port 1 or https on a plain site), never something we vouch for.
+           b"x-forwarded-port": DROP, b"x-forwarded-ssl": DROP, b"x-forwarded-scheme": DROP,
+           b"x-forwarded-prefix": DROP, b"front-end-https": DROP, b"x-url-scheme": DROP,
            b"accept-encoding": _AE, b"authorization": _AUTH, b"cookie": _CACHE, b"range": _CACHE,
            b"user-agent": _UA,
            b"cache-control": _CACHE, b"pragma": _CACHE, b"if-none-match": _CACHE,

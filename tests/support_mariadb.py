@@ -109,10 +109,34 @@ class PrivateMariaDB:
         assert self.process is not None, "not running"
         self.process.send_signal(signum)
 
-    def stop(self) -> None:
-        """SIGSTOP: the server hangs (connections are accepted by the kernel, never answered)."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGSTOP: the server hangs (connections are accepted by the kernel, never answered).
+
+        Returns once every thread is stopped: ``kill`` only queues the signal, and until one
+        of the server's threads is scheduled to start the group stop, a connection thread that
+        a query wakes runs on and answers it (seen on a loaded machine: a feed poll sent right
+        after ``kill`` succeeded).
+        """
         self._signal(signal.SIGSTOP)
         self.stopped = True
+        deadline = time.monotonic() + timeout
+        while not self.all_threads_stopped():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mariadbd not stopped {timeout}s after SIGSTOP")
+            time.sleep(0.001)
+
+    def all_threads_stopped(self) -> bool:
+        """True when no thread of the server can run (stopped, or exited)."""
+        assert self.process is not None, "not running"
+        task = Path(f"/proc/{self.process.pid}/task")
+        for thread in task.iterdir():
+            try:
+                stat = (thread / "stat").read_text()
+            except FileNotFoundError:  # the thread exited meanwhile
+                continue
+            if stat.rsplit(")", 1)[1].split()[0] not in ("T", "t", "Z", "X"):
+                return False
+        return True
 
     def cont(self) -> None:
         """SIGCONT: a stopped server carries on as if nothing happened."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from edge.directory.secrets import generate_key
 from edge.directory.service import DirectoryService
 from edge.directory.stores import store_for_url
 from edge.directory.tokens import TokenService
@@ -61,7 +62,10 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
                               upstream_username=FTP_BACKEND_USER)
     token = (await TokenService(store).add("ops", "read,write,sessions")).secret
     await store.close()
-    config = (f'[database]\nurl = "{db_url}"\n[admin]\nlisten = ["127.0.0.1:0"]\n'
+    key_file = tmp_path / "secret.key"  # edge serve's and the API's: the admin token comes from it
+    key_file.write_text(generate_key())
+    secrets = f'[secrets]\nkey_file = "{key_file}"\n'
+    config = (f'[database]\nurl = "{db_url}"\n{secrets}[admin]\nlisten = ["127.0.0.1:0"]\n'
               f'[serve]\nworkers = 2\ngrace_period = 2.0\n[ftp]\nlisten = ["127.0.0.1:0"]\n')
     serve = EdgeServe(tmp_path, config, env={"EDGE_PROXY_OVERRIDES": ""})
     try:
@@ -71,7 +75,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         admin_host, admin_port = serve.listeners["admin"][-1]
         # The API reads [admin] listen to find this edge: give it the port serve bound.
         api_config = tmp_path / "api.toml"
-        api_config.write_text(f'[database]\nurl = "{db_url}"\n[admin]\nlisten = '
+        api_config.write_text(f'[database]\nurl = "{db_url}"\n{secrets}[admin]\nlisten = '
                               f'["{admin_host}:{admin_port}"]\n[api]\nlisten = ["127.0.0.1:0"]\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
         api_proc = await asyncio.create_subprocess_exec(

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from edge.directory.secrets import generate_key
 from edge.directory.service import DirectoryService
 from edge.directory.stores import store_for_url
 from tests.test_serve import ROOT, EdgeServe, wait_for
@@ -27,6 +28,8 @@ from tests.test_ssh_proxy import Sshd, keys, sshd  # noqa: F401 - module fixture
 pytestmark = pytest.mark.timeout(180)
 
 FTP_USER, FTP_BACKEND_USER, FTP_PASSWORD = "bob", "bob_b", "pw-of-bob"
+SECRET_KEY = generate_key()
+"""edge serve's and the CLI's: the admin listener's live routes want the token derived from it."""
 
 WS_BACKEND = """
 import sys
@@ -92,7 +95,7 @@ async def _provision(db_url: str, ssh: Sshd, ftp_port: int, ws_port: int, user_p
 async def edge_cli(serve: EdgeServe, *args: str, admin: bool = True) -> tuple[int, str, str]:
     host, port = serve.listeners["admin"][-1]
     extra = ("--admin", f"http://{host}:{port}") if admin else ()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGE_SECRET_KEY": SECRET_KEY}
     env.pop("EDGE_CONFIG", None)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "edge.cli.main", *args, *extra,
@@ -122,7 +125,8 @@ async def stack(tmp_path: Path, keys: Path, sshd: Sshd) -> AsyncIterator[EdgeSer
               f'[serve]\nworkers = 2\ngrace_period = 2.0\n'
               f'[ssh]\nlisten = ["127.0.0.1:0"]\nhost_key_dir = "{keys / "hostkeys"}"\n'
               f'[ftp]\nlisten = ["127.0.0.1:0"]\n[http]\nlisten = ["127.0.0.1:0"]\n')
-    serve = EdgeServe(tmp_path, config, env={"EDGE_PROXY_OVERRIDES": ""})
+    serve = EdgeServe(tmp_path, config, env={"EDGE_PROXY_OVERRIDES": "",
+                                             "EDGE_SECRET_KEY": SECRET_KEY})
     try:
         serve.wait_line("admin")
         for name in ("ssh", "ftp", "http"):  # in whatever order they are printed

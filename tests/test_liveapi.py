@@ -19,6 +19,8 @@ from edge import sessionpolicy
 from edge.liveapi import LiveRoutes
 from edge.sessions import ControlServer, SessionSnapshot, SessionTable, control_path
 
+TOKEN = "a1" * 32
+
 
 @dataclass
 class Recorded:
@@ -42,10 +44,10 @@ async def live(tmp_path: Path) -> AsyncIterator[tuple[TestClient[web.Request, we
     await control.start(str(tmp_path))
     routes = LiveRoutes(control_dir=str(tmp_path), worker_pids=lambda: [os.getpid()],
                         metrics=lambda: b"", ping=_no_problem, workers_problem=lambda: None,
-                        listeners=lambda: ["ssh"])
+                        listeners=lambda: ["ssh"], token=lambda: TOKEN)
     app = web.Application()
     routes.add_routes(app)
-    client = TestClient(TestServer(app))
+    client = TestClient(TestServer(app), headers={"Authorization": f"Bearer {TOKEN}"})
     await client.start_server()
     yield client, table
     await client.close()

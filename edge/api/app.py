@@ -43,6 +43,7 @@ from edge.errors import (
     SecretsError,
     ValidationError,
 )
+from edge.liveapi import token_of
 from edge.operations import BULK_LOAD, DrainOptions, Operations
 
 log = logging.getLogger("edge.api")
@@ -64,6 +65,8 @@ class ApiState:
     keybox: KeyBox | None
     edge_admin: str = ""
     """Base URL of this machine's ``edge serve`` admin listener ("" = none)."""
+    edge_token: str | None = field(init=False)
+    """Its bearer token, from the same secret key (None without one: it answers 401)."""
     tokens: TokenService = field(init=False)
     idempotency: IdempotencyKeys = field(init=False)
     runner: opview.Runner = field(init=False)
@@ -73,6 +76,7 @@ class ApiState:
 
     def __post_init__(self) -> None:
         self.doc_json = json.dumps(self.doc).encode()
+        self.edge_token = token_of(self.keybox) if self.keybox is not None else None
         self.tokens = TokenService(self.store)
         self.idempotency = IdempotencyKeys(self.store)
         self.runner = opview.Runner(Operations(self.store))
@@ -483,13 +487,14 @@ async def follow_operation(call: Call) -> Reply:
 
 async def list_sessions(call: Call) -> Reply:
     params = {k: v for k, v in call.query.items() if k in ("host", "user", "protocol")}
-    return Reply(200, await call_edge(call.state.edge_admin, "GET", "/sessions", params=params))
+    return Reply(200, await call_edge(call.state.edge_admin, "GET", "/sessions",
+                                      token=call.state.edge_token, params=params))
 
 
 async def kill_session(call: Call) -> Reply:
     answer = await call_edge(call.state.edge_admin, "POST",
                              f"/sessions/{quote(call.match['id'], safe='')}/kill",
-                             body={"message": call.body.get("message", "")})
+                             token=call.state.edge_token, body={"message": call.body.get("message", "")})
     return Reply(200, answer)
 
 

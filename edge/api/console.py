@@ -187,10 +187,10 @@ def _metric_cards(metrics: LocalMetrics | None) -> str:
             f"({metrics.workers} workers). Fleet-wide rates: the Prometheus dashboards.</p>")
 
 
-async def _sessions_per_host(edge_admin: str) -> dict[str, int] | None:
+async def _sessions_per_host(edge_admin: str, token: str | None) -> dict[str, int] | None:
     """Live sessions per backend host on this machine's edge (``None``: it did not answer)."""
     try:
-        listing = await call_edge(edge_admin, "GET", "/sessions")
+        listing = await call_edge(edge_admin, "GET", "/sessions", token=token)
     except EdgeError:
         return None
     counts: dict[str, int] = {}
@@ -229,7 +229,7 @@ async def overview(request: web.Request) -> web.Response:
     counts = await state.store.tenants_per_host()
     edge = state.edge_admin
     metrics = await scrape_local_edge(edge + "/metrics" if edge else "")
-    live = await _sessions_per_host(edge)
+    live = await _sessions_per_host(edge, state.edge_token)
     host_rows = [_cells(f'<a href="/console/?host={_e(h.name)}#tenants">{_e(h.name)}</a>',
                         _e(h.address), _state(h.state), _e(counts.get(h.name, 0)),
                         _e("-" if live is None else live.get(h.name, 0)),

@@ -52,16 +52,23 @@ async def _admin(ctx: Context, method: str, path: str, *, params: dict[str, str]
     """One request to the admin listener; returns (status, decoded JSON)."""
     import aiohttp
 
+    from edge.liveapi import admin_token, auth_headers
+
     url = admin_url(ctx) + path
+    headers = auth_headers(admin_token(ctx.config.secrets))
     try:
         timeout = aiohttp.ClientTimeout(total=ADMIN_TIMEOUT)
         async with (aiohttp.ClientSession(timeout=timeout) as session,
-                    session.request(method, url, params=params, json=body) as response):
-            return response.status, await response.json(content_type=None)
+                    session.request(method, url, params=params, json=body,
+                                    headers=headers) as response):
+            code, reply = response.status, await response.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise AdminUnreachable(f"no answer from the admin listener at {url} "
                                f"({exc or type(exc).__name__}); is `edge serve` running? "
                                "(--admin URL to ask another)") from None
+    if code in (401, 403):  # not an empty list: the operator must see why
+        raise EdgeError(f"{url}: {reply.get('error', code)}")
+    return code, reply
 
 
 # -- sessions -----------------------------------------------------------------------------------

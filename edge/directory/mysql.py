@@ -120,10 +120,13 @@ class MySQLStore(SQLStore):
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[aiomysql.Connection]:
-        if self._pool is None:
+        # The pool this connection came from, even if close() runs meanwhile: its
+        # wait_closed() waits for this very release.
+        pool = self._pool
+        if pool is None:
             raise DirectoryUnavailable(f"{self!r} is not open")
         try:
-            conn = await asyncio.wait_for(self._pool.acquire(), self.connect_timeout)
+            conn = await asyncio.wait_for(pool.acquire(), self.connect_timeout)
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from None
         healthy = False
@@ -133,7 +136,7 @@ class MySQLStore(SQLStore):
         finally:
             if not healthy:
                 conn.close()  # unknown protocol state: never hand it to the next query
-            self._pool.release(conn)
+            pool.release(conn)
 
     async def _read(self, sql: str, params: Sequence[Any], one: bool) -> Any:
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,15 +86,21 @@ class KeyBox:
     """Encrypts private keys with one AES-256-GCM key; decrypts with it or with one of the
     ``previous`` keys being rotated out (chosen by the stored key id)."""
 
-    __slots__ = ("_aead", "key_id", "previous")
+    __slots__ = ("_aead", "_derive", "key_id", "previous")
 
     def __init__(self, key: bytes, previous: tuple[KeyBox, ...] = ()) -> None:
         if len(key) != 32:
             raise SecretsError(f"the secret key must be 32 bytes (got {len(key)}); "
                                "create one with `edge secret generate`")
         self._aead = AESGCM(key)
+        self._derive = hmac.new(key, b"edge derived secrets", hashlib.sha256).digest()
         self.key_id = hashlib.sha256(b"edge key id" + key).digest()[:8]
         self.previous = previous
+
+    def derive(self, purpose: str) -> str:
+        """A secret for ``purpose`` (hex) that only holders of this key can compute: whoever
+        may decrypt the stored private keys may also, e.g., use the admin listener."""
+        return hmac.new(self._derive, purpose.encode(), hashlib.sha256).hexdigest()
 
     def needs_rotation(self, blob: bytes) -> bool:
         """True when ``blob`` was encrypted with a key other than the current one."""

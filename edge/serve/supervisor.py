@@ -26,6 +26,8 @@ Signals to the master:
 
 Workers that die unexpectedly are restarted in the same slot after a backoff that doubles
 (0.5 s up to 30 s) while they keep dying within 10 s of starting.
+A worker that stops answering the master's pings on its control socket for
+``[serve] watchdog_timeout`` seconds (hung) is killed, and so restarted the same way.
 
 Every bound listener is logged (``"listener bound"`` with ``proxy``/``address`` fields) and
 announced on stdout as exactly one line::
@@ -54,10 +56,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge import logging as edge_logging
+from edge import sessions
 from edge.admin import AdminServer, render_metrics
 from edge.config import EdgeConfig, ListenAddress, load_config
 from edge.errors import ConfigError, EdgeError
-from edge.liveapi import LiveRoutes
+from edge.liveapi import LiveRoutes, admin_token
 from edge.ports import AddressInUse, check_free
 from edge.registry import Proxy, enabled_listeners, load_proxy
 from edge.serve.worker import CONFIG_EXIT, WorkerSpec, run_worker
@@ -71,6 +74,13 @@ STABLE_AFTER = 10.0
 READY_TIMEOUT = 30.0
 """Seconds a new generation (on SIGHUP) has to start accepting before it is abandoned."""
 KILL_AFTER_GRACE = 10.0
+
+
+def watchdog_interval(timeout: float) -> float:
+    """Seconds between the watchdog's pings: a few per timeout, at most every 5 s."""
+    return max(0.2, min(5.0, timeout / 4)) if timeout else 5.0
+
+
 _FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1}
 
 ListenerKey = tuple[str, ListenAddress]
@@ -201,6 +211,8 @@ class WorkerProc:
     started: float
     ready_fd: int
     ready: bool = False
+    answered: float = 0.0
+    """``time.monotonic()`` of its last answer to the watchdog (or of becoming ready)."""
 
 
 @dataclass(eq=False)
@@ -265,7 +277,8 @@ class Supervisor:
             worker_pids=lambda: sorted(pid for pid, proc in self._by_pid.items() if proc.ready),
             metrics=lambda: render_metrics(self._multiproc_dir, admin_expected()),
             ping=admin.ping, workers_problem=self.workers_problem,
-            listeners=lambda: sorted(self.plan.listeners))
+            listeners=lambda: sorted(self.plan.listeners),
+            token=lambda: admin_token(self.config.secrets))
         try:
             bound = await admin.start(self.config.admin.listen)
         except OSError as exc:
@@ -286,7 +299,11 @@ class Supervisor:
             loop.add_signal_handler(signal.SIGCHLD, self._reap)
             loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
             self._start_generation(self.plan)
-            await self._all_exited.wait()
+            watchdog = asyncio.create_task(self._watchdog())
+            try:
+                await self._all_exited.wait()
+            finally:
+                watchdog.cancel()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
                         signal.SIGUSR1):
@@ -296,6 +313,37 @@ class Supervisor:
             self.pool.close()
         log.info("stopped")
         return self.exit_code
+
+    async def _watchdog(self) -> None:
+        """Ping every ready worker's control socket; SIGKILL one silent for longer than
+        ``[serve] watchdog_timeout``, so that the usual restart takes its slot (and its
+        listening socket, with the connections queued there) over. A hung worker (stuck in
+        a call that never returns, a loop that never yields, SIGSTOP) would otherwise keep
+        its share of new connections waiting forever while /readyz says ready."""
+        while not self.stopping:
+            timeout = self.config.serve.watchdog_timeout
+            await asyncio.sleep(watchdog_interval(timeout))
+            if not timeout or not self._control_dir or self.stopping:
+                continue
+            procs = [p for p in self._by_pid.values() if p.ready]
+            # A worker without a control socket (it failed to start, or it closed it while
+            # draining) cannot be watched: never killed for that (its log said why).
+            watched = [self._has_control_socket(p.pid) for p in procs]
+            replies = await asyncio.gather(*(
+                sessions.ask_worker(self._control_dir, p.pid, {"op": "ping"}) for p in procs))
+            now = time.monotonic()
+            for proc, reply, watch in zip(procs, replies, watched, strict=True):
+                if reply.get("pong") or not watch:
+                    proc.answered = now
+                elif now - proc.answered > timeout and self._by_pid.get(proc.pid) is proc:
+                    log.error("worker has not answered for %.0f s; killing it", now - proc.answered,
+                              extra={"worker": proc.slot, "worker_pid": proc.pid,
+                                     "generation": proc.generation.number})
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+
+    def _has_control_socket(self, pid: int) -> bool:
+        return os.path.exists(sessions.control_path(self._control_dir, pid))
 
     def reopen_logs(self) -> None:
         """SIGUSR1 (logrotate's postrotate): every worker reopens its log files."""
@@ -344,6 +392,12 @@ class Supervisor:
                    if s not in gen.workers or not gen.workers[s].ready]
         if missing:
             return f"worker slot(s) {', '.join(missing)} not serving (starting or restarting)"
+        timeout = self.config.serve.watchdog_timeout
+        silent_for = 2 * watchdog_interval(timeout) + sessions.CONTROL_TIMEOUT
+        silent = [str(s) for s, w in sorted(gen.workers.items())
+                  if timeout and time.monotonic() - w.answered > silent_for]
+        if silent:
+            return f"worker slot(s) {', '.join(silent)} not answering (hung?)"
         return None
 
     # -- workers -------------------------------------------------------------------------
@@ -410,6 +464,7 @@ class Supervisor:
             data = b""
         if b"R" in data:
             proc.ready = True
+            proc.answered = time.monotonic()
             if proc.generation.all_ready():
                 proc.generation.ready.set()
         if not data or proc.ready:
