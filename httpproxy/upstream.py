@@ -33,6 +33,7 @@ BackendKey = tuple[str, int, bytes, str]
 """(address, port, PROXY header sent first or b"", TLS server name or "" for plain HTTP)."""
 
 _FRAMING = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.IGNORECASE)
+_TRANSFER_CODINGS = re.compile(rb"\r\ntransfer-encoding[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]{1,15})[ \t]*\r\n", re.IGNORECASE)
 _CLOSE = re.compile(rb"\r\nconnection[ \t]*:[^\r\n]*\bclose\b", re.IGNORECASE)
 _HOP = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection)[ \t]*:[^\r\n]*",
@@ -190,9 +191,14 @@ def is_strict_head(head: bytes) -> bool:
 
 def is_close_delimited(head: bytes, status: int) -> bool:
     """True if a response with this head (to a non-HEAD request) ends when the connection
-    closes: no Content-Length, no Transfer-Encoding, and a status that has a body."""
+    closes (RFC 9112 §6.3): a status that has a body, and either a ``Transfer-Encoding``
+    whose last coding is not ``chunked`` (llhttp then reads to EOF too) or no framing header
+    at all."""
     if status < 200 or status in (204, 304):
         return False
+    codings: list[bytes] = _TRANSFER_CODINGS.findall(head)
+    if codings:
+        return codings[-1].rpartition(b",")[2].strip().lower() != b"chunked"
     return _FRAMING.search(head) is None
 
 
