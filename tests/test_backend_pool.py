@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import re
 import time
+from pathlib import Path
 
+from benchmarks.procs import free_port, nginx_main_conf, start_nginx
 from edge.directory.service import DirectoryService
 from httpproxy.upstream import (
     NO_KEEP_ALIVE_HINT,
@@ -147,6 +149,31 @@ async def test_hinted_connection_is_reused_within_its_timeout(service: Directory
             assert backend.accepted == 1
     finally:
         backend.stop()
+
+
+
+async def test_nginx_keep_alive_header_is_honoured(service: DirectoryService,
+                                                   tmp_path: Path) -> None:
+    """A real nginx backend with ``keepalive_timeout 30s 1s``: it keeps idle connections
+    30 s but announces ``Keep-Alive: timeout=1``. The edge believes the header: POSTs in
+    quick succession share a connection, a POST after a pause past half a second does not.
+    (With the real close at the announced time, the pool would otherwise write into the
+    close now and then; the raw backends above make that race happen every time.)"""
+    port = free_port()
+    conf = nginx_main_conf(tmp_path, f"""
+  keepalive_timeout 30s 1s;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ return 200 "ok"; }}
+  }}""")
+    nginx = await start_nginx(tmp_path, "nginx-backend", conf, [("127.0.0.1", port)])
+    async with nginx, running(service.store, service) as (edge, _):
+        await _site(service, edge, port)
+        assert [await _post(edge) for _ in range(3)] == [200] * 3
+        assert edge.engine.pool.connects == 1
+        await asyncio.sleep(0.7)
+        assert await _post(edge) == 200
+        assert edge.engine.pool.connects == 2
 
 
 async def test_half_closed_pooled_connection_is_not_reused(service: DirectoryService) -> None:
