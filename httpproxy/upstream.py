@@ -654,11 +654,13 @@ class BackendPool:
         self._tls: ssl.SSLContext | None = None
         self.ca_file = ca_file
         self.connects = 0
+        self.unhinted_idle = UNHINTED_IDLE
+        """Seconds a connection whose backend announced no keep-alive timeout is reused."""
 
     def idle_limit(self, hint: KeepAlive) -> float:
         """Seconds a connection may idle before reuse after a response announcing ``hint``."""
         if hint.timeout < 0:
-            return min(self.idle_timeout, UNHINTED_IDLE)
+            return min(self.idle_timeout, self.unhinted_idle)
         return min(self.idle_timeout, hint.timeout - min(KEEP_ALIVE_MARGIN, hint.timeout / 2))
 
     def acquire_nowait(self, key: BackendKey) -> BackendConnection | None:
@@ -709,10 +711,13 @@ class BackendPool:
         """Keep ``conn`` for reuse (or close it when the pool for its key is full)."""
         if conn.closed or conn.transport is None or conn.transport.is_closing():
             return
+        if conn.idle_limit <= 0 or conn.uses >= conn.max_uses:
+            conn.close()  # its backend's Keep-Alive allows no further request
+            return
         idle = self._idle.get(conn.key)
         if idle is None:
             idle = self._idle[conn.key] = []
-        if len(idle) >= self.size or conn.idle_limit <= 0 or conn.uses >= conn.max_uses:
+        if len(idle) >= self.size:
             conn.close()
             return
         # The time of its response's last bytes is now, without another clock read.
