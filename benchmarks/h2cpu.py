@@ -198,6 +198,9 @@ async def python_only(rounds: int, count: int) -> dict[str, float]:
                                feed=ChangeFeed(directory, interval=3600), keybox=None,
                                worker_id=0, logger=logging.getLogger("h2cpu"), name="http")
         engine = HttpEngine(context)
+        # The fake backend never closes: cases that never reach it (cache hits) must not
+        # retire it (a backend that announces no Keep-Alive timeout is reused for 1.5 s).
+        engine.pool.unhinted_idle = engine.pool.idle_timeout
         backend = BackendConnection(engine.pool, ("127.0.0.1", 8, b"", ""))
         backend.connection_made(_FakeTransport(("127.0.0.1", 8)))  # type: ignore[arg-type]
         engine.pool.release(backend)

@@ -546,6 +546,9 @@ async def python_only(rounds: int, count: int) -> dict[str, float]:
                                worker_id=0, logger=logging.getLogger("httpcpu"), name="http")
         engine = HttpEngine(context)
         key = ("127.0.0.1", 8, b"", "")
+        # The fake backend never closes: cases that never reach it (cache hits) must not
+        # retire it (a backend that announces no Keep-Alive timeout is reused for 1.5 s).
+        engine.pool.unhinted_idle = engine.pool.idle_timeout
         backend = BackendConnection(engine.pool, key)
         backend_transport = _FakeTransport(("127.0.0.1", 8))
         backend.connection_made(backend_transport)  # type: ignore[arg-type]

@@ -11,7 +11,9 @@ has its head read by llhttp *before* the head is forwarded: a head llhttp refuse
 
 The pool is ``dict[key, list[BackendConnection]]`` with ``pop``/``append`` (LIFO keeps the
 warmest connection busy and lets the others time out), bounded per key, with an idle timeout
-enforced by one sweeper per pool.
+enforced by one sweeper per pool. A connection is reused only well within the idle time its
+backend allows (its ``Keep-Alive`` header, else :data:`UNHINTED_IDLE`): a request written as
+the backend closes gets no answer, and a POST cannot be retried.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ BackendKey = tuple[str, int, bytes, str]
 """(address, port, PROXY header sent first or b"", TLS server name or "" for plain HTTP)."""
 
 _FRAMING = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.IGNORECASE)
+_TRANSFER_CODINGS = re.compile(rb"\r\ntransfer-encoding[ \t]*:([^\r\n]*)", re.IGNORECASE)
+_KEEP_ALIVE = re.compile(rb"\r\nkeep-alive[ \t]*:([^\r\n]*)", re.IGNORECASE)
+_KEEP_ALIVE_PARAM = re.compile(rb"\b(timeout|max)[ \t]*=[ \t]*\"?([0-9]{1,9})", re.IGNORECASE)
 _LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*([0-9]{1,15})[ \t]*\r\n", re.IGNORECASE)
 _CLOSE = re.compile(rb"\r\nconnection[ \t]*:[^\r\n]*\bclose\b", re.IGNORECASE)
 _HOP = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection)[ \t]*:[^\r\n]*",
@@ -51,6 +56,46 @@ A client splits such a head into the same lines as the proxy; one that is not ma
 differently (a bare LF hiding ``Transfer-Encoding`` next to the Content-Length the proxy
 counts). Possessive quantifiers: one pass, no backtracking (~1.7 µs for a 230-byte head)."""
 _STRICT_VALUE = re.compile(_FIELD_VALUE)
+
+KEEP_ALIVE_MARGIN = 1.0
+"""Seconds before a backend's announced keep-alive timeout when its connection stops being
+reused (at most half that timeout): the backend's clock starts when it has written the
+response, ours when we read its end, and the next request must reach it before it closes."""
+UNHINTED_IDLE = 1.5
+"""Seconds a connection whose backend announced no keep-alive timeout may idle before reuse.
+Apache (``KeepAliveTimeout`` 5 s), Node (5 s) and Tomcat announce theirs; of the common
+servers that do not, gunicorn closes first (2 s; uvicorn and hypercorn 5 s, nginx 75 s). A
+longer idle risks a 502 on a request that cannot be retried (POST); a shorter one costs only
+a new connection to a backend that is idle anyway."""
+
+
+class KeepAlive(NamedTuple):
+    """A backend's ``Keep-Alive: timeout=N, max=M`` response header (RFC 2068 §19.7.1.1)."""
+
+    timeout: float
+    """Seconds the backend keeps the connection open while idle; -1: not announced."""
+    max: int
+    """Requests it will still take on the connection (Apache counts down to 0); -1: not
+    announced."""
+
+
+NO_KEEP_ALIVE_HINT = KeepAlive(-1.0, -1)
+
+
+def keep_alive_hint(head: bytes) -> KeepAlive:
+    """What a response head's ``Keep-Alive`` headers announce (the smallest of each value)."""
+    values = _KEEP_ALIVE.findall(head)
+    if not values:
+        return NO_KEEP_ALIVE_HINT
+    timeout, requests = -1, -1
+    for name, digits in _KEEP_ALIVE_PARAM.findall(b",".join(values)):
+        value = int(digits)
+        if name.lower() == b"timeout":
+            timeout = value if timeout < 0 else min(timeout, value)
+        else:
+            requests = value if requests < 0 else min(requests, value)
+    return KeepAlive(float(timeout), requests)
+
 
 class HeadFacts(NamedTuple):
     """What :func:`examine_head` finds in a final response head (made once per distinct head:
@@ -190,9 +235,14 @@ def is_strict_head(head: bytes) -> bool:
 
 def is_close_delimited(head: bytes, status: int) -> bool:
     """True if a response with this head (to a non-HEAD request) ends when the connection
-    closes: no Content-Length, no Transfer-Encoding, and a status that has a body."""
+    closes (RFC 9112 §6.3): a status that has a body, and either a ``Transfer-Encoding``
+    whose last coding is not ``chunked`` (llhttp then reads to EOF too) or no framing header
+    at all."""
     if status < 200 or status in (204, 304):
         return False
+    codings: list[bytes] = _TRANSFER_CODINGS.findall(head)
+    if codings:
+        return codings[-1].rpartition(b",")[2].strip().lower() != b"chunked"
     return _FRAMING.search(head) is None
 
 
@@ -234,8 +284,8 @@ class BackendConnection(asyncio.Protocol):
     __slots__ = ("_buf", "_checking", "_head", "_head_done", "_held_end", "_last_framing", "_loop",
                  "_misfits", "_parser", "_remaining", "_template", "_timer", "close_delimited",
                  "closed", "head_request",
-                 "idle_since", "key", "last_io", "pool", "responded", "sink", "status",
-                 "transport", "uses")
+                 "idle_limit", "idle_since", "idle_until", "key", "last_io", "max_uses", "pool",
+                 "responded", "sink", "status", "transport", "uses")
 
     def __init__(self, pool: BackendPool, key: BackendKey) -> None:
         self.pool = pool
@@ -264,6 +314,11 @@ class BackendConnection(asyncio.Protocol):
         self.last_io = 0.0
         self.status = 0
         self.uses = 0
+        self.idle_limit = pool.idle_limit(NO_KEEP_ALIVE_HINT)
+        """Seconds this connection may idle in the pool (its backend's last Keep-Alive)."""
+        self.max_uses = 1 << 62
+        """Requests after which it is not reused (its backend's Keep-Alive ``max``)."""
+        self.idle_until = 0.0
         self._template: HeadTemplate | None = None
         self._misfits = 0
         """Heads in a row that did not fit the template (templates stop after TEMPLATE_TRIES)."""
@@ -460,6 +515,12 @@ class BackendConnection(asyncio.Protocol):
                 return facts
             self._misfits += 1
         facts = examine_head(head, status)
+        # Keep-Alive is read with the rest of a new head: a head that matches the last one or
+        # its template has the same Keep-Alive line.
+        hint = keep_alive_hint(head)
+        self.idle_limit = self.pool.idle_limit(hint)
+        if hint.max >= 0:
+            self.max_uses = self.uses + hint.max
         # A simple length was only given to a strict head; any other is checked here, as
         # llhttp lets some through (controls in the reason phrase) and never sees a response
         # to HEAD.
@@ -593,14 +654,30 @@ class BackendPool:
         self._tls: ssl.SSLContext | None = None
         self.ca_file = ca_file
         self.connects = 0
+        self.unhinted_idle = UNHINTED_IDLE
+        """Seconds a connection whose backend announced no keep-alive timeout is reused."""
+
+    def idle_limit(self, hint: KeepAlive) -> float:
+        """Seconds a connection may idle before reuse after a response announcing ``hint``."""
+        if hint.timeout < 0:
+            return min(self.idle_timeout, self.unhinted_idle)
+        return min(self.idle_timeout, hint.timeout - min(KEEP_ALIVE_MARGIN, hint.timeout / 2))
 
     def acquire_nowait(self, key: BackendKey) -> BackendConnection | None:
-        """An idle connection for ``key`` (the most recently used), or ``None``."""
+        """An idle connection for ``key`` (the most recently used), or ``None``. One past its
+        idle limit is closed instead: its backend may be closing it as the request is sent.
+        One the backend closed or half-closed is already closing (its EOF was read)."""
         idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = self.loop.time()
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
+                continue
+            if now < conn.idle_until:
                 return conn
+            conn.close()
         return None
 
     async def connect(self, key: BackendKey) -> BackendConnection:
@@ -634,6 +711,9 @@ class BackendPool:
         """Keep ``conn`` for reuse (or close it when the pool for its key is full)."""
         if conn.closed or conn.transport is None or conn.transport.is_closing():
             return
+        if conn.idle_limit <= 0 or conn.uses >= conn.max_uses:
+            conn.close()  # its backend's Keep-Alive allows no further request
+            return
         idle = self._idle.get(conn.key)
         if idle is None:
             idle = self._idle[conn.key] = []
@@ -642,6 +722,7 @@ class BackendPool:
             return
         # The time of its response's last bytes is now, without another clock read.
         conn.idle_since = conn.last_io or self.loop.time()
+        conn.idle_until = conn.idle_since + conn.idle_limit
         idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.idle_timeout / 2 or 1.0, self._sweep)
@@ -657,9 +738,9 @@ class BackendPool:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        cutoff = self.loop.time() - self.idle_timeout
+        now = self.loop.time()
         for key, idle in list(self._idle.items()):
-            keep = [c for c in idle if c.idle_since > cutoff and not c.closed]
+            keep = [c for c in idle if c.idle_until > now and not c.closed]
             for conn in idle:
                 if conn not in keep:
                     conn.close()
