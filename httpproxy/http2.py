@@ -36,7 +36,7 @@ import logging
 import re
 import struct
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import httptools
 import ngh2
@@ -61,6 +61,19 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                          b"upgrade", b"te"))
 """Response header names HTTP/2 forbids (RFC 9113 §8.2.2); the rest go to the client as they are."""
+_NOT_TRAILERS = frozenset((
+    b"host", b"content-length", b"transfer-encoding", b"te", b"trailer", b"connection",
+    b"keep-alive", b"proxy-connection", b"upgrade", b"authorization", b"proxy-authorization",
+    b"cookie", b"expect", b"max-forwards", b"range", b"if-match", b"if-none-match",
+    b"if-modified-since", b"if-unmodified-since", b"if-range", b"cache-control", b"pragma",
+    b"content-type", b"content-encoding", b"content-range", b"forwarded", b"x-forwarded-for",
+    b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"))
+"""Request trailer fields dropped, never forwarded: framing, routing, authentication, request
+modifiers and content format must be in the header section (RFC 9110 §6.5.1), and the
+forwarding fields are the edge's to state. A backend that merges trailers into its headers
+(RFC 9110 §6.5.2 allows it for fields defined as mergeable) must never see a second Host, a
+framing field or a client-made X-Forwarded-For. (Pseudo-fields in trailers are malformed:
+libnghttp2 resets the stream, RFC 9113 §8.1.)"""
 _UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
 """Bytes never allowed in the request line's target or in :authority (libnghttp2 refuses them
 already: checked again because these bytes become an HTTP/1 request line)."""
@@ -124,7 +137,10 @@ class Stream:
         """1xx interim responses are not forwarded over HTTP/2 (the final one follows)."""
 
     def start(self, exchange: Exchange, head: ResponseHead, body: bytes) -> None:
-        headers, chunked = _h2_head(head)
+        h2_head = _HEADS.get(head)
+        if h2_head is None:
+            h2_head = _h2_head(head)
+        headers, chunked = h2_head
         if chunked and not exchange.head_request:
             self.chunks = httptools.HttpResponseParser(_ChunkSink(self))
             self.chunks.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -169,13 +185,32 @@ class Stream:
             self.front.acknowledge(self)
 
 
-def _h2_head(head: ResponseHead) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The HTTP/2 header list of a response head (``:status``, lower-case names, no hop-by-hop
-    fields) and whether its body comes chunked-coded; one pass over the lines (what
-    ``ResponseHead.fields()`` and ``.chunked`` give, for a third of their cost together)."""
+class H2Head(NamedTuple):
+    """A response head as HTTP/2 sends it."""
+
+    headers: tuple[tuple[bytes, bytes], ...]
+    """``:status``, then the fields: lower-case names, no connection-specific fields."""
+    chunked: bool
+    """The body bytes that follow are chunked-coded (decoded before they go out as DATA)."""
+
+
+_HEADS: dict[ResponseHead, H2Head] = {}
+"""Memo of :func:`_h2_head`: a backend sends the same head bytes (same ``Date`` second, same
+length) again and again, and a cache hit's head only changes with its ``Age``. Cleared when
+full (the entries are small and made again in one parse)."""
+_HEADS_MAX = 256
+_HEAD_MEMO_BYTES = 2048
+"""Heads up to this size are remembered (the memo holds at most ~1 MiB)."""
+
+
+def _h2_head(head: ResponseHead) -> H2Head:
+    """The HTTP/2 form of a response head, remembered in :data:`_HEADS`. One pass over the
+    lines (what ``ResponseHead.fields()`` and ``.chunked`` give, for a third of their cost
+    together)."""
     status, raw, extra = head
     headers = [(b":status", b"%d" % status)]
     chunked = False
+    named: set[bytes] = set()
     for line in (raw + extra).split(b"\r\n")[1:]:
         name, sep, value = line.partition(b":")
         if not sep:
@@ -183,9 +218,20 @@ def _h2_head(head: ResponseHead) -> tuple[list[tuple[bytes, bytes]], bool]:
         name = name.strip().lower()
         if name in _HOP_BY_HOP:
             chunked = chunked or (name == b"transfer-encoding" and b"chunked" in value.lower())
+            if name == b"connection":
+                named.update(token.strip().lower() for token in value.split(b","))
             continue
         headers.append((name, value.strip()))
-    return headers, chunked
+    if named:
+        # Backend heads come without them (upstream.examine_head); whatever else reaches a
+        # head (stored, merged, added by the edge) is held to RFC 9113 §8.2.2 here too.
+        headers = [pair for pair in headers if pair[0] not in named]
+    h2_head = H2Head(tuple(headers), chunked)
+    if len(raw) + len(extra) <= _HEAD_MEMO_BYTES:
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        _HEADS[head] = h2_head
+    return h2_head
 
 
 class _ChunkSink:
@@ -524,7 +570,8 @@ class H2Connection(asyncio.Protocol):
     def _end_body(self, sid: int, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
         stream = self.streams.get(sid)
         if stream is not None and stream.exchange is not None:
-            stream.exchange.end_body([(name, value) for name, value in trailers])
+            stream.exchange.end_body([(name, value) for name, value in trailers
+                                      if name not in _NOT_TRAILERS])
 
     def acknowledge(self, stream: Stream) -> None:
         """Tell the client the request body bytes of ``stream`` were taken (WINDOW_UPDATE)."""
@@ -538,7 +585,7 @@ class H2Connection(asyncio.Protocol):
 
     # -- responses ---------------------------------------------------------------------------
 
-    def send_head(self, stream: Stream, headers: list[tuple[bytes, bytes]]) -> None:
+    def send_head(self, stream: Stream, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         if self.session is not None and stream.exchange is not None:
             self.session.routed(stream.exchange)  # the route the answer came from
         if stream.reset:
