@@ -113,8 +113,8 @@ class Stream:
     """One HTTP/2 stream: the :class:`~httpproxy.exchange.ResponseSink` of its exchange. The
     exchange's answer goes out as HEADERS + DATA (a chunked backend body decoded first)."""
 
-    __slots__ = ("chunks", "exchange", "front", "reading", "reset", "sid", "unacked",
-                 "write_paused")
+    __slots__ = ("chunks", "exchange", "front", "reading", "reset", "sid", "submitted",
+                 "unacked", "write_paused")
 
     def __init__(self, front: H2Connection, sid: int) -> None:
         self.front = front
@@ -128,6 +128,8 @@ class Stream:
         self.unacked = 0
         """Request body bytes received but not yet acknowledged (WINDOW_UPDATE) to the client."""
         self.write_paused = False
+        self.submitted = 0
+        """Response body bytes handed to libnghttp2 so far."""
         self.chunks: httptools.HttpResponseParser | None = None
         """Decodes a chunked backend body (None for any other framing)."""
 
@@ -256,20 +258,21 @@ class H2Session:
         self.conn = conn
         self.since = time.time()
         self.user = conn.sni_site.hostname if conn.sni_site is not None else ""
-        self.tenant = ""
-        self.host = ""
+        self.last: Exchange | None = None
+        """The last exchange answered from a route (read only by :meth:`snapshot`: per stream,
+        one reference is all a session costs)."""
         self._drain: asyncio.TimerHandle | None = None
-
-    def routed(self, exchange: Exchange) -> None:
-        if not self.user:
-            self.user = exchange.host_header
-        if exchange.tenant is not None and exchange.host is not None:
-            self.tenant, self.host = exchange.tenant.name, exchange.host.name
 
     def snapshot(self) -> SessionSnapshot:
         """Returns the connection's client, last route and byte counts so far."""
         conn = self.conn
-        return SessionSnapshot(self.user, self.tenant, self.host,
+        last = self.last
+        user, tenant, host = self.user, "", ""
+        if last is not None:
+            user = user or last.host_header
+            if last.tenant is not None and last.host is not None:
+                tenant, host = last.tenant.name, last.host.name
+        return SessionSnapshot(user, tenant, host,
                                f"{conn.client_ip}:{conn.client_port}", self.since,
                                conn.bytes_in, conn.bytes_out)
 
@@ -318,6 +321,8 @@ class H2Connection(asyncio.Protocol):
         self._session_id = ""
         self._tcp_paused = False
         self._flush_scheduled = False
+        self._paused = 0
+        """Streams whose backend reading is paused (write_paused) and not yet resumed."""
         self._last_sid = 0
         self._answered = 0
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -586,8 +591,9 @@ class H2Connection(asyncio.Protocol):
     # -- responses ---------------------------------------------------------------------------
 
     def send_head(self, stream: Stream, headers: tuple[tuple[bytes, bytes], ...]) -> None:
-        if self.session is not None and stream.exchange is not None:
-            self.session.routed(stream.exchange)  # the route the answer came from
+        session = self.session
+        if session is not None and stream.exchange is not None and stream.exchange.tenant is not None:
+            session.last = stream.exchange  # the route the answer came from
         if stream.reset:
             return
         try:
@@ -595,7 +601,8 @@ class H2Connection(asyncio.Protocol):
         except ngh2.NGH2Error:
             stream.reset = True
             return
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def send_data(self, stream: Stream, data: bytes) -> None:
         if stream.reset:
@@ -605,9 +612,13 @@ class H2Connection(asyncio.Protocol):
         except ngh2.NGH2Error:
             stream.reset = True
             return
-        if self.h2.queued_body_size(stream.sid) > self._buffer_limit:
+        # Nothing can be queued past the limit before that much was submitted: most responses
+        # never ask libnghttp2 for the queue's size.
+        submitted = stream.submitted = stream.submitted + len(data)
+        if submitted > self._buffer_limit and self.h2.queued_body_size(stream.sid) > self._buffer_limit:
             self._pause_stream(stream)
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def end_stream(self, stream: Stream) -> None:
         """The exchange is over and answered: END_STREAM (it already accounted itself)."""
@@ -619,7 +630,8 @@ class H2Connection(asyncio.Protocol):
             except ngh2.NGH2Error:
                 stream.reset = True
         self._forget(stream)
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def reset_stream(self, stream: Stream, code: int) -> None:
         if not stream.reset:
@@ -635,6 +647,7 @@ class H2Connection(asyncio.Protocol):
     def _pause_stream(self, stream: Stream) -> None:
         if not stream.write_paused and stream.exchange is not None:
             stream.write_paused = True
+            self._paused += 1
             stream.exchange.pause_response()  # stops reading from the stream's backend
 
     def _cancel(self, stream: Stream) -> None:
@@ -649,6 +662,9 @@ class H2Connection(asyncio.Protocol):
     def _forget(self, stream: Stream) -> None:
         """The stream needs nothing more from us (what it queued still goes out): the last one
         gone, a draining connection closes once written, an idle one waits keepalive_timeout."""
+        if stream.write_paused:
+            stream.write_paused = False
+            self._paused -= 1
         if self.streams.pop(stream.sid, None) is None or self.streams or self.closed:
             return
         if self.closing:
@@ -680,18 +696,24 @@ class H2Connection(asyncio.Protocol):
             transport.write(data)
         if self._tcp_paused:
             return
-        low = self._buffer_limit // 2
-        for stream in self.streams.values():
-            if stream.write_paused and (stream.exchange is None
-                                        or self.h2.queued_body_size(stream.sid) <= low):
-                stream.write_paused = False
-                if stream.exchange is not None:
-                    stream.exchange.resume_response()
+        if self._paused:
+            self._resume_streams()
         h2 = self.h2
         if not h2.want_write and (not h2.want_read or (self.closing and not self.streams)):
             # Drained, or libnghttp2 ended the session itself (a GOAWAY it sent after a
             # defence tripped): streams still open are cancelled when the transport closes.
             self._close()
+
+    def _resume_streams(self) -> None:
+        """Let paused streams read from their backends again once their queue has drained."""
+        low = self._buffer_limit // 2
+        for stream in self.streams.values():
+            if stream.write_paused and (stream.exchange is None
+                                        or self.h2.queued_body_size(stream.sid) <= low):
+                stream.write_paused = False
+                self._paused -= 1
+                if stream.exchange is not None:
+                    stream.exchange.resume_response()
 
     def _close(self) -> None:
         self.closing = True
