@@ -494,10 +494,16 @@ class H2Connection(asyncio.Protocol):
             self.h2.reset_stream(sid, REFUSED_STREAM)
             return
         self._last_sid = sid
+        client = self.client
+        assert client is not None
+        stream = Stream(self, sid)
+        # Made before the fields are read, so each goes to it as it comes; dropped unstarted
+        # (nothing routed, nothing accounted) if the stream is malformed.
+        exchange = Exchange(self.engine, client, stream, [])
+        add = exchange.add_header
         method = path = authority = host = b""
-        fields: list[tuple[bytes, bytes]] = []
-        cookies: list[bytes] = []
-        for name, value in event.headers:
+        cookies: list[bytes] | None = None
+        for name, value in event.headers:  # libnghttp2 put the pseudo-fields first
             if name[:1] == b":":
                 if name == b":method":
                     method = value
@@ -508,10 +514,10 @@ class H2Connection(asyncio.Protocol):
                 continue  # :scheme: the listener's scheme is what the edge states upstream
             if name == b"host":
                 host = value
-            elif name == b"cookie":
-                cookies.append(value)  # split per crumb over HTTP/2 (RFC 9113 §8.2.3)
+            elif name == b"cookie":  # split per crumb over HTTP/2 (RFC 9113 §8.2.3)
+                cookies = [value] if cookies is None else [*cookies, value]
             else:
-                fields.append((name, value))
+                add(name, value)
         if not authority:
             authority = host
         if not path or _UNSAFE.search(path) or (host and host != authority):
@@ -519,16 +525,14 @@ class H2Connection(asyncio.Protocol):
             metrics.H2_REFUSED.labels(reason="malformed").inc()
             self.h2.reset_stream(sid, PROTOCOL_ERROR)
             return
-        stream = Stream(self, sid)
+        if self.names and self.sni_site is not None:  # coalescing (same client address)
+            exchange.client = self._client_for(authority)
+        stream.exchange = exchange
         self.streams[sid] = stream
-        self._cancel_idle()
-        exchange = stream.exchange = Exchange(self.engine, self._client_for(authority), stream, [])
+        self._idle_deadline = 0.0  # _cancel_idle(), inline: once per stream
         exchange.method, exchange.target, exchange.started = method, path, _clock()
-        add = exchange.add_header
         add(b"host", authority)
-        for name, value in fields:
-            add(name, value)
-        if cookies:
+        if cookies is not None:
             add(b"cookie", b"; ".join(cookies))
         if event.end_stream:
             exchange.end_body()
