@@ -16,7 +16,8 @@ measures HTTP/1.
 * CPU time of the proxy's processes per request, cases alternating within each round; p99
   from h2load's per-request log (``--log-file``);
 * memory per idle HTTP/2 connection: RSS of the proxy before and after ``--idle`` connections
-  that sent the preface and SETTINGS and then wait (the edge's worker; nginx's worker).
+  that sent the preface and SETTINGS and then wait (the edge's worker; nginx's worker), on the
+  fresh processes before any load.
 
 ``--python``: only our Python (robust to other load): the engine in this process over a real
 (SQLite) directory, a fake client transport and a fake pooled backend connection, each request
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -61,7 +63,10 @@ async def start_nginx_h2(workdir: Path, backend_port: int, pool: int) -> Child:
 async def start_edge_h2(workdir: Path, url: str, pool: int) -> Child:
     folder = workdir / "edge"
     folder.mkdir()
+    # Every client is 127.0.0.1: without lifting the per-address cap (256), most of the idle
+    # connections would be refused (GOAWAY) and the memory per connection undercounted.
     toml = edge_toml(url, {"http": {"listen": ["127.0.0.1:0"], "h2c": True, "pool_size": pool,
+                                    "max_connections_per_ip": 0,
                                     "access_log": str(folder / "access.log")}})
     return await start_edge(folder, toml, workers=1, expect=["http"])
 
@@ -114,8 +119,14 @@ async def idle_connection_kib(child: Child, count: int) -> float:
         await asyncio.wait_for(reader.read(4096), 10)
     await asyncio.sleep(1.0)
     after = child.rss_kib()
+    for reader, _ in conns:
+        with contextlib.suppress(TimeoutError):  # a refused one has its GOAWAY and EOF here
+            await asyncio.wait_for(reader.read(4096), 0.001)
+    open_ = sum(not reader.at_eof() for reader, _ in conns)
     for _, writer in conns:
         writer.close()
+    if open_ < count:
+        raise RuntimeError(f"only {open_} of {count} idle connections were kept open")
     return (after - before) / count
 
 
@@ -138,6 +149,10 @@ async def main_async(args: argparse.Namespace) -> None:
                      Case("edge h2 cache hit", "edge", SITES["hit"][0], "/c/index.html"),
                      Case("nginx h2 proxy", "nginx", SITES["miss"][0], "/index.html"),
                      Case("nginx h2 proxy_cache hit", "nginx", SITES["hit"][0], "/c/index.html")]
+            # First, on the fresh workers: after the load rounds, new connections reuse the
+            # heap those rounds freed (the allocator's high-water), and RSS hardly moves.
+            idle = {name: await idle_connection_kib(child, args.idle)
+                    for name, child in proxies.items()} if args.idle else {}
             log = workdir / "h2load.log"
             for c in cases:  # warm-up: lookups cached, pools filled, cache entries stored
                 await h2load(proxies[c.proxy].ports["http"], c.host, c.path, 2000, log)
@@ -146,8 +161,6 @@ async def main_async(args: argparse.Namespace) -> None:
                     await measure(c, proxies[c.proxy], args, log)
                 print(f"  round {r + 1}/{args.runs}: " + ", ".join(
                     f"{c.label} {c.cpu_us[-1]:.1f}" for c in cases), file=sys.stderr)
-            idle = {name: await idle_connection_kib(child, args.idle)
-                    for name, child in proxies.items()} if args.idle else {}
             report(cases, idle, args)
         finally:
             for child in reversed(children):
