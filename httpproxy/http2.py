@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import struct
@@ -85,6 +86,19 @@ INTERNAL_ERROR = 0x2
 REFUSED_STREAM = 0x7
 CANCEL = 0x8
 ENHANCE_YOUR_CALM = 0xB
+
+
+@functools.lru_cache(maxsize=8)
+def _configuration(max_header_size: int, reset_burst: int, reset_rate: int,
+                   max_outbound_ack: int) -> ngh2.Configuration:
+    """libnghttp2's session options: one (frozen) object for every connection of the same
+    settings, not one per connection."""
+    return ngh2.Configuration(
+        auto_window_update=False,
+        max_inbound_header_list_size=max_header_size,
+        max_continuations=8,
+        stream_reset_rate_limit=(reset_burst, reset_rate),
+        max_outbound_ack=max_outbound_ack)
 
 
 class H2Services(ConnectionServices, Protocol):
@@ -332,12 +346,9 @@ class H2Connection(asyncio.Protocol):
         """When the connection, without streams, gets GOAWAY (0: it has streams)."""
         settings = engine.settings
         self._buffer_limit = settings.h2_stream_buffer
-        self.h2 = ngh2.Connection(ngh2.Role.SERVER, ngh2.Configuration(
-            auto_window_update=False,
-            max_inbound_header_list_size=settings.max_header_size,
-            max_continuations=8,
-            stream_reset_rate_limit=(settings.h2_reset_burst, settings.h2_reset_rate),
-            max_outbound_ack=settings.h2_max_outbound_ack))
+        self.h2 = ngh2.Connection(ngh2.Role.SERVER, _configuration(
+            settings.max_header_size, settings.h2_reset_burst, settings.h2_reset_rate,
+            settings.h2_max_outbound_ack))
 
     # -- connection --------------------------------------------------------------------------
 
