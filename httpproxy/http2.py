@@ -156,7 +156,10 @@ class Stream:
         h2_head = _HEADS.get(head)
         if h2_head is None:
             h2_head = _h2_head(head)
-        headers, chunked = h2_head
+        headers, chunked, coded = h2_head
+        if coded and not exchange.head_request:
+            self.front.reset_stream(self, INTERNAL_ERROR)
+            return
         if chunked and not exchange.head_request:
             self.chunks = httptools.HttpResponseParser(_ChunkSink(self))
             self.chunks.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -208,6 +211,10 @@ class H2Head(NamedTuple):
     """``:status``, then the fields: lower-case names, no connection-specific fields."""
     chunked: bool
     """The body bytes that follow are chunked-coded (decoded before they go out as DATA)."""
+    coded: bool = False
+    """A transfer coding other than chunked alone (``gzip, chunked``): HTTP/2 has no
+    transfer codings, and the client would take the coded bytes for the content. Such a
+    response is not forwarded over HTTP/2: the stream is reset."""
 
 
 _HEADS: dict[ResponseHead, H2Head] = {}
@@ -225,7 +232,7 @@ def _h2_head(head: ResponseHead) -> H2Head:
     together)."""
     status, raw, extra = head
     headers = [(b":status", b"%d" % status)]
-    chunked = False
+    codings: list[bytes] = []
     named: set[bytes] = set()
     for line in (raw + extra).split(b"\r\n")[1:]:
         name, sep, value = line.partition(b":")
@@ -233,16 +240,18 @@ def _h2_head(head: ResponseHead) -> H2Head:
             continue
         name = name.strip().lower()
         if name in _HOP_BY_HOP:
-            chunked = chunked or (name == b"transfer-encoding" and b"chunked" in value.lower())
-            if name == b"connection":
+            if name == b"transfer-encoding":
+                codings += (coding.strip() for coding in value.lower().split(b","))
+            elif name == b"connection":
                 named.update(token.strip().lower() for token in value.split(b","))
             continue
         headers.append((name, value.strip()))
+    chunked = codings == [b"chunked"]
     if named:
         # Backend heads come without them (upstream.examine_head); whatever else reaches a
         # head (stored, merged, added by the edge) is held to RFC 9113 §8.2.2 here too.
         headers = [pair for pair in headers if pair[0] not in named]
-    h2_head = H2Head(tuple(headers), chunked)
+    h2_head = H2Head(tuple(headers), chunked, bool(codings) and not chunked)
     if len(raw) + len(extra) <= _HEAD_MEMO_BYTES:
         if len(_HEADS) >= _HEADS_MAX:
             _HEADS.clear()

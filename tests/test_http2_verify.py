@@ -444,3 +444,35 @@ def test_fields_a_connection_header_names_are_dropped_from_any_head() -> None:
     head = ResponseHead(200, b"HTTP/1.1 200 OK\r\nX-Hop: 1\r\nX-Kept: 2\r\n",
                         b"Connection: close, X-Hop\r\nTE: trailers\r\nUpgrade: h2c\r\n")
     assert tuple(_h2_head(head)[0]) == ((b":status", b"200"), (b"x-kept", b"2"))
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "chunked"])
+async def test_a_transfer_coding_other_than_chunked_is_not_passed_off_as_content(
+        service: DirectoryService, keybox: KeyBox, tmp_path: Path, coding: str) -> None:
+    """``Transfer-Encoding: gzip, chunked``: HTTP/2 has no transfer codings, so forwarding
+    the chunk-decoded bytes would hand the client gzip bytes as the content. The stream is
+    reset instead; a plain chunked response still arrives whole."""
+    import gzip
+
+    coded = gzip.compress(b"hello")
+    body = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(coded), coded) if coding != "chunked"
+            else b"5\r\nhello\r\n0\r\n\r\n")
+    backend = await HeadBackend(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                                b"Transfer-Encoding: %b\r\n\r\n%b" % (coding.encode(), body)).start()
+    async with h2_edge(service, keybox, tmp_path) as edge:
+        await service.update_host("host-a", http_port=backend.port)
+        await edge.feed.poll_once()
+        raw = await raw_client(edge)
+        try:
+            sid = raw.request(A, "/t")
+            await raw.until(lambda: raw.response(sid)[3], TIMEOUT)
+            _, _, data, _ = raw.response(sid)
+            reset = any(isinstance(e, h2.events.StreamReset) and e.stream_id == sid
+                        for e in raw.events)
+        finally:
+            await raw.close()
+            await backend.stop()
+    if coding == "chunked":
+        assert (reset, data) == (False, b"hello")
+    else:
+        assert reset and data != coded, (reset, data)
