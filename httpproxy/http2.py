@@ -535,7 +535,10 @@ class H2Connection(asyncio.Protocol):
             if name == b"host":
                 host = value
             elif name == b"cookie":  # split per crumb over HTTP/2 (RFC 9113 §8.2.3)
-                cookies = [value] if cookies is None else [*cookies, value]
+                if cookies is None:
+                    cookies = [value]
+                else:
+                    cookies.append(value)
             else:
                 add(name, value)
         if not authority:
@@ -549,7 +552,7 @@ class H2Connection(asyncio.Protocol):
             exchange.client = self._client_for(authority)
         stream.exchange = exchange
         self.streams[sid] = stream
-        self._idle_deadline = 0.0  # _cancel_idle(), inline: once per stream
+        self._idle_deadline = 0.0  # it has a stream: no GOAWAY when the idle timer fires
         exchange.method, exchange.target, exchange.started = method, path, _clock()
         add(b"host", authority)
         if cookies is not None:
@@ -759,9 +762,6 @@ class H2Connection(asyncio.Protocol):
             timer = None
         if timer is None:
             self._idle_timer = loop.call_at(deadline, self._idle)
-
-    def _cancel_idle(self) -> None:
-        self._idle_deadline = 0.0  # checked when the timer fires
 
     def _idle(self) -> None:
         self._idle_timer = None
