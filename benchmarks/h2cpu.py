@@ -10,10 +10,14 @@ measures HTTP/1.
   HTTP/1.1 keep-alive connections to the backend: ``edge serve --workers 1`` with
   ``[http] h2c = true``, and nginx with ``listen ... http2`` (1.22 here: ``http2 on`` came in
   1.25.1), ``keepalive 64`` upstream and ``proxy_cache`` for ``/c/``; an access log file on both;
+  ``--pool N`` sets the edge's ``pool_size`` and nginx's ``keepalive`` to N (64: the edge's
+  default; 500 streams in flight need up to 500 backend connections, and with 64 nginx closes
+  and reopens the surplus of each burst);
 * CPU time of the proxy's processes per request, cases alternating within each round; p99
   from h2load's per-request log (``--log-file``);
 * memory per idle HTTP/2 connection: RSS of the proxy before and after ``--idle`` connections
-  that sent the preface and SETTINGS and then wait (the edge's worker; nginx's worker).
+  that sent the preface and SETTINGS and then wait (the edge's worker; nginx's worker), on the
+  fresh processes before any load.
 
 ``--python``: only our Python (robust to other load): the engine in this process over a real
 (SQLite) directory, a fake client transport and a fake pooled backend connection, each request
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -50,14 +55,18 @@ class Case:
     p99_ms: list[float] = field(default_factory=list)
 
 
-async def start_nginx_h2(workdir: Path, backend_port: int) -> Child:
-    return await start_nginx_proxy(workdir, backend_port, http2=True, name="nginx-h2")
+async def start_nginx_h2(workdir: Path, backend_port: int, pool: int) -> Child:
+    return await start_nginx_proxy(workdir, backend_port, http2=True, name="nginx-h2",
+                                   keepalive=pool)
 
 
-async def start_edge_h2(workdir: Path, url: str) -> Child:
+async def start_edge_h2(workdir: Path, url: str, pool: int) -> Child:
     folder = workdir / "edge"
     folder.mkdir()
-    toml = edge_toml(url, {"http": {"listen": ["127.0.0.1:0"], "h2c": True,
+    # Every client is 127.0.0.1: without lifting the per-address cap (256), most of the idle
+    # connections would be refused (GOAWAY) and the memory per connection undercounted.
+    toml = edge_toml(url, {"http": {"listen": ["127.0.0.1:0"], "h2c": True, "pool_size": pool,
+                                    "max_connections_per_ip": 0,
                                     "access_log": str(folder / "access.log")}})
     return await start_edge(folder, toml, workers=1, expect=["http"])
 
@@ -110,8 +119,14 @@ async def idle_connection_kib(child: Child, count: int) -> float:
         await asyncio.wait_for(reader.read(4096), 10)
     await asyncio.sleep(1.0)
     after = child.rss_kib()
+    for reader, _ in conns:
+        with contextlib.suppress(TimeoutError):  # a refused one has its GOAWAY and EOF here
+            await asyncio.wait_for(reader.read(4096), 0.001)
+    open_ = sum(not reader.at_eof() for reader, _ in conns)
     for _, writer in conns:
         writer.close()
+    if open_ < count:
+        raise RuntimeError(f"only {open_} of {count} idle connections were kept open")
     return (after - before) / count
 
 
@@ -125,8 +140,8 @@ async def main_async(args: argparse.Namespace) -> None:
             children.append(backend)
             pin(backend.pid, 0)
             await provision(url, backend.ports["http"])
-            proxies = {"edge": await start_edge_h2(workdir, url),
-                       "nginx": await start_nginx_h2(workdir, backend.ports["http"])}
+            proxies = {"edge": await start_edge_h2(workdir, url, args.pool),
+                       "nginx": await start_nginx_h2(workdir, backend.ports["http"], args.pool)}
             children.extend(proxies.values())
             for child in proxies.values():
                 pin(child.pid, 1)
@@ -134,6 +149,10 @@ async def main_async(args: argparse.Namespace) -> None:
                      Case("edge h2 cache hit", "edge", SITES["hit"][0], "/c/index.html"),
                      Case("nginx h2 proxy", "nginx", SITES["miss"][0], "/index.html"),
                      Case("nginx h2 proxy_cache hit", "nginx", SITES["hit"][0], "/c/index.html")]
+            # First, on the fresh workers: after the load rounds, new connections reuse the
+            # heap those rounds freed (the allocator's high-water), and RSS hardly moves.
+            idle = {name: await idle_connection_kib(child, args.idle)
+                    for name, child in proxies.items()} if args.idle else {}
             log = workdir / "h2load.log"
             for c in cases:  # warm-up: lookups cached, pools filled, cache entries stored
                 await h2load(proxies[c.proxy].ports["http"], c.host, c.path, 2000, log)
@@ -142,8 +161,6 @@ async def main_async(args: argparse.Namespace) -> None:
                     await measure(c, proxies[c.proxy], args, log)
                 print(f"  round {r + 1}/{args.runs}: " + ", ".join(
                     f"{c.label} {c.cpu_us[-1]:.1f}" for c in cases), file=sys.stderr)
-            idle = {name: await idle_connection_kib(child, args.idle)
-                    for name, child in proxies.items()} if args.idle else {}
             report(cases, idle, args)
         finally:
             for child in reversed(children):
@@ -153,7 +170,8 @@ async def main_async(args: argparse.Namespace) -> None:
 def report(cases: list[Case], idle: dict[str, float], args: argparse.Namespace) -> None:
     by = {c.label: c for c in cases}
     print(f"\nCPU per request (µs), median (min-max) of {args.runs} alternating runs, "
-          f"h2load -c 50 -m 10 -n {args.requests} (h2c), 1 KiB responses, access log on")
+          f"h2load -c 50 -m 10 -n {args.requests} (h2c), 1 KiB responses, access log on, "
+          f"pool_size = keepalive = {args.pool}")
     print(f"{'case':<26} {'µs/request':>22} {'per-round ratio vs nginx':>26} {'p99 ms':>20}")
     for c in cases:
         peer = by["nginx h2 proxy_cache hit" if "hit" in c.label else "nginx h2 proxy"]
@@ -267,6 +285,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--idle", type=int, default=1000, help="idle connections (0: skip)")
+    parser.add_argument("--pool", type=int, default=64,
+                        help="idle backend connections kept: edge pool_size = nginx keepalive")
     parser.add_argument("--python", action="store_true", help="Python-only cost (see above)")
     args = parser.parse_args()
     if args.python:

@@ -168,9 +168,11 @@ def backend_304s(workdir: Path) -> int:
 
 
 async def start_nginx_proxy(workdir: Path, backend_port: int, *, log_buffer: str = "",
-                            http2: bool = False, name: str = "nginx-proxy") -> Child:
-    """nginx as the peer reverse proxy (keep-alive upstream, ``proxy_cache`` for ``/c/``);
-    ``http2``: HTTP/2 with prior knowledge on its port (benchmarks.h2cpu)."""
+                            http2: bool = False, name: str = "nginx-proxy",
+                            keepalive: int = 64) -> Child:
+    """nginx as the peer reverse proxy (``keepalive`` idle upstream connections, like the
+    edge's ``pool_size``; ``proxy_cache`` for ``/c/``); ``http2``: HTTP/2 with prior knowledge
+    on its port (benchmarks.h2cpu)."""
     port = free_port()
     folder = workdir / name
     folder.mkdir()
@@ -180,7 +182,7 @@ async def start_nginx_proxy(workdir: Path, backend_port: int, *, log_buffer: str
     streams = "\n    http2_max_concurrent_streams 128;" if http2 else ""
     body = f"""
   proxy_cache_path {folder}/cache levels=1:2 keys_zone=edge:16m max_size=256m inactive=10m;
-  upstream b1 {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+  upstream b1 {{ server 127.0.0.1:{backend_port}; keepalive {keepalive}; }}
   server {{
     listen 127.0.0.1:{port}{listen_opts} reuseport;
     server_name {names};

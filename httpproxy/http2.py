@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import struct
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import httptools
 import ngh2
@@ -61,6 +62,19 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                          b"upgrade", b"te"))
 """Response header names HTTP/2 forbids (RFC 9113 §8.2.2); the rest go to the client as they are."""
+_NOT_TRAILERS = frozenset((
+    b"host", b"content-length", b"transfer-encoding", b"te", b"trailer", b"connection",
+    b"keep-alive", b"proxy-connection", b"upgrade", b"authorization", b"proxy-authorization",
+    b"cookie", b"expect", b"max-forwards", b"range", b"if-match", b"if-none-match",
+    b"if-modified-since", b"if-unmodified-since", b"if-range", b"cache-control", b"pragma",
+    b"content-type", b"content-encoding", b"content-range", b"forwarded", b"x-forwarded-for",
+    b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"))
+"""Request trailer fields dropped, never forwarded: framing, routing, authentication, request
+modifiers and content format must be in the header section (RFC 9110 §6.5.1), and the
+forwarding fields are the edge's to state. A backend that merges trailers into its headers
+(RFC 9110 §6.5.2 allows it for fields defined as mergeable) must never see a second Host, a
+framing field or a client-made X-Forwarded-For. (Pseudo-fields in trailers are malformed:
+libnghttp2 resets the stream, RFC 9113 §8.1.)"""
 _UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
 """Bytes never allowed in the request line's target or in :authority (libnghttp2 refuses them
 already: checked again because these bytes become an HTTP/1 request line)."""
@@ -72,6 +86,19 @@ INTERNAL_ERROR = 0x2
 REFUSED_STREAM = 0x7
 CANCEL = 0x8
 ENHANCE_YOUR_CALM = 0xB
+
+
+@functools.lru_cache(maxsize=8)
+def _configuration(max_header_size: int, reset_burst: int, reset_rate: int,
+                   max_outbound_ack: int) -> ngh2.Configuration:
+    """libnghttp2's session options: one (frozen) object for every connection of the same
+    settings, not one per connection."""
+    return ngh2.Configuration(
+        auto_window_update=False,
+        max_inbound_header_list_size=max_header_size,
+        max_continuations=8,
+        stream_reset_rate_limit=(reset_burst, reset_rate),
+        max_outbound_ack=max_outbound_ack)
 
 
 class H2Services(ConnectionServices, Protocol):
@@ -100,8 +127,8 @@ class Stream:
     """One HTTP/2 stream: the :class:`~httpproxy.exchange.ResponseSink` of its exchange. The
     exchange's answer goes out as HEADERS + DATA (a chunked backend body decoded first)."""
 
-    __slots__ = ("chunks", "exchange", "front", "reading", "reset", "sid", "unacked",
-                 "write_paused")
+    __slots__ = ("chunks", "exchange", "front", "reading", "reset", "sid", "submitted",
+                 "unacked", "write_paused")
 
     def __init__(self, front: H2Connection, sid: int) -> None:
         self.front = front
@@ -115,6 +142,8 @@ class Stream:
         self.unacked = 0
         """Request body bytes received but not yet acknowledged (WINDOW_UPDATE) to the client."""
         self.write_paused = False
+        self.submitted = 0
+        """Response body bytes handed to libnghttp2 so far."""
         self.chunks: httptools.HttpResponseParser | None = None
         """Decodes a chunked backend body (None for any other framing)."""
 
@@ -124,7 +153,13 @@ class Stream:
         """1xx interim responses are not forwarded over HTTP/2 (the final one follows)."""
 
     def start(self, exchange: Exchange, head: ResponseHead, body: bytes) -> None:
-        headers, chunked = _h2_head(head)
+        h2_head = _HEADS.get(head)
+        if h2_head is None:
+            h2_head = _h2_head(head)
+        headers, chunked, coded = h2_head
+        if coded and not exchange.head_request:
+            self.front.reset_stream(self, INTERNAL_ERROR)
+            return
         if chunked and not exchange.head_request:
             self.chunks = httptools.HttpResponseParser(_ChunkSink(self))
             self.chunks.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -169,23 +204,59 @@ class Stream:
             self.front.acknowledge(self)
 
 
-def _h2_head(head: ResponseHead) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The HTTP/2 header list of a response head (``:status``, lower-case names, no hop-by-hop
-    fields) and whether its body comes chunked-coded; one pass over the lines (what
-    ``ResponseHead.fields()`` and ``.chunked`` give, for a third of their cost together)."""
+class H2Head(NamedTuple):
+    """A response head as HTTP/2 sends it."""
+
+    headers: tuple[tuple[bytes, bytes], ...]
+    """``:status``, then the fields: lower-case names, no connection-specific fields."""
+    chunked: bool
+    """The body bytes that follow are chunked-coded (decoded before they go out as DATA)."""
+    coded: bool = False
+    """A transfer coding other than chunked alone (``gzip, chunked``): HTTP/2 has no
+    transfer codings, and the client would take the coded bytes for the content. Such a
+    response is not forwarded over HTTP/2: the stream is reset."""
+
+
+_HEADS: dict[ResponseHead, H2Head] = {}
+"""Memo of :func:`_h2_head`: a backend sends the same head bytes (same ``Date`` second, same
+length) again and again, and a cache hit's head only changes with its ``Age``. Cleared when
+full (the entries are small and made again in one parse)."""
+_HEADS_MAX = 256
+_HEAD_MEMO_BYTES = 2048
+"""Heads up to this size are remembered (the memo holds at most ~1 MiB)."""
+
+
+def _h2_head(head: ResponseHead) -> H2Head:
+    """The HTTP/2 form of a response head, remembered in :data:`_HEADS`. One pass over the
+    lines (what ``ResponseHead.fields()`` and ``.chunked`` give, for a third of their cost
+    together)."""
     status, raw, extra = head
     headers = [(b":status", b"%d" % status)]
-    chunked = False
+    codings: list[bytes] = []
+    named: set[bytes] = set()
     for line in (raw + extra).split(b"\r\n")[1:]:
         name, sep, value = line.partition(b":")
         if not sep:
             continue
         name = name.strip().lower()
         if name in _HOP_BY_HOP:
-            chunked = chunked or (name == b"transfer-encoding" and b"chunked" in value.lower())
+            if name == b"transfer-encoding":
+                codings += (coding.strip() for coding in value.lower().split(b","))
+            elif name == b"connection":
+                named.update(token.strip().lower() for token in value.split(b","))
             continue
         headers.append((name, value.strip()))
-    return headers, chunked
+    chunked = codings == [b"chunked"]
+    if named:
+        # Backend heads come without them (upstream.examine_head); whatever else reaches a
+        # head (stored, merged, added by the edge) is held to RFC 9113 §8.2.2 here too.
+        headers = [pair for pair in headers if pair[0] not in named]
+    h2_head = H2Head(tuple(headers), chunked, bool(codings) and not chunked)
+    if len(raw) + len(extra) <= _HEAD_MEMO_BYTES:
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        _HEADS[head] = h2_head
+    return h2_head
 
 
 class _ChunkSink:
@@ -210,20 +281,21 @@ class H2Session:
         self.conn = conn
         self.since = time.time()
         self.user = conn.sni_site.hostname if conn.sni_site is not None else ""
-        self.tenant = ""
-        self.host = ""
+        self.last: Exchange | None = None
+        """The last exchange answered from a route (read only by :meth:`snapshot`: per stream,
+        one reference is all a session costs)."""
         self._drain: asyncio.TimerHandle | None = None
-
-    def routed(self, exchange: Exchange) -> None:
-        if not self.user:
-            self.user = exchange.host_header
-        if exchange.tenant is not None and exchange.host is not None:
-            self.tenant, self.host = exchange.tenant.name, exchange.host.name
 
     def snapshot(self) -> SessionSnapshot:
         """Returns the connection's client, last route and byte counts so far."""
         conn = self.conn
-        return SessionSnapshot(self.user, self.tenant, self.host,
+        last = self.last
+        user, tenant, host = self.user, "", ""
+        if last is not None:
+            user = user or last.host_header
+            if last.tenant is not None and last.host is not None:
+                tenant, host = last.tenant.name, last.host.name
+        return SessionSnapshot(user, tenant, host,
                                f"{conn.client_ip}:{conn.client_port}", self.since,
                                conn.bytes_in, conn.bytes_out)
 
@@ -272,6 +344,8 @@ class H2Connection(asyncio.Protocol):
         self._session_id = ""
         self._tcp_paused = False
         self._flush_scheduled = False
+        self._paused = 0
+        """Streams whose backend reading is paused (write_paused) and not yet resumed."""
         self._last_sid = 0
         self._answered = 0
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -281,12 +355,9 @@ class H2Connection(asyncio.Protocol):
         """When the connection, without streams, gets GOAWAY (0: it has streams)."""
         settings = engine.settings
         self._buffer_limit = settings.h2_stream_buffer
-        self.h2 = ngh2.Connection(ngh2.Role.SERVER, ngh2.Configuration(
-            auto_window_update=False,
-            max_inbound_header_list_size=settings.max_header_size,
-            max_continuations=8,
-            stream_reset_rate_limit=(settings.h2_reset_burst, settings.h2_reset_rate),
-            max_outbound_ack=settings.h2_max_outbound_ack))
+        self.h2 = ngh2.Connection(ngh2.Role.SERVER, _configuration(
+            settings.max_header_size, settings.h2_reset_burst, settings.h2_reset_rate,
+            settings.h2_max_outbound_ack))
 
     # -- connection --------------------------------------------------------------------------
 
@@ -443,10 +514,16 @@ class H2Connection(asyncio.Protocol):
             self.h2.reset_stream(sid, REFUSED_STREAM)
             return
         self._last_sid = sid
+        client = self.client
+        assert client is not None
+        stream = Stream(self, sid)
+        # Made before the fields are read, so each goes to it as it comes; dropped unstarted
+        # (nothing routed, nothing accounted) if the stream is malformed.
+        exchange = Exchange(self.engine, client, stream, [])
+        add = exchange.add_header
         method = path = authority = host = b""
-        fields: list[tuple[bytes, bytes]] = []
-        cookies: list[bytes] = []
-        for name, value in event.headers:
+        cookies: list[bytes] | None = None
+        for name, value in event.headers:  # libnghttp2 put the pseudo-fields first
             if name[:1] == b":":
                 if name == b":method":
                     method = value
@@ -457,10 +534,13 @@ class H2Connection(asyncio.Protocol):
                 continue  # :scheme: the listener's scheme is what the edge states upstream
             if name == b"host":
                 host = value
-            elif name == b"cookie":
-                cookies.append(value)  # split per crumb over HTTP/2 (RFC 9113 §8.2.3)
+            elif name == b"cookie":  # split per crumb over HTTP/2 (RFC 9113 §8.2.3)
+                if cookies is None:
+                    cookies = [value]
+                else:
+                    cookies.append(value)
             else:
-                fields.append((name, value))
+                add(name, value)
         if not authority:
             authority = host
         if not path or _UNSAFE.search(path) or (host and host != authority):
@@ -468,16 +548,14 @@ class H2Connection(asyncio.Protocol):
             metrics.H2_REFUSED.labels(reason="malformed").inc()
             self.h2.reset_stream(sid, PROTOCOL_ERROR)
             return
-        stream = Stream(self, sid)
+        if self.names and self.sni_site is not None:  # coalescing (same client address)
+            exchange.client = self._client_for(authority)
+        stream.exchange = exchange
         self.streams[sid] = stream
-        self._cancel_idle()
-        exchange = stream.exchange = Exchange(self.engine, self._client_for(authority), stream, [])
+        self._idle_deadline = 0.0  # it has a stream: no GOAWAY when the idle timer fires
         exchange.method, exchange.target, exchange.started = method, path, _clock()
-        add = exchange.add_header
         add(b"host", authority)
-        for name, value in fields:
-            add(name, value)
-        if cookies:
+        if cookies is not None:
             add(b"cookie", b"; ".join(cookies))
         if event.end_stream:
             exchange.end_body()
@@ -524,7 +602,8 @@ class H2Connection(asyncio.Protocol):
     def _end_body(self, sid: int, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
         stream = self.streams.get(sid)
         if stream is not None and stream.exchange is not None:
-            stream.exchange.end_body([(name, value) for name, value in trailers])
+            stream.exchange.end_body([(name, value) for name, value in trailers
+                                      if name not in _NOT_TRAILERS])
 
     def acknowledge(self, stream: Stream) -> None:
         """Tell the client the request body bytes of ``stream`` were taken (WINDOW_UPDATE)."""
@@ -538,9 +617,10 @@ class H2Connection(asyncio.Protocol):
 
     # -- responses ---------------------------------------------------------------------------
 
-    def send_head(self, stream: Stream, headers: list[tuple[bytes, bytes]]) -> None:
-        if self.session is not None and stream.exchange is not None:
-            self.session.routed(stream.exchange)  # the route the answer came from
+    def send_head(self, stream: Stream, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        session = self.session
+        if session is not None and stream.exchange is not None and stream.exchange.tenant is not None:
+            session.last = stream.exchange  # the route the answer came from
         if stream.reset:
             return
         try:
@@ -548,7 +628,8 @@ class H2Connection(asyncio.Protocol):
         except ngh2.NGH2Error:
             stream.reset = True
             return
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def send_data(self, stream: Stream, data: bytes) -> None:
         if stream.reset:
@@ -558,9 +639,13 @@ class H2Connection(asyncio.Protocol):
         except ngh2.NGH2Error:
             stream.reset = True
             return
-        if self.h2.queued_body_size(stream.sid) > self._buffer_limit:
+        # Nothing can be queued past the limit before that much was submitted: most responses
+        # never ask libnghttp2 for the queue's size.
+        submitted = stream.submitted = stream.submitted + len(data)
+        if submitted > self._buffer_limit and self.h2.queued_body_size(stream.sid) > self._buffer_limit:
             self._pause_stream(stream)
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def end_stream(self, stream: Stream) -> None:
         """The exchange is over and answered: END_STREAM (it already accounted itself)."""
@@ -572,7 +657,8 @@ class H2Connection(asyncio.Protocol):
             except ngh2.NGH2Error:
                 stream.reset = True
         self._forget(stream)
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def reset_stream(self, stream: Stream, code: int) -> None:
         if not stream.reset:
@@ -588,6 +674,7 @@ class H2Connection(asyncio.Protocol):
     def _pause_stream(self, stream: Stream) -> None:
         if not stream.write_paused and stream.exchange is not None:
             stream.write_paused = True
+            self._paused += 1
             stream.exchange.pause_response()  # stops reading from the stream's backend
 
     def _cancel(self, stream: Stream) -> None:
@@ -602,6 +689,9 @@ class H2Connection(asyncio.Protocol):
     def _forget(self, stream: Stream) -> None:
         """The stream needs nothing more from us (what it queued still goes out): the last one
         gone, a draining connection closes once written, an idle one waits keepalive_timeout."""
+        if stream.write_paused:
+            stream.write_paused = False
+            self._paused -= 1
         if self.streams.pop(stream.sid, None) is None or self.streams or self.closed:
             return
         if self.closing:
@@ -633,18 +723,24 @@ class H2Connection(asyncio.Protocol):
             transport.write(data)
         if self._tcp_paused:
             return
-        low = self._buffer_limit // 2
-        for stream in self.streams.values():
-            if stream.write_paused and (stream.exchange is None
-                                        or self.h2.queued_body_size(stream.sid) <= low):
-                stream.write_paused = False
-                if stream.exchange is not None:
-                    stream.exchange.resume_response()
+        if self._paused:
+            self._resume_streams()
         h2 = self.h2
         if not h2.want_write and (not h2.want_read or (self.closing and not self.streams)):
             # Drained, or libnghttp2 ended the session itself (a GOAWAY it sent after a
             # defence tripped): streams still open are cancelled when the transport closes.
             self._close()
+
+    def _resume_streams(self) -> None:
+        """Let paused streams read from their backends again once their queue has drained."""
+        low = self._buffer_limit // 2
+        for stream in self.streams.values():
+            if stream.write_paused and (stream.exchange is None
+                                        or self.h2.queued_body_size(stream.sid) <= low):
+                stream.write_paused = False
+                self._paused -= 1
+                if stream.exchange is not None:
+                    stream.exchange.resume_response()
 
     def _close(self) -> None:
         self.closing = True
@@ -666,9 +762,6 @@ class H2Connection(asyncio.Protocol):
             timer = None
         if timer is None:
             self._idle_timer = loop.call_at(deadline, self._idle)
-
-    def _cancel_idle(self) -> None:
-        self._idle_deadline = 0.0  # checked when the timer fires
 
     def _idle(self) -> None:
         self._idle_timer = None

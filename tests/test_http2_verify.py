@@ -7,6 +7,7 @@ edge routed, or nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import pytest
 
 from edge.directory.secrets import KeyBox
 from edge.directory.service import DirectoryService
-from httpproxy.http2 import H2Connection, Stream
+from httpproxy.exchange import ResponseHead
+from httpproxy.http2 import H2Connection, Stream, _h2_head
 from tests.test_http2 import H2Edge, h2_edge, raw_client
 
 TIMEOUT = 10.0
@@ -33,6 +35,7 @@ class Seen:
     target: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -72,6 +75,8 @@ class RawBackend:
                 elif isinstance(event, h11.Data) and current is not None:
                     current.body += event.data
                 elif isinstance(event, h11.EndOfMessage):
+                    if current is not None:
+                        current.trailers = list(event.headers)
                     writer.write(conn.send(h11.Response(status_code=200, headers=[
                         ("content-length", "2"), ("content-type", "text/plain")])) or b"")
                     writer.write(conn.send(h11.Data(data=b"ok")) or b"")
@@ -203,7 +208,7 @@ CASES: dict[str, dict[str, Any]] = {
     "trailer transfer-encoding": post(trailers=(("transfer-encoding", "chunked"),)),
     "trailer crlf": post(trailers=(("x-t", "a\r\n\r\nGET /smuggled HTTP/1.1"),)),
     "trailer pseudo": post(trailers=((":path", "/smuggled"),)),
-    "trailer host (stays a trailer)": post(trailers=(("host", "www.b.test"),), expect="a"),
+    "trailer host (dropped)": post(trailers=(("host", "www.b.test"),), expect="a"),
     "trailers with content-length body": post(("content-length", "1"), trailers=(("x-t", "1"),),
                                               expect="a"),
     # A body of unknown length goes chunked: its bytes stay body.
@@ -294,6 +299,8 @@ async def test_h2_downgrade_gives_the_backend_one_request_or_nothing(sm: Any, ca
         b"www.b.test" if expected == "b" else b"www.a.test"]
     if spec.get("body") is not None:
         assert seen.body == spec["body"]  # the client's bytes are body, nothing more
+    assert not {name for name, _ in seen.trailers} & {b"host", b"content-length",
+                                                      b"transfer-encoding"}
 
 
 @pytest.mark.parametrize("case", list(TLS_CASES))
@@ -344,3 +351,128 @@ async def test_closed_http2_connections_are_freed_without_the_cyclic_gc(
             assert left == [], f"{len(left)} HTTP/2 connection/stream objects wait for the cyclic GC"
         finally:
             gc.enable()
+
+
+@dataclass
+class HeadBackend:
+    """A TCP backend that answers every request head with ``response`` (keep-alive)."""
+
+    response: bytes
+    server: asyncio.Server | None = None
+    port: int = 0
+
+    async def start(self) -> HeadBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(self.response)
+                await writer.drain()
+        writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+CONNECTION_SPECIFIC = (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                       b"upgrade", b"x-hop", b"x-hop-2")
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("path", ["/x", "/c/cached"])
+async def test_connection_specific_response_fields_never_reach_an_http2_client(
+        service: DirectoryService, keybox: KeyBox, tmp_path: Path, framing: str,
+        path: str) -> None:
+    """RFC 9113 §8.2.2: a response with Connection, Keep-Alive, Proxy-Connection,
+    Transfer-Encoding, Upgrade and the fields its Connection header names is malformed in
+    HTTP/2 (a client resets it). Straight from the backend, and again from the cache."""
+    body = b"hello"
+    framed = (b"Content-Length: 5\r\n\r\nhello" if framing == "length"
+              else b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    backend = await HeadBackend(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive, X-Hop\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\n"
+        b"X-Hop: secret\r\nConnection: X-Hop-2\r\nX-Hop-2: secret\r\nX-Kept: yes\r\n"
+        b"Cache-Control: public, max-age=60\r\n" + framed).start()
+    async with h2_edge(service, keybox, tmp_path) as edge:
+        await service.update_host("host-a", http_port=backend.port)
+        if path.startswith("/c/"):
+            await service.update_site(A, cache_policy={"mode": "full", "ttl": {"200": 600}})
+        await edge.feed.poll_once()
+        try:
+            cache: list[bytes] = []
+            for _ in range(2):  # a miss (stored, for the cacheable path), then a hit
+                raw = await raw_client(edge)
+                try:
+                    sid = raw.request(A, path)
+                    await raw.until(lambda r=raw, s=sid: r.response(s)[3], TIMEOUT)
+                    status, headers, data, _ = raw.response(sid)
+                finally:
+                    await raw.close()
+                assert (status, data) == (200, body)
+                assert headers[b"x-kept"] == b"yes"
+                sent = [name for name in headers if name in CONNECTION_SPECIFIC]
+                assert sent == [], f"connection-specific fields sent over HTTP/2: {sent}"
+                cache.append(headers.get(b"x-cache", b""))
+            assert cache == ([b"MISS", b"HIT"] if path.startswith("/c/") else [b"", b""]), cache
+        finally:
+            await backend.stop()
+
+
+async def test_request_trailers_never_carry_routing_framing_or_forwarding_fields(
+        sm: Any) -> None:
+    """RFC 9110 §6.5.1: Host, framing, authentication, request modifiers and the forwarding
+    fields are dropped from a request's trailers (a backend that merges trailers into its
+    headers would see a second Host, or a client-made X-Forwarded-For); others pass on."""
+    edge, a, b = sm
+    trailers = (("host", "www.b.test"), ("x-forwarded-for", "6.6.6.6"),
+                ("authorization", "Basic eDp5"), ("content-type", "text/x"),
+                ("cookie", "a=b"), ("x-checksum", "abc"))
+    out = await probe(edge, BASE, body=b"x", trailers=trailers)
+    await settle(a, b)
+    assert (out.status, out.body) == (200, b"ok") and len(a.requests) == 1 and not b.requests
+    assert a.requests[0].trailers == [(b"x-checksum", b"abc")]
+
+
+def test_fields_a_connection_header_names_are_dropped_from_any_head() -> None:
+    """Whatever path built a head (a backend's is stripped already), the HTTP/2 form holds
+    no field named by a Connection header in it, and no connection-specific field."""
+    head = ResponseHead(200, b"HTTP/1.1 200 OK\r\nX-Hop: 1\r\nX-Kept: 2\r\n",
+                        b"Connection: close, X-Hop\r\nTE: trailers\r\nUpgrade: h2c\r\n")
+    assert tuple(_h2_head(head)[0]) == ((b":status", b"200"), (b"x-kept", b"2"))
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "chunked"])
+async def test_a_transfer_coding_other_than_chunked_is_not_passed_off_as_content(
+        service: DirectoryService, keybox: KeyBox, tmp_path: Path, coding: str) -> None:
+    """``Transfer-Encoding: gzip, chunked``: HTTP/2 has no transfer codings, so forwarding
+    the chunk-decoded bytes would hand the client gzip bytes as the content. The stream is
+    reset instead; a plain chunked response still arrives whole."""
+    import gzip
+
+    coded = gzip.compress(b"hello")
+    body = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(coded), coded) if coding != "chunked"
+            else b"5\r\nhello\r\n0\r\n\r\n")
+    backend = await HeadBackend(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                                b"Transfer-Encoding: %b\r\n\r\n%b" % (coding.encode(), body)).start()
+    async with h2_edge(service, keybox, tmp_path) as edge:
+        await service.update_host("host-a", http_port=backend.port)
+        await edge.feed.poll_once()
+        raw = await raw_client(edge)
+        try:
+            sid = raw.request(A, "/t")
+            await raw.until(lambda: raw.response(sid)[3], TIMEOUT)
+            _, _, data, _ = raw.response(sid)
+            reset = any(isinstance(e, h2.events.StreamReset) and e.stream_id == sid
+                        for e in raw.events)
+        finally:
+            await raw.close()
+            await backend.stop()
+    if coding == "chunked":
+        assert (reset, data) == (False, b"hello")
+    else:
+        assert reset and data != coded, (reset, data)
