@@ -41,6 +41,7 @@ import tempfile
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 from benchmarks.procs import (
     Child,
@@ -520,8 +521,37 @@ class _FakeTransport:
         return 0
 
 
-async def python_only(rounds: int, count: int) -> dict[str, float]:
-    """µs of Python per request for each of PY_CASES (best of ``rounds`` x ``count``)."""
+MANY_SITES = 100_000
+"""Sites of the many-names fleet (``--names``): the ``http`` scenario's default size."""
+
+
+def many_names_cases(names: int) -> tuple[Any, dict[str, list[tuple[bytes, bytes]]]]:
+    """The ``http`` scenario's load in miniature: its fleet shape on one host, ``names``
+    Zipf-drawn request names from the uncached (even) and the cached (odd) sites, each with
+    the answer the scenario's nginx backend gives (its body names the Host, so the
+    Content-Length varies). Returns (shape, label → [(request, answer)])."""
+    from benchmarks.fleet import FleetShape
+    from benchmarks.web import zipf_sites
+
+    shape = FleetShape(hosts=1, tenants=MANY_SITES // 10, sites=MANY_SITES, accounts=0, certs=0)
+    cases: dict[str, list[tuple[bytes, bytes]]] = {}
+    for label, cached, path in (("many names, miss", False, b"/index.html"),
+                                ("many names, cache hit", True, b"/c/index.html")):
+        pairs = []
+        for site in zipf_sites(shape, names, cached=cached):
+            name = shape.request_name(site).encode()
+            body = b"ok %b via 127.0.0.2:11000\n" % name
+            pairs.append((b"GET %b HTTP/1.1\r\nHost: %b\r\n\r\n" % (path, name),
+                          MANY_HEAD % len(body) + body))
+        cases[label] = pairs
+    return shape, cases
+
+
+async def python_only(rounds: int, count: int, names: int = 0) -> dict[str, float]:
+    """µs of Python per request for each of PY_CASES (best of ``rounds`` x ``count``), or with
+    ``names`` for the cases of :func:`many_names_cases`."""
+    if names:
+        return await _python_many(rounds, count, names)
     import logging
     import time
 
@@ -604,6 +634,87 @@ async def python_only(rounds: int, count: int) -> dict[str, float]:
         return results
 
 
+MANY_HEAD = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: "
+             + formatdate(usegmt=True).encode() + b"\r\nContent-Type: text/plain\r\n"
+             b"Content-Length: %d\r\nConnection: keep-alive\r\n"
+             b"Cache-Control: public, max-age=300\r\n\r\n")
+"""The head of the ``http`` scenario's backend answer (nginx ``return 200 "ok $host ..."``)."""
+
+
+async def _python_many(rounds: int, count: int, names: int) -> dict[str, float]:
+    """:func:`python_only` over the many-names fleet: each request another Zipf-drawn name."""
+    import logging
+    import time
+
+    from benchmarks.fleet import provision_fleet
+    from edge.config import EdgeConfig, HttpConfig
+    from edge.directory.directory import Directory
+    from edge.directory.feed import ChangeFeed
+    from edge.registry import ProxyContext
+    from httpproxy.front_h1 import ClientConnection
+    from httpproxy.server import HttpEngine
+    from httpproxy.upstream import BackendConnection
+
+    shape, cases = many_names_cases(names)
+    defaults = os.environ.get("EDGE_HTTPCPU_DEFAULTS") == "1"
+    with tempfile.TemporaryDirectory(prefix="edge-httpcpu-many-") as folder:
+        url = f"sqlite:///{folder}/edge.sqlite3"
+        await provision_fleet(url, shape)
+        store = store_for_url(url)
+        await store.open()
+        config = EdgeConfig(http=HttpConfig(access_log="" if defaults else f"{folder}/access.log"))
+        directory = Directory(store, config.cache)
+        feed = ChangeFeed(directory, interval=3600)
+        context = ProxyContext(config=config, directory=directory, feed=feed, keybox=None,
+                               worker_id=0, logger=logging.getLogger("httpcpu"), name="http")
+        engine = HttpEngine(context)
+        backend = BackendConnection(engine.pool, (shape.host_address(0), 11000, b"", ""))
+        backend.connection_made(_FakeTransport(("127.0.0.2", 11000)))  # type: ignore[arg-type]
+        engine.pool.release(backend)
+        client = ClientConnection(engine, "http", None, None)
+        client.connection_made(_FakeTransport(("127.0.0.1", 40000)))  # type: ignore[arg-type]
+
+        def one(request: bytes, answer: bytes) -> None:
+            client.data_received(request)
+            if backend.sink is not None:  # the request reached the backend: answer it
+                backend.data_received(answer)
+
+        async def settle(answer: bytes) -> None:
+            for _ in range(200):  # a name's first request goes through the directory (a task)
+                await asyncio.sleep(0.001 if client.active is not None else 0)
+                if backend.sink is not None:
+                    backend.data_received(answer)
+                if client.active is None and not client.queue:
+                    return
+
+        results: dict[str, float] = {}
+        for label, pairs in cases.items():
+            for request, answer in pairs:  # warm-up: every name once, as the scenario does
+                one(request, answer)
+                await settle(answer)
+            best, at = float("inf"), 0
+            for _ in range(rounds):
+                spent = 0.0
+                for _ in range(max(1, count // 1000)):
+                    batch = [pairs[(at + i) % len(pairs)] for i in range(1000)]
+                    at += 1000
+                    answered = engine.stats.status[2]
+                    started = time.process_time()
+                    for request, answer in batch:
+                        one(request, answer)
+                    spent += time.process_time() - started
+                    await settle(batch[-1][1])
+                    if engine.stats.status[2] - answered != len(batch):
+                        # Errors are cheap: a round with any would flatter the figure.
+                        raise SystemExit(f"{label}: {engine.stats.status[2] - answered} of "
+                                         f"{len(batch)} requests answered 2xx")
+                best = min(best, spent / max(1, count // 1000) / 1000 * 1e6)
+            results[label] = best
+        await engine.close()
+        await store.close()
+        return results
+
+
 def python_main(args: argparse.Namespace) -> None:
     import json
 
@@ -615,16 +726,17 @@ def python_main(args: argparse.Namespace) -> None:
             # Run from a neutral directory: "-m" puts the working directory first on sys.path,
             # which would shadow the baseline's httpproxy with the repository's.
             root = str(Path(__file__).resolve().parent.parent)
-            env = dict(os.environ, PYTHONPATH=f"{args.baseline}:{root}" if who == "baseline" else root)
+            env = dict(os.environ, PYTHONPATH=f"{args.baseline}:{root}" if who == "baseline" else root,
+                       EDGE_HTTPCPU_DEFAULTS="1" if args.defaults else "0")
             with tempfile.TemporaryDirectory(prefix="edge-httpcpu-cwd-") as cwd:
                 out = subprocess.run([sys.executable, "-m", "benchmarks.httpcpu", "--python-child",
-                                      str(args.count)], env=env, check=True, capture_output=True,
-                                     cwd=cwd).stdout
+                                      str(args.count), "--names", str(args.names)], env=env,
+                                     check=True, capture_output=True, cwd=cwd).stdout
             for label, value in json.loads(out).items():
                 rows[who].setdefault(label, []).append(value)
     print(f"\nPython µs per request (fake transports, process_time, best of 5 x {args.count} "
           f"in each of {args.runs} processes; median (min-max) over the processes)")
-    for label in PY_CASES:
+    for label in rows["edge"]:
         line = f"{label:<24} edge {_fmt(rows['edge'][label], 2):>20}"
         if args.baseline and label in rows["baseline"]:
             base = rows["baseline"][label]
@@ -647,11 +759,15 @@ def main() -> None:
                         help="comma-separated edge case labels to run (nginx always runs)")
     parser.add_argument("--defaults", action="store_true",
                         help="also measure the edge in its default configuration (access "
-                             "lines on the edge log, no access_log file)")
+                             "lines on the edge log, no access_log file); with --python "
+                             "--names: measure that instead of an access_log file")
     parser.add_argument("--python", action="store_true",
                         help="Python-only cost with fake transports (see the module docstring)")
     parser.add_argument("--count", type=int, default=20_000,
                         help="--python: requests per timed round")
+    parser.add_argument("--names", type=int, default=0,
+                        help="--python: instead of one name per case, the http scenario's load: "
+                             "this many Zipf-drawn names over 100,000 sites (e.g. 20000)")
     parser.add_argument("--python-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.python_child:
@@ -659,7 +775,13 @@ def main() -> None:
 
         import uvloop
 
-        print(json.dumps(uvloop.run(python_only(5, args.python_child))))
+        if os.environ.get("EDGE_HTTPCPU_DEFAULTS") == "1":
+            # Access lines through the edge log (JSON on a stream), as `edge serve` has it.
+            from edge import logging as edge_logging
+            from edge.config import LogConfig
+
+            edge_logging.configure(LogConfig(), open(os.devnull, "w"))  # noqa: SIM115
+        print(json.dumps(uvloop.run(python_only(5, args.python_child, args.names))))
     elif args.python:
         python_main(args)
     else:

@@ -185,8 +185,8 @@ class ClientInfo:
     """What exchanges need of the client connection they came in on (one per connection,
     shared by all of its exchanges)."""
 
-    __slots__ = ("fwd_bytes", "fwd_host", "ip", "ip_bytes", "local", "local_lookup", "log_prefix",
-                 "port", "scheme", "scheme_bytes", "sni_site", "traffic", "trusted")
+    __slots__ = ("fwd_bytes", "fwd_client", "fwd_host", "ip", "ip_bytes", "local", "local_lookup",
+                 "log_prefix", "port", "scheme", "scheme_bytes", "sni_site", "traffic", "trusted")
 
     def __init__(self, scheme: str, ip: str, port: int, *, sni_site: Site | None = None,
                  trusted: bool = False, traffic: list[int] | None = None,
@@ -217,6 +217,8 @@ class ClientInfo:
         self.fwd_host = None
         self.ip_bytes = ip.encode("ascii", "replace")
         self.log_prefix = f'{{"client":"{ip}","scheme":"{self.scheme}",'.encode()
+        self.fwd_client = _forwarded_client_parts(self.ip_bytes, self.scheme_bytes)
+        """This client's pieces of the X-Forwarded block (see :func:`_forwarded_client_parts`)."""
 
 
 class EngineServices(Protocol):
@@ -866,10 +868,20 @@ class Exchange:
         if accept_encoding is None and self.accept_encoding is not None:
             accept_encoding = self.accept_encoding
         host = self.host_header
+        route = self.route
         if self.prior_xff:
             forwarded = self._forwarded(self.prior_xff + b", " + self.client.ip_bytes, host)
         elif host == self.client.fwd_host:
             forwarded = self.client.fwd_bytes  # the same Host as this connection's previous request
+        elif route is not None:
+            # Another Host than this connection's last (a fleet's load): the block from the
+            # route's pieces and the client's, one join instead of formatting and quoting.
+            parts = route.fwd_parts
+            if parts is None:
+                parts = route.fwd_parts = _forwarded_host_parts(host)
+            client_parts = self.client.fwd_client
+            forwarded = b"".join((parts[0], client_parts[0], parts[1], client_parts[1], parts[2],
+                                  client_parts[2]))
         else:
             forwarded = self.client.fwd_bytes = self._forwarded(self.client.ip_bytes, host)
             self.client.fwd_host = host
@@ -888,7 +900,6 @@ class Exchange:
             head += b"Connection: close\r\n"
         self.head_bytes = head + b"\r\n"
         self.conn = None
-        route = self.route
         if route is not None and route.backend_key is not None:
             self.backend_key = route.backend_key
             return
@@ -1240,6 +1251,26 @@ def _prime_shared_keys() -> None:
 
 
 _prime_shared_keys()
+
+def _forwarded_host_parts(host: str) -> tuple[bytes, bytes, bytes]:
+    """The pieces of :data:`_FORWARDED_HEADERS` that depend on the Host only: the block is
+    ``host[0] + client[0] + host[1] + client[1] + host[2] + client[2]`` with the client's
+    pieces from :func:`_forwarded_client_parts` (X-Forwarded-For = the client address: no
+    prior proxy). Quoting comes from :func:`forwarded_value` itself (cut out of one element
+    made with plain tokens for the other values), so the block is byte for byte the same."""
+    value = host.encode("ascii")
+    element = forwarded_value(b"0", value, b"x")  # for=0;host=<quoted>;proto=x
+    return (b"Host: " + value + b"\r\nX-Forwarded-For: ",
+            b"X-Forwarded-Host: " + value + b"\r\nForwarded: for=", element[5:-1])
+
+
+def _forwarded_client_parts(ip: bytes, scheme: bytes) -> tuple[bytes, bytes, bytes]:
+    """The pieces of :data:`_FORWARDED_HEADERS` that depend on the client only (its address
+    and scheme; see :func:`_forwarded_host_parts`)."""
+    element = forwarded_value(ip, b"h", scheme)  # for=<quoted ip>;host="h";proto=<scheme>
+    return (ip + b"\r\nX-Real-IP: " + ip + b"\r\nX-Forwarded-Proto: " + scheme + b"\r\n",
+            element[4:element.rindex(b';host="h";proto=')], scheme + b"\r\n")
+
 
 def _host_name(value: bytes) -> str:
     """The host part of a Host header / authority (port dropped), as text; "" if empty.

@@ -133,8 +133,8 @@ class Route:
     proxied request with 20,000 names cost ~1.6x one with a single name.)
     """
 
-    __slots__ = ("backend_key", "expires", "host", "host_json", "host_str", "log_route", "site",
-                 "state", "tenant")
+    __slots__ = ("backend_key", "expires", "fwd_parts", "host", "host_json", "host_str",
+                 "log_route", "site", "state", "tenant")
 
     def __init__(self, host_str: str, site: Site, tenant: Tenant, host: Host, state: SiteState,
                  backend_key: BackendKey | None, host_json: bytes, expires: float) -> None:
@@ -149,5 +149,8 @@ class Route:
         """The pool key, unless the host wants a PROXY header (that depends on the client)."""
         self.host_json = host_json
         self.log_route = state.log_route(tenant, host)
+        self.fwd_parts: tuple[bytes, bytes, bytes] | None = None
+        """The Host's pieces of the X-Forwarded block, made by the first exchange that needs
+        them (``httpproxy.exchange._forwarded_host_parts``)."""
 
 

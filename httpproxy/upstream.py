@@ -112,6 +112,10 @@ class HeadFacts(NamedTuple):
     """The head without hop-by-hop headers: what the client is sent."""
 
 
+_new_facts = tuple.__new__
+"""``_new_facts(HeadFacts, (...))``: HeadFacts for the cost of a tuple (once per response)."""
+
+
 def examine_head(head: bytes, status: int) -> HeadFacts:
     """Everything the proxy needs from a final response head, examined in one place (each
     backend connection remembers the last result: identical heads are examined once).
@@ -176,7 +180,8 @@ class HeadTemplate:
     ``Connection`` names other headers to drop gets no template (one of those could be
     ``Date``)."""
 
-    __slots__ = ("close", "date_at", "date_len", "mid", "post", "pre", "status", "stripped")
+    __slots__ = ("close", "date_at", "date_len", "last_date", "last_prefix", "last_raw", "mid",
+                 "post", "pre", "status", "stripped")
 
     def __init__(self, pre: bytes, date_len: int, mid: bytes, post: bytes, close: bool,
                  status: int, stripped: tuple[bytes, bytes, bytes]) -> None:
@@ -188,6 +193,13 @@ class HeadTemplate:
         self.close = close
         self.status = status
         self.stripped = stripped
+        self.last_date: bytes | None = None
+        """The last date value :meth:`match` checked (heads within one second share it)."""
+        self.last_prefix = b""
+        """The stripped head up to the length digits for :attr:`last_date`."""
+        self.last_raw = b"\xff"
+        """The head as received up to the length digits for :attr:`last_date` (no head starts
+        with the initial value)."""
 
     @classmethod
     def of(cls, facts: HeadFacts) -> HeadTemplate | None:
@@ -210,7 +222,16 @@ class HeadTemplate:
 
     def match(self, head: bytes) -> HeadFacts | None:
         """The facts of ``head`` if it is this template's head with another date and length."""
-        pre, post = self.pre, self.post
+        post = self.post
+        raw = self.last_raw
+        if head.startswith(raw) and head.endswith(post):
+            # The last matched head's bytes up to its length (the same second): only the
+            # digits between the two parts are new.
+            digits = head[len(raw):len(head) - len(post)]
+            if 0 < len(digits) <= 15 and digits.isdigit():
+                return _new_facts(HeadFacts, (head, int(digits), self.close, self.status,
+                                              self.last_prefix + digits + self.stripped[2]))
+        pre = self.pre
         if not head.startswith(pre) or not head.endswith(post):
             return None
         mid_at = self.date_at + self.date_len
@@ -220,11 +241,14 @@ class HeadTemplate:
                 or head[mid_at:digits_at] != self.mid):
             return None
         date = head[self.date_at:mid_at]
-        if _STRICT_VALUE.fullmatch(date) is None:  # the rest of the head was strict
-            return None
-        spre, smid, spost = self.stripped
-        return HeadFacts(head, int(digits), self.close, self.status,
-                         b"".join((spre, date, smid, digits, spost)))
+        if date != self.last_date:
+            if _STRICT_VALUE.fullmatch(date) is None:  # the rest of the head was strict
+                return None
+            spre, smid, _ = self.stripped
+            self.last_date, self.last_prefix = date, spre + date + smid
+            self.last_raw = head[:digits_at]
+        return _new_facts(HeadFacts, (head, int(digits), self.close, self.status,
+                                      self.last_prefix + digits + self.stripped[2]))
 
 
 def is_strict_head(head: bytes) -> bool:
@@ -423,9 +447,13 @@ class BackendConnection(asyncio.Protocol):
         end = buf.find(b"\r\n\r\n")
         framing = self._last_framing
         head = buf[:end + 2] if end >= 0 else b""
-        if head and head == framing.head and not self.head_request:
-            # The same head as this connection's previous response, whose status line was
-            # checked then (most responses within a second): only those checks are skipped.
+        template = self._template
+        if head and not self.head_request and (
+                head == framing.head or (template is not None and self._matched(template, head))):
+            # The same head as this connection's previous response, or that head with another
+            # date and length (a fleet's answers: the body names the site), whose status
+            # line was checked then: only those checks are skipped.
+            framing = self._last_framing
             status = framing.status
             self.responded = True
         else:
@@ -503,6 +531,15 @@ class BackendConnection(asyncio.Protocol):
                 self._parser.feed_data(rest)
             except httptools.HttpParserError:
                 self._fail("truncated")
+
+    def _matched(self, template: HeadTemplate, head: bytes) -> bool:
+        """True if ``head`` fits this connection's template (then its facts are the last)."""
+        facts = template.match(head)  # its status line is part of the template: a final one
+        if facts is None:
+            return False
+        self._misfits = 0
+        self._last_framing = facts
+        return True
 
     def _examine(self, head: bytes, status: int) -> HeadFacts | None:
         """:func:`examine_head`, through this connection's :class:`HeadTemplate` when it fits;

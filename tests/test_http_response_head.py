@@ -167,6 +167,28 @@ def test_a_template_answers_as_examine_head_would_or_not_at_all(
         assert template.match(plain) == examine_head(plain, 200)
 
 
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.tuples(DATES, LENGTHS, st.booleans()), min_size=1, max_size=8))
+def test_a_template_answers_every_head_of_a_run_as_examine_head_would(
+        run: list[tuple[bytes, bytes, bool]]) -> None:
+    # A fleet's answers through one backend connection: the same head with the site's own
+    # length, the date changing now and then (the template remembers the last date it
+    # checked). Each head, the valid or the smuggling ones, gets examine_head's facts or none.
+    first = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 24 Nov 2026 02:14:00 GMT"
+             b"\r\nContent-Type: text/plain\r\nContent-Length: 47\r\nConnection: keep-alive\r\n"
+             b"Cache-Control: public, max-age=300\r\n")
+    template = HeadTemplate.of(examine_head(first, 200))
+    assert template is not None
+    for date, length, same_date in run:
+        head = _with_values(first, None if same_date else date, length)
+        facts = template.match(head)
+        assert facts is None or facts == examine_head(head, 200), head
+        valid = re.fullmatch(rb"[0-9]{1,15}", length) and (
+            same_date or re.fullmatch(rb"[\t\x20-\x7e\x80-\xff]*", date))
+        if valid:
+            assert facts == examine_head(head, 200), head
+
+
 # -- strict heads: the only ones forwarded -----------------------------------------------------
 
 @pytest.mark.parametrize("head", [
