@@ -311,6 +311,19 @@ _FORWARDED_HEADERS = (b"Host: %b\r\nX-Forwarded-For: %b\r\nX-Real-IP: %b\r\nX-Fo
 _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT"})
 
 
+NOT_TRAILERS = frozenset(SPECIAL).union((
+    b"trailer", b"max-forwards", b"if-match", b"if-unmodified-since", b"content-type",
+    b"content-encoding", b"content-range"))
+"""Request trailer fields dropped, never forwarded: framing, routing, authentication, request
+modifiers and content format must be in the header section (RFC 9110 §6.5.1), and the
+forwarding fields are the edge's to state. A backend that merges trailers into its headers
+(RFC 9110 §6.5.2 allows it for fields defined as mergeable) must never see a second Host, a
+framing field or a client-made X-Forwarded-For: every name :data:`SPECIAL` handles is
+dropped (with ``_`` for ``-`` too, as :func:`header_code` reads names). Both HTTP versions; over
+HTTP/2, pseudo-fields in trailers are malformed and libnghttp2 resets the stream (RFC 9113 §8.1).
+"""
+
+
 def header_code(name: bytes) -> int:
     """What the exchange does with a request header of this (raw) name: one of the codes of
     :data:`SPECIAL`, :data:`PLAIN` (forwarded as is) or :data:`DROP`."""
@@ -503,7 +516,9 @@ class Exchange:
         """The request body is complete (``trailers``: trailer fields, sent on when chunked)."""
         self.complete = True
         if self.chunked:
-            tail = b"".join(b"%b: %b\r\n" % pair for pair in trailers or self.trailers or ())
+            tail = b"".join(b"%b: %b\r\n" % (name, value)
+                            for name, value in trailers or self.trailers or ()
+                            if name.lower().replace(b"_", b"-") not in NOT_TRAILERS)
             data = b"0\r\n" + tail + b"\r\n"
             if self.conn is not None:
                 self.conn.write(data)

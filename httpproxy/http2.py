@@ -62,19 +62,6 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                          b"upgrade", b"te"))
 """Response header names HTTP/2 forbids (RFC 9113 §8.2.2); the rest go to the client as they are."""
-_NOT_TRAILERS = frozenset((
-    b"host", b"content-length", b"transfer-encoding", b"te", b"trailer", b"connection",
-    b"keep-alive", b"proxy-connection", b"upgrade", b"authorization", b"proxy-authorization",
-    b"cookie", b"expect", b"max-forwards", b"range", b"if-match", b"if-none-match",
-    b"if-modified-since", b"if-unmodified-since", b"if-range", b"cache-control", b"pragma",
-    b"content-type", b"content-encoding", b"content-range", b"forwarded", b"x-forwarded-for",
-    b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"))
-"""Request trailer fields dropped, never forwarded: framing, routing, authentication, request
-modifiers and content format must be in the header section (RFC 9110 §6.5.1), and the
-forwarding fields are the edge's to state. A backend that merges trailers into its headers
-(RFC 9110 §6.5.2 allows it for fields defined as mergeable) must never see a second Host, a
-framing field or a client-made X-Forwarded-For. (Pseudo-fields in trailers are malformed:
-libnghttp2 resets the stream, RFC 9113 §8.1.)"""
 _UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
 """Bytes never allowed in the request line's target or in :authority (libnghttp2 refuses them
 already: checked again because these bytes become an HTTP/1 request line)."""
@@ -602,8 +589,7 @@ class H2Connection(asyncio.Protocol):
     def _end_body(self, sid: int, trailers: tuple[tuple[bytes, bytes], ...]) -> None:
         stream = self.streams.get(sid)
         if stream is not None and stream.exchange is not None:
-            stream.exchange.end_body([(name, value) for name, value in trailers
-                                      if name not in _NOT_TRAILERS])
+            stream.exchange.end_body(list(trailers))
 
     def acknowledge(self, stream: Stream) -> None:
         """Tell the client the request body bytes of ``stream`` were taken (WINDOW_UPDATE)."""

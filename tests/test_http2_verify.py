@@ -439,6 +439,27 @@ async def test_request_trailers_never_carry_routing_framing_or_forwarding_fields
     assert a.requests[0].trailers == [(b"x-checksum", b"abc")]
 
 
+async def test_http1_request_trailers_never_carry_routing_framing_or_forwarding_fields(
+        sm: Any) -> None:
+    """RFC 9110 §6.5.1, over HTTP/1.1 as over HTTP/2 (one rule, in the exchange): a chunked
+    request's trailers lose Host, framing, authentication and every forwarding field, in any
+    case and with ``_`` for ``-``; other trailer fields pass on."""
+    edge, a, b = sm
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+    try:
+        writer.write(b"POST /p HTTP/1.1\r\nHost: www.a.test\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n1\r\nx\r\n0\r\nHost: www.b.test\r\n"
+                     b"X-Forwarded-For: 6.6.6.6\r\nX_Forwarded_Proto: https\r\n"
+                     b"Authorization: Basic eDp5\r\nCOOKIE: a=b\r\nX-Checksum: abc\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+    await settle(a, b)
+    assert answer.startswith(b"HTTP/1.1 200") and len(a.requests) == 1 and not b.requests
+    assert a.requests[0].body == b"x"
+    assert a.requests[0].trailers == [(b"x-checksum", b"abc")]
+
+
 def test_fields_a_connection_header_names_are_dropped_from_any_head() -> None:
     """Whatever path built a head (a backend's is stripped already), the HTTP/2 form holds
     no field named by a Connection header in it, and no connection-specific field."""
