@@ -11,10 +11,12 @@ connections come from ``Backends`` instead of a TCP connect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,10 +99,10 @@ class Play:
     engine: HttpEngine
     backends: Backends
 
-    def client(self, scheme: str = "http") -> tuple[ClientConnection, Wire]:
+    def client(self, scheme: str = "http", ip: str = "127.0.0.1") -> tuple[ClientConnection, Wire]:
         conn = self.engine.connection(scheme=scheme)
         assert isinstance(conn, ClientConnection)
-        wire = Wire(("127.0.0.1", 40000))
+        wire = Wire((ip, 40000))
         conn.connection_made(wire)  # type: ignore[arg-type]
         return conn, wire
 
@@ -110,8 +112,13 @@ class Play:
             await asyncio.sleep(0)
 
 
-@pytest.fixture
-async def play(tmp_path: Path) -> AsyncIterator[Play]:
+@contextlib.asynccontextmanager
+async def playbook(tmp_path: Path, sites: tuple[str, ...] = ("www.a.test",),
+                   unknown: tuple[str, ...] = (), **http: Any) -> AsyncIterator[Play]:
+    """The real engine on a SQLite directory with ``sites`` (one tenant, backend host b1),
+    every site warmed and every ``unknown`` name looked up once: the requests below are then
+    routed without a query (the slow path is a task waiting on SQLite's thread); only backend
+    connects are tasks. ``http``: more [http] settings."""
     url = f"sqlite:///{tmp_path}/edge.sqlite3"
     store = store_for_url(url)
     await store.open()
@@ -119,17 +126,17 @@ async def play(tmp_path: Path) -> AsyncIterator[Play]:
     service = DirectoryService(store)
     await service.add_host("b1", "127.0.0.1", http_port=8)
     await service.add_tenant("t1", "b1")
-    await service.add_site("www.a.test", "t1")
-    config = EdgeConfig(http=HttpConfig(access_log=f"{tmp_path}/access.log", header_timeout=0.2))
+    for name in sites:
+        await service.add_site(name, "t1")
+    config = EdgeConfig(http=HttpConfig(access_log=f"{tmp_path}/access.log", **http))
     directory = Directory(store, config.cache)
     context = ProxyContext(config=config, directory=directory,
                            feed=ChangeFeed(directory, interval=3600), keybox=None, worker_id=0,
                            logger=logging.getLogger("playbook"), name="http")
-    # Warm the directory cache: every request below is then routed without a query (the
-    # slow path is a task waiting on SQLite's thread); only backend connects are tasks.
-    assert await directory.route_for_site("www.a.test") is not None
-    for unknown in ("nowhere.test", "unknown.test"):
-        assert await directory.site(unknown) is None
+    for name in sites:
+        assert await directory.route_for_site(name) is not None
+    for name in unknown:
+        assert await directory.site(name) is None
     engine = HttpEngine(context)
     backends = Backends(engine)
     engine.pool.connect = backends.connect  # type: ignore[method-assign]
@@ -138,6 +145,13 @@ async def play(tmp_path: Path) -> AsyncIterator[Play]:
     finally:
         await engine.close()
         await store.close()
+
+
+@pytest.fixture
+async def play(tmp_path: Path) -> AsyncIterator[Play]:
+    async with playbook(tmp_path, unknown=("nowhere.test", "unknown.test"),
+                        header_timeout=0.2) as fixture:
+        yield fixture
 
 
 def _get(path: str, host: str = "www.a.test", extra: str = "") -> bytes:
