@@ -44,6 +44,13 @@ class RawSites:
     a: RawBackend
     b: RawBackend
 
+    def reset(self) -> None:
+        """Forget what the backends read (before the next case on the same edge)."""
+        for backend in (self.a, self.b):
+            backend.requests.clear()
+            backend.errors.clear()
+            backend.raw.clear()
+
 
 @contextlib.asynccontextmanager
 async def raw_sites(service: DirectoryService) -> AsyncIterator[RawSites]:
@@ -117,20 +124,56 @@ def _mutations() -> dict[str, bytes]:
         m[f"XX-{i:02x}-{i:02x}-XX"] = f"{te}{c}:{c}chunked"
         m[f"XX-{i:02x}-XX-{i:02x}"] = f"{te}{c}: chunked{c}"
         m[f"XX-XX-{i:02x}-{i:02x}"] = f"{te}:{c}chunked{c}"
+    m.update(_portswigger(te))
     return {name: line.encode("latin-1") for name, line in m.items()}
+
+
+def _portswigger(te: str) -> dict[str, str]:
+    """PortSwigger http-request-smuggler's (DesyncBox) Transfer-Encoding permutations not
+    already in smuggler's lists ("^~" is its CRLF inside an HTTP/2 field)."""
+    m = {
+        "ps-nameprefix2": f"Foo: bar\r\n\t{te}: chunked", "ps-nospace1": f"{te}:chunked",
+        "ps-doublewrapped": f"{te}:\r\n \r\n chunked", "ps-gareth1": f"{te}\n : chunked",
+        "ps-badsetupCR": f"Foo: bar\r{te}: chunked", "ps-badsetupLF": f"Foo: bar\n{te}: chunked",
+        "ps-vertwrap": f"{te}: \n\x0bchunked", "ps-tabwrap": f"{te}: \r\n\tchunked",
+        "ps-multiCase": "tRANSFER-ENCODING: chunked", "ps-0dwrap": f"Foo: bar\r\n\r{te}: chunked",
+        "ps-connection": f"Connection: {te}\r\n{te}: chunked", "ps-spjunk": f"{te} x: chunked",
+        "ps-backslash": "Transfer\\Encoding: chunked", "ps-unispace": f"{te}:\xa0chunked",
+        "ps-nel": f"{te}\x85: chunked", "ps-nbsp": f"{te}\xa0: chunked",
+        "ps-shy2": f"{te}\xad: chunked", "ps-shy": "Transfer\xadEncoding: chunked",
+        "ps-nested": f"{te}: identity, chunked, identity", "ps-encode": "Transfer-%45ncoding: chunked",
+        "ps-bodysplit": f"Foo: barn\n\n{te}: chunked", "ps-badwrap": f"X-Blah-Ignore: \r\n {te}: chunked",
+        "ps-h2colon": f"{te}`chunked : chunked", "ps-h2name": f"{te}`chunked\r\nxz: x",
+        "ps-h2space": f"{te} chunked : chunked", "ps-h2prefix": f":{te.lower()}: chunked",
+        "ps-http2hide": f"Foo: b\r\n{te}: chunked\r\nx: x",
+        "ps-h2auth": f":authority: www.a.test:443\r\n{te}: chunked\r\nx: x",
+        "ps-h2path": f":path: /?cb=1 HTTP/1.1\r\n{te}: chunked\r\nx: x",
+        "ps-h2method": f":method: POST /?cb=1 HTTP/1.1\r\n{te}: chunked\r\nx: x",
+        "ps-qencode": f"{te}: =?iso-8859-1?B?Y2h1bmtlZA==?=",
+        "ps-qencodeutf": f"{te}: =?UTF-8?B?Y2h1bmtlZA==?=",
+    }
+    # its spacefix1/prefix1/namesuffix1/suffix1 families: one special byte in four places
+    for i in (0x00, 0x09, 0x0B, 0x0C, 0x0D, 0x0A, 0x20, 0x7F, 0x85, 0xA0, 0xFF):
+        c = chr(i)
+        m[f"ps-spacefix1-{i:02x}"] = f"{te}:chunked{c}"
+        m[f"ps-prefix1-{i:02x}"] = f"{te}: {c}chunked"
+        m[f"ps-namesuffix1-{i:02x}"] = f"{te}{c}: chunked"
+        m[f"ps-suffix1-{i:02x}"] = f"{te}: chunked{c}"
+    return m
 
 
 MUTATIONS = _mutations()
 
 
-def smuggling_request(gadget: bytes, body: bytes, *, before: bool = True) -> bytes:
+def smuggling_request(gadget: bytes, body: bytes, *, before: bool = True,
+                      cl_line: bytes | None = None, method: bytes = b"POST") -> bytes:
     """smuggler's request template: the gadget line before (or after) Host, then a
-    Content-Length counting the whole body."""
-    lines = [b"POST /?cb=1 HTTP/1.1", gadget, b"Host: www.a.test"]
+    Content-Length counting the whole body (or ``cl_line``)."""
+    lines = [method + b" /?cb=1 HTTP/1.1", gadget, b"Host: www.a.test"]
     if not before:
         lines[1:3] = lines[2:0:-1]
     lines += [b"Content-Type: application/x-www-form-urlencoded",
-              b"Content-Length: %d" % len(body), b"Connection: close"]
+              cl_line or b"Content-Length: %d" % len(body), b"Connection: close"]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
@@ -142,7 +185,8 @@ def folded_names(head: bytes) -> list[bytes]:
     return [re.sub(rb"[^a-z]", b"", line.partition(b":")[0].lower()) for line in lines]
 
 
-async def check_one_or_nothing(sites: RawSites, request: bytes, body: bytes) -> None:
+async def check_one_or_nothing(sites: RawSites, request: bytes, body: bytes,
+                               method: bytes = b"POST") -> None:
     try:
         raw = await raw_exchange(sites.edge.port, request, timeout=10)
     except TimeoutError:
@@ -160,7 +204,7 @@ async def check_one_or_nothing(sites: RawSites, request: bytes, body: bytes) -> 
     assert got == [200], raw[:300]
     assert len(a.requests) == 1, [(r.method, r.target) for r in a.requests]
     seen = a.requests[0]
-    assert (seen.method, seen.target) == (b"POST", b"/?cb=1")
+    assert (seen.method, seen.target) == (method, b"/?cb=1")
     assert [v for n, v in seen.headers if n == b"host"] == [b"www.a.test"]
     assert seen.body == body  # the smuggled request stayed body
     # one framing header, and no other spelling of Transfer-Encoding in what was forwarded
@@ -173,7 +217,7 @@ async def check_one_or_nothing(sites: RawSites, request: bytes, body: bytes) -> 
 
 def family(name: str) -> str:
     """The scanner's family of a mutation: its name with the byte(s) as "%02x"."""
-    if not re.fullmatch(r"[\w]+(-[0-9a-fX]{2})+|([0-9a-fX]{2}-){3}[0-9a-fX]{2}", name):
+    if not re.fullmatch(r"[\w-]+?(-[0-9a-fX]{2})+|([0-9a-fX]{2}-){3}[0-9a-fX]{2}", name):
         return name
     return "-".join("%02x" if re.fullmatch(r"[0-9a-f]{2}", part) else part
                     for part in name.split("-"))
@@ -188,10 +232,7 @@ async def failures(sites: RawSites, names: list[str], body: bytes, *, before: bo
     """Each mutation on a fresh connection; the names (and why) of those that fail."""
     failed = []
     for name in names:
-        for backend in (sites.a, sites.b):
-            backend.requests.clear()
-            backend.errors.clear()
-            backend.raw.clear()
+        sites.reset()
         try:
             await check_one_or_nothing(
                 sites, smuggling_request(MUTATIONS[name], body, before=before), body)
@@ -208,6 +249,42 @@ async def test_smuggler_mutations_are_one_request_or_refused(service: DirectoryS
         failed = await failures(sites, FAMILIES[fam], BODIES[probe], before=True)
         failed += await failures(sites, FAMILIES[fam][:3], BODIES[probe], before=False)
     assert failed == []
+
+
+# PortSwigger's Content-Length permutations (n: the body's length) and "connection" for CL.
+CL_LINES = {
+    "CL-plus": b"Content-Length: +%d", "CL-minus": b"Content-Length: -%d",
+    "CL-pad": b"Content-Length: 0%d", "CL-bigpad": b"Content-Length: 00000000000%d",
+    "CL-spacepad": b"Content-Length: 0 %d", "CL-e": b"Content-Length: %de0",
+    "CL-dec": b"Content-Length: %d.0", "CL-commaprefix": b"Content-Length: 0, %d",
+    "CL-commasuffix": b"Content-Length: %d, 0", "CL-tab": b"Content-Length:\t%d\t",
+    "CL-connection": b"Connection: Content-Length\r\nContent-Length: %d",
+    "CL-underjoin": b"Content_Length: 0\r\nContent-Length: %d",
+    "CL-expect": b"Expect: 100-continue\r\nContent-Length: %d",
+    "CL-expect-obfs": b"Expect: x 100-continue\r\nContent-Length: %d",
+}
+
+
+@pytest.mark.parametrize("cl", list(CL_LINES))
+async def test_content_length_permutation_is_one_request_or_refused(service: DirectoryService,
+                                                                     cl: str) -> None:
+    body = BODIES["tecl"]
+    async with raw_sites(service) as sites:
+        request = smuggling_request(b"X-Probe: 1", body, cl_line=CL_LINES[cl] % len(body))
+        await check_one_or_nothing(sites, request, body)
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"])
+@pytest.mark.parametrize("gadget", ["vanilla", "nospace1", "space1", "ps-connection"])
+async def test_te_cl_with_other_methods(service: DirectoryService, method: bytes,
+                                        gadget: str) -> None:
+    """PortSwigger's get/head/options permutations: a body on a method that seldom has one."""
+    line = MUTATIONS.get(gadget, b"Transfer-Encoding: chunked")
+    async with raw_sites(service) as sites:
+        for body in BODIES.values():
+            sites.reset()
+            await check_one_or_nothing(sites, smuggling_request(line, body, method=method), body,
+                                       method)
 
 
 def h2_field(gadget: bytes) -> tuple[str, str]:
