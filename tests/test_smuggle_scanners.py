@@ -251,6 +251,25 @@ async def test_smuggler_mutations_are_one_request_or_refused(service: DirectoryS
     assert failed == []
 
 
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if "%" not in f])
+async def test_short_content_length_leaves_a_client_error(service: DirectoryService,
+                                                          fam: str) -> None:
+    """smuggler's timing probes declare fewer bytes than they send (CL.TE: 4 of the chunked
+    body, TE.CL: 5 of ``0\\r\\n\\r\\nX``): what follows the declared body is the client's
+    next request on its own connection, refused there; never bytes for a backend."""
+    async with raw_sites(service) as sites:
+        for body, length in ((BODIES["clte"], 4), (BODIES["tecl"], 5)):
+            sites.reset()
+            request = smuggling_request(MUTATIONS[fam], body,
+                                        cl_line=b"Content-Length: %d" % length)
+            raw = await raw_exchange(sites.edge.port, request, timeout=10)
+            await asyncio.sleep(0.005)
+            got = statuses(raw)
+            assert got and all(400 <= code < 600 for code in got[1:]), raw[:300]
+            assert sites.a.errors == [] and sites.b.raw in ([], [b""])
+            assert [r.body for r in sites.a.requests] == ([body[:length]] if got[0] == 200 else [])
+
+
 # PortSwigger's Content-Length permutations (n: the body's length) and "connection" for CL.
 CL_LINES = {
     "CL-plus": b"Content-Length: +%d", "CL-minus": b"Content-Length: -%d",
