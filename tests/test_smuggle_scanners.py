@@ -420,7 +420,9 @@ async def test_backend_101_to_a_request_without_upgrade_is_502(service: Director
         raw = await raw_exchange(edge.port, b"GET / HTTP/1.1\r\nHost: www.h2c.test\r\n"
                                  + H2C_UPGRADES["h2csmuggler"] + b"\r\n" + H2_PREFACE
                                  + b"GET /next HTTP/1.1\r\nHost: www.h2c.test\r\n\r\n", timeout=10)
-        assert statuses(raw) == [502] and b" 101 " not in raw
+        got = statuses(raw)
+        # the preface after it: a bad request (answered in its turn, or cut by the close)
+        assert got[0] == 502 and all(400 <= code < 600 for code in got[1:]) and b" 101 " not in raw
         assert len(heads) == 1 and b"\nupgrade:" not in heads[0].lower()
         assert b"".join(after) == b""
     finally:
