@@ -4,9 +4,11 @@ defparam/smuggler (configs/default.py, doubles.py, exhaustive.py) hides ``Transf
 chunked`` behind a byte (a control, a space, obs-text) before or after the name, around the
 colon or after the value, or behind a bare CR/LF in a neighbouring header; its probes are the
 TE.CL one (``0\\r\\n\\r\\nX`` with a Content-Length of 5/6) and the CL.TE one (one chunk ``Z``
-with a Content-Length of 4/11). PortSwigger's http-request-smuggler adds a few spellings of the
-value and name (quoted, comma lists, case games). Here each mutation carries a body that would
-smuggle a request for the other tenant's site if the edge and a backend framed it differently.
+with a Content-Length of 4/11). PortSwigger's http-request-smuggler (DesyncBox) adds more
+spellings of the name and value and its Content-Length games; BishopFox's h2csmuggler asks for
+an h2c upgrade. Each mutation carries a body that would smuggle a request for the other
+tenant's site if the edge and a backend framed it differently; the same mutations also go in
+as HTTP/2 fields over h2c, which the edge downgrades to HTTP/1.1.
 
 The backends parse with h11 (what a strict HTTP/1.1 server reads). Each case must end one of
 two ways: the client gets one 4xx/5xx and no backend sees a byte, or site a's backend reads
