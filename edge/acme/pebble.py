@@ -52,6 +52,10 @@ def _listener_certificate() -> tuple[bytes, bytes]:
                               serialization.NoEncryption()))
 
 
+START_ATTEMPTS = 3
+"""Starts tried when a port picked free was taken before pebble bound it."""
+
+
 def available() -> bool:
     return Path(PEBBLE).exists() and Path(CHALLTESTSRV).exists()
 
@@ -73,6 +77,24 @@ class Pebble:
         self.ca_file = workdir / "pebble-listener.pem"
         self.ca_file.write_bytes(chain)
         (workdir / "pebble-listener.key").write_bytes(key)
+        self.http_port, self.tls_port, self.eab = http_port, tls_port, eab
+        self.log_path = workdir / "pebble.log"
+        # The ports are picked free and bound by pebble moments later: on a busy machine one
+        # may be taken meanwhile ("bind: address already in use"), so start again on new ones.
+        for attempt in range(START_ATTEMPTS):
+            self._start()
+            try:
+                self._wait_up()
+                return
+            except AssertionError:
+                in_use = "address already in use" in self.log()
+                self.stop()
+                if not in_use or attempt == START_ATTEMPTS - 1:
+                    raise
+
+    def _start(self) -> None:
+        """Pick free ports, write pebble's configuration, start challtestsrv and pebble."""
+        workdir = self.workdir
         self.port = free_port()
         self.management_port = free_port()
         self.dns_port = free_port(socket.SOCK_DGRAM)
@@ -81,13 +103,12 @@ class Pebble:
             "listenAddress": f"127.0.0.1:{self.port}",
             "managementListenAddress": f"127.0.0.1:{self.management_port}",
             "certificate": str(self.ca_file), "privateKey": str(workdir / "pebble-listener.key"),
-            "httpPort": http_port, "tlsPort": tls_port, "ocspResponderURL": "",
-            "externalAccountBindingRequired": eab is not None,
+            "httpPort": self.http_port, "tlsPort": self.tls_port, "ocspResponderURL": "",
+            "externalAccountBindingRequired": self.eab is not None,
         }
-        if eab is not None:
-            pebble["externalAccountMACKeys"] = eab
+        if self.eab is not None:
+            pebble["externalAccountMACKeys"] = self.eab
         (workdir / "pebble.json").write_text(json.dumps({"pebble": pebble}))
-        self.log_path = workdir / "pebble.log"
         self._log = self.log_path.open("wb")
         self.dns = subprocess.Popen(
             [CHALLTESTSRV, "-dns01", f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "",
@@ -99,7 +120,6 @@ class Pebble:
         self.proc = subprocess.Popen(
             [PEBBLE, "-config", str(workdir / "pebble.json"), "-dnsserver",
              f"127.0.0.1:{self.dns_port}"], stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self._wait_up()
 
     @property
     def directory(self) -> str:
